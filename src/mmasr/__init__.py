@@ -1,0 +1,3 @@
+"""mmasr: a reproducible pipeline for multimodal (speech + picture) speech recognition research."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,96 @@
+"""Parameters: params.yaml validated against workflow/schemas/params.schema.yaml, defaults filled in.
+
+Snakemake validates the same file with the same schema before any job runs; the ``mmasr`` commands
+validate again, so a command run by DVC or by hand sees exactly the same defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_NAME = "params.schema.yaml"
+
+
+class ParamsError(ValueError):
+    """A parameter file or value that does not match the schema."""
+
+
+def schema_path() -> Path:
+    """The schema in the source tree (editable install) or packaged beside this module (wheel)."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[2] / "workflow" / "schemas" / SCHEMA_NAME, here.parent / SCHEMA_NAME):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"cannot find {SCHEMA_NAME} beside {here}")
+
+
+def _with_defaults(validator_class):
+    """A validator that fills in ``default`` values while validating (the jsonschema FAQ recipe)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _key_of(error: jsonschema.ValidationError) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return ".".join(filter(None, [path, *unknown[:1]]))
+    return path or "<top level>"
+
+
+def validate(params: dict[str, Any], source: str = "params") -> dict[str, Any]:
+    """Return a validated copy of ``params`` with every default filled in; raise ParamsError naming the key."""
+    schema = yaml.safe_load(schema_path().read_text())
+    cls = _with_defaults(jsonschema.validators.validator_for(schema))
+    filled = copy.deepcopy(params)
+    errors = sorted(cls(schema).iter_errors(filled), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"{source}: key '{_key_of(e)}': {e.message}" for e in errors]
+        raise ParamsError("invalid parameters\n  " + "\n  ".join(lines))
+    return filled
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` on top of ``base``, recursing into nested dicts (as Snakemake merges configs)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load(params_file: str | Path | None = None, cfg_json: str | None = None) -> dict[str, Any]:
+    """Parameters from a YAML file and/or a JSON object of sections (as Snakemake rules pass them)."""
+    params: dict[str, Any] = {}
+    source = "params"
+    if params_file is not None:
+        path = Path(params_file)
+        try:
+            params = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ParamsError(f"{path}: no such parameter file") from exc
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(params, dict):
+            raise ParamsError(f"{path}: the top level must be a mapping of sections")
+        source = str(path)
+    if cfg_json:
+        params = deep_merge(params, json.loads(cfg_json))
+        source = f"{source} + --cfg"
+    return validate(params, source)

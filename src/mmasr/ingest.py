@@ -1,0 +1,210 @@
+"""Ingestion: turn a user's corpus (generic manifest, TORGO tree, or the embedded demo) into one table.
+
+The ingested table has one row per usable input with paths resolved and checked against the data
+root; everything not usable becomes a rejects row. Paths are data, never executed or globbed.
+
+Columns: row, utt_id, speaker, group, audio_path, text, image_path, image_id, split, source.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from .io import reject, rejects_frame
+
+REQUIRED_COLUMNS = ("audio_path", "text", "speaker")
+OPTIONAL_COLUMNS = ("utt_id", "image_path", "group", "split")
+INGESTED_COLUMNS = ["row", "utt_id", "speaker", "group", "audio_path", "text", "image_path", "image_id", "split", "source"]
+SPLITS = ("train", "dev", "test")
+
+TORGO_MICS = {"array": "wav_arrayMic", "head": "wav_headMic"}
+_TORGO_IMPAIRED = re.compile(r"^[FM]\d+$")
+_TORGO_CONTROL = re.compile(r"^[FM]C\d+$")
+_PICTURE_FILE = re.compile(r"\.(jpe?g|png|bmp|gif|tiff?)\b|input/images", re.IGNORECASE)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def slug(text: str) -> str:
+    """A file-name-safe identifier: runs of other characters become '_'."""
+    return _UNSAFE.sub("_", text).strip("_") or "_"
+
+
+def display_path(path: Path) -> str:
+    """A path relative to the working directory when inside it (stable across clones), else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def resolve_inside(root: Path, base: Path, given: str) -> Path | None:
+    """Resolve ``given`` (relative to ``base``, or absolute) and return it only if it lies inside ``root``.
+
+    Symbolic links are followed first, so a link inside the root that points outside is refused too.
+    """
+    candidate = Path(given)
+    resolved = (candidate if candidate.is_absolute() else base / candidate).resolve()
+    return resolved if resolved.is_relative_to(root.resolve()) else None
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read a CSV, TSV or Parquet manifest as strings (a transcript 'NA' stays the word 'NA')."""
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        df = pd.read_parquet(path).astype("string").fillna("")
+    elif suffix in (".csv", ".tsv", ".tab", ".txt"):
+        sep = "," if suffix == ".csv" else "\t"
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
+    else:
+        raise ValueError(f"{path}: unsupported manifest format '{suffix}' (use .csv, .tsv or .parquet)")
+    df.columns = [str(c).strip().lower() for c in df.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: manifest is missing required column(s) {', '.join(repr(c) for c in missing)} "
+                         f"(found: {', '.join(df.columns)})")
+    for col in OPTIONAL_COLUMNS:
+        if col not in df.columns:
+            df[col] = ""
+    return df.map(lambda v: v.strip() if isinstance(v, str) else v)
+
+
+def image_id_for(image_path: Path, root: Path) -> str:
+    """A readable, unique picture id: its path below the data root, without suffix."""
+    return slug(str(image_path.relative_to(root.resolve()).with_suffix("")))
+
+
+def ingest_manifest(manifest: str | Path, root: str | Path | None = None, source: str = "manifest"):
+    """Read a generic manifest; return (ingested table, rejects table).
+
+    Paths are relative to the manifest's folder; each must resolve inside ``root`` (default: that folder).
+    """
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest}: manifest not found")
+    base = manifest.resolve().parent
+    root_dir = Path(root).resolve() if root else base
+    df = read_table(manifest)
+    rows, rejects, seen = [], [], {}
+    for i, rec in enumerate(df.to_dict("records")):
+        where = f"{manifest.name} row {i + 2}"  # +2: header line and 1-based numbering
+        audio_given = rec["audio_path"]
+        utt_id = rec["utt_id"] or slug(str(Path(audio_given).with_suffix("")))
+        if not rec["speaker"]:
+            rejects.append(reject(utt_id, audio_given, "utterance", "ingest", "missing_speaker", f"{where}: empty speaker"))
+            continue
+        if rec["split"] and rec["split"] not in SPLITS:
+            raise ValueError(f"{manifest}: {where}: split '{rec['split']}' is not one of {', '.join(SPLITS)}")
+        audio = resolve_inside(root_dir, base, audio_given) if audio_given else None
+        if audio is None:
+            reason = "path_outside_root" if audio_given else "missing_audio"
+            rejects.append(reject(utt_id, audio_given, "utterance", "ingest", reason,
+                                  f"{where}: audio path resolves outside the data root {root_dir}" if audio_given
+                                  else f"{where}: empty audio_path"))
+            continue
+        if utt_id in seen:
+            rejects.append(reject(utt_id, audio_given, "utterance", "ingest", "duplicate_id",
+                                  f"{where}: utt_id already used by {seen[utt_id]}"))
+            continue
+        seen[utt_id] = where
+        image_path = image_id = None
+        if rec["image_path"]:
+            image = resolve_inside(root_dir, base, rec["image_path"])
+            if image is None:
+                rejects.append(reject(utt_id, rec["image_path"], "image", "ingest", "path_outside_root",
+                                      f"{where}: picture path resolves outside the data root {root_dir}"))
+            else:
+                image_path, image_id = display_path(image), image_id_for(image, root_dir)
+        rows.append({"row": i, "utt_id": utt_id, "speaker": rec["speaker"], "group": rec["group"] or "unknown",
+                     "audio_path": display_path(audio), "text": rec["text"], "image_path": image_path,
+                     "image_id": image_id, "split": rec["split"] or None, "source": source})
+    return _frame(rows), rejects_frame(rejects)
+
+
+def torgo_group(speaker: str) -> str:
+    """TORGO naming: F0x/M0x are speakers with dysarthria, FC0x/MC0x are controls."""
+    if _TORGO_CONTROL.match(speaker):
+        return "control"
+    if _TORGO_IMPAIRED.match(speaker):
+        return "impaired"
+    return "unknown"
+
+
+def torgo_prompt_problem(text: str) -> str | None:
+    """Why a TORGO prompt cannot serve as a transcript, or None when it can."""
+    if not text.strip():
+        return "empty_transcript"
+    if text.strip().startswith("[") and text.strip().endswith("]"):
+        return "instruction_prompt"
+    if _PICTURE_FILE.search(text):
+        return "picture_prompt"
+    return None
+
+
+def ingest_torgo(root: str | Path, mic: str = "array"):
+    """Read a TORGO tree ``<SPK>/Session<N>/{wav_arrayMic,wav_headMic,prompts}/NNNN.{wav,txt}``.
+
+    The preferred microphone is used where a session has it, the other one otherwise.
+    Utterance ids are ``<SPK>_S<N>_<mic>_<NNNN>``.
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: TORGO root not found")
+    order = [mic] + [m for m in TORGO_MICS if m != mic]
+    rows, rejects = [], []
+    for spk_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        speaker = spk_dir.name
+        for session in sorted(spk_dir.glob("Session*")):
+            session_no = re.sub(r"\D", "", session.name) or session.name
+            prompts = session / "prompts"
+            chosen = next((m for m in order if (session / TORGO_MICS[m]).is_dir()), None)
+            if chosen is None:
+                for txt in sorted(prompts.glob("*.txt")):
+                    rejects.append(reject(None, display_path(txt), "utterance", "ingest", "missing_audio",
+                                          f"{session}: no wav_arrayMic or wav_headMic folder"))
+                continue
+            for wav in sorted((session / TORGO_MICS[chosen]).glob("*.wav")):
+                utt_id = f"{speaker}_S{session_no}_{chosen}_{wav.stem}"
+                prompt = prompts / f"{wav.stem}.txt"
+                if not prompt.is_file():
+                    rejects.append(reject(utt_id, display_path(wav), "utterance", "ingest", "missing_transcript",
+                                          f"no prompt file {prompt.relative_to(root)}"))
+                    continue
+                text = prompt.read_text(errors="replace").strip()
+                problem = torgo_prompt_problem(text)
+                if problem:
+                    rejects.append(reject(utt_id, display_path(wav), "utterance", "ingest", problem,
+                                          f"prompt {prompt.relative_to(root)}: {text[:80]!r}"))
+                    continue
+                rows.append({"row": len(rows) + len(rejects), "utt_id": utt_id, "speaker": speaker,
+                             "group": torgo_group(speaker), "audio_path": display_path(wav), "text": text,
+                             "image_path": None, "image_id": None, "split": None, "source": "torgo"})
+    return _frame(rows), rejects_frame(rejects)
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=INGESTED_COLUMNS)
+    df["row"] = df["row"].astype("int64")
+    for col in INGESTED_COLUMNS[1:]:
+        df[col] = df[col].astype("string")
+    return df
+
+
+def ingest(data_cfg: dict, demo_dir: str | Path | None = None):
+    """Dispatch on ``data.source``; return (ingested, rejects)."""
+    source = data_cfg["source"]
+    if source == "demo":
+        if demo_dir is None:
+            raise ValueError("data.source=demo needs the generated demo folder")
+        return ingest_manifest(Path(demo_dir) / "manifest.csv", source="demo")
+    if source == "manifest":
+        if not data_cfg.get("manifest"):
+            raise ValueError("data.source=manifest needs data.manifest (path of a CSV, TSV or Parquet file)")
+        return ingest_manifest(data_cfg["manifest"], data_cfg.get("root"))
+    if source == "torgo":
+        if not data_cfg.get("torgo_root"):
+            raise ValueError("data.source=torgo needs data.torgo_root (folder holding F01, FC01, ...)")
+        return ingest_torgo(data_cfg["torgo_root"], data_cfg.get("torgo_mic", "array"))
+    raise ValueError(f"unknown data.source '{source}'")

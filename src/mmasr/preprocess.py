@@ -1,0 +1,262 @@
+"""Audio and picture preprocessing: decode, mono, 16 kHz, peak-normalise, trim, duration bounds.
+
+Each step is a small pure function on arrays; ``preprocess`` runs them over the ingested table in a
+process pool and records every input it cannot use in the rejects table, with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from .ingest import display_path, slug
+from .io import atomic_dir, atomic_path, reject, rejects_frame
+
+MANIFEST_COLUMNS = ["utt_id", "speaker", "group", "audio_path", "duration_s", "text", "image_id", "split", "source"]
+IMAGE_COLUMNS = ["image_id", "path", "width", "height", "orig_path", "orig_mode"]
+
+
+class Rejected(Exception):
+    """An input that cannot be used; ``reason`` is a short stable code, ``detail`` says why in words."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+# ---------------------------------------------------------------- pure audio steps
+
+def to_mono(audio: np.ndarray) -> np.ndarray:
+    """Average the channels of a (frames, channels) array; a 1-D array is already mono."""
+    return audio if audio.ndim == 1 else audio.mean(axis=1, dtype=np.float64).astype(np.float32)
+
+
+def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Band-limited (windowed sinc) resampling with torchaudio."""
+    if orig_sr == target_sr:
+        return audio.astype(np.float32, copy=False)
+    import torch
+    import torchaudio.functional as AF
+
+    return AF.resample(torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)), orig_sr, target_sr).numpy()
+
+
+def peak_normalise(audio: np.ndarray, peak: float) -> np.ndarray:
+    """Scale so the largest absolute sample equals ``peak`` (silence is returned unchanged)."""
+    top = float(np.max(np.abs(audio))) if audio.size else 0.0
+    return audio if top == 0.0 else (audio * (peak / top)).astype(np.float32)
+
+
+def speech_bounds(audio: np.ndarray, sr: int, threshold_db: float, frame_ms: float, pad_ms: float) -> tuple[int, int]:
+    """Sample range [start, end) from the first to the last frame within ``threshold_db`` of the loudest
+    frame (RMS over ``frame_ms``), widened by ``pad_ms`` on each side. Empty range for silence."""
+    frame = max(1, int(round(sr * frame_ms / 1000)))
+    n_frames = len(audio) // frame
+    if n_frames == 0:
+        return 0, len(audio)
+    rms = np.sqrt(np.mean(audio[: n_frames * frame].astype(np.float64).reshape(n_frames, frame) ** 2, axis=1))
+    if rms.max() == 0.0:
+        return 0, 0
+    level_db = 20 * np.log10(np.maximum(rms, 1e-12) / rms.max())
+    voiced = np.flatnonzero(level_db > -threshold_db)
+    pad = int(round(sr * pad_ms / 1000))
+    return max(0, voiced[0] * frame - pad), min(len(audio), (voiced[-1] + 1) * frame + pad)
+
+
+def trim_silence(audio: np.ndarray, sr: int, threshold_db: float, frame_ms: float, pad_ms: float) -> np.ndarray:
+    start, end = speech_bounds(audio, sr, threshold_db, frame_ms, pad_ms)
+    return audio[start:end]
+
+
+# ---------------------------------------------------------------- one file
+
+@dataclass(frozen=True)
+class AudioResult:
+    audio: np.ndarray
+    orig_sr: int
+    orig_channels: int
+
+
+def load_and_clean(path: str | Path, cfg: dict) -> AudioResult:
+    """Decode one file and apply every step; raise Rejected with the reason when it cannot be used."""
+    path = Path(path)
+    if not path.is_file():
+        raise Rejected("missing_audio", f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise Rejected("empty_audio", f"{path}: file is empty (0 bytes)")
+    try:
+        info = sf.info(str(path))
+    except Exception as exc:  # libsndfile's errors do not share one type across formats
+        raise Rejected("unreadable_audio", f"{path}: cannot decode: {exc}") from None
+    if info.frames == 0 or info.samplerate <= 0:
+        raise Rejected("empty_audio", f"{path}: no audio frames")
+    if info.frames / info.samplerate > cfg["max_input_duration_s"]:
+        # Decided from the header alone: a multi-hour file is never loaded into memory.
+        raise Rejected("too_long", f"{path}: {info.frames / info.samplerate:.1f} s exceeds "
+                                   f"preprocess.max_input_duration_s={cfg['max_input_duration_s']}")
+    try:
+        audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:
+        raise Rejected("unreadable_audio", f"{path}: cannot decode: {exc}") from None
+    if audio.size == 0:
+        raise Rejected("empty_audio", f"{path}: no audio frames")
+    if not np.isfinite(audio).all():
+        raise Rejected("nonfinite_audio", f"{path}: {int((~np.isfinite(audio)).sum())} NaN/Inf samples")
+    channels = audio.shape[1]
+    mono = to_mono(audio)
+    if float(np.max(np.abs(mono))) < cfg["silence_peak"]:
+        raise Rejected("silent_audio", f"{path}: peak below preprocess.silence_peak={cfg['silence_peak']}")
+    mono = resample(mono, sr, cfg["sample_rate"])
+    mono = trim_silence(mono, cfg["sample_rate"], cfg["trim_db"], cfg["trim_frame_ms"], cfg["trim_pad_ms"])
+    duration = len(mono) / cfg["sample_rate"]
+    if duration < cfg["min_duration_s"]:
+        raise Rejected("too_short", f"{path}: {duration:.3f} s after trimming < preprocess.min_duration_s={cfg['min_duration_s']}")
+    if duration > cfg["max_duration_s"]:
+        raise Rejected("too_long", f"{path}: {duration:.1f} s after trimming > preprocess.max_duration_s={cfg['max_duration_s']}")
+    return AudioResult(peak_normalise(mono, cfg["peak"]), sr, channels)
+
+
+def audio_file_name(utt_id: str) -> str:
+    """A safe, collision-free file name for an utterance id."""
+    name = slug(utt_id)
+    if name != utt_id:  # two ids can slug to the same name; a short hash keeps them apart
+        name += "-" + hashlib.sha1(utt_id.encode()).hexdigest()[:8]
+    return name + ".wav"
+
+
+def _process_utterance(job: tuple[dict, str, str, dict]) -> dict:
+    """Worker: clean one utterance and write it as 16-bit PCM, or return its rejects row."""
+    rec, out_dir, final_dir, cfg = job
+    try:
+        result = load_and_clean(rec["audio_path"], cfg)
+    except Rejected as exc:
+        return {"reject": reject(rec["utt_id"], rec["audio_path"], "utterance", "preprocess", exc.reason, exc.detail)}
+    name = audio_file_name(rec["utt_id"])
+    with atomic_path(Path(out_dir) / name, suffix=".tmp.wav") as tmp:
+        sf.write(str(tmp), result.audio, cfg["sample_rate"], subtype="PCM_16", format="WAV")
+    return {"row": {**rec, "audio_path": str(Path(final_dir) / name),
+                    "duration_s": round(len(result.audio) / cfg["sample_rate"], 4),
+                    "orig_audio_path": rec["audio_path"], "orig_sample_rate": result.orig_sr,
+                    "orig_channels": result.orig_channels}}
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core; nested threads would oversubscribe
+
+
+# ---------------------------------------------------------------- pictures
+
+def clean_image(src: str | Path, dst: Path, max_side: int) -> tuple[int, int, str]:
+    """Decode a picture, flatten it to RGB (alpha over white; CMYK, grey, palette converted), shrink it
+    to fit ``max_side`` and save it as PNG. Raise Rejected when it is missing or undecodable."""
+    src = Path(src)
+    if not src.is_file():
+        raise Rejected("missing_image", f"{src}: no such file")
+    try:
+        with Image.open(src) as img:
+            img.draft("RGB", (max_side, max_side))  # JPEG: decode at reduced size, cheap for huge files
+            mode = img.mode
+            img.thumbnail((max_side, max_side))
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+                rgb.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                rgb = img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise Rejected("unreadable_image", f"{src}: cannot decode picture: {exc}") from None
+    with atomic_path(dst, suffix=".tmp.png") as tmp:
+        rgb.save(tmp, format="PNG")
+    return rgb.width, rgb.height, mode
+
+
+# ---------------------------------------------------------------- the stage
+
+def preprocess(ingested: pd.DataFrame, ingest_rejects: pd.DataFrame, audio_dir: str | Path, image_dir: str | Path,
+               cfg: dict, require_image: bool = False, workers: int = 1, progress: bool = True):
+    """Run the stage. Returns (utterances, images, rejects, metrics)."""
+    rejects = ingest_rejects.to_dict("records")
+    audio_dir, image_dir = Path(audio_dir), Path(image_dir)
+
+    images, bad_images = [], {}
+    with atomic_dir(image_dir) as tmp_images:
+        unique = ingested.dropna(subset=["image_id"]).drop_duplicates("image_id")
+        for rec in unique.to_dict("records"):
+            try:
+                w, h, mode = clean_image(rec["image_path"], tmp_images / f"{rec['image_id']}.png", cfg["max_image_side"])
+            except Rejected as exc:
+                bad_images[rec["image_id"]] = exc.reason
+                rejects.append(reject(rec["image_id"], rec["image_path"], "image", "preprocess", exc.reason, exc.detail))
+                continue
+            images.append({"image_id": rec["image_id"], "path": display_path(image_dir.resolve() / f"{rec['image_id']}.png"),
+                           "width": w, "height": h, "orig_path": rec["image_path"], "orig_mode": mode})
+
+    todo = []
+    for rec in ingested.to_dict("records"):
+        rec = {k: (None if pd.isna(v) else v) for k, v in rec.items()}
+        if rec["image_id"] in bad_images:
+            if require_image:
+                rejects.append(reject(rec["utt_id"], rec["audio_path"], "utterance", "preprocess", bad_images[rec["image_id"]],
+                                      f"picture {rec['image_path']} unusable and data.require_image is set"))
+                continue
+            rec["image_id"] = None  # kept for ASR-only use; the picture itself is in rejects
+        elif require_image and rec["image_id"] is None:
+            rejects.append(reject(rec["utt_id"], rec["audio_path"], "utterance", "preprocess", "missing_image",
+                                  "no picture and data.require_image is set"))
+            continue
+        todo.append(rec)
+
+    final_audio_dir = display_path(audio_dir.resolve())
+    kept = []
+    with atomic_dir(audio_dir) as tmp_audio:
+        jobs = [(rec, str(tmp_audio), final_audio_dir, cfg) for rec in todo]
+        bar = dict(total=len(jobs), desc="preprocess audio", unit="utt", disable=not progress, mininterval=1.0)
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+                results = list(tqdm(pool.map(_process_utterance, jobs, chunksize=8), **bar))
+        else:
+            results = [_process_utterance(job) for job in tqdm(jobs, **bar)]
+    for res in results:
+        (kept.append(res["row"]) if "row" in res else rejects.append(res["reject"]))
+
+    utterances = pd.DataFrame(kept)
+    extra = ["orig_audio_path", "orig_sample_rate", "orig_channels"]
+    if utterances.empty:
+        utterances = pd.DataFrame(columns=MANIFEST_COLUMNS + extra)
+    utterances = utterances[[c for c in MANIFEST_COLUMNS if c in utterances.columns] + extra].sort_values("utt_id")
+    utterances = utterances.reset_index(drop=True)
+    images_df = pd.DataFrame(images, columns=IMAGE_COLUMNS).sort_values("image_id").reset_index(drop=True)
+    rejects_df = rejects_frame(rejects).sort_values(["kind", "reason", "id", "path"], na_position="first")
+    rejects_df = rejects_df.reset_index(drop=True)
+    return utterances, images_df, rejects_df, preprocess_metrics(utterances, rejects_df, images_df)
+
+
+def preprocess_metrics(utterances: pd.DataFrame, rejects: pd.DataFrame, images: pd.DataFrame) -> dict:
+    """Counts for results/metrics/preprocess.json (no timings: the same inputs give the same bytes)."""
+    utt_rejects = rejects[rejects["kind"] == "utterance"]
+    img_rejects = rejects[rejects["kind"] == "image"]
+    n_rejected = len(utt_rejects)
+    return {
+        "n_input": len(utterances) + n_rejected,
+        "n_kept": len(utterances),
+        "n_rejected": n_rejected,
+        "rejected_by_reason": {k: int(v) for k, v in utt_rejects["reason"].value_counts().sort_index().items()},
+        "audio_hours": round(float(utterances["duration_s"].sum()) / 3600, 6) if len(utterances) else 0.0,
+        "n_images": len(images),
+        "n_images_rejected": len(img_rejects),
+        "images_rejected_by_reason": {k: int(v) for k, v in img_rejects["reason"].value_counts().sort_index().items()},
+        "n_kept_without_image": int(utterances["image_id"].isna().sum()) if len(utterances) else 0,
+        "kept_by_group": {k: int(v) for k, v in utterances["group"].value_counts().sort_index().items()} if len(utterances) else {},
+        "n_speakers": int(utterances["speaker"].nunique()) if len(utterances) else 0,
+    }
