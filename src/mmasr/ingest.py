@@ -109,6 +109,10 @@ def ingest_manifest(manifest: str | Path, root: str | Path | None = None, source
                                   f"{where}: utt_id already used by {seen[utt_id]}"))
             continue
         seen[utt_id] = where
+        if not has_words(rec["text"]):
+            rejects.append(reject(utt_id, audio_given, "utterance", "ingest", "empty_transcript",
+                                  f"{where}: transcript {rec['text']!r} has no words"))
+            continue
         image_path = image_id = None
         if rec["image_path"]:
             image = resolve_inside(root_dir, base, rec["image_path"])
@@ -132,9 +136,14 @@ def torgo_group(speaker: str) -> str:
     return "unknown"
 
 
+def has_words(text: str) -> bool:
+    """A transcript needs at least one letter or digit (any script); whitespace or punctuation is empty."""
+    return any(ch.isalnum() for ch in text)
+
+
 def torgo_prompt_problem(text: str) -> str | None:
     """Why a TORGO prompt cannot serve as a transcript, or None when it can."""
-    if not text.strip():
+    if not has_words(text):
         return "empty_transcript"
     if text.strip().startswith("[") and text.strip().endswith("]"):
         return "instruction_prompt"

@@ -1,0 +1,1162 @@
+"""Deterministic synthetic picture-description speech corpus (the offline demo data set).
+
+Why it exists
+-------------
+The pipeline (Whisper n-best lists rescored by CLIP picture similarity) needs a corpus on which
+the rescoring question is *answerable* without any download: some speakers must be hard to
+recognise on exactly the cue that a picture can resolve. This module writes such a corpus to
+a directory in the same shape a user would hand one over (audio files, pictures, manifest CSV).
+
+Design
+------
+* Prompts are "<count> <colour> <noun>" (3 x 4 x 12 = 144). The 12 nouns form 6 voicing minimal
+  pairs (bear/pear, goat/coat, bee/pea, bin/pin, dart/tart, cub/cup), so the only acoustic
+  difference inside a pair is the voicing of one stop consonant.
+* Speech is made by a small formant synthesiser (numpy/scipy only): a Rosenberg glottal pulse
+  train with per-cycle jitter/shimmer and f0 declination drives three time-varying 2nd-order
+  resonators (block-wise ``lfilter`` with carried state, so formants glide smoothly between
+  phones); fricatives and stop bursts are band-filtered noise; stops are closure + burst +
+  voice onset, with a low-frequency voice bar for voiced closures.
+* "Control" speakers realise the voicing cues clearly. "Impaired" speakers (TORGO-style names)
+  are slower, noisier, have more jitter/shimmer, and their voicing cues (VOT, voice bar,
+  aspiration, closure length, and for final stops the preceding-vowel length) are squeezed by a
+  per-speaker fraction toward the voiced/voiceless midpoint: confusable, never identical. See
+  :func:`stop_voicing_cues` (pure, tested).
+* Pictures are drawn procedurally with PIL (one glyph per noun, ``count`` copies, in the colour):
+  the picture always disambiguates the minimal pair.
+* A handful of deliberately defective rows (one per kind in :data:`DEFECT_KINDS`) are appended;
+  ``defects.csv`` lists them so the preprocessing's rejection reasons can be checked.
+
+Determinism: every random draw comes from a ``numpy`` Generator seeded by ``(seed, tag, ...)``
+(speaker-level, utterance-level, picture-level), so an utterance does not depend on the others,
+files carry no timestamps, and the same ``(cfg, seed)`` gives byte-identical files whether or not
+a process pool is used. The corpus is written into a temporary sibling directory and renamed
+into place at the end, so a killed run never leaves a complete-looking ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import multiprocessing
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import soundfile as sf
+from PIL import Image, ImageDraw, ImageFilter
+from scipy.ndimage import uniform_filter1d
+from scipy.signal import butter, lfilter, sosfilt
+from tqdm import tqdm
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "LEXICON",
+    "MINIMAL_PAIRS",
+    "NOUNS",
+    "COLOURS",
+    "COUNTS",
+    "DEFECT_KINDS",
+    "CONTROL_NOISE_DB",
+    "Speaker",
+    "VoicingCues",
+    "generate_demo_corpus",
+    "validate_config",
+    "all_prompts",
+    "build_speakers",
+    "stop_voicing_cues",
+    "voicing_cue",
+    "squeeze_toward_midpoint",
+    "synthesize_utterance",
+    "draw_picture",
+]
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "n_impaired_speakers": 8,
+    "n_control_speakers": 8,
+    "utts_per_speaker": 48,
+    "image_size": 128,
+    "sample_rates": [22050, 44100],
+    "stereo_fraction": 0.25,
+    "flac_fraction": 0.25,
+    "impaired_rate": 1.3,
+    "impaired_voicing_blur": [0.6, 0.8],
+    "impaired_noise_db": -20,
+    "defects": True,
+}
+
+CONTROL_NOISE_DB = -45.0  # controls are recorded much cleaner than impaired speakers
+FLOAT_WAV_FRACTION = 0.2  # share of the WAV files written as 32-bit float (rest PCM_16)
+MAX_UTTS_PER_SPEAKER = 8999  # ids 9001.. are reserved for the defective rows
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def validate_config(cfg: dict | None) -> dict[str, Any]:
+    """Merge ``cfg`` over :data:`DEFAULT_CONFIG` and validate; return the merged dict.
+
+    Raises ValueError naming the offending key (unknown keys included).
+    """
+    cfg = dict(cfg or {})
+    for key in cfg:
+        if key not in DEFAULT_CONFIG:
+            raise ValueError(f"unknown demo config key {key!r} (known: {sorted(DEFAULT_CONFIG)})")
+    merged = {**DEFAULT_CONFIG, **cfg}
+
+    def bad(key: str, why: str) -> ValueError:
+        return ValueError(f"demo config {key!r}={merged[key]!r}: {why}")
+
+    for key in ("n_impaired_speakers", "n_control_speakers"):
+        if not _is_int(merged[key]) or merged[key] < 0:
+            raise bad(key, "must be an integer >= 0")
+    if merged["n_impaired_speakers"] + merged["n_control_speakers"] < 1:
+        raise bad("n_impaired_speakers", "need at least one speaker in total")
+    u = merged["utts_per_speaker"]
+    if not _is_int(u) or not 1 <= u <= MAX_UTTS_PER_SPEAKER:
+        raise bad("utts_per_speaker", f"must be an integer in [1, {MAX_UTTS_PER_SPEAKER}]")
+    if not _is_int(merged["image_size"]) or not 16 <= merged["image_size"] <= 2048:
+        raise bad("image_size", "must be an integer in [16, 2048]")
+    rates = merged["sample_rates"]
+    if (not isinstance(rates, (list, tuple)) or not rates
+            or not all(_is_int(r) and 8000 <= r <= 192000 for r in rates)):
+        raise bad("sample_rates", "must be a non-empty list of integer rates in [8000, 192000]")
+    for key in ("stereo_fraction", "flac_fraction"):
+        if not _is_number(merged[key]) or not 0.0 <= merged[key] <= 1.0:
+            raise bad(key, "must be a number in [0, 1]")
+    if not _is_number(merged["impaired_rate"]) or not 0.25 <= merged["impaired_rate"] <= 4.0:
+        raise bad("impaired_rate", "must be a number in [0.25, 4]")
+    blur = merged["impaired_voicing_blur"]
+    if (not isinstance(blur, (list, tuple)) or len(blur) != 2
+            or not all(_is_number(b) for b in blur) or not 0.0 <= blur[0] <= blur[1] <= 1.0):
+        raise bad("impaired_voicing_blur", "must be [lo, hi] with 0 <= lo <= hi <= 1")
+    if not _is_number(merged["impaired_noise_db"]) or not -120 <= merged["impaired_noise_db"] <= 0:
+        raise bad("impaired_noise_db", "must be a number in [-120, 0] (dB re. signal peak)")
+    if not isinstance(merged["defects"], bool):
+        raise bad("defects", "must be true or false")
+    merged["sample_rates"] = [int(r) for r in rates]
+    merged["impaired_voicing_blur"] = [float(b) for b in blur]
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# Vocabulary, lexicon, prompts
+# --------------------------------------------------------------------------------------------
+
+# Singular nouns -> phones. Each minimal pair differs only in the voicing of one stop.
+_NOUN_PHONES: dict[str, tuple[str, ...]] = {
+    "bear": ("B", "EH", "R"), "pear": ("P", "EH", "R"),
+    "goat": ("G", "OW", "T"), "coat": ("K", "OW", "T"),
+    "bee": ("B", "IY"), "pea": ("P", "IY"),
+    "bin": ("B", "IH", "N"), "pin": ("P", "IH", "N"),
+    "dart": ("D", "AA", "R", "T"), "tart": ("T", "AA", "R", "T"),
+    "cub": ("K", "AH", "B"), "cup": ("K", "AH", "P"),
+}
+MINIMAL_PAIRS: list[tuple[str, str]] = [
+    ("bear", "pear"), ("goat", "coat"), ("bee", "pea"),
+    ("bin", "pin"), ("dart", "tart"), ("cub", "cup"),
+]
+NOUNS: tuple[str, ...] = tuple(n for pair in MINIMAL_PAIRS for n in pair)
+COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
+COUNTS: tuple[str, ...] = ("a", "two", "three")
+COUNT_VALUE: dict[str, int] = {"a": 1, "two": 2, "three": 3}
+
+_VOICELESS_PHONES = frozenset({"P", "T", "K", "S", "F", "TH"})
+
+
+def plural_phones(phones: Sequence[str]) -> tuple[str, ...]:
+    """English regular plural: /s/ after a voiceless final, /z/ otherwise (no sibilant finals here)."""
+    return tuple(phones) + (("S",) if phones[-1] in _VOICELESS_PHONES else ("Z",))
+
+
+def plural(noun: str) -> str:
+    return noun + "s"
+
+
+LEXICON: dict[str, tuple[str, ...]] = {
+    "a": ("AH",), "two": ("T", "UW"), "three": ("TH", "R", "IY"),
+    "red": ("R", "EH", "D"), "green": ("G", "R", "IY", "N"),
+    "blue": ("B", "L", "UW"), "yellow": ("Y", "EH", "L", "OW"),
+    **_NOUN_PHONES,
+    **{plural(n): plural_phones(p) for n, p in _NOUN_PHONES.items()},
+}
+_NOUN_FORMS = frozenset(NOUNS) | frozenset(plural(n) for n in NOUNS)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt_id: str  # "p000".."p143"
+    count: str
+    colour: str
+    noun: str  # singular
+
+    @property
+    def text(self) -> str:
+        noun = self.noun if self.count == "a" else plural(self.noun)
+        return f"{self.count} {self.colour} {noun}"
+
+
+def all_prompts() -> list[Prompt]:
+    """All 144 prompts in a fixed order (count-major, then colour, then noun)."""
+    out = []
+    for c in COUNTS:
+        for col in COLOURS:
+            for n in NOUNS:
+                out.append(Prompt(f"p{len(out):03d}", c, col, n))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Phonetics: targets and voicing cues
+# --------------------------------------------------------------------------------------------
+
+# Vowel formant targets (Hz, adult-male reference; the speaker's formant scale applies on top),
+# with an optional glide end target (OW is a diphthong).
+_VOWELS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float] | None]] = {
+    "IY": ((280, 2250, 2900), None),
+    "IH": ((400, 1920, 2550), None),
+    "EH": ((550, 1770, 2490), None),
+    "AE": ((690, 1660, 2490), None),
+    "AA": ((710, 1100, 2540), None),
+    "AH": ((620, 1200, 2550), None),
+    "OW": ((560, 1000, 2400), (420, 830, 2350)),
+    "UW": ((320, 900, 2250), None),
+}
+_VOWEL_DUR = {"IY": 0.10, "IH": 0.075, "EH": 0.09, "AE": 0.11, "AA": 0.115, "AH": 0.065,
+              "OW": 0.13, "UW": 0.11}
+
+# Sonorants: formant target, voicing amplitude (re. vowel), duration, nasal mix.
+_SONORANTS: dict[str, tuple[tuple[float, float, float], float, float, float]] = {
+    "R": ((330, 1100, 1500), 0.6, 0.055, 0.0),
+    "L": ((380, 1050, 2650), 0.55, 0.055, 0.0),
+    "Y": ((270, 2150, 2950), 0.6, 0.045, 0.0),
+    "W": ((300, 650, 2200), 0.6, 0.045, 0.0),
+    "N": ((260, 1250, 2300), 0.45, 0.065, 1.0),  # nasal murmur: low-passed, weaker
+}
+
+_STOP_PLACE = {"B": "labial", "P": "labial", "D": "alveolar", "T": "alveolar",
+               "G": "velar", "K": "velar"}
+_VOICING_PARTNER = {"B": "P", "P": "B", "D": "T", "T": "D", "G": "K", "K": "G", "Z": "S", "S": "Z"}
+# Burst noise bands: labial low, velar mid ("compact"), alveolar high.
+_BURST_BAND = {"labial": (600.0, 1000.0), "alveolar": (3500.0, 5000.0), "velar": (1800.0, 2500.0)}
+# Formant loci that the neighbouring vowels glide from/to.
+_LOCUS = {"labial": (250, 900, 2200), "alveolar": (250, 1750, 2700), "velar": (250, 2000, 2400),
+          "dental": (300, 1400, 2600), "labiodental": (300, 1000, 2300)}
+# Fricatives: noise band, place (for the locus), base duration, frication amplitude.
+_FRICATIVES: dict[str, tuple[tuple[float, float], str, float, float]] = {
+    "S": ((4000.0, 7500.0), "alveolar", 0.10, 1.0),
+    "Z": ((3500.0, 7000.0), "alveolar", 0.07, 0.5),
+    "F": ((1200.0, 7000.0), "labiodental", 0.085, 0.35),
+    "TH": ((1400.0, 7500.0), "dental", 0.085, 0.3),
+}
+
+
+@dataclass(frozen=True)
+class VoicingCues:
+    """Acoustic realisation of a stop's voicing (all cues the synthesiser uses)."""
+
+    vot_s: float  # burst onset -> voicing onset
+    voice_bar: float  # low-frequency voicing during the closure (0..1)
+    aspiration: float  # aspiration noise amplitude during the VOT interval (0..1)
+    closure_s: float  # closure duration (voiceless closures are longer)
+    vowel_scale: float  # length factor of the preceding vowel (the cue for final stops)
+
+
+_VOICED_STOP = VoicingCues(vot_s=0.010, voice_bar=1.0, aspiration=0.1, closure_s=0.055,
+                           vowel_scale=1.35)
+_VOICELESS_STOP = VoicingCues(vot_s=0.070, voice_bar=0.0, aspiration=1.0, closure_s=0.075,
+                              vowel_scale=0.8)
+# Voiced vs voiceless fricative: (voice bar, frication-amplitude factor, duration factor).
+_FRIC_VOICED = (1.0, 1.0, 1.0)
+_FRIC_VOICELESS = (0.0, 2.0, 1.45)
+
+
+def squeeze_toward_midpoint(own: float, other: float, blur: float) -> float:
+    """Move ``own`` by the fraction ``blur`` toward the midpoint of ``own`` and ``other``.
+
+    For a pair squeezed with the same blur the gap shrinks to ``(1 - blur)`` of its size,
+    so any blur < 1 keeps the categories ordered (confusable, not identical).
+    """
+    return own + blur * ((own + other) / 2.0 - own)
+
+
+def stop_voicing_cues(phone: str, blur: float = 0.0) -> VoicingCues:
+    """Voicing cues of stop ``phone`` (B D G P T K) with the speaker's voicing ``blur`` in [0, 1]."""
+    if phone not in _STOP_PLACE:
+        raise ValueError(f"not a stop: {phone!r}")
+    if not 0.0 <= blur <= 1.0:
+        raise ValueError(f"blur must be in [0, 1], got {blur}")
+    own, other = ((_VOICED_STOP, _VOICELESS_STOP) if phone in ("B", "D", "G")
+                  else (_VOICELESS_STOP, _VOICED_STOP))
+    return VoicingCues(**{f: squeeze_toward_midpoint(getattr(own, f), getattr(other, f), blur)
+                          for f in VoicingCues.__dataclass_fields__})
+
+
+def voicing_cue(phone: str, blur: float = 0.0) -> float:
+    """Voice onset time (seconds) of stop ``phone`` under voicing ``blur`` (the headline cue)."""
+    return stop_voicing_cues(phone, blur).vot_s
+
+
+def fricative_voicing(phone: str, blur: float = 0.0) -> tuple[float, float, float]:
+    """(voice bar, frication factor, duration factor) of S/Z, squeezed like the stops."""
+    own, other = (_FRIC_VOICED, _FRIC_VOICELESS) if phone == "Z" else (_FRIC_VOICELESS, _FRIC_VOICED)
+    return tuple(squeeze_toward_midpoint(a, b, blur) for a, b in zip(own, other))  # type: ignore
+
+
+# --------------------------------------------------------------------------------------------
+# Speakers
+# --------------------------------------------------------------------------------------------
+
+_TAG_SPEAKER, _TAG_UTT, _TAG_SYNTH, _TAG_FORMAT, _TAG_PICTURE, _TAG_DEFECT = 11, 12, 13, 14, 15, 16
+_GROUP_CODE = {"impaired": 0, "control": 1}
+
+
+@dataclass(frozen=True)
+class Speaker:
+    name: str
+    group: str  # "impaired" | "control"
+    sex: str  # "F" | "M"
+    f0: float  # mean pitch, Hz
+    duration_scale: float  # >1 = slower (includes the impaired rate factor)
+    formant_scale: float  # vocal-tract length factor (larger = shorter tract)
+    breathiness: float  # aspiration noise mixed into voicing
+    jitter: float  # relative cycle-to-cycle f0 perturbation
+    shimmer: float  # relative cycle-to-cycle amplitude perturbation
+    voicing_blur: float  # fraction by which voicing cues are squeezed toward ambiguity
+    noise_db: float  # additive noise, dB re. signal peak
+    open_quotient: float  # glottal open quotient (breathier voices open longer)
+    key: tuple[int, int] = field(default=(0, 0), compare=False)  # (group code, index in group)
+
+
+def speaker_name(group: str, index: int) -> str:
+    """TORGO-style names: impaired F01, M01, F02, ...; control FC01, MC01, FC02, ..."""
+    sex = "F" if index % 2 == 0 else "M"
+    return f"{sex}{'C' if group == 'control' else ''}{index // 2 + 1:02d}"
+
+
+def make_speaker(group: str, index: int, cfg: dict, seed: int) -> Speaker:
+    """Draw one speaker's voice from its own generator (independent of the other speakers)."""
+    rng = np.random.default_rng([seed, _TAG_SPEAKER, _GROUP_CODE[group], index])
+    name = speaker_name(group, index)
+    sex = name[0]
+    impaired = group == "impaired"
+    f0 = rng.uniform(180, 230) if sex == "F" else rng.uniform(100, 130)
+    rate = rng.uniform(0.9, 1.1) * (cfg["impaired_rate"] if impaired else 1.0)
+    formant_scale = rng.uniform(1.0, 1.12) if sex == "F" else rng.uniform(0.88, 1.0)
+    lo, hi = cfg["impaired_voicing_blur"]
+    return Speaker(
+        name=name, group=group, sex=sex, f0=float(f0), duration_scale=float(rate),
+        formant_scale=float(formant_scale),
+        breathiness=float(rng.uniform(0.10, 0.18) if impaired else rng.uniform(0.03, 0.07)),
+        jitter=float(rng.uniform(0.02, 0.04) if impaired else rng.uniform(0.003, 0.008)),
+        shimmer=float(rng.uniform(0.10, 0.18) if impaired else rng.uniform(0.02, 0.04)),
+        voicing_blur=float(rng.uniform(lo, hi)) if impaired else 0.0,
+        noise_db=float(cfg["impaired_noise_db"]) if impaired else CONTROL_NOISE_DB,
+        open_quotient=float(rng.uniform(0.65, 0.75) if impaired else rng.uniform(0.55, 0.65)),
+        key=(_GROUP_CODE[group], index),
+    )
+
+
+def build_speakers(cfg: dict, seed: int) -> list[Speaker]:
+    """Impaired speakers first, then controls, each in index order."""
+    cfg = validate_config(cfg)
+    return ([make_speaker("impaired", i, cfg, seed) for i in range(cfg["n_impaired_speakers"])]
+            + [make_speaker("control", i, cfg, seed) for i in range(cfg["n_control_speakers"])])
+
+
+# --------------------------------------------------------------------------------------------
+# Speech synthesis: segment plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Segment:
+    phone: str
+    start: float
+    dur: float
+    voice: float = 0.0  # glottal source into the formant cascade
+    asp: float = 0.0  # aspiration noise into the formant cascade
+    bar: float = 0.0  # low-frequency voice bar (closure voicing, voiced fricatives)
+    nasal: float = 0.0  # share of the nasal-murmur (low-passed) path
+    formants: list[tuple[float, tuple[float, float, float]]] = field(default_factory=list)
+    fric: tuple[float, float, float] | None = None  # (lo Hz, hi Hz, amplitude)
+    fric_voiced: bool = False  # frication modulated by the glottal cycle
+    burst: tuple[float, float, float] | None = None  # release burst at segment start
+
+    @property
+    def end(self) -> float:
+        return self.start + self.dur
+
+
+def _vowel_scale_index(phones: Sequence[str]) -> int | None:
+    """Index of the vowel whose length cues a word-final stop (V + stop [+ S/Z] at word end)."""
+    tail = list(phones)
+    if tail and tail[-1] in ("S", "Z"):
+        tail = tail[:-1]
+    if len(tail) >= 2 and tail[-1] in _STOP_PLACE:
+        # nearest vowel before the stop (possibly across R: "dart")
+        for i in range(len(tail) - 2, -1, -1):
+            if tail[i] in _VOWELS:
+                return i
+    return None
+
+
+def plan_segments(words: Sequence[str], speaker: Speaker, rng: np.random.Generator
+                  ) -> tuple[list[Segment], float, tuple[float, float]]:
+    """Phone-level timeline of an utterance: (segments, total seconds, (speech start, end))."""
+    segs: list[Segment] = []
+    t = float(rng.uniform(0.15, 0.3))  # leading silence
+    speech_start = t
+    blur = speaker.voicing_blur
+    for wi, word in enumerate(words):
+        phones = LEXICON[word]
+        stressed = word in _NOUN_FORMS
+        final_word = wi == len(words) - 1
+        vs_index = _vowel_scale_index(phones)
+        final_stop = None
+        if vs_index is not None:
+            final_stop = next(p for p in reversed(phones) if p in _STOP_PLACE)
+        for pi, ph in enumerate(phones):
+            mult = speaker.duration_scale * float(rng.uniform(0.9, 1.1)) * (1.15 if final_word else 1.0)
+            if ph in _VOWELS:
+                dur = _VOWEL_DUR[ph] * (1.25 if stressed else 1.0) * mult
+                if pi == vs_index and final_stop is not None:
+                    dur *= stop_voicing_cues(final_stop, blur).vowel_scale
+                a, b = _VOWELS[ph]
+                b = b or a
+                seg = Segment(ph, t, dur, voice=1.0, asp=speaker.breathiness,
+                              formants=[(t + 0.3 * dur, a), (t + 0.7 * dur, b)])
+            elif ph in _SONORANTS:
+                target, amp, base, nasal = _SONORANTS[ph]
+                dur = base * mult
+                seg = Segment(ph, t, dur, voice=amp, asp=speaker.breathiness * amp, nasal=nasal,
+                              formants=[(t + 0.5 * dur, target)])
+            elif ph in _FRICATIVES:
+                band, place, base, amp = _FRICATIVES[ph]
+                bar, fric_factor, dur_factor = (fricative_voicing(ph, blur) if ph in ("S", "Z")
+                                                else (0.0, 1.0, 1.0))
+                dur = base * dur_factor * mult
+                seg = Segment(ph, t, dur, bar=0.8 * bar, fric=(band[0], band[1], amp * fric_factor),
+                              fric_voiced=bar > 0.5, formants=[(t + 0.5 * dur, _LOCUS[place])])
+            elif ph in _STOP_PLACE:
+                cues = stop_voicing_cues(ph, blur)
+                place = _STOP_PLACE[ph]
+                closure = cues.closure_s * speaker.duration_scale * float(rng.uniform(0.9, 1.1))
+                segs.append(Segment(ph, t, closure, bar=cues.voice_bar,
+                                    formants=[(t + 0.5 * closure, _LOCUS[place])]))
+                t += closure
+                lo, hi = _BURST_BAND[place]
+                # voiceless bursts are a little stronger (higher intra-oral pressure)
+                burst_amp = 0.6 + 0.4 * cues.aspiration
+                # the VOT interval is the cue itself; it is not stretched by the speaking rate
+                seg = Segment(ph, t, cues.vot_s, asp=0.9 * cues.aspiration, burst=(lo, hi, burst_amp))
+            else:  # pragma: no cover - LEXICON only uses known phones
+                raise ValueError(f"unknown phone {ph!r}")
+            segs.append(seg)
+            t += seg.dur
+        if not final_word:
+            t += float(rng.uniform(0.03, 0.06)) * speaker.duration_scale  # word gap
+    speech_end = t
+    t += float(rng.uniform(0.15, 0.3))  # trailing silence
+    return segs, t, (speech_start, speech_end)
+
+
+# --------------------------------------------------------------------------------------------
+# Speech synthesis: signal rendering
+# --------------------------------------------------------------------------------------------
+
+# Level calibration of the parallel paths (relative to a voiced vowel at amplitude 1).
+_ASP_GAIN = 0.5
+_BAR_GAIN = 0.35
+_FRIC_GAIN = 0.35
+_BURST_GAIN = 0.8
+_RESONATOR_BLOCK_S = 0.004  # formant update period
+_BANDWIDTHS = (80.0, 100.0, 150.0)
+
+
+@lru_cache(maxsize=256)
+def _bandpass_sos(lo: float, hi: float, sr: int) -> np.ndarray:
+    hi = min(hi, 0.45 * sr)
+    lo = min(lo, 0.8 * hi)
+    return butter(2, [lo, hi], btype="bandpass", fs=sr, output="sos")
+
+
+@lru_cache(maxsize=64)
+def _lowpass_sos(cutoff: float, sr: int, order: int = 2) -> np.ndarray:
+    return butter(order, min(cutoff, 0.45 * sr), btype="lowpass", fs=sr, output="sos")
+
+
+def smooth_envelope(x: np.ndarray, sr: int, seconds: float = 0.006) -> np.ndarray:
+    """Triangular smoothing (two box passes): cross-fades between phones instead of clicks."""
+    width = max(1, int(round(seconds * sr / 2)))
+    return uniform_filter1d(uniform_filter1d(x, width, mode="nearest"), width, mode="nearest")
+
+
+def rosenberg_pulse(frac: np.ndarray, open_quotient: float) -> np.ndarray:
+    """Rosenberg glottal flow for cycle phase ``frac`` in [0, 1): rise, faster fall, closed phase."""
+    rise = 0.66 * open_quotient
+    fall = open_quotient - rise
+    g = np.zeros_like(frac)
+    up = frac < rise
+    g[up] = 0.5 * (1.0 - np.cos(np.pi * frac[up] / rise))
+    down = (~up) & (frac < open_quotient)
+    g[down] = np.cos(0.5 * np.pi * (frac[down] - rise) / fall)
+    return g
+
+
+def first_order_recurrence(a: np.ndarray, x: np.ndarray, chunk: int = 128) -> np.ndarray:
+    """Solve z[n] = a[n] * z[n-1] + x[n] (z[-1] = 0) for complex ``a`` with |a| < 1, vectorised.
+
+    Within chunks the solution is ``P * cumsum(x / P)`` with ``P`` the running product of ``a``
+    (short chunks keep ``1/P`` bounded); the chunks are then chained by their carried state.
+    A per-sample Python loop would be ~100x slower and per-block ``lfilter`` calls ~5x.
+    """
+    n = len(x)
+    pad = (-n) % chunk
+    a2 = np.concatenate([a, np.ones(pad, a.dtype)]).reshape(-1, chunk)
+    x2 = np.concatenate([x, np.zeros(pad)]).reshape(-1, chunk)
+    prod = np.cumprod(a2, axis=1)
+    local = prod * np.cumsum(x2 / prod, axis=1)
+    carry = np.empty(len(a2), dtype=complex)  # state entering each chunk
+    state = 0j
+    last_local, last_prod = local[:, -1].tolist(), prod[:, -1].tolist()
+    for j in range(len(a2)):
+        carry[j] = state
+        state = last_local[j] + last_prod[j] * state
+    return (local + prod * carry[:, None]).reshape(-1)[:n]
+
+
+def formant_cascade(x: np.ndarray, tracks: Sequence[np.ndarray], bandwidths: Sequence[float],
+                    sr: int) -> np.ndarray:
+    """Cascade of Klatt resonators (unity DC gain) whose centre frequencies follow ``tracks``
+    sample by sample, so formants glide between phones instead of being cross-faded.
+
+    Each 2-pole resonator y[n] = A x[n-1] + b1 y[n-1] + b2 y[n-2] is computed as the imaginary
+    part of a complex one-pole recurrence with pole r*exp(i*theta[n]).
+    """
+    y = np.asarray(x, dtype=float)
+    for freq, bw in zip(tracks, bandwidths):
+        r = math.exp(-math.pi * bw / sr)
+        theta = 2.0 * np.pi * freq / sr
+        z = first_order_recurrence(r * np.exp(1j * theta), y)
+        gain = 1.0 - 2.0 * r * np.cos(theta) + r * r  # unity gain at DC
+        y = z.imag / (r * np.sin(theta)) * gain
+        y = np.concatenate([[0.0], y[:-1]])  # the z^-1 of the resonator numerator
+    return y
+
+
+def _per_cycle_noise(rng: np.random.Generator, cycles: np.ndarray) -> np.ndarray:
+    """One Gaussian value per glottal cycle, held for that cycle (jitter/shimmer)."""
+    values = rng.standard_normal(int(cycles[-1]) + 1 if len(cycles) else 1)
+    return values[cycles]
+
+
+def render_segments(segs: Sequence[Segment], total_s: float, span: tuple[float, float],
+                    speaker: Speaker, sr: int, rng: np.random.Generator) -> np.ndarray:
+    """Render a segment plan to a mono float64 signal (arbitrary scale) at rate ``sr``."""
+    n = int(round(total_s * sr))
+    t = np.arange(n) / sr
+    voice, asp, bar, nasal = (np.zeros(n) for _ in range(4))
+    for s in segs:
+        i0, i1 = int(round(s.start * sr)), int(round(s.end * sr))
+        voice[i0:i1], asp[i0:i1], bar[i0:i1], nasal[i0:i1] = s.voice, s.asp, s.bar, s.nasal
+    voice, asp, bar, nasal = (smooth_envelope(x, sr) for x in (voice, asp, bar, nasal))
+
+    # formant tracks: linear interpolation between the phones' targets, scaled by the speaker
+    pts = [(tt, f) for s in segs for tt, f in s.formants]
+    pt_t = np.array([p[0] for p in pts])
+    pt_f = np.array([p[1] for p in pts], dtype=float) * speaker.formant_scale
+    formant_tracks = [np.clip(np.interp(t, pt_t, pt_f[:, k]), 150.0, 0.42 * sr) for k in range(3)]
+
+    # f0: declination over the speech span, a slow wander, per-cycle jitter
+    s0, s1 = span
+    decl = np.interp(t, [s0, s1], [1.08, 0.9])
+    wander = 1.0 + 0.025 * np.sin(2 * np.pi * rng.uniform(0.5, 1.2) * t + rng.uniform(0, 2 * np.pi))
+    f0 = speaker.f0 * decl * wander
+    cycles = np.floor(np.cumsum(f0) / sr).astype(np.int64)
+    f0 = f0 * (1.0 + speaker.jitter * _per_cycle_noise(rng, cycles))
+    phase = np.cumsum(f0) / sr
+    cycles = np.floor(phase).astype(np.int64)
+    flow = rosenberg_pulse(phase - cycles, speaker.open_quotient)
+    amp = np.clip(1.0 + speaker.shimmer * _per_cycle_noise(rng, cycles), 0.3, 1.7)
+    # radiated (differentiated) flow; scaled by sr so the level does not depend on the rate
+    source = np.diff(flow, prepend=0.0) * (sr / 1000.0) * amp
+
+    white = rng.standard_normal(n)
+    excitation = source * voice + white * asp * _ASP_GAIN
+    bandwidths = [b * (1.0 + 0.5 * speaker.breathiness) for b in _BANDWIDTHS]
+    vt = formant_cascade(excitation, formant_tracks, bandwidths, sr)
+    murmur = sosfilt(_lowpass_sos(400.0, sr), vt) * 1.5
+    out = vt * (1.0 - nasal) + murmur * nasal
+
+    # voice bar: glottal flow band-limited to the first harmonics (no DC)
+    out += sosfilt(_bandpass_sos(70.0, 300.0, sr), flow * amp) * bar * _BAR_GAIN
+
+    # frication and bursts: band-filtered noise in parallel with the cascade
+    for s in segs:
+        i0, i1 = int(round(s.start * sr)), int(round(s.end * sr))
+        if s.fric is not None and i1 > i0:
+            lo, hi, a = s.fric
+            m = i1 - i0
+            env = np.sin(np.pi * (np.arange(m) + 0.5) / m) ** 0.6  # rise/decay within the phone
+            noise = sosfilt(_bandpass_sos(lo, hi, sr), rng.standard_normal(m))
+            if s.fric_voiced:
+                noise *= 0.4 + 0.6 * flow[i0:i1]
+            out[i0:i1] += noise * env * a * _FRIC_GAIN
+        if s.burst is not None:
+            lo, hi, a = s.burst
+            m = int(0.012 * sr)
+            env = np.exp(-np.arange(m) / (0.003 * sr))
+            noise = sosfilt(_bandpass_sos(lo, hi, sr), rng.standard_normal(m))
+            out[i0:i0 + m] += (noise * env * a * _BURST_GAIN)[: max(0, min(m, n - i0))]
+    return out
+
+
+def _band_limited_noise(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
+    """Unit-RMS noise below 7 kHz, so the SNR is the same at every sample rate."""
+    x = sosfilt(_lowpass_sos(7000.0, sr, 4), rng.standard_normal(n))
+    return x / (np.sqrt(np.mean(x * x)) + 1e-12)
+
+
+def synthesize_utterance(text: str, speaker: Speaker, sr: int, rng: np.random.Generator) -> np.ndarray:
+    """Mono float64 speech for ``text`` (words in LEXICON) with peak 1, including the speaker's
+    additive noise (gated to the speech span) and a very low noise floor in the silences."""
+    words = text.split()
+    segs, total_s, span = plan_segments(words, speaker, rng)
+    x = render_segments(segs, total_s, span, speaker, sr, rng)
+    peak = float(np.max(np.abs(x)))
+    n = len(x)
+    t = np.arange(n) / sr
+    ramp = 0.02
+    gate = np.clip(np.minimum(t - (span[0] - ramp), (span[1] + ramp) - t) / ramp, 0.0, 1.0)
+    x = x + _band_limited_noise(rng, n, sr) * gate * peak * 10 ** (speaker.noise_db / 20)
+    x = x + rng.standard_normal(n) * peak * 10 ** (-70 / 20)  # recording noise floor
+    return x / np.max(np.abs(x))
+
+
+def make_channels(mono: np.ndarray, stereo: bool, sr: int, rng: np.random.Generator) -> np.ndarray:
+    """(n,) for mono; (n, 2) for stereo with a slightly different second microphone."""
+    if not stereo:
+        return mono
+    delay = int(rng.integers(1, 4))
+    second = np.concatenate([np.zeros(delay), mono[:-delay]]) * rng.uniform(0.75, 0.95)
+    second = second + _band_limited_noise(rng, len(mono), sr) * 10 ** (-50 / 20)
+    return np.stack([mono, second], axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Pictures
+# --------------------------------------------------------------------------------------------
+
+_RGB = {"red": (205, 45, 45), "green": (50, 160, 70), "blue": (45, 90, 205), "yellow": (240, 200, 40)}
+_INK = (35, 35, 40)
+
+
+class _Pen:
+    """Draws a glyph in unit coordinates (u, v in [0, 1], v down) inside a pixel box.
+
+    ``body`` shapes go into a mask that is filled with the colour and given a silhouette outline;
+    ``ink``/``dark``/``light`` details are painted on top.
+    """
+
+    def __init__(self, box: tuple[float, float, float, float], scale: float):
+        self.x0, self.y0, x1, y1 = box
+        self.w, self.h = x1 - self.x0, y1 - self.y0
+        self.scale = scale
+        self.body: list[tuple[str, tuple, dict]] = []
+        self.details: list[tuple[str, str, tuple, dict]] = []
+
+    def p(self, u: float, v: float) -> tuple[float, float]:
+        return (self.x0 + u * self.w, self.y0 + v * self.h)
+
+    def _ellipse_box(self, cu, cv, ru, rv):
+        return [self.p(cu - ru, cv - rv), self.p(cu + ru, cv + rv)]
+
+    def _add(self, layer: str, kind: str, geom, **kw):
+        if layer == "body":
+            self.body.append((kind, geom, kw))
+        else:
+            self.details.append((layer, kind, geom, kw))
+
+    def ellipse(self, cu, cv, ru, rv=None, layer="body", ring: float = 0.0):
+        self._add(layer, "ellipse", self._ellipse_box(cu, cv, ru, ru if rv is None else rv),
+                  ring=ring)
+
+    def poly(self, pts, layer="body"):
+        self._add(layer, "polygon", [self.p(u, v) for u, v in pts])
+
+    def rect(self, u0, v0, u1, v1, layer="body"):
+        self._add(layer, "polygon", [self.p(u0, v0), self.p(u1, v0), self.p(u1, v1), self.p(u0, v1)])
+
+    def line(self, pts, width: float, layer="ink"):
+        self._add(layer, "line", [self.p(u, v) for u, v in pts], width=width)
+
+
+def _rotate(pts, degrees: float, cu: float = 0.5, cv: float = 0.5):
+    a = math.radians(degrees)
+    c, s = math.cos(a), math.sin(a)
+    return [(cu + (u - cu) * c - (v - cv) * s, cv + (u - cu) * s + (v - cv) * c) for u, v in pts]
+
+
+def _glyph_bear(g: _Pen):  # big round head, two ears, muzzle
+    g.ellipse(0.24, 0.24, 0.13)
+    g.ellipse(0.76, 0.24, 0.13)
+    g.ellipse(0.5, 0.58, 0.38, 0.35)
+    g.ellipse(0.24, 0.24, 0.06, layer="dark")
+    g.ellipse(0.76, 0.24, 0.06, layer="dark")
+    g.ellipse(0.37, 0.5, 0.035, layer="ink")
+    g.ellipse(0.63, 0.5, 0.035, layer="ink")
+    g.ellipse(0.5, 0.7, 0.14, 0.1, layer="light")
+    g.ellipse(0.5, 0.66, 0.05, 0.035, layer="ink")
+
+
+def _glyph_cub(g: _Pen):  # small whole bear: head with ears and protruding snout on a body
+    g.ellipse(0.5, 0.72, 0.27, 0.23)
+    g.ellipse(0.33, 0.16, 0.075)
+    g.ellipse(0.67, 0.16, 0.075)
+    g.ellipse(0.5, 0.34, 0.2, 0.18)
+    g.ellipse(0.5, 0.43, 0.11, 0.075)  # snout
+    g.ellipse(0.3, 0.93, 0.09, 0.05)
+    g.ellipse(0.7, 0.93, 0.09, 0.05)
+    g.ellipse(0.5, 0.44, 0.08, 0.055, layer="light")
+    g.ellipse(0.5, 0.41, 0.035, 0.025, layer="ink")
+    g.ellipse(0.42, 0.3, 0.025, layer="ink")
+    g.ellipse(0.58, 0.3, 0.025, layer="ink")
+    g.ellipse(0.5, 0.74, 0.15, 0.13, layer="light")  # belly
+
+
+def _glyph_pear(g: _Pen):  # teardrop with stem and leaf
+    g.ellipse(0.5, 0.68, 0.3, 0.28)
+    g.ellipse(0.5, 0.38, 0.17, 0.18)
+    g.poly([(0.34, 0.4), (0.66, 0.4), (0.79, 0.64), (0.21, 0.64)])
+    g.line([(0.5, 0.22), (0.56, 0.05)], 0.045)
+    g.ellipse(0.66, 0.11, 0.08, 0.035, layer="dark")
+    g.ellipse(0.4, 0.62, 0.05, 0.09, layer="light")  # highlight
+
+
+def _glyph_goat(g: _Pen):  # body on four legs, head with curved horns and beard
+    g.ellipse(0.44, 0.56, 0.3, 0.16)
+    for u in (0.22, 0.33, 0.53, 0.63):
+        g.rect(u, 0.62, u + 0.055, 0.93)
+    g.poly([(0.62, 0.5), (0.72, 0.3), (0.82, 0.32), (0.76, 0.56)])  # neck
+    g.ellipse(0.8, 0.3, 0.1, 0.12)
+    g.line([(0.75, 0.2), (0.7, 0.08), (0.6, 0.06), (0.58, 0.14)], 0.04)  # horns
+    g.line([(0.85, 0.2), (0.86, 0.07), (0.94, 0.08)], 0.04)
+    g.poly([(0.77, 0.4), (0.85, 0.4), (0.8, 0.53)], layer="ink")  # beard
+    g.ellipse(0.83, 0.28, 0.02, layer="ink")
+    g.line([(0.14, 0.5), (0.07, 0.42)], 0.03)  # tail
+
+
+def _glyph_coat(g: _Pen):  # trapezoid torso with sleeves, collar and buttons
+    g.poly([(0.3, 0.12), (0.7, 0.12), (0.8, 0.94), (0.2, 0.94)])
+    g.poly([(0.3, 0.12), (0.08, 0.62), (0.2, 0.68), (0.34, 0.36)])
+    g.poly([(0.7, 0.12), (0.92, 0.62), (0.8, 0.68), (0.66, 0.36)])
+    g.line([(0.38, 0.12), (0.5, 0.34), (0.62, 0.12)], 0.035)
+    g.line([(0.5, 0.34), (0.5, 0.94)], 0.025)
+    for v in (0.45, 0.6, 0.75):
+        g.ellipse(0.55, v, 0.025, layer="ink")
+    g.rect(0.26, 0.7, 0.42, 0.74, layer="dark")  # pocket
+    g.rect(0.58, 0.7, 0.74, 0.74, layer="dark")
+
+
+def _glyph_bee(g: _Pen):  # striped oval body, wings, head, sting
+    g.ellipse(0.52, 0.62, 0.32, 0.2)
+    g.ellipse(0.16, 0.6, 0.1)
+    g.poly([(0.83, 0.57), (0.97, 0.62), (0.83, 0.67)])
+    for u in (0.42, 0.55, 0.68):
+        g.ellipse(u, 0.62, 0.04, 0.19, layer="ink")
+    g.ellipse(0.42, 0.3, 0.12, 0.17, layer="wing")
+    g.ellipse(0.6, 0.28, 0.12, 0.17, layer="wing")
+    g.line([(0.12, 0.52), (0.06, 0.36)], 0.02)
+    g.line([(0.19, 0.51), (0.2, 0.35)], 0.02)
+
+
+def _glyph_pea(g: _Pen):  # open pod (lens shape) with a row of peas
+    top = [(u, 0.5 - 0.26 * math.sin(math.pi * (u - 0.05) / 0.9)) for u in np.linspace(0.05, 0.95, 19)]
+    bot = [(u, 0.5 + 0.14 * math.sin(math.pi * (u - 0.05) / 0.9)) for u in np.linspace(0.95, 0.05, 19)]
+    g.poly(_rotate(top + bot, -20))
+    for u, v in _rotate([(0.26, 0.46), (0.42, 0.45), (0.58, 0.45), (0.74, 0.46)], -20):
+        g.ellipse(u, v, 0.075, layer="light")
+        g.ellipse(u, v, 0.075, layer="ink", ring=0.015)
+    g.line(_rotate([(0.95, 0.5), (1.0, 0.42)], -20), 0.03)
+
+
+def _glyph_bin(g: _Pen):  # ridged can with a lid and handle
+    g.rect(0.22, 0.3, 0.78, 0.95)
+    g.rect(0.15, 0.2, 0.85, 0.31)
+    g.ellipse(0.5, 0.14, 0.1, 0.06, ring=0.03)
+    for u in (0.34, 0.5, 0.66):
+        g.line([(u, 0.4), (u, 0.87)], 0.03)
+
+
+def _glyph_pin(g: _Pen):  # push-pin: round head, collar, needle
+    g.ellipse(0.5, 0.26, 0.26, 0.2)
+    g.poly([(0.38, 0.44), (0.62, 0.44), (0.58, 0.6), (0.42, 0.6)])
+    g.rect(0.33, 0.58, 0.67, 0.64)
+    g.line([(0.5, 0.64), (0.5, 0.98)], 0.035)
+    g.ellipse(0.41, 0.2, 0.07, 0.045, layer="light")
+
+
+def _glyph_dart(g: _Pen):  # arrow: shaft, barrel, metal tip, tail fins (diagonal)
+    ang = -35
+    g.poly(_rotate([(0.2, 0.465), (0.72, 0.465), (0.72, 0.535), (0.2, 0.535)], ang))
+    g.ellipse(*_rotate([(0.52, 0.5)], ang)[0], 0.11, 0.11)
+    g.poly(_rotate([(0.03, 0.18), (0.16, 0.18), (0.32, 0.47), (0.16, 0.47)], ang))
+    g.poly(_rotate([(0.03, 0.82), (0.16, 0.82), (0.32, 0.53), (0.16, 0.53)], ang))
+    g.poly(_rotate([(0.71, 0.43), (0.99, 0.5), (0.71, 0.57)], ang), layer="ink")
+
+
+def _glyph_tart(g: _Pen):  # triangular slice with a crust band and fruit on top
+    g.poly([(0.06, 0.66), (0.94, 0.4), (0.94, 0.7), (0.06, 0.8)])  # side of the slice
+    g.poly([(0.06, 0.66), (0.78, 0.16), (0.94, 0.4)])  # top face
+    g.line([(0.78, 0.16), (0.94, 0.4), (0.94, 0.7)], 0.07, layer="dark")  # crust
+    g.poly([(0.06, 0.73), (0.94, 0.55), (0.94, 0.7), (0.06, 0.8)], layer="dark")
+    for u, v in ((0.45, 0.4), (0.62, 0.33), (0.7, 0.45), (0.3, 0.52)):
+        g.ellipse(u, v, 0.035, layer="light")
+
+
+def _glyph_cup(g: _Pen):  # mug with handle, rim and steam
+    g.poly([(0.18, 0.32), (0.68, 0.32), (0.65, 0.9), (0.21, 0.9)])
+    g.ellipse(0.75, 0.6, 0.15, 0.17, ring=0.06)
+    g.ellipse(0.43, 0.32, 0.25, 0.05, layer="dark")
+    for u in (0.33, 0.47):
+        g.line([(u, 0.24), (u + 0.04, 0.16), (u, 0.09), (u + 0.04, 0.02)], 0.025)
+
+
+_GLYPHS: dict[str, Callable[[_Pen], None]] = {
+    "bear": _glyph_bear, "pear": _glyph_pear, "goat": _glyph_goat, "coat": _glyph_coat,
+    "bee": _glyph_bee, "pea": _glyph_pea, "bin": _glyph_bin, "pin": _glyph_pin,
+    "dart": _glyph_dart, "tart": _glyph_tart, "cub": _glyph_cub, "cup": _glyph_cup,
+}
+
+# Layout of 1/2/3 copies: (centre u, centre v, box size) in picture units.
+_LAYOUT = {1: [(0.5, 0.5, 0.66)],
+           2: [(0.27, 0.5, 0.44), (0.73, 0.5, 0.44)],
+           3: [(0.27, 0.29, 0.4), (0.73, 0.29, 0.4), (0.5, 0.72, 0.4)]}
+
+
+def _shade(rgb: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
+    return tuple(int(round(c * factor)) for c in rgb)  # type: ignore[return-value]
+
+
+def _tint(rgb: tuple[int, int, int], toward_white: float) -> tuple[int, int, int]:
+    return tuple(int(round(c + (255 - c) * toward_white)) for c in rgb)  # type: ignore[return-value]
+
+
+def _paint_glyph(img: Image.Image, pen: _Pen, rgb: tuple[int, int, int], outline_px: int) -> None:
+    mask = Image.new("L", img.size, 0)
+    md = ImageDraw.Draw(mask)
+    for kind, geom, kw in pen.body:
+        if kind == "ellipse" and kw.get("ring"):
+            md.ellipse(geom, outline=255, width=max(1, int(kw["ring"] * pen.w)))
+        elif kind == "ellipse":
+            md.ellipse(geom, fill=255)
+        else:
+            md.polygon(geom, fill=255)
+    # silhouette outline: dilated mask minus mask, so unions of primitives get one clean contour
+    dilated = mask.filter(ImageFilter.MaxFilter(outline_px))
+    img.paste(_INK, mask=dilated)
+    img.paste(rgb, mask=mask)
+    draw = ImageDraw.Draw(img)
+    colours = {"ink": _INK, "dark": _shade(rgb, 0.55), "light": _tint(rgb, 0.6),
+               "wing": (225, 235, 245)}
+    for layer, kind, geom, kw in pen.details:
+        col = colours[layer]
+        if kind == "ellipse" and kw.get("ring"):
+            draw.ellipse(geom, outline=col, width=max(1, int(kw["ring"] * pen.w)))
+        elif kind == "ellipse":
+            draw.ellipse(geom, fill=col, outline=_INK if layer == "wing" else None,
+                         width=max(1, outline_px // 3))
+        elif kind == "polygon":
+            draw.polygon(geom, fill=col)
+        else:
+            draw.line(geom, fill=col, width=max(1, int(kw["width"] * pen.w)), joint="curve")
+
+
+def draw_picture(noun: str, colour: str, count: int, size: int, rng: np.random.Generator) -> Image.Image:
+    """``count`` copies of ``noun``'s glyph in ``colour`` on a light neutral background (RGB)."""
+    canvas = size * max(2, math.ceil(256 / size))  # supersample, then downscale = antialiasing
+    bg = tuple(int(v) for v in np.array([236, 234, 228]) + rng.integers(-6, 7, size=3))
+    img = Image.new("RGB", (canvas, canvas), bg)  # type: ignore[arg-type]
+    outline_px = 2 * max(1, canvas // 110) + 1
+    for cu, cv, box in _LAYOUT[count]:
+        cu += rng.uniform(-0.03, 0.03)
+        cv += rng.uniform(-0.03, 0.03)
+        box *= rng.uniform(0.9, 1.04)
+        half = box * canvas / 2
+        pen = _Pen((cu * canvas - half, cv * canvas - half, cu * canvas + half, cv * canvas + half),
+                   canvas)
+        _GLYPHS[noun](pen)
+        _paint_glyph(img, pen, _RGB[colour], outline_px)
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def picture_png_bytes(prompt: Prompt, size: int, seed: int) -> bytes:
+    """The prompt's picture as PNG bytes (no metadata, so byte-stable)."""
+    rng = np.random.default_rng([seed, _TAG_PICTURE, int(prompt.prompt_id[1:])])
+    img = draw_picture(prompt.noun, prompt.colour, COUNT_VALUE[prompt.count], size, rng)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=9)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# Corpus plan and file writing
+# --------------------------------------------------------------------------------------------
+
+DEFECT_KINDS: tuple[str, ...] = ("empty_file", "corrupt_header", "silent", "nonfinite", "too_short",
+                                 "empty_transcript", "missing_image", "duplicate_id")
+MANIFEST_COLUMNS = ("utt_id", "speaker", "group", "audio_path", "text", "image_path")
+DEFECTS_COLUMNS = ("utt_id", "audio_path", "defect")
+
+
+@dataclass(frozen=True)
+class AudioJob:
+    """Everything needed to write one audio file, independent of every other job."""
+
+    utt_id: str
+    speaker: Speaker
+    prompt: Prompt
+    text: str  # manifest text (empty for the empty-transcript defect)
+    audio_path: str  # relative to the corpus root
+    image_path: str
+    sample_rate: int
+    stereo: bool
+    subtype: str  # soundfile subtype: PCM_16 | FLOAT
+    level: float  # output peak
+    seed_key: tuple[int, ...]  # seeds the synthesis generator
+    defect: str | None = None
+
+    @property
+    def audio_format(self) -> str:
+        return "FLAC" if self.audio_path.endswith(".flac") else "WAV"
+
+
+def _exact_share(rng: np.random.Generator, n: int, fraction: float) -> np.ndarray:
+    """Boolean mask with exactly round(fraction * n) True entries at random positions."""
+    mask = np.zeros(n, dtype=bool)
+    mask[rng.permutation(n)[: int(round(fraction * n))]] = True
+    return mask
+
+
+def plan_corpus(cfg: dict, seed: int) -> list[AudioJob]:
+    """All audio jobs (regular utterances, then defective rows) for ``(cfg, seed)``."""
+    cfg = validate_config(cfg)
+    prompts = all_prompts()
+    speakers = build_speakers(cfg, seed)
+    jobs: list[AudioJob] = []
+    draws = []
+    for spk in speakers:
+        for u in range(cfg["utts_per_speaker"]):
+            rng = np.random.default_rng([seed, _TAG_UTT, *spk.key, u])
+            prompt = prompts[int(rng.integers(len(prompts)))]
+            sr = int(cfg["sample_rates"][int(rng.integers(len(cfg["sample_rates"])))])
+            level = float(rng.uniform(0.2, 0.9))
+            draws.append((spk, u, prompt, sr, level))
+    # file formats: exact shares (so small corpora still contain every format)
+    fmt_rng = np.random.default_rng([seed, _TAG_FORMAT])
+    n = len(draws)
+    stereo = _exact_share(fmt_rng, n, cfg["stereo_fraction"])
+    flac = _exact_share(fmt_rng, n, cfg["flac_fraction"])
+    wav_idx = np.flatnonzero(~flac)
+    is_float = np.zeros(n, dtype=bool)
+    is_float[wav_idx[_exact_share(fmt_rng, len(wav_idx), FLOAT_WAV_FRACTION)]] = True
+    for i, (spk, u, prompt, sr, level) in enumerate(draws):
+        utt_id = f"{spk.name}_{u + 1:04d}"
+        jobs.append(AudioJob(
+            utt_id=utt_id, speaker=spk, prompt=prompt, text=prompt.text,
+            audio_path=f"audio/{utt_id}.{'flac' if flac[i] else 'wav'}",
+            image_path=f"images/{prompt.prompt_id}.png", sample_rate=sr, stereo=bool(stereo[i]),
+            subtype="FLOAT" if is_float[i] else "PCM_16", level=level,
+            seed_key=(seed, _TAG_SYNTH, *spk.key, u)))
+    if cfg["defects"]:
+        jobs.extend(plan_defects(jobs, speakers, cfg, seed))
+    return jobs
+
+
+def plan_defects(regular: Sequence[AudioJob], speakers: Sequence[Speaker], cfg: dict, seed: int
+                 ) -> list[AudioJob]:
+    """One defective row per kind, with ids of real speakers and prompts already pictured."""
+    rng = np.random.default_rng([seed, _TAG_DEFECT])
+    first = int(rng.integers(len(speakers)))
+    out = []
+    for i, kind in enumerate(DEFECT_KINDS):
+        base = regular[int(rng.integers(len(regular)))]  # borrow a pictured prompt
+        sr = int(cfg["sample_rates"][int(rng.integers(len(cfg["sample_rates"])))])
+        level = float(rng.uniform(0.2, 0.9))
+        if kind == "duplicate_id":
+            spk, utt_id = base.speaker, base.utt_id
+            audio_path = f"audio/{utt_id}_take2.wav"
+        else:
+            spk = speakers[(first + i) % len(speakers)]
+            utt_id = f"{spk.name}_{9001 + i}"
+            audio_path = f"audio/{utt_id}.wav"
+        text = "" if kind == "empty_transcript" else base.prompt.text
+        image_path = f"images/{utt_id}.png" if kind == "missing_image" else base.image_path
+        out.append(AudioJob(
+            utt_id=utt_id, speaker=spk, prompt=base.prompt, text=text, audio_path=audio_path,
+            image_path=image_path, sample_rate=sr, stereo=False,
+            subtype="FLOAT" if kind == "nonfinite" else "PCM_16", level=level,
+            seed_key=(seed, _TAG_DEFECT, i), defect=kind))
+    return out
+
+
+def _encode(data: np.ndarray, sr: int, fmt: str, subtype: str) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, data, sr, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def _decodes(blob: bytes) -> bool:
+    try:
+        sf.info(io.BytesIO(blob))
+        return True
+    except Exception:  # soundfile raises various errors for unreadable data
+        return False
+
+
+def render_audio_bytes(job: AudioJob) -> bytes:
+    """The bytes of the job's audio file (a deliberately broken one for defect jobs)."""
+    rng = np.random.default_rng(list(job.seed_key))
+    sr = job.sample_rate
+    if job.defect == "empty_file":
+        return b""
+    if job.defect == "silent":
+        return _encode(np.zeros(int(rng.uniform(1.0, 1.5) * sr)), sr, "WAV", "PCM_16")
+    mono = synthesize_utterance(job.prompt.text, job.speaker, sr, rng)
+    if job.defect == "too_short":
+        # ~50 ms around the loudest point: speech-like, but far too short to be an utterance
+        m = int(0.05 * sr)
+        c = int(np.argmax(np.abs(mono)))
+        lo = min(max(0, c - m // 2), len(mono) - m)
+        mono = mono[lo:lo + m] * np.hanning(m)
+        mono = mono / np.max(np.abs(mono))
+    data = make_channels(mono, job.stereo, sr, rng) * job.level
+    if job.defect == "nonfinite":
+        start = int(rng.integers(len(data) // 4, len(data) // 2))
+        data = data.copy()
+        data[start:start + int(0.02 * sr)] = np.nan  # a dropout written as NaN by a broken tool
+    blob = _encode(data, sr, job.audio_format, job.subtype)
+    if job.defect == "corrupt_header":
+        blob = bytearray(blob)
+        while True:  # overwrite the RIFF header with garbage until no decoder accepts it
+            blob[:44] = rng.bytes(44)
+            if not _decodes(bytes(blob)):
+                break
+        blob = bytes(blob)
+    return blob
+
+
+def _write_audio(job: AudioJob, root: str) -> str:
+    """Worker: render and write one audio file; returns the utt_id (for progress only)."""
+    path = Path(root) / job.audio_path
+    path.write_bytes(render_audio_bytes(job))
+    return job.utt_id
+
+
+def _write_picture(prompt: Prompt, size: int, seed: int, root: str) -> str:
+    (Path(root) / "images" / f"{prompt.prompt_id}.png").write_bytes(picture_png_bytes(prompt, size, seed))
+    return prompt.prompt_id
+
+
+def _worker_count(n_jobs: int) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        cpus = os.cpu_count() or 1
+    # a pool costs ~1 s of start-up; not worth it for test-sized corpora
+    return 1 if n_jobs < 64 else max(1, min(cpus, 8))
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename ``src`` onto ``dst``, replacing whatever ``dst`` was (directory or file)."""
+    if dst.is_symlink() or dst.is_file():
+        dst.unlink()
+    elif dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        dst.rename(old)
+        src.rename(dst)
+        shutil.rmtree(old)
+        return
+    src.rename(dst)
+
+
+def generate_demo_corpus(out_dir: str | Path, cfg: dict, seed: int, progress: bool = True) -> Path:
+    """Write out_dir/manifest.csv, out_dir/audio/*, out_dir/images/*.png; return the manifest path.
+
+    Also writes out_dir/defects.csv (utt_id, audio_path, defect) listing the deliberately
+    defective rows. Writes into a temporary sibling directory and renames it into place at the
+    end (atomic: a killed run leaves no complete-looking out_dir). If out_dir exists it is replaced.
+    """
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    seed = int(seed)
+    cfg = validate_config(cfg)
+    out_dir = Path(out_dir).resolve()
+    jobs = plan_corpus(cfg, seed)
+    by_id = {p.prompt_id: p for p in all_prompts()}
+    pictured = sorted({j.prompt.prompt_id for j in jobs if j.defect is None})
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        (tmp / "audio").mkdir(parents=True)
+        (tmp / "images").mkdir()
+        workers = _worker_count(len(jobs))
+        bar = tqdm(total=len(jobs) + len(pictured), desc="demo corpus", unit="file",
+                   disable=not progress)
+        if workers == 1:
+            for pid in pictured:
+                _write_picture(by_id[pid], cfg["image_size"], seed, str(tmp))
+                bar.update()
+            for job in jobs:
+                _write_audio(job, str(tmp))
+                bar.update()
+        else:
+            # spawn, not fork: the caller may already hold threads (torch) that fork would break
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futures = [pool.submit(_write_audio, job, str(tmp)) for job in jobs]
+                futures += [pool.submit(_write_picture, by_id[pid], cfg["image_size"], seed, str(tmp))
+                            for pid in pictured]
+                for fut in as_completed(futures):
+                    fut.result()
+                    bar.update()
+        bar.close()
+
+        rows = sorted(([j.utt_id, j.speaker.name, j.speaker.group, j.audio_path, j.text, j.image_path]
+                       for j in jobs), key=lambda r: (r[0], r[3]))
+        _write_csv(tmp / "manifest.csv", MANIFEST_COLUMNS, rows)
+        _write_csv(tmp / "defects.csv", DEFECTS_COLUMNS,
+                   [[j.utt_id, j.audio_path, j.defect] for j in jobs if j.defect is not None])
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir / "manifest.csv"

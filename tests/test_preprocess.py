@@ -1,0 +1,179 @@
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from mmasr.ingest import ingest_manifest
+from mmasr.io import rejects_frame
+from mmasr.preprocess import (Rejected, audio_file_name, clean_image, load_and_clean, peak_normalise, preprocess,
+                              resample, speech_bounds, to_mono, trim_silence)
+from tests.conftest import tone, write_picture, write_wav
+
+
+def test_to_mono_averages_channels():
+    stereo = np.stack([np.ones(4, np.float32), np.zeros(4, np.float32)], axis=1)
+    np.testing.assert_allclose(to_mono(stereo), 0.5)
+    assert to_mono(np.ones(3, np.float32)).shape == (3,)
+
+
+def test_resample_changes_length_and_keeps_the_frequency():
+    sr_in, sr_out, f = 44100, 16000, 440.0
+    x = np.sin(2 * np.pi * f * np.arange(sr_in) / sr_in).astype(np.float32)
+    y = resample(x, sr_in, sr_out)
+    assert len(y) == sr_out
+    spectrum = np.abs(np.fft.rfft(y))
+    assert abs(np.argmax(spectrum) * sr_out / len(y) - f) < 2.0
+    assert resample(x, sr_in, sr_in) is not None and len(resample(x, sr_in, sr_in)) == sr_in
+
+
+def test_peak_normalise():
+    y = peak_normalise(np.array([0.1, -0.2, 0.05], np.float32), 0.9)
+    assert np.max(np.abs(y)) == pytest.approx(0.9)
+    assert np.all(peak_normalise(np.zeros(3, np.float32), 0.9) == 0)
+
+
+def test_trim_removes_leading_and_trailing_silence_but_keeps_padding():
+    sr = 16000
+    x = tone(1.0, sr, lead=0.5, tail=0.7)
+    start, end = speech_bounds(x, sr, threshold_db=40, frame_ms=20, pad_ms=100)
+    assert start == pytest.approx(0.4 * sr, abs=0.02 * sr)
+    assert end == pytest.approx(1.6 * sr, abs=0.02 * sr)
+    assert len(trim_silence(x, sr, 40, 20, 0)) == pytest.approx(1.0 * sr, abs=0.02 * sr)
+    assert speech_bounds(np.zeros(sr, np.float32), sr, 40, 20, 0) == (0, 0)
+
+
+def test_load_and_clean_makes_16k_mono_normalised_trimmed(tmp_path, preprocess_cfg):
+    path = write_wav(tmp_path / "x.wav", tone(1.0, 44100, amp=0.2, channels=2), sr=44100)
+    res = load_and_clean(path, preprocess_cfg)
+    assert res.audio.ndim == 1 and (res.orig_sr, res.orig_channels) == (44100, 2)
+    assert np.max(np.abs(res.audio)) == pytest.approx(0.95, abs=1e-4)
+    assert len(res.audio) / 16000 == pytest.approx(1.2, abs=0.03)  # 1 s tone + 2 x 100 ms padding
+
+
+def _write(tmp_path, kind):
+    p = tmp_path / f"{kind}.wav"
+    if kind == "empty_audio":
+        p.write_bytes(b"")
+    elif kind == "unreadable_audio":
+        p.write_bytes(b"RIFF\x00\x00garbage-not-a-wave-file" * 10)
+    elif kind == "silent_audio":
+        write_wav(p, np.zeros(16000, np.float32))
+    elif kind == "nonfinite_audio":
+        x = tone()
+        x[100] = np.nan
+        write_wav(p, x, subtype="FLOAT")
+    elif kind == "too_short":
+        write_wav(p, tone(0.05, lead=0, tail=0))
+    elif kind == "too_long":
+        write_wav(p, tone(3.0, lead=0, tail=0))
+    elif kind == "missing_audio":
+        pass
+    return p
+
+
+@pytest.mark.parametrize("kind", ["empty_audio", "unreadable_audio", "silent_audio", "nonfinite_audio",
+                                  "too_short", "too_long", "missing_audio"])
+def test_each_defect_is_rejected_with_its_reason(tmp_path, preprocess_cfg, kind):
+    cfg = {**preprocess_cfg, "max_duration_s": 2.0}
+    with pytest.raises(Rejected) as err:
+        load_and_clean(_write(tmp_path, kind), cfg)
+    assert err.value.reason == kind
+    assert str(tmp_path) in err.value.detail  # the message names the file
+
+
+def test_overlong_input_is_rejected_from_the_header_without_decoding(tmp_path, preprocess_cfg, monkeypatch):
+    path = write_wav(tmp_path / "long.wav", tone(3.0))
+    monkeypatch.setattr(sf, "read", lambda *a, **k: pytest.fail("decoded a file that the header rules out"))
+    with pytest.raises(Rejected, match="max_input_duration_s") as err:
+        load_and_clean(path, {**preprocess_cfg, "max_input_duration_s": 2.0})
+    assert err.value.reason == "too_long"
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "CMYK", "LA"])
+def test_pictures_are_flattened_to_rgb_png(tmp_path, mode):
+    src = write_picture(tmp_path / f"in_{mode}.img", mode=mode, size=(300, 150))
+    w, h, orig = clean_image(src, tmp_path / "out.png", max_side=100)
+    assert (w, h, orig) == (100, 50, mode)
+    with Image.open(tmp_path / "out.png") as img:
+        assert img.mode == "RGB" and img.size == (100, 50)
+
+
+def test_alpha_is_composited_over_white(tmp_path):
+    src = tmp_path / "a.png"
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(src)
+    clean_image(src, tmp_path / "out.png", 64)
+    assert Image.open(tmp_path / "out.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_bad_pictures_are_rejected(tmp_path):
+    with pytest.raises(Rejected) as err:
+        clean_image(tmp_path / "none.png", tmp_path / "o.png", 64)
+    assert err.value.reason == "missing_image"
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    with pytest.raises(Rejected) as err:
+        clean_image(tmp_path / "bad.png", tmp_path / "o.png", 64)
+    assert err.value.reason == "unreadable_image"
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_audio_file_names_are_safe_and_distinct():
+    assert audio_file_name("F01_0001") == "F01_0001.wav"
+    assert audio_file_name("a/b") != audio_file_name("a_b")
+    assert "/" not in audio_file_name("a/b")
+
+
+def _stage(tmp_path, require_image=False, workers=1):
+    root = tmp_path / "corpus"
+    write_wav(root / "ok1.wav", tone(1.0, 22050, channels=2), sr=22050)
+    write_wav(root / "ok2.wav", tone(1.0, 16000))
+    write_wav(root / "ok3.wav", tone(1.0, 44100), sr=44100)
+    _write(root, "silent_audio")
+    write_picture(root / "good.png")
+    (root / "broken.png").write_bytes(b"not a picture")
+    (root / "m.csv").write_text(
+        "utt_id,audio_path,text,speaker,group,image_path\n"
+        "u1,ok1.wav,a red bear,S1,impaired,good.png\n"
+        "u2,ok2.wav,two blue cups,S2,control,broken.png\n"
+        "u3,ok3.wav,   ,S2,control,good.png\n"
+        "u4,silent_audio.wav,a pea,S1,impaired,missing.png\n"
+        "u4,ok2.wav,dup,S1,impaired,\n")
+    ingested, rejects = ingest_manifest(root / "m.csv")
+    cfg = __import__("mmasr.config", fromlist=["validate"]).validate({})["preprocess"]
+    return preprocess(ingested, rejects, tmp_path / "audio", tmp_path / "images", cfg,
+                      require_image=require_image, workers=workers, progress=False)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stage_keeps_good_rows_and_accounts_for_every_input(tmp_path, monkeypatch, workers):
+    monkeypatch.chdir(tmp_path)
+    utts, images, rejects, metrics = _stage(tmp_path, workers=workers)
+    assert utts["utt_id"].tolist() == ["u1", "u2"]
+    assert utts["image_id"].tolist()[0] == "good" and pd.isna(utts["image_id"].tolist()[1])  # broken picture -> ASR-only
+    for path in utts["audio_path"]:
+        audio, sr = sf.read(path)
+        assert sr == 16000 and audio.ndim == 1 and sf.info(path).subtype == "PCM_16"
+    assert images["image_id"].tolist() == ["good"]
+    got = sorted(zip(rejects["kind"], rejects["reason"], rejects["id"]))
+    assert got == [("image", "missing_image", "missing"), ("image", "unreadable_image", "broken"),
+                   ("utterance", "duplicate_id", "u4"), ("utterance", "empty_transcript", "u3"),
+                   ("utterance", "silent_audio", "u4")]
+    assert metrics["n_input"] == 5 and metrics["n_kept"] == 2 and metrics["n_rejected"] == 3
+    assert metrics["rejected_by_reason"] == {"duplicate_id": 1, "empty_transcript": 1, "silent_audio": 1}
+    assert metrics["n_kept_without_image"] == 1
+    assert sorted(p.name for p in (tmp_path / "audio").iterdir()) == ["u1.wav", "u2.wav"]
+
+
+def test_require_image_rejects_utterances_without_a_usable_picture(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    utts, _, rejects, _ = _stage(tmp_path, require_image=True)
+    assert utts["utt_id"].tolist() == ["u1"]
+    assert ("u2", "unreadable_image") in set(zip(rejects["id"], rejects["reason"]))
+
+
+def test_empty_input_gives_empty_tables(tmp_path, preprocess_cfg):
+    from mmasr.ingest import _frame
+
+    utts, images, rejects, metrics = preprocess(_frame([]), rejects_frame([]), tmp_path / "a", tmp_path / "i",
+                                                preprocess_cfg, progress=False)
+    assert utts.empty and images.empty and rejects.empty and metrics["n_input"] == 0
