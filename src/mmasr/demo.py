@@ -12,11 +12,13 @@ Design
 * Prompts are "<count> <colour> <noun>" (3 x 4 x 12 = 144). The 12 nouns form 6 voicing minimal
   pairs (bear/pear, goat/coat, bee/pea, bin/pin, dart/tart, cub/cup), so the only acoustic
   difference inside a pair is the voicing of one stop consonant.
-* Speech is made by a small formant synthesiser (numpy/scipy only): a Rosenberg glottal pulse
-  train with per-cycle jitter/shimmer and f0 declination drives three time-varying 2nd-order
-  resonators (block-wise ``lfilter`` with carried state, so formants glide smoothly between
-  phones); fricatives and stop bursts are band-filtered noise; stops are closure + burst +
-  voice onset, with a low-frequency voice bar for voiced closures.
+* Speech is made by a small formant synthesiser (numpy/scipy only) at the file's own sample
+  rate: a Rosenberg glottal pulse train with per-cycle jitter/shimmer and f0 declination drives
+  a cascade of three time-varying 2nd-order resonators (formants interpolated sample by sample
+  between phone targets, computed as a vectorised complex one-pole recurrence) plus two fixed
+  higher formants; sonorants use the same path (nasal murmur for N); fricatives and stop bursts
+  are band-filtered noise; stops are closure + place-specific burst + voice onset (aspiration
+  noise for the VOT), with a low-frequency voice bar during voiced closures.
 * "Control" speakers realise the voicing cues clearly. "Impaired" speakers (TORGO-style names)
   are slower, noisier, have more jitter/shimmer, and their voicing cues (VOT, voice bar,
   aspiration, closure length, and for final stops the preceding-vowel length) are squeezed by a
@@ -29,8 +31,8 @@ Design
 
 Determinism: every random draw comes from a ``numpy`` Generator seeded by ``(seed, tag, ...)``
 (speaker-level, utterance-level, picture-level), so an utterance does not depend on the others,
-files carry no timestamps, and the same ``(cfg, seed)`` gives byte-identical files whether or not
-a process pool is used. The corpus is written into a temporary sibling directory and renamed
+files carry no timestamps (libsndfile's PEAK-chunk time in float WAVs is zeroed), and the same
+``(cfg, seed)`` gives byte-identical files whether or not a process pool is used. The corpus is written into a temporary sibling directory and renamed
 into place at the end, so a killed run never leaves a complete-looking ``out_dir``.
 """
 
@@ -251,7 +253,6 @@ _SONORANTS: dict[str, tuple[tuple[float, float, float], float, float, float]] = 
 
 _STOP_PLACE = {"B": "labial", "P": "labial", "D": "alveolar", "T": "alveolar",
                "G": "velar", "K": "velar"}
-_VOICING_PARTNER = {"B": "P", "P": "B", "D": "T", "T": "D", "G": "K", "K": "G", "Z": "S", "S": "Z"}
 # Burst noise bands: labial low, velar mid ("compact"), alveolar high.
 _BURST_BAND = {"labial": (600.0, 1000.0), "alveolar": (3500.0, 5000.0), "velar": (1800.0, 2500.0)}
 # Formant loci that the neighbouring vowels glide from/to.
@@ -259,8 +260,8 @@ _LOCUS = {"labial": (250, 900, 2200), "alveolar": (250, 1750, 2700), "velar": (2
           "dental": (300, 1400, 2600), "labiodental": (300, 1000, 2300)}
 # Fricatives: noise band, place (for the locus), base duration, frication amplitude.
 _FRICATIVES: dict[str, tuple[tuple[float, float], str, float, float]] = {
-    "S": ((4000.0, 7500.0), "alveolar", 0.10, 1.0),
-    "Z": ((3500.0, 7000.0), "alveolar", 0.07, 0.5),
+    "S": ((4000.0, 7500.0), "alveolar", 0.075, 0.5),
+    "Z": ((3500.0, 7000.0), "alveolar", 0.075, 0.5),
     "F": ((1200.0, 7000.0), "labiodental", 0.085, 0.35),
     "TH": ((1400.0, 7500.0), "dental", 0.085, 0.3),
 }
@@ -481,12 +482,13 @@ def plan_segments(words: Sequence[str], speaker: Speaker, rng: np.random.Generat
 # --------------------------------------------------------------------------------------------
 
 # Level calibration of the parallel paths (relative to a voiced vowel at amplitude 1).
-_ASP_GAIN = 0.5
+_ASP_GAIN = 0.9
 _BAR_GAIN = 0.35
 _FRIC_GAIN = 0.35
 _BURST_GAIN = 0.8
-_RESONATOR_BLOCK_S = 0.004  # formant update period
-_BANDWIDTHS = (80.0, 100.0, 150.0)
+_BANDWIDTHS = (80.0, 100.0, 150.0, 250.0, 300.0)
+# Fixed higher formants (Klatt's F4/F5) restore a speech-like level above F3.
+_FIXED_FORMANTS = (3300.0, 3900.0)
 
 
 @lru_cache(maxsize=256)
@@ -494,6 +496,11 @@ def _bandpass_sos(lo: float, hi: float, sr: int) -> np.ndarray:
     hi = min(hi, 0.45 * sr)
     lo = min(lo, 0.8 * hi)
     return butter(2, [lo, hi], btype="bandpass", fs=sr, output="sos")
+
+
+@lru_cache(maxsize=64)
+def _highpass_sos(cutoff: float, sr: int) -> np.ndarray:
+    return butter(2, cutoff, btype="highpass", fs=sr, output="sos")
 
 
 @lru_cache(maxsize=64)
@@ -541,22 +548,28 @@ def first_order_recurrence(a: np.ndarray, x: np.ndarray, chunk: int = 128) -> np
     return (local + prod * carry[:, None]).reshape(-1)[:n]
 
 
-def formant_cascade(x: np.ndarray, tracks: Sequence[np.ndarray], bandwidths: Sequence[float],
+def formant_cascade(x: np.ndarray, tracks: Sequence[np.ndarray | float], bandwidths: Sequence[float],
                     sr: int) -> np.ndarray:
     """Cascade of Klatt resonators (unity DC gain) whose centre frequencies follow ``tracks``
     sample by sample, so formants glide between phones instead of being cross-faded.
 
-    Each 2-pole resonator y[n] = A x[n-1] + b1 y[n-1] + b2 y[n-2] is computed as the imaginary
-    part of a complex one-pole recurrence with pole r*exp(i*theta[n]).
+    A time-varying resonator y[n] = A x[n-1] + b1 y[n-1] + b2 y[n-2] is computed as the imaginary
+    part of a complex one-pole recurrence with pole r*exp(i*theta[n]); a fixed (scalar) track
+    uses a plain ``lfilter`` (same response, without the one-sample delay).
     """
     y = np.asarray(x, dtype=float)
     for freq, bw in zip(tracks, bandwidths):
         r = math.exp(-math.pi * bw / sr)
-        theta = 2.0 * np.pi * freq / sr
-        z = first_order_recurrence(r * np.exp(1j * theta), y)
-        gain = 1.0 - 2.0 * r * np.cos(theta) + r * r  # unity gain at DC
-        y = z.imag / (r * np.sin(theta)) * gain
-        y = np.concatenate([[0.0], y[:-1]])  # the z^-1 of the resonator numerator
+        if np.ndim(freq) == 0:
+            b1 = 2.0 * r * math.cos(2.0 * math.pi * float(freq) / sr)
+            y = lfilter([1.0 - b1 + r * r], [1.0, -b1, r * r], y)
+            continue
+        theta = 2.0 * np.pi * np.asarray(freq) / sr
+        cos, sin = np.cos(theta), np.sin(theta)
+        z = first_order_recurrence(r * (cos + 1j * sin), y)
+        gain = 1.0 - 2.0 * r * cos + r * r  # unity gain at DC
+        # Im(z[n]) / (r sin theta) is the resonator's impulse response delayed by one sample
+        y = z.imag * (gain / (r * sin))
     return y
 
 
@@ -566,14 +579,27 @@ def _per_cycle_noise(rng: np.random.Generator, cycles: np.ndarray) -> np.ndarray
     return values[cycles]
 
 
+_RENDER_MARGIN_S = 0.05  # rendered context around the speech span (decays, burst tails)
+
+
 def render_segments(segs: Sequence[Segment], total_s: float, span: tuple[float, float],
                     speaker: Speaker, sr: int, rng: np.random.Generator) -> np.ndarray:
-    """Render a segment plan to a mono float64 signal (arbitrary scale) at rate ``sr``."""
+    """Render a segment plan to a mono float64 signal (arbitrary scale) at rate ``sr``.
+
+    Only the speech span plus a margin is synthesised (the rest is exact silence, a quarter of
+    the samples saved); times in ``segs`` are absolute.
+    """
     n = int(round(total_s * sr))
-    t = np.arange(n) / sr
-    voice, asp, bar, nasal = (np.zeros(n) for _ in range(4))
+    off = max(0, int(round((span[0] - _RENDER_MARGIN_S) * sr)))
+    m = min(n, int(round((span[1] + _RENDER_MARGIN_S) * sr))) - off
+    t = (np.arange(m) + off) / sr
+
+    def index(seconds: float) -> int:
+        return min(max(int(round(seconds * sr)) - off, 0), m)
+
+    voice, asp, bar, nasal = (np.zeros(m) for _ in range(4))
     for s in segs:
-        i0, i1 = int(round(s.start * sr)), int(round(s.end * sr))
+        i0, i1 = index(s.start), index(s.end)
         voice[i0:i1], asp[i0:i1], bar[i0:i1], nasal[i0:i1] = s.voice, s.asp, s.bar, s.nasal
     voice, asp, bar, nasal = (smooth_envelope(x, sr) for x in (voice, asp, bar, nasal))
 
@@ -581,11 +607,12 @@ def render_segments(segs: Sequence[Segment], total_s: float, span: tuple[float, 
     pts = [(tt, f) for s in segs for tt, f in s.formants]
     pt_t = np.array([p[0] for p in pts])
     pt_f = np.array([p[1] for p in pts], dtype=float) * speaker.formant_scale
-    formant_tracks = [np.clip(np.interp(t, pt_t, pt_f[:, k]), 150.0, 0.42 * sr) for k in range(3)]
+    formant_tracks: list[np.ndarray | float] = [
+        np.clip(np.interp(t, pt_t, pt_f[:, k]), 150.0, 0.42 * sr) for k in range(3)]
+    formant_tracks += [min(f * speaker.formant_scale, 0.42 * sr) for f in _FIXED_FORMANTS]
 
     # f0: declination over the speech span, a slow wander, per-cycle jitter
-    s0, s1 = span
-    decl = np.interp(t, [s0, s1], [1.08, 0.9])
+    decl = np.interp(t, list(span), [1.08, 0.9])
     wander = 1.0 + 0.025 * np.sin(2 * np.pi * rng.uniform(0.5, 1.2) * t + rng.uniform(0, 2 * np.pi))
     f0 = speaker.f0 * decl * wander
     cycles = np.floor(np.cumsum(f0) / sr).astype(np.int64)
@@ -597,8 +624,9 @@ def render_segments(segs: Sequence[Segment], total_s: float, span: tuple[float, 
     # radiated (differentiated) flow; scaled by sr so the level does not depend on the rate
     source = np.diff(flow, prepend=0.0) * (sr / 1000.0) * amp
 
-    white = rng.standard_normal(n)
-    excitation = source * voice + white * asp * _ASP_GAIN
+    # aspiration: turbulence at the glottis, weak in the F1 region (open glottis damps F1)
+    aspiration = sosfilt(_highpass_sos(1000.0, sr), rng.standard_normal(m))
+    excitation = source * voice + aspiration * asp * _ASP_GAIN
     bandwidths = [b * (1.0 + 0.5 * speaker.breathiness) for b in _BANDWIDTHS]
     vt = formant_cascade(excitation, formant_tracks, bandwidths, sr)
     murmur = sosfilt(_lowpass_sos(400.0, sr), vt) * 1.5
@@ -609,27 +637,33 @@ def render_segments(segs: Sequence[Segment], total_s: float, span: tuple[float, 
 
     # frication and bursts: band-filtered noise in parallel with the cascade
     for s in segs:
-        i0, i1 = int(round(s.start * sr)), int(round(s.end * sr))
+        i0, i1 = index(s.start), index(s.end)
         if s.fric is not None and i1 > i0:
             lo, hi, a = s.fric
-            m = i1 - i0
-            env = np.sin(np.pi * (np.arange(m) + 0.5) / m) ** 0.6  # rise/decay within the phone
-            noise = sosfilt(_bandpass_sos(lo, hi, sr), rng.standard_normal(m))
+            k = i1 - i0
+            env = np.sin(np.pi * (np.arange(k) + 0.5) / k) ** 0.6  # rise/decay within the phone
+            noise = sosfilt(_bandpass_sos(lo, hi, sr), rng.standard_normal(k))
             if s.fric_voiced:
                 noise *= 0.4 + 0.6 * flow[i0:i1]
             out[i0:i1] += noise * env * a * _FRIC_GAIN
         if s.burst is not None:
             lo, hi, a = s.burst
-            m = int(0.012 * sr)
-            env = np.exp(-np.arange(m) / (0.003 * sr))
-            noise = sosfilt(_bandpass_sos(lo, hi, sr), rng.standard_normal(m))
-            out[i0:i0 + m] += (noise * env * a * _BURST_GAIN)[: max(0, min(m, n - i0))]
-    return out
+            k = int(0.012 * sr)
+            env = np.exp(-np.arange(k) / (0.003 * sr))
+            noise = sosfilt(_bandpass_sos(lo, hi, sr), rng.standard_normal(k))
+            out[i0:i0 + k] += (noise * env * a * _BURST_GAIN)[: max(0, min(k, m - i0))]
+    full = np.zeros(n)
+    full[off:off + m] = out
+    return full
 
 
-def _band_limited_noise(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
-    """Unit-RMS noise below 7 kHz, so the SNR is the same at every sample rate."""
-    x = sosfilt(_lowpass_sos(7000.0, sr, 4), rng.standard_normal(n))
+def speech_shaped_noise(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
+    """Unit-RMS noise with a speech-like spectrum (flat to ~500 Hz, then about -6 dB/octave,
+    nothing above 7 kHz): the SNR is then similar in every band and at every sample rate, so the
+    noise masks the voicing cues (bursts, aspiration) without simply burying all high frequencies.
+    """
+    x = sosfilt(_lowpass_sos(500.0, sr, 1), rng.standard_normal(n))
+    x = sosfilt(_lowpass_sos(7000.0, sr, 4), x)
     return x / (np.sqrt(np.mean(x * x)) + 1e-12)
 
 
@@ -641,10 +675,14 @@ def synthesize_utterance(text: str, speaker: Speaker, sr: int, rng: np.random.Ge
     x = render_segments(segs, total_s, span, speaker, sr, rng)
     peak = float(np.max(np.abs(x)))
     n = len(x)
-    t = np.arange(n) / sr
+    # the speaker's noise (breath, hoarseness, a noisy setting) is gated to the speech span with
+    # 20 ms ramps, so the leading/trailing silences stay near-silent
     ramp = 0.02
+    i0 = max(0, int((span[0] - ramp) * sr))
+    i1 = min(n, int((span[1] + ramp) * sr) + 1)
+    t = np.arange(i0, i1) / sr
     gate = np.clip(np.minimum(t - (span[0] - ramp), (span[1] + ramp) - t) / ramp, 0.0, 1.0)
-    x = x + _band_limited_noise(rng, n, sr) * gate * peak * 10 ** (speaker.noise_db / 20)
+    x[i0:i1] += speech_shaped_noise(rng, i1 - i0, sr) * gate * peak * 10 ** (speaker.noise_db / 20)
     x = x + rng.standard_normal(n) * peak * 10 ** (-70 / 20)  # recording noise floor
     return x / np.max(np.abs(x))
 
@@ -655,7 +693,7 @@ def make_channels(mono: np.ndarray, stereo: bool, sr: int, rng: np.random.Genera
         return mono
     delay = int(rng.integers(1, 4))
     second = np.concatenate([np.zeros(delay), mono[:-delay]]) * rng.uniform(0.75, 0.95)
-    second = second + _band_limited_noise(rng, len(mono), sr) * 10 ** (-50 / 20)
+    second = second + speech_shaped_noise(rng, len(mono), sr) * 10 ** (-50 / 20)
     return np.stack([mono, second], axis=1)
 
 
@@ -762,16 +800,18 @@ def _glyph_goat(g: _Pen):  # body on four legs, head with curved horns and beard
     g.line([(0.14, 0.5), (0.07, 0.42)], 0.03)  # tail
 
 
-def _glyph_coat(g: _Pen):  # trapezoid torso with sleeves, collar and buttons
-    g.poly([(0.3, 0.12), (0.7, 0.12), (0.8, 0.94), (0.2, 0.94)])
-    g.poly([(0.3, 0.12), (0.08, 0.62), (0.2, 0.68), (0.34, 0.36)])
-    g.poly([(0.7, 0.12), (0.92, 0.62), (0.8, 0.68), (0.66, 0.36)])
-    g.line([(0.38, 0.12), (0.5, 0.34), (0.62, 0.12)], 0.035)
-    g.line([(0.5, 0.34), (0.5, 0.94)], 0.025)
+def _glyph_coat(g: _Pen):  # coat on a hanger: torso, outspread sleeves, collar, buttons
+    g.poly([(0.32, 0.14), (0.68, 0.14), (0.76, 0.95), (0.24, 0.95)])
+    g.poly([(0.32, 0.14), (0.02, 0.5), (0.1, 0.58), (0.34, 0.36)])
+    g.poly([(0.68, 0.14), (0.98, 0.5), (0.9, 0.58), (0.66, 0.36)])
+    g.line([(0.28, 0.16), (0.5, 0.08), (0.72, 0.16)], 0.03)  # hanger
+    g.line([(0.5, 0.08), (0.5, 0.03), (0.55, 0.0)], 0.03)
+    g.line([(0.39, 0.14), (0.5, 0.34), (0.61, 0.14)], 0.035)
+    g.line([(0.5, 0.34), (0.5, 0.95)], 0.025)
     for v in (0.45, 0.6, 0.75):
         g.ellipse(0.55, v, 0.025, layer="ink")
-    g.rect(0.26, 0.7, 0.42, 0.74, layer="dark")  # pocket
-    g.rect(0.58, 0.7, 0.74, 0.74, layer="dark")
+    g.rect(0.28, 0.7, 0.42, 0.74, layer="dark")  # pockets
+    g.rect(0.58, 0.7, 0.72, 0.74, layer="dark")
 
 
 def _glyph_bee(g: _Pen):  # striped oval body, wings, head, sting
@@ -797,10 +837,10 @@ def _glyph_pea(g: _Pen):  # open pod (lens shape) with a row of peas
 
 
 def _glyph_bin(g: _Pen):  # ridged can with a lid and handle
-    g.rect(0.22, 0.3, 0.78, 0.95)
-    g.rect(0.15, 0.2, 0.85, 0.31)
+    g.rect(0.27, 0.3, 0.73, 0.96)
+    g.rect(0.2, 0.2, 0.8, 0.31)
     g.ellipse(0.5, 0.14, 0.1, 0.06, ring=0.03)
-    for u in (0.34, 0.5, 0.66):
+    for u in (0.37, 0.5, 0.63):
         g.line([(u, 0.4), (u, 0.87)], 0.03)
 
 
@@ -812,13 +852,13 @@ def _glyph_pin(g: _Pen):  # push-pin: round head, collar, needle
     g.ellipse(0.41, 0.2, 0.07, 0.045, layer="light")
 
 
-def _glyph_dart(g: _Pen):  # arrow: shaft, barrel, metal tip, tail fins (diagonal)
+def _glyph_dart(g: _Pen):  # arrow: thin shaft, slim barrel, metal tip, swept tail fins (diagonal)
     ang = -35
-    g.poly(_rotate([(0.2, 0.465), (0.72, 0.465), (0.72, 0.535), (0.2, 0.535)], ang))
-    g.ellipse(*_rotate([(0.52, 0.5)], ang)[0], 0.11, 0.11)
-    g.poly(_rotate([(0.03, 0.18), (0.16, 0.18), (0.32, 0.47), (0.16, 0.47)], ang))
-    g.poly(_rotate([(0.03, 0.82), (0.16, 0.82), (0.32, 0.53), (0.16, 0.53)], ang))
-    g.poly(_rotate([(0.71, 0.43), (0.99, 0.5), (0.71, 0.57)], ang), layer="ink")
+    g.poly(_rotate([(0.1, 0.47), (0.62, 0.47), (0.62, 0.53), (0.1, 0.53)], ang))
+    g.poly(_rotate([(0.5, 0.445), (0.74, 0.455), (0.74, 0.545), (0.5, 0.555)], ang))
+    g.poly(_rotate([(0.02, 0.27), (0.14, 0.27), (0.3, 0.47), (0.1, 0.47)], ang))
+    g.poly(_rotate([(0.02, 0.73), (0.14, 0.73), (0.3, 0.53), (0.1, 0.53)], ang))
+    g.poly(_rotate([(0.73, 0.47), (0.99, 0.5), (0.73, 0.53)], ang), layer="ink")
 
 
 def _glyph_tart(g: _Pen):  # triangular slice with a crust band and fruit on top
@@ -891,7 +931,8 @@ def _paint_glyph(img: Image.Image, pen: _Pen, rgb: tuple[int, int, int], outline
 def draw_picture(noun: str, colour: str, count: int, size: int, rng: np.random.Generator) -> Image.Image:
     """``count`` copies of ``noun``'s glyph in ``colour`` on a light neutral background (RGB)."""
     canvas = size * max(2, math.ceil(256 / size))  # supersample, then downscale = antialiasing
-    bg = tuple(int(v) for v in np.array([236, 234, 228]) + rng.integers(-6, 7, size=3))
+    # light neutral background: random brightness, only a faint tint (colour is the glyph's job)
+    bg = tuple(int(v) for v in np.array([236, 234, 229]) + rng.integers(-6, 7) + rng.integers(-2, 3, size=3))
     img = Image.new("RGB", (canvas, canvas), bg)  # type: ignore[arg-type]
     outline_px = 2 * max(1, canvas // 110) + 1
     for cu, cv, box in _LAYOUT[count]:
@@ -1016,10 +1057,26 @@ def plan_defects(regular: Sequence[AudioJob], speakers: Sequence[Speaker], cfg: 
     return out
 
 
+def _zero_peak_timestamp(blob: bytes) -> bytes:
+    """libsndfile adds a PEAK chunk to float WAVs whose header holds the wall-clock time of
+    writing; zero that field so identical audio gives identical bytes."""
+    out = bytearray(blob)
+    pos = 12  # after "RIFF" <size> "WAVE"
+    while pos + 8 <= len(out):
+        chunk_id, size = bytes(out[pos:pos + 4]), int.from_bytes(out[pos + 4:pos + 8], "little")
+        if chunk_id == b"PEAK" and size >= 8:
+            out[pos + 12:pos + 16] = b"\0\0\0\0"  # (version u32, timestamp u32, peaks...)
+        if chunk_id == b"data":
+            break
+        pos += 8 + size + (size & 1)
+    return bytes(out)
+
+
 def _encode(data: np.ndarray, sr: int, fmt: str, subtype: str) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, data, sr, format=fmt, subtype=subtype)
-    return buf.getvalue()
+    blob = buf.getvalue()
+    return _zero_peak_timestamp(blob) if fmt == "WAV" else blob
 
 
 def _decodes(blob: bytes) -> bool:
@@ -1074,7 +1131,9 @@ def _write_picture(prompt: Prompt, size: int, seed: int, root: str) -> str:
     return prompt.prompt_id
 
 
-def _worker_count(n_jobs: int) -> int:
+def _worker_count(n_jobs: int, requested: int | None) -> int:
+    if requested is not None:
+        return max(1, int(requested))
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
@@ -1105,12 +1164,16 @@ def _replace_dir(src: Path, dst: Path) -> None:
     src.rename(dst)
 
 
-def generate_demo_corpus(out_dir: str | Path, cfg: dict, seed: int, progress: bool = True) -> Path:
+def generate_demo_corpus(out_dir: str | Path, cfg: dict, seed: int, progress: bool = True,
+                         *, workers: int | None = None) -> Path:
     """Write out_dir/manifest.csv, out_dir/audio/*, out_dir/images/*.png; return the manifest path.
 
     Also writes out_dir/defects.csv (utt_id, audio_path, defect) listing the deliberately
     defective rows. Writes into a temporary sibling directory and renames it into place at the
     end (atomic: a killed run leaves no complete-looking out_dir). If out_dir exists it is replaced.
+    ``workers``: processes for synthesis (default: 1 for small corpora, else the usable CPUs, <= 8);
+    the files do not depend on it. Pools use the "spawn" start method (safe when the caller has
+    threads, e.g. torch), so a calling *script* needs the usual ``if __name__ == "__main__":``.
     """
     if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
@@ -1128,7 +1191,7 @@ def generate_demo_corpus(out_dir: str | Path, cfg: dict, seed: int, progress: bo
     try:
         (tmp / "audio").mkdir(parents=True)
         (tmp / "images").mkdir()
-        workers = _worker_count(len(jobs))
+        workers = _worker_count(len(jobs), workers)
         bar = tqdm(total=len(jobs) + len(pictured), desc="demo corpus", unit="file",
                    disable=not progress)
         if workers == 1:

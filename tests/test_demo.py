@@ -1,0 +1,393 @@
+"""Tests of the synthetic demo corpus generator (mmasr.demo)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+from scipy.signal import butter, sosfilt
+
+from mmasr import demo
+from mmasr.demo import (
+    DEFAULT_CONFIG,
+    DEFECT_KINDS,
+    LEXICON,
+    MINIMAL_PAIRS,
+    NOUNS,
+    all_prompts,
+    build_speakers,
+    draw_picture,
+    generate_demo_corpus,
+    stop_voicing_cues,
+    synthesize_utterance,
+    validate_config,
+    voicing_cue,
+)
+
+SMALL = {
+    "n_impaired_speakers": 2,
+    "n_control_speakers": 2,
+    "utts_per_speaker": 6,
+    "image_size": 64,
+    "stereo_fraction": 0.5,
+    "flac_fraction": 0.5,
+}
+N_REGULAR = 4 * 6
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    base = tmp_path_factory.mktemp("demo")
+    a = generate_demo_corpus(base / "a", SMALL, seed=0, progress=False)
+    # same seed through a process pool: must not change a single byte
+    a2 = generate_demo_corpus(base / "a2", SMALL, seed=0, progress=False, workers=2)
+    b = generate_demo_corpus(base / "b", SMALL, seed=1, progress=False)
+    return a.parent, a2.parent, b.parent
+
+
+@pytest.fixture(scope="module")
+def corpus(corpora) -> Path:
+    return corpora[0]
+
+
+@pytest.fixture(scope="module")
+def rows(corpus) -> list[dict[str, str]]:
+    return read_csv(corpus / "manifest.csv")
+
+
+@pytest.fixture(scope="module")
+def defects(corpus) -> dict[str, dict[str, str]]:
+    return {r["defect"]: r for r in read_csv(corpus / "defects.csv")}
+
+
+# ------------------------------------------------------------------ determinism
+
+
+def test_same_seed_is_byte_identical_with_and_without_pool(corpora):
+    a, a2, _ = corpora
+    ha, ha2 = tree_hashes(a), tree_hashes(a2)
+    assert ha == ha2
+    assert len(ha) > N_REGULAR  # audio + images + csvs
+
+
+def test_different_seed_gives_different_corpus(corpora):
+    a, _, b = corpora
+    ha, hb = tree_hashes(a), tree_hashes(b)
+    common = set(ha) & set(hb)
+    assert any(ha[k] != hb[k] for k in common)
+    assert [r["text"] for r in read_csv(a / "manifest.csv")] != [r["text"] for r in read_csv(b / "manifest.csv")]
+
+
+def test_no_temporary_directory_left_behind(corpora):
+    parent = corpora[0].parent
+    assert sorted(p.name for p in parent.iterdir()) == ["a", "a2", "b"]
+
+
+# ------------------------------------------------------------------ manifest
+
+
+def test_manifest_layout(corpus, rows):
+    raw = (corpus / "manifest.csv").read_bytes()
+    assert b"\r" not in raw
+    assert raw.split(b"\n", 1)[0] == b"utt_id,speaker,group,audio_path,text,image_path"
+    assert len(rows) == N_REGULAR + len(DEFECT_KINDS)
+    ids = [r["utt_id"] for r in rows]
+    assert ids == sorted(ids)
+    assert {r["speaker"] for r in rows} == {"F01", "M01", "FC01", "MC01"}
+    for r in rows:
+        assert r["utt_id"].startswith(r["speaker"] + "_")
+        assert r["group"] == ("control" if "C" in r["speaker"] else "impaired")
+        assert not Path(r["audio_path"]).is_absolute() and r["audio_path"].startswith("audio/")
+        assert r["audio_path"].endswith((".wav", ".flac"))
+        assert r["image_path"].startswith("images/") and r["image_path"].endswith(".png")
+        assert (corpus / r["audio_path"]).is_file()
+
+
+def test_manifest_text_is_a_caption_in_the_lexicon(corpus, rows, defects):
+    captions = {p.text for p in all_prompts()}
+    special = {defects["empty_transcript"]["audio_path"]}
+    for r in rows:
+        if r["audio_path"] in special:
+            assert r["text"] == ""
+            continue
+        assert r["text"] in captions
+        assert r["text"] == r["text"].lower()
+        assert all(w in LEXICON for w in r["text"].split())
+    # regular rows: one utterance per (speaker, index), 6 per speaker
+    regular = [r for r in rows if not r["utt_id"].split("_")[1].startswith("9")]
+    regular_ids = {r["utt_id"] for r in regular}
+    assert {f"{s}_{i:04d}" for s in ("F01", "M01", "FC01", "MC01") for i in range(1, 7)} == regular_ids
+
+
+def test_pictures_exist_and_only_used_ones_are_written(corpus, rows, defects):
+    missing = defects["missing_image"]["audio_path"]
+    used = {r["image_path"] for r in rows if r["audio_path"] != missing}
+    written = {f"images/{p.name}" for p in (corpus / "images").iterdir()}
+    assert used == written
+    prompt_of = {p.prompt_id: p for p in all_prompts()}
+    for r in rows:
+        if r["audio_path"] == missing or not r["text"]:
+            continue
+        img = Image.open(corpus / r["image_path"])
+        assert img.size == (64, 64) and img.mode == "RGB"
+        assert prompt_of[Path(r["image_path"]).stem].text == r["text"]
+
+
+# ------------------------------------------------------------------ audio files
+
+
+def test_audio_decodes_with_requested_rates_channels_and_formats(corpus, rows, defects):
+    defective = {d["audio_path"] for d in defects.values()}
+    regular = [r for r in rows if r["audio_path"] not in defective]
+    assert len(regular) == N_REGULAR
+    kinds = []
+    for r in regular:
+        info = sf.info(corpus / r["audio_path"])
+        x, sr = sf.read(corpus / r["audio_path"], always_2d=True)
+        assert sr in DEFAULT_CONFIG["sample_rates"] and sr == info.samplerate
+        assert np.isfinite(x).all()
+        assert 0.19 <= np.abs(x).max() <= 0.91  # per-utterance peak level 0.2..0.9
+        assert 0.8 < len(x) / sr < 3.0
+        if x.shape[1] == 2:  # a second, slightly different microphone
+            assert not np.array_equal(x[:, 0], x[:, 1])
+            assert np.corrcoef(x[:, 0], x[:, 1])[0, 1] > 0.8
+        kinds.append((info.format, info.subtype, info.channels))
+    assert sum(k[2] == 2 for k in kinds) == round(0.5 * N_REGULAR)
+    assert sum(k[0] == "FLAC" for k in kinds) == round(0.5 * N_REGULAR)
+    wav_subtypes = [k[1] for k in kinds if k[0] == "WAV"]
+    assert "FLOAT" in wav_subtypes and wav_subtypes.count("PCM_16") > wav_subtypes.count("FLOAT")
+    assert {r["audio_path"].rsplit(".", 1)[1] for r in regular} == {"wav", "flac"}
+    # float WAVs: libsndfile's PEAK chunk would carry the wall-clock time of writing
+    peaks = 0
+    for r in regular:
+        blob = (corpus / r["audio_path"]).read_bytes()
+        if b"PEAK" in blob[:200]:
+            i = blob.index(b"PEAK")
+            assert blob[i + 12:i + 16] == b"\0\0\0\0"
+            peaks += 1
+    assert peaks == wav_subtypes.count("FLOAT")
+    assert {sf.info(corpus / r["audio_path"]).samplerate for r in regular} == {22050, 44100}
+
+
+def test_each_defect_is_present_once_and_really_defective(corpus, rows, defects):
+    listed = read_csv(corpus / "defects.csv")
+    assert [d["defect"] for d in listed] == list(DEFECT_KINDS)
+    by_path = {r["audio_path"]: r for r in rows}
+    for d in listed:
+        assert by_path[d["audio_path"]]["utt_id"] == d["utt_id"]
+    path = {k: corpus / d["audio_path"] for k, d in defects.items()}
+
+    assert path["empty_file"].stat().st_size == 0
+    assert path["corrupt_header"].stat().st_size > 1000
+    with pytest.raises(Exception):
+        sf.info(path["corrupt_header"])
+    silent, _ = sf.read(path["silent"])
+    assert len(silent) > 0 and not np.any(silent)
+    assert sf.info(path["nonfinite"]).subtype == "FLOAT"
+    nonfinite, _ = sf.read(path["nonfinite"])
+    assert np.isnan(nonfinite).any() and np.isfinite(nonfinite).any()
+    short, sr = sf.read(path["too_short"])
+    assert 0.03 <= len(short) / sr <= 0.08 and np.abs(short).max() > 0.1
+    for kind in ("empty_transcript", "missing_image", "duplicate_id"):
+        x, sr = sf.read(path[kind])
+        assert np.isfinite(x).all() and len(x) / sr > 0.8
+    assert by_path[defects["empty_transcript"]["audio_path"]]["text"] == ""
+    img = by_path[defects["missing_image"]["audio_path"]]
+    assert img["text"] and not (corpus / img["image_path"]).exists()
+    dup = by_path[defects["duplicate_id"]["audio_path"]]
+    same_id = [r for r in rows if r["utt_id"] == dup["utt_id"]]
+    assert len(same_id) == 2 and same_id[0]["audio_path"] != same_id[1]["audio_path"]
+    # defective rows use ids of real speakers and look normal
+    speakers = {r["speaker"] for r in rows}
+    assert all(d["utt_id"].split("_")[0] in speakers for d in listed)
+
+
+# ------------------------------------------------------------------ lexicon, prompts, pictures
+
+
+def test_minimal_pairs_differ_in_exactly_one_voicing_phone():
+    assert len(MINIMAL_PAIRS) == 6 and len(set(NOUNS)) == 12
+    for voiced, voiceless in MINIMAL_PAIRS:
+        a, b = LEXICON[voiced], LEXICON[voiceless]
+        assert len(a) == len(b)
+        diff = [(x, y) for x, y in zip(a, b) if x != y]
+        assert len(diff) == 1
+        x, y = diff[0]
+        assert x in "BDG" and y in "PTK" and demo._STOP_PLACE[x] == demo._STOP_PLACE[y]
+    assert LEXICON["cubs"][-1] == "Z" and LEXICON["cups"][-1] == "S"
+    assert LEXICON["bears"][-1] == "Z" and LEXICON["goats"][-1] == "S"
+    for w in ("a", "two", "three", "red", "green", "blue", "yellow"):
+        assert w in LEXICON
+
+
+def test_prompts_cover_all_combinations():
+    prompts = all_prompts()
+    assert len(prompts) == 144 and len({p.text for p in prompts}) == 144
+    assert {p.prompt_id for p in prompts} == {f"p{i:03d}" for i in range(144)}
+    texts = {p.text for p in prompts}
+    assert {"a red bear", "two green goats", "three blue cups"} <= texts
+
+
+def _foreground(img: Image.Image) -> np.ndarray:
+    a = np.asarray(img.convert("RGB"), dtype=float)
+    return np.abs(a - a[0, 0]).sum(axis=2) > 60
+
+
+def test_pictures_of_different_nouns_differ():
+    masks = {n: _foreground(draw_picture(n, "blue", 1, 64, np.random.default_rng(5))) for n in NOUNS}
+    for m, n in itertools.combinations(NOUNS, 2):
+        inter = np.logical_and(masks[m], masks[n]).sum()
+        union = np.logical_or(masks[m], masks[n]).sum()
+        assert inter / union < 0.8, (m, n, inter / union)
+    for n in NOUNS:
+        assert 0.05 < masks[n].mean() < 0.7
+    # the colour and count are visible too
+    red = np.asarray(draw_picture("bear", "red", 1, 64, np.random.default_rng(5)), dtype=float)
+    blue = np.asarray(draw_picture("bear", "blue", 1, 64, np.random.default_rng(5)), dtype=float)
+    assert np.abs(red - blue).mean() > 10
+    three = _foreground(draw_picture("cup", "red", 3, 64, np.random.default_rng(5)))
+    assert three.mean() > 0.05
+
+
+# ------------------------------------------------------------------ speakers and speech
+
+
+def test_voicing_cue_gap_shrinks_by_blur():
+    for voiced, voiceless in (("B", "P"), ("D", "T"), ("G", "K")):
+        assert voicing_cue(voiced, 0.0) < 0.02 and 0.06 <= voicing_cue(voiceless, 0.0) <= 0.08
+        gap0 = voicing_cue(voiceless, 0.0) - voicing_cue(voiced, 0.0)
+        for blur in (0.0, 0.3, 0.6, 0.8, 1.0):
+            gap = voicing_cue(voiceless, blur) - voicing_cue(voiced, blur)
+            assert gap == pytest.approx((1 - blur) * gap0)
+            # the midpoint stays put: cues move toward ambiguity, not in one direction
+            mid = (voicing_cue(voiceless, blur) + voicing_cue(voiced, blur)) / 2
+            assert mid == pytest.approx((voicing_cue(voiceless, 0) + voicing_cue(voiced, 0)) / 2)
+        v, u = stop_voicing_cues(voiced, 0.7), stop_voicing_cues(voiceless, 0.7)
+        assert v.voice_bar > u.voice_bar and v.aspiration < u.aspiration
+        assert v.vowel_scale > u.vowel_scale and v.closure_s < u.closure_s
+    with pytest.raises(ValueError):
+        voicing_cue("S", 0.0)
+
+
+def test_speakers():
+    cfg = validate_config({})
+    spk = build_speakers(cfg, 0)
+    assert [s.name for s in spk] == ["F01", "M01", "F02", "M02", "F03", "M03", "F04", "M04",
+                                     "FC01", "MC01", "FC02", "MC02", "FC03", "MC03", "FC04", "MC04"]
+    for s in spk:
+        assert (180 <= s.f0 <= 230) if s.sex == "F" else (100 <= s.f0 <= 130)
+        assert 0.88 <= s.formant_scale <= 1.12
+        if s.group == "impaired":
+            assert 0.6 <= s.voicing_blur <= 0.8 and s.noise_db == -20
+            assert s.duration_scale >= 0.9 * 1.3
+        else:
+            assert s.voicing_blur == 0 and s.noise_db < -40 and s.duration_scale <= 1.1
+    # a speaker's voice does not depend on how many other speakers there are
+    few = build_speakers({"n_impaired_speakers": 1, "n_control_speakers": 1}, 0)
+    assert few[0] == spk[0] and few[1] == spk[8]
+
+
+def _speech_span_s(x: np.ndarray, sr: int) -> float:
+    hop = int(0.01 * sr)
+    frames = x[: len(x) // hop * hop].reshape(-1, hop)
+    level = 20 * np.log10(np.sqrt((frames ** 2).mean(axis=1)) + 1e-12)
+    active = np.flatnonzero(level > level.max() - 40)
+    return (active[-1] - active[0] + 1) * hop / sr
+
+
+def test_impaired_speech_is_slower_and_silences_are_quiet():
+    spk = build_speakers({"n_impaired_speakers": 2, "n_control_speakers": 2}, 3)
+    impaired = [s for s in spk if s.group == "impaired"]
+    control = [s for s in spk if s.group == "control"]
+    for text in ("two green goats", "a yellow cub"):
+        spans = {}
+        for group in (impaired, control):
+            spans[group[0].group] = np.mean([
+                _speech_span_s(synthesize_utterance(text, s, 22050, np.random.default_rng(k)), 22050)
+                for s in group for k in range(2)])
+        assert spans["impaired"] > 1.12 * spans["control"]
+        assert 0.6 < spans["control"] < 1.3
+    x = synthesize_utterance("a red bear", control[0], 22050, np.random.default_rng(0))
+    assert np.abs(x[: int(0.1 * 22050)]).max() < 0.01  # leading silence is (nearly) silent
+    assert np.abs(x).max() == pytest.approx(1.0)
+
+
+def _low_band_level_after_release(spk, noun: str, seed: int, sr: int = 22050) -> float:
+    """dB (re. peak) of < 500 Hz energy 15-50 ms after the noun's initial stop release:
+    voicing already (voiced stop) vs. still aspiration (voiceless stop)."""
+    words = ["a", "red", noun]
+    segs, _, _ = demo.plan_segments(words, spk, np.random.default_rng(seed))
+    x = synthesize_utterance(" ".join(words), spk, sr, np.random.default_rng(seed))
+    release = [s for s in segs if s.burst is not None and s.phone == LEXICON[noun][0]][-1]
+    i0, i1 = int((release.start + 0.015) * sr), int((release.start + 0.05) * sr)
+    low = sosfilt(butter(4, 500, fs=sr, output="sos"), x)
+    return 20 * np.log10(np.sqrt(np.mean(low[i0:i1] ** 2)) / np.abs(x).max())
+
+
+def test_voicing_cue_is_in_the_audio_clear_for_controls_blurred_for_impaired():
+    spk = build_speakers({"n_impaired_speakers": 2, "n_control_speakers": 2}, 0)
+    contrast = {}
+    for s in spk:
+        bear = np.mean([_low_band_level_after_release(s, "bear", k) for k in range(2)])
+        pear = np.mean([_low_band_level_after_release(s, "pear", k) for k in range(2)])
+        contrast.setdefault(s.group, []).append(bear - pear)
+    assert min(contrast["control"]) > 12  # early voicing after /b/, aspiration after /p/
+    assert 1 < max(contrast["impaired"]) < min(contrast["control"])  # confusable, not identical
+
+
+# ------------------------------------------------------------------ config and directory handling
+
+
+def test_default_config_keys():
+    assert set(DEFAULT_CONFIG) == {
+        "n_impaired_speakers", "n_control_speakers", "utts_per_speaker", "image_size",
+        "sample_rates", "stereo_fraction", "flac_fraction", "impaired_rate",
+        "impaired_voicing_blur", "impaired_noise_db", "defects"}
+    assert validate_config({}) == DEFAULT_CONFIG
+    assert validate_config({"utts_per_speaker": 3})["utts_per_speaker"] == 3
+
+
+@pytest.mark.parametrize("bad", [
+    {"n_speakers": 3}, {"stereo_fraction": 1.5}, {"sample_rates": []},
+    {"impaired_voicing_blur": [0.9, 0.1]}, {"utts_per_speaker": 0}, {"defects": "yes"},
+])
+def test_config_validation_names_the_key(bad):
+    (key,) = bad
+    with pytest.raises(ValueError, match=key):
+        validate_config(bad)
+
+
+def test_replaces_existing_dir_without_defects(tmp_path):
+    out = tmp_path / "corpus"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    cfg = {"n_impaired_speakers": 1, "n_control_speakers": 1, "utts_per_speaker": 2,
+           "defects": False, "stereo_fraction": 0.0, "flac_fraction": 0.0, "sample_rates": [16000]}
+    manifest = generate_demo_corpus(out, cfg, seed=7, progress=False)
+    assert manifest == out.resolve() / "manifest.csv"
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+    rows = read_csv(manifest)
+    assert [r["utt_id"] for r in rows] == ["F01_0001", "F01_0002", "FC01_0001", "FC01_0002"]
+    assert read_csv(out / "defects.csv") == []
+    for r in rows:
+        info = sf.info(out / r["audio_path"])
+        assert (info.samplerate, info.channels, info.format) == (16000, 1, "WAV")
+    with pytest.raises(ValueError, match="seed"):
+        generate_demo_corpus(out, cfg, seed=-1, progress=False)

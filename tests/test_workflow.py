@@ -1,0 +1,144 @@
+"""End-to-end: the Snakemake workflow on the tiny config, in a scratch copy of the project."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from mmasr.io import read_json
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+CONTRACT_COLUMNS = ["utt_id", "speaker", "group", "audio_path", "duration_s", "text", "image_id", "split", "source"]
+DEFECT_REASONS = {"empty_file": "empty_audio", "corrupt_header": "unreadable_audio", "silent": "silent_audio",
+                  "nonfinite": "nonfinite_audio", "too_short": "too_short", "empty_transcript": "empty_transcript",
+                  "missing_image": "missing_image", "duplicate_id": "duplicate_id"}
+
+
+def project_copy(dest: Path) -> Path:
+    """The files a user's clone has that the workflow needs."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("Snakefile", "params.yaml", "dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, dest / name)
+    for name in ("workflow", "src"):
+        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "tests" / "config", dest / "config")
+    return dest
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        logs = "".join(f"\n--- {p}\n{p.read_text()[-3000:]}" for p in sorted((cwd / "results" / "logs").glob("*.log")))
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}{logs}")
+    return proc
+
+
+def snakemake(cwd: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/tiny.yaml", *extra], cwd, check)
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    work = project_copy(tmp_path_factory.mktemp("tiny"))
+    proc = snakemake(work)
+    assert "pipeline finished" in proc.stdout + proc.stderr
+    return work
+
+
+def test_manifest_contract_and_audio(tiny_run):
+    manifest = pd.read_parquet(tiny_run / "data/processed/manifest.parquet")
+    assert list(manifest.columns[: len(CONTRACT_COLUMNS)]) == CONTRACT_COLUMNS
+    assert manifest["utt_id"].is_unique and len(manifest) == 6 * 6 + 1  # + the row whose picture is missing
+    assert set(manifest["group"]) == {"impaired", "control"}
+    assert (manifest.groupby("speaker")["split"].nunique() == 1).all()
+    assert set(manifest["split"]) == {"train", "dev", "test"}
+    for path in manifest["audio_path"]:
+        info = sf.info(str(tiny_run / path))
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+    assert set(manifest["image_id"].dropna()) <= {p.stem for p in (tiny_run / "data/processed/images").iterdir()}
+
+
+def test_every_demo_defect_is_rejected_with_its_reason(tiny_run):
+    defects = pd.read_csv(tiny_run / "data/raw/demo/defects.csv")
+    rejects = pd.read_parquet(tiny_run / "data/processed/rejects.parquet")
+    assert sorted(defects["defect"]) == sorted(DEFECT_REASONS)
+    manifest = pd.read_parquet(tiny_run / "data/processed/manifest.parquet")
+    for rec in defects.to_dict("records"):
+        reason = DEFECT_REASONS[rec["defect"]]
+        hits = rejects[rejects["reason"] == reason]
+        assert len(hits) >= 1, f"{rec['defect']} not rejected as {reason}"
+        if rec["defect"] == "missing_image":  # the utterance stays (ASR-only), the picture is a reject
+            assert pd.isna(manifest.set_index("utt_id").loc[rec["utt_id"], "image_id"])
+        else:
+            assert rec["utt_id"] not in set(manifest["utt_id"]) or rec["defect"] == "duplicate_id"
+    metrics = read_json(tiny_run / "results/metrics/preprocess.json")
+    assert metrics["n_input"] == metrics["n_kept"] + metrics["n_rejected"] == 6 * 6 + len(defects)  # every manifest row
+    assert sum(metrics["rejected_by_reason"].values()) == metrics["n_rejected"]
+    for key in ("n_input", "n_kept", "n_rejected", "rejected_by_reason", "audio_hours"):
+        assert key in metrics
+
+
+def test_every_rule_left_a_log_and_a_benchmark(tiny_run):
+    for rule in ("make_demo", "ingest", "preprocess", "split"):
+        assert (tiny_run / "results/logs" / f"{rule}.log").is_file()
+        assert (tiny_run / "results/benchmarks" / f"{rule}.tsv").is_file()
+
+
+def test_second_run_has_nothing_to_do(tiny_run):
+    proc = snakemake(tiny_run, "-n")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_same_seed_same_bytes_other_seed_other_corpus(tiny_run, tmp_path):
+    again = project_copy(tmp_path / "again")
+    snakemake(again)
+    for rel in ("data/processed/manifest.parquet", "data/processed/rejects.parquet", "results/metrics/preprocess.json"):
+        assert file_digest(tiny_run / rel) == file_digest(again / rel), rel
+    other = project_copy(tmp_path / "other")
+    snakemake(other, "--config", "seed=14", "--until", "make_demo")
+    assert file_digest(tiny_run / "data/raw/demo/manifest.csv") != file_digest(other / "data/raw/demo/manifest.csv")
+
+
+def test_misspelt_key_fails_before_any_job(tmp_path):
+    work = project_copy(tmp_path / "bad")
+    (work / "config" / "bad.yaml").write_text("demo:\n  utts_per_speakr: 3\n")
+    proc = run([sys.executable, "-m", "snakemake", "--cores", "1", "--configfile", "config/bad.yaml"], work, check=False)
+    assert proc.returncode != 0
+    assert "demo.utts_per_speakr" in proc.stdout + proc.stderr
+    assert not (work / "data").exists()
+
+
+def test_lint_is_clean(tmp_path):
+    work = project_copy(tmp_path / "lint")
+    proc = run([sys.executable, "-m", "snakemake", "--lint"], work)
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+def test_dvc_repro_builds_the_same_manifest_as_snakemake(tiny_run, tmp_path):
+    import yaml
+
+    from mmasr.config import deep_merge
+
+    work = project_copy(tmp_path / "dvc")
+    params = deep_merge(yaml.safe_load((work / "params.yaml").read_text()),
+                        yaml.safe_load((work / "config/tiny.yaml").read_text()))
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], work)
+    run([sys.executable, "-m", "dvc", "repro", "--quiet"], work)
+    for rel in ("data/processed/manifest.parquet", "results/metrics/preprocess.json", "results/metrics/split.json"):
+        assert file_digest(tiny_run / rel) == file_digest(work / rel), rel
