@@ -1,0 +1,32 @@
+import json
+
+import pandas as pd
+
+from mmasr.cli import main
+from tests.conftest import tone, write_wav
+
+
+def test_cli_runs_ingest_preprocess_split_from_a_manifest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for spk in ("A", "B", "C"):
+        write_wav(tmp_path / "c" / f"{spk}.wav", tone())
+    (tmp_path / "c" / "m.csv").write_text("audio_path,text,speaker\nA.wav,one,A\nB.wav,two,B\nC.wav,three,C\n")
+    cfg = json.dumps({"data": {"source": "manifest", "manifest": "c/m.csv"}})
+    assert main(["ingest", "--cfg", cfg]) == 0
+    assert main(["preprocess", "--cfg", cfg, "--quiet"]) == 0
+    assert main(["split", "--cfg", cfg]) == 0
+    manifest = pd.read_parquet("data/processed/manifest.parquet")
+    assert sorted(manifest["utt_id"]) == ["A", "B", "C"]
+    assert json.loads((tmp_path / "results/metrics/preprocess.json").read_text())["n_kept"] == 3
+
+
+def test_cli_errors_name_the_problem_and_exit_2(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.csv").write_text("audio_path,text\nA.wav,one\n")
+    assert main(["ingest", "--cfg", json.dumps({"data": {"source": "manifest", "manifest": "m.csv"}})]) == 2
+    assert "missing required column(s) 'speaker'" in caplog.text
+    assert main(["ingest", "--cfg", json.dumps({"data": {"source": "manifest"}})]) == 2
+    assert "data.source=manifest needs data.manifest" in caplog.text
+    assert main(["split", "--cfg", json.dumps({"split": {"dev_fractoin": 0.1}})]) == 2
+    assert "split.dev_fractoin" in caplog.text
+    assert not (tmp_path / "data").exists()  # nothing half-written
