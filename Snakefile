@@ -19,6 +19,9 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/split.smk"
+include: "workflow/rules/clip.smk"
+include: "workflow/rules/nbest.smk"
+include: "workflow/rules/fusion.smk"
 
 
 rule all:

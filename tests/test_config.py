@@ -29,6 +29,11 @@ def test_repo_params_file_is_valid_and_equals_schema_defaults():
         ({"demo": {"utts_per_speaker": "many"}}, "demo.utts_per_speaker"),
         ({"split": {"speakers": {"tset": ["F01"]}}}, "split.speakers.tset"),
         ({"preprocess": {"peak": 1.5}}, "preprocess.peak"),
+        ({"fusion": {"alpha_start": -0.1}}, "fusion.alpha_start"),
+        ({"fusion": {"alpha_stop": 1.5}}, "fusion.alpha_stop"),
+        ({"fusion": {"alpha_step": 0}}, "fusion.alpha_step"),
+        ({"fusion": {"alpha_start": 0.8, "alpha_stop": 0.2}}, "fusion.alpha_stop"),
+        ({"nbest": {"num_beams": 2, "num_return_sequences": 5}}, "nbest.num_return_sequences"),
     ],
 )
 def test_bad_key_or_type_is_named(params, key):

@@ -8,6 +8,8 @@ declares), validated against the same schema with the same defaults.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -17,7 +19,7 @@ import pandas as pd
 
 from . import __version__
 from . import config as params_mod
-from .io import write_json, write_parquet
+from .io import atomic_path, write_json, write_parquet
 
 log = logging.getLogger("mmasr")
 
@@ -73,6 +75,112 @@ def cmd_split(args) -> None:
         log.info("%-5s %3d utterances, speakers: %s", name, summary[f"{name}_n_utts"], " ".join(summary[f"{name}_speakers"]))
 
 
+def _model(kind: str, p: dict):
+    from . import models
+
+    loader = {"whisper": models.load_whisper, "clip": models.load_clip}[kind]
+    m = p["models"]
+    return loader(m[kind], device=m["device"], revision=m[f"{kind}_revision"], trust_remote_code=m["trust_remote_code"])
+
+
+def cmd_build_demo_models(args) -> None:
+    from .demo_models import build_demo_models
+
+    p = _params(args)
+    paths = build_demo_models(args.out, p["demo_models"], p["seed"])
+    log.info("demo models written: %s", ", ".join(str(v) for v in paths.values()))
+
+
+def cmd_cache_images(args) -> None:
+    from .clip import cache_images, cache_metadata, save_embeddings
+
+    p = _params(args)
+    manifest = pd.read_parquet(args.manifest)
+    images = pd.read_parquet(args.images)
+    wanted = images[images["image_id"].isin(manifest["image_id"].dropna())]
+    bundle = _model("clip", p)
+    ids, vectors, rejects = cache_images(bundle, wanted, p["images"]["batch_size"], progress=not args.quiet)
+    save_embeddings(args.out, ids, vectors, cache_metadata(bundle))
+    write_parquet(args.rejects, rejects)
+    log.info("cached %d picture embeddings (dim %d) with %s; %d rejected", len(ids),
+             vectors.shape[1] if len(ids) else 0, bundle.name, len(rejects))
+
+
+def cmd_nbest(args) -> None:
+    from .nbest import nbest_metadata, run_nbest
+    from .text import normaliser
+
+    p = _params(args)
+    bundle = _model("whisper", p)
+    table = run_nbest(bundle, pd.read_parquet(args.manifest), p["nbest"], normaliser(p["text"]),
+                      shard=args.shard, num_shards=args.num_shards, limit=args.limit, progress=not args.quiet)
+    write_parquet(args.out, table, metadata=nbest_metadata(bundle, p["nbest"], shard=f"{args.shard}/{args.num_shards}"))
+    log.info("shard %d/%d: %d hypotheses for %d utterances", args.shard, args.num_shards, len(table),
+             table["utt_id"].nunique())
+
+
+def cmd_nbest_merge(args) -> None:
+    from .nbest import merge_shards
+
+    table = merge_shards(args.shards, args.out)
+    log.info("merged %d shards: %d hypotheses, %d utterances", len(args.shards), len(table), table["utt_id"].nunique())
+
+
+def cmd_clip_scores(args) -> None:
+    import pyarrow.parquet as pq
+
+    from .clip import add_clip_scores, load_embeddings
+
+    p = _params(args)
+    nbest = pd.read_parquet(args.nbest)
+    meta = {k.decode(): v.decode() for k, v in (pq.read_schema(args.nbest).metadata or {}).items()
+            if k.startswith(b"mmasr.")}
+    bundle = _model("clip", p)
+    scored = add_clip_scores(nbest, pd.read_parquet(args.manifest), load_embeddings(args.embeddings), bundle,
+                             p["text"], progress=not args.quiet)
+    meta.update({"mmasr.clip_model": bundle.name, "mmasr.clip_revision": bundle.revision})
+    write_parquet(args.out, scored, metadata=meta)
+    log.info("clip_cos for %d of %d hypotheses (%d distinct texts)", int(scored["clip_cos"].notna().sum()),
+             len(scored), scored["clip_text"].nunique())
+
+
+def cmd_fuse(args) -> None:
+    from .fusion import run_fusion
+
+    p = _params(args)
+    grid, metrics, changed, per_speaker = run_fusion(pd.read_parquet(args.nbest), pd.read_parquet(args.manifest),
+                                                     p["fusion"], p["text"], p["seed"])
+    metrics["provenance"] = provenance(p, ("fusion", "text", "nbest", "models"))
+    with atomic_path(args.grid) as tmp:
+        grid.to_csv(tmp, index=False, float_format="%.6f")
+    with atomic_path(args.per_speaker) as tmp:
+        per_speaker.to_csv(tmp, index=False, float_format="%.6f")
+    write_parquet(args.changed, changed)
+    write_json(args.metrics, metrics)
+    log.info("alpha=%.2f (dev); test WER asr-only %.4f, fused %.4f [%.4f, %.4f], oracle %.4f",
+             metrics["best_alpha"], metrics["test_wer_asr"], metrics["test_wer_fused"],
+             metrics["test_wer_diff_ci_low"], metrics["test_wer_diff_ci_high"], metrics["test_wer_oracle"])
+
+
+def cmd_transcribe(args) -> None:
+    from .transcribe import transcribe
+
+    if args.params is None and args.cfg is None and Path("params.yaml").is_file():
+        args.params = Path("params.yaml")  # a user in the project folder means the project's params
+    p = _params(args)
+    result = transcribe(args.audio, p, image=args.image, image_id=args.image_id, alpha=args.alpha,
+                        embeddings=args.embeddings, fusion_metrics=args.fusion_metrics)
+    print(json.dumps(result, indent=2))
+
+
+def provenance(p: dict, sections: tuple[str, ...]) -> dict:
+    """Params hash (of the sections used) and seed, so a metrics file says what produced it."""
+    used = {s: p[s] for s in sections}
+    digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:12]
+    return {"params_hash": digest, "seed": p["seed"], "mmasr_version": __version__,
+            **{f"model_{k}": v for k, v in p["models"].items() if k in ("whisper", "clip")}}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmasr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mmasr {__version__}")
@@ -109,6 +217,49 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--utterances", type=Path, default=Path("data/processed/utterances.parquet"))
     sp.add_argument("--out", type=Path, default=Path("data/processed/manifest.parquet"))
     sp.add_argument("--summary", type=Path, default=Path("results/metrics/split.json"))
+
+    sp = stage("build-demo-models", cmd_build_demo_models, "Build the small demo Whisper and CLIP models (HF format).")
+    sp.add_argument("--out", type=Path, default=Path("results/checkpoints/demo"))
+
+    sp = stage("cache-images", cmd_cache_images, "Cache L2-normalised CLIP embeddings of every picture.")
+    sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+    sp.add_argument("--images", type=Path, default=Path("data/processed/images.parquet"))
+    sp.add_argument("--out", type=Path, default=Path("data/cache/clip_image_embeddings.npz"))
+    sp.add_argument("--rejects", type=Path, default=Path("data/cache/clip_image_rejects.parquet"))
+
+    sp = stage("nbest", cmd_nbest, "Whisper beam-search n-best lists with teacher-forced scores, one shard.")
+    sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+    sp.add_argument("--shard", type=int, default=0)
+    sp.add_argument("--num-shards", type=int, default=1)
+    sp.add_argument("--limit", type=int, default=None, help="at most this many utterances (smoke runs)")
+    sp.add_argument("--out", type=Path, default=Path("data/nbest/shards/0-of-1.parquet"))
+
+    sp = stage("nbest-merge", cmd_nbest_merge, "Gather n-best shards into one table.")
+    sp.add_argument("shards", nargs="+", type=Path)
+    sp.add_argument("--out", type=Path, default=Path("data/nbest/asr_nbest.parquet"))
+
+    sp = stage("clip-scores", cmd_clip_scores, "Add each hypothesis's CLIP cosine with its picture.")
+    sp.add_argument("--nbest", type=Path, default=Path("data/nbest/asr_nbest.parquet"))
+    sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+    sp.add_argument("--embeddings", type=Path, default=Path("data/cache/clip_image_embeddings.npz"))
+    sp.add_argument("--out", type=Path, default=Path("data/nbest/nbest.parquet"))
+
+    sp = stage("fuse", cmd_fuse, "Grid-search alpha on dev; test WER, oracle, bootstrap interval.")
+    sp.add_argument("--nbest", type=Path, default=Path("data/nbest/nbest.parquet"))
+    sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+    sp.add_argument("--grid", type=Path, default=Path("results/fusion/grid.csv"))
+    sp.add_argument("--per-speaker", type=Path, default=Path("results/fusion/per_speaker.csv"))
+    sp.add_argument("--changed", type=Path, default=Path("results/fusion/changed.parquet"))
+    sp.add_argument("--metrics", type=Path, default=Path("results/metrics/fusion.json"))
+
+    sp = stage("transcribe", cmd_transcribe, "Transcribe one audio file, rescored with its picture when given.")
+    sp.add_argument("audio", type=Path)
+    pic = sp.add_mutually_exclusive_group()
+    pic.add_argument("--image", type=Path, help="picture file")
+    pic.add_argument("--image-id", help="picture id in the embedding cache")
+    sp.add_argument("--alpha", type=float, default=None, help="default: best_alpha of results/metrics/fusion.json")
+    sp.add_argument("--embeddings", type=Path, default=Path("data/cache/clip_image_embeddings.npz"))
+    sp.add_argument("--fusion-metrics", type=Path, default=Path("results/metrics/fusion.json"))
     return parser
 
 

@@ -58,10 +58,26 @@ def validate(params: dict[str, Any], source: str = "params") -> dict[str, Any]:
     cls = _with_defaults(jsonschema.validators.validator_for(schema))
     filled = copy.deepcopy(params)
     errors = sorted(cls(schema).iter_errors(filled), key=lambda e: list(e.absolute_path))
-    if errors:
-        lines = [f"{source}: key '{_key_of(e)}': {e.message}" for e in errors]
+    lines = [f"{source}: key '{_key_of(e)}': {e.message}" for e in errors]
+    if not errors:
+        lines = [f"{source}: {problem}" for problem in cross_field_problems(filled)]
+    if lines:
         raise ParamsError("invalid parameters\n  " + "\n  ".join(lines))
     return filled
+
+
+def cross_field_problems(p: dict[str, Any]) -> list[str]:
+    """Constraints a JSON schema cannot express, each naming its keys."""
+    problems = []
+    fusion = p["fusion"]
+    if fusion["alpha_stop"] < fusion["alpha_start"]:
+        problems.append(f"key 'fusion.alpha_stop': {fusion['alpha_stop']} is below fusion.alpha_start="
+                        f"{fusion['alpha_start']} (the alpha grid would be empty)")
+    if p["nbest"]["num_return_sequences"] > p["nbest"]["num_beams"]:
+        problems.append("key 'nbest.num_return_sequences': cannot exceed nbest.num_beams")
+    if p["split"]["dev_fraction"] + p["split"]["test_fraction"] >= 1:
+        problems.append("key 'split.test_fraction': dev_fraction + test_fraction must leave speakers for training")
+    return problems
 
 
 def deep_merge(base: dict, override: dict) -> dict:

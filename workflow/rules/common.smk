@@ -1,5 +1,6 @@
 # Helpers shared by the rules: parameter passing and the list of final outputs.
 import json
+import os
 
 
 def cfg_json(*sections):
@@ -20,10 +21,29 @@ def corpus_input(wildcards):
     return config["data"]["torgo_root"]
 
 
+DEMO_CHECKPOINTS = "results/checkpoints/demo/"
+
+
+def model_input(kind):
+    """A model folder the workflow builds (the demo models) or that exists locally is an input;
+    a hub id is not a file, so it adds nothing."""
+    name = config["models"][kind]
+    return [name] if name.startswith(DEMO_CHECKPOINTS) or os.path.isdir(name) else []
+
+
+NBEST_SHARDS = expand(
+    "data/nbest/shards/{shard}-of-{n}.parquet",
+    shard=range(config["nbest"]["shards"]),
+    n=config["nbest"]["shards"],
+)
+
 FINAL_OUTPUTS = [
     "data/processed/manifest.parquet",
     "results/metrics/preprocess.json",
     "results/metrics/split.json",
+    "results/metrics/fusion.json",
+    "results/fusion/grid.csv",
+    "results/fusion/changed.parquet",
 ]
 
 

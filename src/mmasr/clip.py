@@ -1,0 +1,85 @@
+"""CLIP side of rescoring: a cache of picture embeddings, and the cosine of each hypothesis with its picture.
+
+Every picture is encoded once (``mmasr cache-images``) and every distinct hypothesis text once
+(``mmasr clip-scores``); the α grid search then never calls a model.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from .io import atomic_path, reject, rejects_frame, write_json
+from .models import ModelBundle, clip_image_embeddings, clip_text_embeddings
+from .text import clip_text
+
+_FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed entry times: the same embeddings give the same bytes
+
+
+def save_embeddings(path: str | Path, ids: list[str], vectors: np.ndarray, meta: dict) -> None:
+    """An .npz keyed by id (np.load-compatible, byte-stable) plus a JSON sidecar ``<path>.json``."""
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key, vec in sorted(zip(ids, vectors), key=lambda kv: kv[0]):
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(vec, dtype=np.float32), allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=_FIXED_ZIP_TIME), buf.getvalue())
+    write_json(f"{path}.json", {**meta, "dimension": int(vectors.shape[1]) if len(vectors) else 0, "count": len(ids)})
+
+
+def load_embeddings(path: str | Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def cache_images(bundle: ModelBundle, images: pd.DataFrame, batch_size: int, progress: bool = True):
+    """Embed every picture of ``images`` (image_id, path). Returns (ids, (n, d) float32 array, rejects)."""
+    ids, vectors, rejects = [], [], []
+    todo = images.drop_duplicates("image_id").sort_values("image_id").to_dict("records")
+    for start in tqdm(range(0, len(todo), batch_size), desc="CLIP image embeddings", unit="batch",
+                      disable=not progress, mininterval=1.0):
+        batch_ids, batch_imgs = [], []
+        for rec in todo[start:start + batch_size]:
+            try:
+                with Image.open(rec["path"]) as img:
+                    batch_imgs.append(img.convert("RGB"))
+                batch_ids.append(rec["image_id"])
+            except (OSError, ValueError) as exc:
+                rejects.append(reject(rec["image_id"], rec["path"], "image", "cache_images", "unreadable_image",
+                                      f"{rec['path']}: {exc}"))
+        if batch_imgs:
+            vectors.append(clip_image_embeddings(bundle, batch_imgs))
+            ids.extend(batch_ids)
+    dim = vectors[0].shape[1] if vectors else 0
+    return ids, (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), rejects_frame(rejects)
+
+
+def add_clip_scores(nbest: pd.DataFrame, manifest: pd.DataFrame, embeddings: dict[str, np.ndarray],
+                    bundle: ModelBundle, text_cfg: dict, batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
+    """Add ``clip_text`` and ``clip_cos`` (cosine with the utterance's picture; NaN without one)."""
+    out = nbest.copy()
+    image_of = manifest.set_index("utt_id")["image_id"]
+    out["clip_text"] = [clip_text(t, text_cfg) for t in out["text"].fillna("")]
+    image_ids = out["utt_id"].map(image_of)
+    has_image = image_ids.map(lambda i: isinstance(i, str) and i in embeddings).to_numpy(bool)
+    texts = sorted(set(out.loc[has_image, "clip_text"]))
+    text_vecs = {}
+    for start in tqdm(range(0, len(texts), batch_size), desc="CLIP text embeddings", unit="batch",
+                      disable=not progress, mininterval=1.0):
+        chunk = texts[start:start + batch_size]
+        text_vecs.update(zip(chunk, clip_text_embeddings(bundle, chunk)))
+    cos = np.full(len(out), np.nan)
+    for i in np.flatnonzero(has_image):
+        cos[i] = float(np.dot(embeddings[image_ids.iat[i]], text_vecs[out["clip_text"].iat[i]]))
+    out["clip_cos"] = cos
+    return out
+
+
+def cache_metadata(bundle: ModelBundle) -> dict:
+    return {"model": bundle.name, "revision": bundle.revision}
+

@@ -1,0 +1,175 @@
+"""Whisper n-best lists with scores, batched and sharded, to Parquet.
+
+Beam search runs once per utterance (batched across utterances). Each returned hypothesis is then
+re-scored by a teacher-forced pass of the same model, so ``sum_logprob`` is exactly
+sum_t log P(token_t | audio, prompt, tokens_<t) over the generated tokens (end-of-text included),
+independent of how a transformers version accumulates beam scores (which has had bugs).
+``asr_score = sum_logprob / n_tokens ** length_penalty``, the criterion beam search ranks by;
+HF's own ``sequences_scores`` is kept beside it as ``beam_score`` for comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+import torch
+from tqdm import tqdm
+
+from .io import write_parquet
+from .models import ModelBundle, autocast, whisper_features, whisper_prompt_ids
+
+log = logging.getLogger(__name__)
+
+NBEST_COLUMNS = ["utt_id", "rank", "text", "n_tokens", "sum_logprob", "asr_score", "beam_score"]
+
+
+def shard_ids(utt_ids: Sequence[str], shard: int, num_shards: int) -> list[str]:
+    """The utterances of one shard: every num_shards-th of the sorted ids (balanced, stable)."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is not in 0..{num_shards - 1}")
+    return sorted(utt_ids)[shard::num_shards]
+
+
+def length_batches(durations: Sequence[float], batch_size: int) -> list[np.ndarray]:
+    """Indices grouped into batches of similar duration (longest first), so beams end together."""
+    order = np.argsort(-np.asarray(durations, dtype=float), kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def strip_prompt_and_padding(sequence: Sequence[int], prompt_len: int, eos_id: int, pad_id: int) -> list[int]:
+    """Generated tokens after the forced prompt, up to and including the first end-of-text."""
+    out = []
+    for tok in list(sequence)[prompt_len:]:
+        out.append(int(tok))
+        if tok == eos_id:
+            break
+    while out and out[-1] == pad_id and pad_id != eos_id:
+        out.pop()
+    return out
+
+
+@torch.inference_mode()
+def teacher_forced_logprobs(bundle: ModelBundle, encoder_states: torch.Tensor, prompt: list[int],
+                            hyps: list[list[int]]) -> np.ndarray:
+    """Sum of log-probabilities of each hypothesis's tokens given its utterance's encoder states.
+
+    ``encoder_states`` has one row per hypothesis. Hypotheses are right-padded; a causal decoder
+    never looks right, so padding cannot change the scored positions.
+    """
+    model = bundle.model
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+    longest = max(len(h) for h in hyps)
+    inputs = torch.full((len(hyps), len(prompt) + longest), pad, dtype=torch.long)
+    targets = torch.full((len(hyps), longest), -1, dtype=torch.long)
+    for i, h in enumerate(hyps):
+        seq = prompt + h
+        inputs[i, : len(seq)] = torch.tensor(seq)
+        targets[i, : len(h)] = torch.tensor(h)
+    inputs = inputs.to(bundle.device)
+    with autocast(bundle.device):
+        out = model(encoder_outputs=(encoder_states,), decoder_input_ids=inputs[:, :-1])
+    # The logit at position p predicts token p+1: the first hypothesis token follows the last prompt token.
+    logits = out.logits[:, len(prompt) - 1:, :].float()
+    logp = torch.log_softmax(logits, dim=-1).cpu()
+    mask = targets >= 0
+    picked = torch.gather(logp, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(dim=1).double().numpy()
+
+
+@torch.inference_mode()
+def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
+                    normalise: Callable[[str], str]) -> list[list[dict]]:
+    """Beam search over a batch of 16 kHz mono arrays; per utterance, de-duplicated hypotheses."""
+    model, tok = bundle.model, bundle.processor.tokenizer
+    feats = whisper_features(bundle, audios)
+    prompt = whisper_prompt_ids(bundle, cfg["language"], cfg["task"])
+    gen_kwargs = dict(num_beams=cfg["num_beams"], num_return_sequences=cfg["num_return_sequences"],
+                      length_penalty=cfg["length_penalty"], max_new_tokens=cfg["max_new_tokens"],
+                      return_dict_in_generate=True, output_scores=True, do_sample=False)
+    if cfg["language"]:
+        gen_kwargs.update(language=cfg["language"], task=cfg["task"])
+    with autocast(bundle.device):
+        out = model.generate(**feats, **gen_kwargs)
+        encoder_states = model.get_encoder()(feats["input_features"]).last_hidden_state
+    R = cfg["num_return_sequences"]
+    eos, pad = model.generation_config.eos_token_id, model.generation_config.pad_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    seqs = out.sequences.cpu().tolist()
+    hyps = [strip_prompt_and_padding(s, len(prompt), eos, pad if pad is not None else eos) for s in seqs]
+    hyps = [h if h else [eos] for h in hyps]  # an empty beam still ends with end-of-text
+    states = encoder_states.repeat_interleave(R, dim=0)
+    sum_lp = teacher_forced_logprobs(bundle, states, prompt, hyps)
+    beam = out.sequences_scores.float().cpu().numpy() if getattr(out, "sequences_scores", None) is not None \
+        else np.full(len(hyps), np.nan)
+    results = []
+    for u in range(len(audios)):
+        best: dict[str, dict] = {}
+        for k in range(u * R, (u + 1) * R):
+            n = len(hyps[k])
+            text = tok.decode(hyps[k], skip_special_tokens=True).strip()
+            rec = {"text": text, "n_tokens": n, "sum_logprob": float(sum_lp[k]),
+                   "asr_score": float(sum_lp[k]) / n ** cfg["length_penalty"], "beam_score": float(beam[k])}
+            key = normalise(text)
+            if key not in best or rec["asr_score"] > best[key]["asr_score"]:
+                best[key] = rec
+        results.append(sorted(best.values(), key=lambda r: -r["asr_score"]))
+    return results
+
+
+def read_audio(path: str) -> np.ndarray:
+    audio, sr = sf.read(path, dtype="float32")
+    if sr != 16000 or audio.ndim != 1:
+        raise ValueError(f"{path}: expected preprocessed 16 kHz mono audio, got {sr} Hz, shape {audio.shape}")
+    return audio
+
+
+def run_nbest(bundle: ModelBundle, manifest: pd.DataFrame, cfg: dict, normalise: Callable[[str], str],
+              shard: int = 0, num_shards: int = 1, limit: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """n-best table for one shard of the manifest's utterances in ``cfg['splits']``."""
+    pool = manifest[manifest["split"].isin(cfg["splits"])]
+    ids = shard_ids(pool["utt_id"].tolist(), shard, num_shards)[:limit]
+    part = pool.set_index("utt_id").loc[ids].reset_index()
+    rows = []
+    batches = length_batches(part["duration_s"].to_numpy(), cfg["batch_size"])
+    for idx in tqdm(batches, desc=f"n-best shard {shard + 1}/{num_shards}", unit="batch", disable=not progress,
+                    mininterval=1.0):
+        recs = part.iloc[idx]
+        audios = [read_audio(p) for p in recs["audio_path"]]
+        for utt_id, hyps in zip(recs["utt_id"], nbest_for_batch(bundle, audios, cfg, normalise)):
+            rows.extend({"utt_id": utt_id, "rank": r, **h} for r, h in enumerate(hyps))
+    df = pd.DataFrame(rows, columns=NBEST_COLUMNS)
+    return df.sort_values(["utt_id", "rank"]).reset_index(drop=True).astype(
+        {"rank": "int64", "n_tokens": "int64", "sum_logprob": "float64", "asr_score": "float64", "beam_score": "float64"})
+
+
+def nbest_metadata(bundle: ModelBundle, cfg: dict, **extra) -> dict[str, str]:
+    """Parquet file metadata: which model and decoding settings produced the lists."""
+    keys = ("num_beams", "num_return_sequences", "length_penalty", "max_new_tokens", "language", "task")
+    return {"mmasr.model": bundle.name, "mmasr.revision": bundle.revision,
+            "mmasr.decoding": json.dumps({k: cfg[k] for k in keys}, sort_keys=True),
+            **{f"mmasr.{k}": str(v) for k, v in extra.items()}}
+
+
+def merge_shards(paths: Sequence[str | Path], out: str | Path) -> pd.DataFrame:
+    """Gather shard files into one table; refuse shards made with different models or settings."""
+    import pyarrow.parquet as pq
+
+    tables, meta = [], None
+    for p in paths:
+        md = {k.decode(): v.decode() for k, v in (pq.read_schema(p).metadata or {}).items() if k.startswith(b"mmasr.")}
+        md.pop("mmasr.shard", None)
+        if meta is not None and md != meta:
+            raise ValueError(f"{p}: made with other settings than {paths[0]} ({md} vs {meta}); re-run the n-best shards")
+        meta = md
+        tables.append(pd.read_parquet(p))
+    df = pd.concat(tables, ignore_index=True).sort_values(["utt_id", "rank"]).reset_index(drop=True)
+    if df.duplicated(["utt_id", "rank"]).any():
+        raise ValueError("n-best shards overlap: an utterance appears in two shards")
+    write_parquet(out, df, metadata=meta)
+    return df

@@ -1,0 +1,97 @@
+"""``mmasr transcribe``: one audio file, any format and rate, optionally rescored with its picture."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .fusion import fuse, masked_softmax
+from .models import clip_image_embeddings, clip_text_embeddings, load_clip, load_whisper
+from .nbest import nbest_for_batch
+from .preprocess import Rejected, load_and_clean
+from .text import clip_text, normaliser
+
+log = logging.getLogger(__name__)
+UNTUNED_ALPHA = 0.3  # seed 000's default, used only when no tuned alpha exists
+
+
+def tuned_alpha(fusion_metrics: str | Path | None) -> float | None:
+    path = Path(fusion_metrics) if fusion_metrics else None
+    if path and path.is_file():
+        return float(json.loads(path.read_text())["best_alpha"])
+    return None
+
+
+def picture_embedding(p: dict, clip_bundle, image: str | Path | None, image_id: str | None,
+                      embeddings: str | Path | None) -> tuple[np.ndarray | None, str | None]:
+    """The picture's CLIP embedding and, when there is none, why (the warning to show)."""
+    if image is not None:
+        path = Path(image)
+        if not path.is_file():
+            return None, f"picture {path} not found: ASR-only"
+        try:
+            with Image.open(path) as img:
+                return clip_image_embeddings(clip_bundle, [img.convert("RGB")])[0], None
+        except OSError as exc:
+            return None, f"picture {path} unreadable ({exc}): ASR-only"
+    if image_id is not None:
+        from .clip import load_embeddings
+
+        if embeddings is None or not Path(embeddings).is_file():
+            return None, f"no embedding cache at {embeddings}: ASR-only"
+        cache = load_embeddings(embeddings)
+        if image_id not in cache:
+            return None, f"picture id {image_id!r} is not in {embeddings}: ASR-only"
+        return cache[image_id], None
+    return None, "no picture given: ASR-only"
+
+
+def transcribe(audio: str | Path, p: dict, image=None, image_id=None, alpha: float | None = None,
+               embeddings=None, fusion_metrics=None) -> dict:
+    """Seed 000's ``transcribe``: n-best from Whisper, fused with CLIP when a picture is available."""
+    try:
+        cleaned = load_and_clean(audio, p["preprocess"]).audio
+    except Rejected as exc:
+        raise ValueError(f"cannot transcribe {audio}: {exc.reason}: {exc.detail}") from None
+    m = p["models"]
+    whisper = load_whisper(m["whisper"], m["device"], m["whisper_revision"], m["trust_remote_code"])
+    hyps = nbest_for_batch(whisper, [cleaned], p["nbest"], normaliser(p["text"]))[0]
+    result: dict = {"audio": str(audio), "whisper": whisper.name}
+    asr = np.array([[h["asr_score"] for h in hyps]])
+    valid = np.ones_like(asr, bool)
+    p_asr = masked_softmax(asr, valid)[0]
+
+    vec, warning = None, None
+    if image is not None or image_id is not None:
+        clip_bundle = load_clip(m["clip"], m["device"], m["clip_revision"], m["trust_remote_code"])
+        vec, warning = picture_embedding(p, clip_bundle, image, image_id, embeddings)
+    else:
+        warning = "no picture given: ASR-only"
+    if vec is None:
+        log.warning("%s", warning)
+        result.update(mode="asr_only", warning=warning, transcription=hyps[0]["text"] if hyps else "",
+                      hypotheses=[{"text": h["text"], "asr_score": h["asr_score"], "asr_prob": float(q)}
+                                  for h, q in zip(hyps, p_asr)])
+        return result
+
+    if alpha is None:
+        alpha = tuned_alpha(fusion_metrics)
+        if alpha is None:
+            alpha = UNTUNED_ALPHA
+            result["warning"] = f"no tuned alpha at {fusion_metrics}; using {UNTUNED_ALPHA}"
+    texts = [clip_text(h["text"], p["text"]) for h in hyps]
+    cos = clip_text_embeddings(clip_bundle, texts) @ vec
+    tau = p["fusion"]["tau"]
+    fused = fuse(asr, cos[None, :], valid, np.array([alpha]), tau)[0, 0]
+    p_clip = masked_softmax(tau * cos[None, :], valid)[0]
+    order = np.argsort(-fused, kind="stable")
+    result.update(mode="multimodal", alpha=alpha, tau=tau, clip=clip_bundle.name,
+                  transcription=hyps[order[0]]["text"],
+                  hypotheses=[{"text": hyps[i]["text"], "asr_score": hyps[i]["asr_score"], "asr_prob": float(p_asr[i]),
+                               "clip_score": float(cos[i]), "clip_prob": float(p_clip[i]), "fused_score": float(fused[i])}
+                              for i in order])
+    return result

@@ -1,0 +1,74 @@
+# Phase 2: CLIP picture embeddings, cached once; and (phase 4a) each hypothesis's CLIP cosine.
+
+
+rule build_demo_models:
+    output:
+        whisper=directory("results/checkpoints/demo/whisper"),
+        clip=directory("results/checkpoints/demo/clip"),
+    params:
+        cfg=cfg_json("demo_models", "seed"),
+    log:
+        "results/logs/build_demo_models.log",
+    benchmark:
+        "results/benchmarks/build_demo_models.tsv"
+    conda:
+        "../envs/mmasr.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "mmasr build-demo-models --cfg {params.cfg:q} --out results/checkpoints/demo > {log} 2>&1"
+
+
+rule cache_image_embeddings:
+    input:
+        manifest="data/processed/manifest.parquet",
+        images="data/processed/images.parquet",
+        model=model_input("clip"),
+    output:
+        embeddings="data/cache/clip_image_embeddings.npz",
+        meta="data/cache/clip_image_embeddings.npz.json",
+        rejects="data/cache/clip_image_rejects.parquet",
+    params:
+        cfg=cfg_json("models", "images"),
+    log:
+        "results/logs/cache_image_embeddings.log",
+    benchmark:
+        "results/benchmarks/cache_image_embeddings.tsv"
+    conda:
+        "../envs/mmasr.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=1,
+    shell:
+        "mmasr cache-images --cfg {params.cfg:q} --manifest {input.manifest} --images {input.images}"
+        " --out {output.embeddings} --rejects {output.rejects} --quiet > {log} 2>&1"
+
+
+rule clip_text_scores:
+    input:
+        nbest="data/nbest/asr_nbest.parquet",
+        manifest="data/processed/manifest.parquet",
+        embeddings="data/cache/clip_image_embeddings.npz",
+        model=model_input("clip"),
+    output:
+        "data/nbest/nbest.parquet",
+    params:
+        cfg=cfg_json("models", "text"),
+    log:
+        "results/logs/clip_text_scores.log",
+    benchmark:
+        "results/benchmarks/clip_text_scores.tsv"
+    conda:
+        "../envs/mmasr.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=1,
+    shell:
+        "mmasr clip-scores --cfg {params.cfg:q} --nbest {input.nbest} --manifest {input.manifest}"
+        " --embeddings {input.embeddings} --out {output} --quiet > {log} 2>&1"
