@@ -150,7 +150,7 @@ def cmd_fuse(args) -> None:
     p = _params(args)
     grid, metrics, changed, per_speaker = run_fusion(pd.read_parquet(args.nbest), pd.read_parquet(args.manifest),
                                                      p["fusion"], p["text"], p["seed"])
-    metrics["provenance"] = provenance(p, ("fusion", "text", "nbest", "models"))
+    metrics.update(provenance(p, ("fusion", "text", "nbest", "models")))
     with atomic_path(args.grid) as tmp:
         grid.to_csv(tmp, index=False, float_format="%.6f")
     with atomic_path(args.per_speaker) as tmp:

@@ -39,16 +39,18 @@ so a killed run never leaves a complete-looking ``out_dir``.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
-from mmasr.demo import LEXICON
+from .demo import LEXICON
+from .models import quiet_hf_progress
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -256,6 +258,15 @@ def build_clip_tokenizer(words: Sequence[str], max_length: int):
                          bos_token=CLIP_BOS, eos_token=CLIP_EOS, pad_token=CLIP_EOS, unk_token=CLIP_EOS)
 
 
+def _write_vocab_merges(out: Path, tok) -> None:
+    """Write the classic GPT-2-format ``vocab.json``/``merges.txt`` next to ``tokenizer.json``, for
+    tools (and older transformers) that read those; transformers 5 itself loads ``tokenizer.json``."""
+    model = json.loads(tok.backend_tokenizer.to_str())["model"]
+    (out / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges), encoding="utf-8")
+
+
 # --------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------
@@ -329,16 +340,18 @@ def build_demo_whisper(out_dir: str | os.PathLike, cfg: dict, seed: int) -> Path
                                        hop_length=SAMPLE_RATE // 100, chunk_length=w["chunk_length_s"],
                                        n_fft=400)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    with quiet_hf_progress():
+        model.save_pretrained(out)
     WhisperProcessor(feature_extractor=features, tokenizer=tok).save_pretrained(out)
-    tok.save_vocabulary(str(out))  # classic vocab.json/merges.txt for tools that read those
+    _write_vocab_merges(out, tok)
     return out
 
 
 def build_demo_clip(out_dir: str | os.PathLike, cfg: dict, seed: int) -> Path:
     """Write a randomly initialised tiny CLIP (model, image processor, tokenizer) to ``out_dir``
     and return it. ``cfg`` is the ``clip`` section (defaults fill gaps)."""
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
+    from transformers import (CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTextConfig,
+                              CLIPVisionConfig)
 
     c = validate_config({"clip": cfg})["clip"]
     out = Path(out_dir)
@@ -355,9 +368,10 @@ def build_demo_clip(out_dir: str | os.PathLike, cfg: dict, seed: int) -> Path:
     size = c["image_size"]
     images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    with quiet_hf_progress():
+        model.save_pretrained(out)
     CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(out)
-    tok.save_vocabulary(str(out))
+    _write_vocab_merges(out, tok)
     return out
 
 

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .io import write_parquet
-from .models import ModelBundle, autocast, whisper_features, whisper_prompt_ids
+from .models import ModelBundle, autocast, whisper_features, whisper_generate_kwargs, whisper_prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +92,27 @@ def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
     gen_kwargs = dict(num_beams=cfg["num_beams"], num_return_sequences=cfg["num_return_sequences"],
                       length_penalty=cfg["length_penalty"], max_new_tokens=cfg["max_new_tokens"],
                       return_dict_in_generate=True, output_scores=True, do_sample=False)
-    if cfg["language"]:
-        gen_kwargs.update(language=cfg["language"], task=cfg["task"])
-    with autocast(bundle.device):
-        out = model.generate(**feats, **gen_kwargs)
-        encoder_states = model.get_encoder()(feats["input_features"]).last_hidden_state
+    gen_kwargs.update(whisper_generate_kwargs(bundle, cfg["language"], cfg["task"]))
     R = cfg["num_return_sequences"]
+    # generate() encodes the audio anyway; keep its encoder output instead of encoding twice
+    # (Whisper's generate() accepts no precomputed encoder outputs).
+    captured: list[torch.Tensor] = []
+    hook = model.get_encoder().register_forward_hook(lambda _m, _i, o: captured.append(o.last_hidden_state))
+    try:
+        with autocast(bundle.device):
+            out = model.generate(**feats, **gen_kwargs)
+    finally:
+        hook.remove()
+    if len(captured) == 1 and captured[0].shape[0] == len(out.sequences):
+        states = captured[0]  # already one row per returned sequence
+    else:  # another transformers version: encode explicitly
+        with autocast(bundle.device):
+            states = model.get_encoder()(feats["input_features"]).last_hidden_state.repeat_interleave(R, dim=0)
     eos, pad = model.generation_config.eos_token_id, model.generation_config.pad_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     seqs = out.sequences.cpu().tolist()
     hyps = [strip_prompt_and_padding(s, len(prompt), eos, pad if pad is not None else eos) for s in seqs]
     hyps = [h if h else [eos] for h in hyps]  # an empty beam still ends with end-of-text
-    states = encoder_states.repeat_interleave(R, dim=0)
     sum_lp = teacher_forced_logprobs(bundle, states, prompt, hyps)
     beam = out.sequences_scores.float().cpu().numpy() if getattr(out, "sequences_scores", None) is not None \
         else np.full(len(hyps), np.nan)

@@ -1,0 +1,497 @@
+"""Every model the pipeline uses, loaded by name: Whisper (n-best lists) and CLIP (pictures).
+
+Why one module
+--------------
+Demo and real checkpoints must go through the same code: a name is either a local folder written
+by ``save_pretrained`` (the demo models built by :mod:`mmasr.demo_models`, or a user's copy of a
+checkpoint) or a Hugging Face hub id (``openai/whisper-small``). Both are loaded with
+``from_pretrained``; local folders with ``local_files_only=True``, hub ids from the local HF cache
+first and from the network only when the cache lacks them (and offline mode is off), so a filled
+cache always gives the same commit. ``trust_remote_code`` is passed only when explicitly True.
+A failure names the model, how the name was read (local folder or hub id) and what to do.
+
+Each loaded model comes as a :class:`ModelBundle` with its revision (a content hash of a local
+folder, or the cached commit of a hub id) for provenance, and helpers compute what callers need:
+CLIP image/text embeddings (unit norm), Whisper log-mel features, and the decoder prompt that
+``generate()`` forces (so callers can strip it and re-score hypotheses consistently).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ModelBundle",
+    "ModelLoadError",
+    "pick_device",
+    "autocast",
+    "model_revision",
+    "is_local_name",
+    "load_whisper",
+    "load_clip",
+    "clip_image_embeddings",
+    "clip_text_embeddings",
+    "whisper_features",
+    "whisper_prompt_ids",
+    "whisper_generate_kwargs",
+    "describe_prompt",
+    "quiet_hf_progress",
+]
+
+_BUILD_HINT = ("build the embedded demo models (`mmasr build-demo-models`, the workflow's build_demo_models "
+               "rule) or point to a local folder written by save_pretrained")
+LOCAL_HINT = f"Hint: {_BUILD_HINT}."
+HUB_HINT = (f"Hint: no network here? {_BUILD_HINT[0].upper()}{_BUILD_HINT[1:]}, "
+            "or fill the HF cache where there is a network.")
+
+# Files whose bytes define a checkpoint's behaviour (config, weights, tokenizer, preprocessing).
+# Deliberately not "every file": training logs or READMEs in the folder must not change the revision.
+_REVISION_PATTERNS = (
+    "config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "normalizer.json", "*.safetensors", "*.safetensors.index.json",
+    "pytorch_model*.bin", "pytorch_model*.bin.index.json", "*.model", "*.tiktoken",
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says which, how it was looked up, and the fix."""
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model with its processor, where it runs, and what exactly it is."""
+
+    name: str  # as given (hub id or local path)
+    revision: str  # "sha256:<12 hex>" for a local folder, the commit hash for a hub id, or "unknown"
+    model: Any
+    processor: Any
+    device: torch.device
+
+
+# --------------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------------
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA, then MPS, then CPU. Otherwise the named device (``cpu``, ``mps``, ``cuda``,
+    ``cuda:N``), which must be available here: a run asked to use a GPU must not silently use the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, mps, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine "
+                               "(no GPU, or a CPU-only PyTorch); use device: auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif device.type == "mps" and not _mps_available():
+        raise RuntimeError(f"device {name!r} requested but MPS is not available; use device: auto or cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {name!r}: use auto, cpu, mps, cuda or cuda:N")
+    return device
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (where supported), a no-op elsewhere: CPU and MPS run in float32,
+    which keeps CPU results exactly reproducible."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------
+# Names and revisions
+# --------------------------------------------------------------------------------------------
+
+
+def is_local_name(name_or_path: str | Path) -> bool:
+    """True when ``name_or_path`` means a local folder: it exists, or it cannot be a hub id
+    (absolute, ``./``, ``~``, more than one ``/``...). ``org/name`` that is not a folder is a hub id."""
+    text = str(name_or_path)
+    return Path(text).expanduser().exists() or not _HUB_ID.match(text)
+
+
+def _revision_files(folder: Path) -> list[Path]:
+    files = {p for pattern in _REVISION_PATTERNS for p in folder.glob(pattern) if p.is_file()}
+    return sorted(files, key=lambda p: p.name)
+
+
+def _folder_digest(folder: Path) -> str:
+    """sha256 over the names and bytes of the files that define the checkpoint (order-independent
+    of the file system; independent of the folder's own path and of timestamps)."""
+    h = hashlib.sha256()
+    for path in _revision_files(folder):
+        h.update(path.name.encode() + b"\0" + str(path.stat().st_size).encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _cached_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit a hub id (at ``revision``, default main) resolves to in the local HF cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        found = try_to_load_from_cache(repo_id, filename, revision=revision)
+        if isinstance(found, str):
+            return Path(found).parent.name  # .../snapshots/<commit>/<filename>
+    return None
+
+
+def model_revision(name_or_path: str | Path, revision: str | None = None) -> str:
+    """What exactly a model name refers to, for provenance.
+
+    Local folder: ``"sha256:" + 12 hex digits`` over its config, weight and tokenizer files
+    (stable across copies and machines). Hub id: the commit hash ``revision`` (default main)
+    resolves to in the local HF cache; a full commit hash given as ``revision`` is returned as is;
+    ``"unknown"`` when neither tells.
+    """
+    path = Path(str(name_or_path)).expanduser()
+    if is_local_name(name_or_path):
+        return f"sha256:{_folder_digest(path)[:12]}" if path.is_dir() else "unknown"
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    try:
+        return _cached_commit(str(name_or_path), revision) or "unknown"
+    except Exception:  # noqa: BLE001 - a provenance lookup must never break loading
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """A direct TCP connection to the hub succeeds. Checked before downloading because, without a
+    network, huggingface_hub retries every file for minutes. Behind a proxy we cannot tell: assume yes."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(_hub_endpoint())
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                      timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """Silence transformers' progress bars (weight loading/saving) for the duration: they would
+    clutter the pipeline's logs."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _check_local_folder(kind: str, name: str, folder: Path, model_type: str) -> None:
+    where = f"{kind} model {name!r} (treated as a local folder: {folder})"
+    if not folder.exists():
+        raise ModelLoadError(f"cannot load {where}: the folder does not exist. {LOCAL_HINT}")
+    if not folder.is_dir():
+        raise ModelLoadError(f"cannot load {where}: it is not a folder. {LOCAL_HINT}")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"cannot load {where}: it has no config.json, so it is not a saved model. {LOCAL_HINT}")
+    try:
+        found = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load {where}: unreadable config.json ({exc})") from exc
+    if found != model_type:
+        raise ModelLoadError(f"cannot load {where}: config.json says model_type={found!r}, expected {model_type!r} "
+                             "(is this the other model's folder?)")
+
+
+def _load(kind: str, name: str, model_type: str, revision: str | None, trust_remote_code: bool,
+          load: Callable[[str, dict], tuple[Any, Any]]) -> tuple[Any, Any, str]:
+    """Run ``load(source, from_pretrained_kwargs)`` for a local folder or a hub id, with clear errors.
+
+    Hub ids are tried from the local cache first, then (unless offline) from the network.
+    """
+    extra: dict[str, Any] = {"trust_remote_code": True} if trust_remote_code is True else {}
+    if is_local_name(name):
+        folder = Path(name).expanduser()
+        _check_local_folder(kind, name, folder, model_type)
+        if revision:
+            log.warning("%s model %s is a local folder: revision %r is ignored", kind, name, revision)
+        try:
+            model, processor = load(str(folder), {"local_files_only": True, **extra})
+        except Exception as exc:  # noqa: BLE001 - re-raised with the model's name and the hint
+            raise ModelLoadError(f"cannot load {kind} model {name!r} (treated as a local folder: {folder}): "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        return model, processor, model_revision(folder)
+
+    kw = {"revision": revision, **extra} if revision else dict(extra)
+    try:
+        model, processor = load(name, {"local_files_only": True, **kw})
+    except Exception as cache_exc:  # noqa: BLE001 - not (fully) cached: fall through to the network
+        if _offline():
+            raise ModelLoadError(
+                f"cannot load {kind} model {name!r} (treated as a Hugging Face hub id): it is not in the local "
+                f"HF cache and offline mode (HF_HUB_OFFLINE) is on ({type(cache_exc).__name__}: {cache_exc}). "
+                f"{HUB_HINT}") from cache_exc
+        if not _hub_reachable():
+            raise ModelLoadError(
+                f"cannot load {kind} model {name!r} (treated as a Hugging Face hub id): it is not in the local "
+                f"HF cache and the hub ({_hub_endpoint()}) cannot be reached ({type(cache_exc).__name__}: "
+                f"{cache_exc}). {HUB_HINT}") from cache_exc
+        try:
+            model, processor = load(name, kw)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(
+                f"cannot load {kind} model {name!r} (treated as a Hugging Face hub id"
+                f"{f' at revision {revision!r}' if revision else ''}): {type(exc).__name__}: {exc}. "
+                f"{HUB_HINT}") from exc
+    return model, processor, model_revision(name, revision)
+
+
+def _from_pretrained(model_cls, source: str, kw: dict):
+    """``model_cls.from_pretrained`` in float32 that refuses checkpoints with missing weights
+    (which transformers would otherwise fill with random values, with only a warning)."""
+    with quiet_hf_progress():
+        model, info = model_cls.from_pretrained(source, dtype=torch.float32, output_loading_info=True, **kw)
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"{len(missing)} weights missing from the checkpoint (e.g. {missing[:3]})")
+    return model
+
+
+def _bundle(name: str, revision: str, model, processor, device: str | torch.device) -> ModelBundle:
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    model.eval().to(dev)
+    return ModelBundle(name=str(name), revision=revision, model=model, processor=processor, device=dev)
+
+
+def load_whisper(name_or_path: str, device: str | torch.device = "auto", revision: str | None = None,
+                 trust_remote_code: bool = False) -> ModelBundle:
+    """``WhisperForConditionalGeneration`` + ``WhisperProcessor``, in eval mode on ``device``."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    dev = pick_device(device) if not isinstance(device, torch.device) else device  # fail before loading
+
+    def load(source: str, kw: dict):
+        processor = WhisperProcessor.from_pretrained(source, **kw)
+        return _from_pretrained(WhisperForConditionalGeneration, source, kw), processor
+
+    model, processor, rev = _load("Whisper", str(name_or_path), "whisper", revision, trust_remote_code, load)
+    return _bundle(name_or_path, rev, model, processor, dev)
+
+
+def load_clip(name_or_path: str, device: str | torch.device = "auto", revision: str | None = None,
+              trust_remote_code: bool = False) -> ModelBundle:
+    """``CLIPModel`` + ``CLIPProcessor``, in eval mode on ``device``.
+
+    The image processor is pinned to transformers' PIL backend: the default would switch to the
+    torchvision backend (slightly different resizing) whenever torchvision happens to be installed.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPProcessor
+
+    dev = pick_device(device) if not isinstance(device, torch.device) else device
+
+    def load(source: str, kw: dict):
+        images = AutoImageProcessor.from_pretrained(source, backend="pil", **kw)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+        processor = CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+        return _from_pretrained(CLIPModel, source, kw), processor
+
+    model, processor, rev = _load("CLIP", str(name_or_path), "clip", revision, trust_remote_code, load)
+    return _bundle(name_or_path, rev, model, processor, dev)
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _pooled(features: Any) -> torch.Tensor:
+    """transformers 5 returns ``BaseModelOutputWithPooling`` (projected features in ``pooler_output``)
+    from ``get_image_features``/``get_text_features``; 4.x returned the tensor itself."""
+    if isinstance(features, torch.Tensor):
+        return features
+    pooled = getattr(features, "pooler_output", None)
+    if isinstance(pooled, torch.Tensor):
+        return pooled
+    raise TypeError(f"unexpected CLIP feature output {type(features).__name__}")
+
+
+def _unit_rows(x: torch.Tensor) -> np.ndarray:
+    return torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy().astype(np.float32, copy=False)
+
+
+def _clip_dim(bundle: ModelBundle) -> int:
+    return int(bundle.model.config.projection_dim)
+
+
+@torch.inference_mode()
+def clip_image_embeddings(bundle: ModelBundle, images: list) -> np.ndarray:
+    """(n, d) float32 L2-normalised CLIP embeddings of PIL images (one forward pass: batch outside)."""
+    if not images:
+        return np.zeros((0, _clip_dim(bundle)), np.float32)
+    pixels = bundle.processor.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+    with autocast(bundle.device):
+        out = bundle.model.get_image_features(pixel_values=pixels["pixel_values"].to(bundle.device))
+    return _unit_rows(_pooled(out))
+
+
+@torch.inference_mode()
+def clip_text_embeddings(bundle: ModelBundle, texts: list[str]) -> np.ndarray:
+    """(n, d) float32 L2-normalised CLIP embeddings of texts (truncated to the text tower's length)."""
+    if not texts:
+        return np.zeros((0, _clip_dim(bundle)), np.float32)
+    max_len = int(bundle.model.config.text_config.max_position_embeddings)
+    enc = bundle.processor.tokenizer(list(texts), padding=True, truncation=True, max_length=max_len,
+                                     return_tensors="pt")
+    with autocast(bundle.device):
+        out = bundle.model.get_text_features(input_ids=enc["input_ids"].to(bundle.device),
+                                             attention_mask=enc["attention_mask"].to(bundle.device))
+    return _unit_rows(_pooled(out))
+
+
+# --------------------------------------------------------------------------------------------
+# Whisper helpers
+# --------------------------------------------------------------------------------------------
+
+
+def whisper_features(bundle: ModelBundle, audios: list[np.ndarray], sr: int = 16000) -> dict[str, torch.Tensor]:
+    """Log-mel ``input_features`` (n, num_mel_bins, frames) for 1-D float audio at ``sr``, on the
+    model's device, padded/truncated to the model's window. No attention mask: Whisper's encoder
+    attends to the padding by design, and short-form ``generate()`` does not use one."""
+    fe = bundle.processor.feature_extractor
+    if sr != fe.sampling_rate:
+        raise ValueError(f"audio at {sr} Hz, but {bundle.name} expects {fe.sampling_rate} Hz (resample first)")
+    if not audios:
+        raise ValueError("whisper_features needs at least one audio array")
+    arrays = [np.asarray(a, dtype=np.float32) for a in audios]
+    for i, a in enumerate(arrays):
+        if a.ndim != 1:
+            raise ValueError(f"audio {i}: expected a 1-D mono array, got shape {a.shape}")
+    longest = max(len(a) for a in arrays)
+    if longest > fe.n_samples:
+        log.warning("audio of %.2f s is longer than %s's %.1f s window: the rest is cut off",
+                    longest / sr, bundle.name, fe.n_samples / sr)
+    feats = fe(arrays, sampling_rate=sr, return_tensors="pt")
+    return {"input_features": feats["input_features"].to(bundle.device, dtype=bundle.model.dtype)}
+
+
+def _language_code(language: str) -> str:
+    """``en``, ``english`` or ``<|en|>`` -> ``en`` (Whisper's own table)."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    lang = language.strip().lower()
+    if lang.startswith("<|") and lang.endswith("|>"):
+        lang = lang[2:-2]
+    if lang in LANGUAGES:
+        return lang
+    if lang in TO_LANGUAGE_CODE:
+        return TO_LANGUAGE_CODE[lang]
+    raise ValueError(f"unknown Whisper language {language!r}")
+
+
+def _english_only(gen) -> bool:
+    """English-only checkpoints (``*.en``, the demo model) have no language table, or say so."""
+    return getattr(gen, "is_multilingual", None) is False or not getattr(gen, "lang_to_id", None)
+
+
+def _forced_after_start(gen) -> list[int]:
+    """Consecutive ``forced_decoder_ids`` from position 1 (legacy configs such as ``*.en``)."""
+    out: list[int] = []
+    for position, token in getattr(gen, "forced_decoder_ids", None) or []:
+        if position != len(out) + 1 or token is None:
+            break
+        out.append(int(token))
+    return out
+
+
+def whisper_generate_kwargs(bundle: ModelBundle, language: str | None, task: str = "transcribe") -> dict:
+    """The language/task arguments to pass to ``generate()`` so it forces :func:`whisper_prompt_ids`:
+    none for English-only models (which refuse them), ``language``/``task`` for multilingual ones."""
+    whisper_prompt_ids(bundle, language, task)  # validates the combination
+    if _english_only(bundle.model.generation_config):
+        return {}
+    return {"language": _language_code(language), "task": task or "transcribe"}
+
+
+def whisper_prompt_ids(bundle: ModelBundle, language: str | None, task: str = "transcribe") -> list[int]:
+    """The decoder prompt ``generate()`` forces before the transcript (no timestamps).
+
+    Multilingual: ``[<|startoftranscript|>, <|lang|>, <|task|>, <|notimestamps|>]``; a language is
+    required (without one, generate() detects it per utterance, so no fixed prompt exists).
+    English-only (``*.en``, the demo model): ``[<|startoftranscript|>, <|notimestamps|>]``; the
+    language may be omitted or English, the task must be ``transcribe``.
+    """
+    gen = bundle.model.generation_config
+    prompt = [int(gen.decoder_start_token_id)]
+    if _english_only(gen):
+        if language is not None and _language_code(language) != "en":
+            raise ValueError(f"{bundle.name} is an English-only Whisper; it cannot transcribe language {language!r}")
+        if task not in (None, "transcribe"):
+            raise ValueError(f"{bundle.name} is an English-only Whisper; task {task!r} is not available")
+        prompt += _forced_after_start(gen)
+    else:
+        if language is None:
+            raise ValueError(f"{bundle.name} is multilingual: name the language (e.g. nbest.language: en); "
+                             "without one generate() detects it per utterance")
+        lang_token = f"<|{_language_code(language)}|>"
+        if lang_token not in gen.lang_to_id:
+            raise ValueError(f"{bundle.name} has no language token {lang_token}")
+        task = task or "transcribe"
+        if task not in getattr(gen, "task_to_id", {}):
+            raise ValueError(f"{bundle.name} has no task {task!r} (known: {sorted(getattr(gen, 'task_to_id', {}))})")
+        prompt += [int(gen.lang_to_id[lang_token]), int(gen.task_to_id[task])]
+    no_ts = getattr(gen, "no_timestamps_token_id", None)
+    if no_ts is not None and prompt[-1] != no_ts:
+        prompt.append(int(no_ts))
+    return prompt
+
+
+def describe_prompt(bundle: ModelBundle, ids: list[int]) -> list[str]:
+    """Token strings of a prompt (for logs and reports)."""
+    return bundle.processor.tokenizer.convert_ids_to_tokens(list(ids))
+
