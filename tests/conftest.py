@@ -40,3 +40,39 @@ def preprocess_cfg() -> dict:
     from mmasr.config import validate
 
     return validate({})["preprocess"]
+
+
+@pytest.fixture(scope="session")
+def demo_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Random-init demo Whisper and CLIP in HF format (built once per test session)."""
+    from mmasr.demo_models import build_demo_models
+
+    return build_demo_models(tmp_path_factory.mktemp("demo_models") / "demo", {}, seed=0)
+
+
+@pytest.fixture(scope="session")
+def whisper_bundle(demo_model_dirs):
+    from mmasr.models import load_whisper
+
+    return load_whisper(str(demo_model_dirs["whisper"]), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def clip_bundle(demo_model_dirs):
+    from mmasr.models import load_clip
+
+    return load_clip(str(demo_model_dirs["clip"]), device="cpu")
+
+
+def processed_corpus(root: Path, n: int = 6) -> "pd.DataFrame":
+    """A manifest of processed-looking 16 kHz utterances split between dev and test."""
+    import pandas as pd
+
+    rows = []
+    for i in range(n):
+        path = write_wav(root / f"u{i}.wav", tone(0.6 + 0.1 * i, freq=150 + 40 * i, lead=0.1, tail=0.1))
+        rows.append({"utt_id": f"u{i}", "speaker": f"s{i % 3}", "group": "impaired" if i % 2 else "control",
+                     "audio_path": str(path), "duration_s": 0.8 + 0.1 * i, "text": "a red bear",
+                     "image_id": f"img{i % 2}" if i < n - 1 else None, "split": "dev" if i < n // 2 else "test",
+                     "source": "test"})
+    return pd.DataFrame(rows)

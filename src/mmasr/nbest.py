@@ -26,7 +26,7 @@ from .models import ModelBundle, autocast, whisper_features, whisper_generate_kw
 
 log = logging.getLogger(__name__)
 
-NBEST_COLUMNS = ["utt_id", "rank", "text", "n_tokens", "sum_logprob", "asr_score", "beam_score"]
+NBEST_COLUMNS = ["utt_id", "rank", "text", "n_tokens", "sum_logprob", "asr_score", "beam_score", "token_ids"]
 
 
 def shard_ids(utt_ids: Sequence[str], shard: int, num_shards: int) -> list[str]:
@@ -123,7 +123,8 @@ def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
             n = len(hyps[k])
             text = tok.decode(hyps[k], skip_special_tokens=True).strip()
             rec = {"text": text, "n_tokens": n, "sum_logprob": float(sum_lp[k]),
-                   "asr_score": float(sum_lp[k]) / n ** cfg["length_penalty"], "beam_score": float(beam[k])}
+                   "asr_score": float(sum_lp[k]) / n ** cfg["length_penalty"], "beam_score": float(beam[k]),
+                   "token_ids": hyps[k]}
             key = normalise(text)
             if key not in best or rec["asr_score"] > best[key]["asr_score"]:
                 best[key] = rec

@@ -1,0 +1,60 @@
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mmasr import clip as clip_mod
+from mmasr.clip import add_clip_scores, cache_images, load_embeddings, save_embeddings
+from mmasr.config import validate
+from mmasr.text import caption, clip_text, normalise
+from tests.conftest import write_picture
+
+TEXT = validate({})["text"]
+
+
+def test_normalisation_and_caption_style():
+    assert normalise("Um, a RED red bear... you know") == "a red bear"
+    assert caption("bear") == "an image showing bear" and caption("two bears") == "an image showing two bears"
+    assert caption("a red bear") == "a red bear" and caption("") == ""
+    assert clip_text("Uh bear!", TEXT) == "an image showing bear"
+    assert clip_text("Uh bear!", {**TEXT, "caption_style": False}) == "bear"
+
+
+def test_image_cache_embeds_pictures_and_rejects_broken_ones(clip_bundle, tmp_path):
+    ok1, ok2 = write_picture(tmp_path / "a.png"), write_picture(tmp_path / "b.png", mode="L")
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    images = pd.DataFrame({"image_id": ["b", "a", "bad", "a"], "path": [str(ok2), str(ok1), str(tmp_path / "bad.png"), str(ok1)]})
+    ids, vecs, rejects = cache_images(clip_bundle, images, batch_size=2, progress=False)
+    assert ids == ["a", "b"] and vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert rejects[["id", "reason"]].values.tolist() == [["bad", "unreadable_image"]]
+
+
+def test_embedding_file_is_byte_stable_and_round_trips(tmp_path):
+    vecs = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    digests = []
+    for name in ("x.npz", "y.npz"):
+        save_embeddings(tmp_path / name, ["c", "a", "b"], vecs, {"model": "m", "revision": "r"})
+        digests.append(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    loaded = load_embeddings(tmp_path / "x.npz")
+    np.testing.assert_array_equal(loaded["c"], vecs[0])
+    meta = __import__("json").loads((tmp_path / "x.npz.json").read_text())
+    assert meta == {"model": "m", "revision": "r", "dimension": 4, "count": 3}
+
+
+def test_clip_scores_encode_each_text_once_and_leave_nan_without_picture(clip_bundle, monkeypatch):
+    nbest = pd.DataFrame({"utt_id": ["u1", "u1", "u2", "u2", "u3"], "rank": [0, 1, 0, 1, 0],
+                          "text": ["a red bear", "a red pear", "a red bear", "bear", "a red bear"]})
+    manifest = pd.DataFrame({"utt_id": ["u1", "u2", "u3"], "image_id": ["img", "img", None]})
+    dim = clip_bundle.model.config.projection_dim
+    img = np.ones(dim, np.float32) / np.sqrt(dim)
+    encoded = []
+    real = clip_mod.clip_text_embeddings
+    monkeypatch.setattr(clip_mod, "clip_text_embeddings", lambda b, texts: (encoded.extend(texts), real(b, texts))[1])
+    out = add_clip_scores(nbest, manifest, {"img": img}, clip_bundle, TEXT, progress=False)
+    assert sorted(encoded) == ["a red bear", "a red pear", "an image showing bear"]  # distinct texts, once each
+    assert out["clip_cos"].isna().tolist() == [False, False, False, False, True]
+    assert out.loc[0, "clip_cos"] == pytest.approx(out.loc[2, "clip_cos"])
+    assert out.loc[3, "clip_text"] == "an image showing bear"

@@ -1,0 +1,122 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mmasr.config import validate
+from mmasr.nbest import (length_batches, merge_shards, nbest_for_batch, nbest_metadata, read_audio, run_nbest,
+                         shard_ids, strip_prompt_and_padding, teacher_forced_logprobs)
+from mmasr.io import write_parquet
+from mmasr.models import whisper_features, whisper_prompt_ids
+from mmasr.text import normaliser
+from tests.conftest import processed_corpus
+
+P = validate({})
+CFG = {**P["nbest"], "max_new_tokens": 8, "batch_size": 4}
+NORM = normaliser(P["text"])
+
+
+def test_shards_partition_the_sorted_ids():
+    ids = [f"u{i}" for i in range(7)]
+    parts = [shard_ids(ids[::-1], s, 3) for s in range(3)]
+    assert sorted(sum(parts, [])) == sorted(ids) and all(parts)
+    with pytest.raises(ValueError, match="shard 3 is not in 0..2"):
+        shard_ids(ids, 3, 3)
+
+
+def test_length_batches_group_similar_durations():
+    batches = length_batches([1.0, 3.0, 2.0, 2.5], batch_size=2)
+    assert [b.tolist() for b in batches] == [[1, 3], [2, 0]]
+
+
+def test_strip_prompt_and_padding():
+    assert strip_prompt_and_padding([50, 51, 7, 8, 2, 2, 2], 2, eos_id=2, pad_id=2) == [7, 8, 2]
+    assert strip_prompt_and_padding([50, 51, 7, 8], 2, eos_id=2, pad_id=2) == [7, 8]  # cut by max_new_tokens
+
+
+def test_stored_scores_equal_an_unbatched_teacher_forced_recomputation(whisper_bundle, tmp_path):
+    man = processed_corpus(tmp_path)
+    audios = [read_audio(p) for p in man["audio_path"]]
+    batched = nbest_for_batch(whisper_bundle, audios, CFG, NORM)
+    prompt = whisper_prompt_ids(whisper_bundle, None)
+    tok = whisper_bundle.processor.tokenizer
+    model = whisper_bundle.model
+    checked = 0
+    for audio, hyps in zip(audios, batched):
+        assert 1 <= len(hyps) <= CFG["num_return_sequences"]
+        assert [h["asr_score"] for h in hyps] == sorted((h["asr_score"] for h in hyps), reverse=True)
+        feats = whisper_features(whisper_bundle, [audio])["input_features"]
+        with torch.inference_mode():
+            logits_states = model.get_encoder()(feats).last_hidden_state
+        for h in hyps:
+            ids = list(h["token_ids"])
+            assert len(ids) == h["n_tokens"] and tok.decode(ids, skip_special_tokens=True).strip() == h["text"]
+            # one hypothesis alone, no padding, token by token
+            with torch.inference_mode():
+                seq = torch.tensor([prompt + ids])
+                logp = torch.log_softmax(model(encoder_outputs=(logits_states,), decoder_input_ids=seq[:, :-1]).logits, -1)
+            expected = sum(float(logp[0, len(prompt) - 1 + t, tok_id]) for t, tok_id in enumerate(ids))
+            assert h["sum_logprob"] == pytest.approx(expected, abs=1e-4)
+            checked += 1
+        for h in hyps:  # transformers' own beam score, same convention (length-normalised, eos counted)
+            assert h["asr_score"] == pytest.approx(h["beam_score"], abs=1e-4)
+    assert checked > 0
+
+
+def test_teacher_forcing_is_independent_of_batch_padding(whisper_bundle, tmp_path):
+    man = processed_corpus(tmp_path, n=2)
+    feats = whisper_features(whisper_bundle, [read_audio(p) for p in man["audio_path"]])["input_features"]
+    with torch.inference_mode():
+        states = whisper_bundle.model.get_encoder()(feats).last_hidden_state
+    prompt = whisper_prompt_ids(whisper_bundle, None)
+    short, long_ = [5, 6, 2], [7, 8, 9, 10, 11, 2]
+    together = teacher_forced_logprobs(whisper_bundle, states, prompt, [short, long_])
+    alone = [teacher_forced_logprobs(whisper_bundle, states[i:i + 1], prompt, [h])[0] for i, h in enumerate([short, long_])]
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_sharded_and_unsharded_nbest_are_identical(whisper_bundle, tmp_path):
+    man = processed_corpus(tmp_path)
+    whole = run_nbest(whisper_bundle, man, CFG, NORM, progress=False)
+    paths = []
+    for s in range(3):
+        part = run_nbest(whisper_bundle, man, CFG, NORM, shard=s, num_shards=3, progress=False)
+        paths.append(tmp_path / f"{s}-of-3.parquet")
+        write_parquet(paths[-1], part, metadata=nbest_metadata(whisper_bundle, CFG, shard=f"{s}/3"))
+    merged = merge_shards(paths, tmp_path / "merged.parquet")
+    pd.testing.assert_frame_equal(merged, whole)
+    assert set(whole["utt_id"]) == set(man["utt_id"])  # dev and test
+    assert list(whole.columns) == ["utt_id", "rank", "text", "n_tokens", "sum_logprob", "asr_score", "beam_score",
+                                   "token_ids"]
+
+
+def test_merge_refuses_shards_from_different_settings(whisper_bundle, tmp_path):
+    man = processed_corpus(tmp_path, n=2)
+    part = run_nbest(whisper_bundle, man, CFG, NORM, progress=False)
+    write_parquet(tmp_path / "a.parquet", part, metadata=nbest_metadata(whisper_bundle, CFG, shard="0/2"))
+    write_parquet(tmp_path / "b.parquet", part, metadata=nbest_metadata(whisper_bundle, {**CFG, "num_beams": 4}, shard="1/2"))
+    with pytest.raises(ValueError, match="made with other settings"):
+        merge_shards([tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "m.parquet")
+
+
+def test_all_empty_beams_are_kept_as_one_empty_hypothesis(whisper_bundle, tmp_path, monkeypatch):
+    man = processed_corpus(tmp_path, n=1)
+    model = whisper_bundle.model
+    eos = model.generation_config.eos_token_id
+    bias = torch.zeros(model.config.vocab_size)
+    bias[eos] = 100.0  # the decoder now ends every beam at once
+    handle = model.proj_out.register_forward_hook(lambda _m, _i, out: out + bias)
+    try:
+        hyps = nbest_for_batch(whisper_bundle, [read_audio(man["audio_path"][0])], CFG, NORM)[0]
+    finally:
+        handle.remove()
+    # Whisper suppresses end-of-text at the first step, so one (special) token may precede it.
+    assert len(hyps) == 1 and hyps[0]["text"] == "" and hyps[0]["n_tokens"] <= 2
+
+
+def test_read_audio_refuses_unprocessed_files(tmp_path):
+    from tests.conftest import tone, write_wav
+
+    path = write_wav(tmp_path / "x.wav", tone(sr=22050), sr=22050)
+    with pytest.raises(ValueError, match="expected preprocessed 16 kHz mono"):
+        read_audio(str(path))
