@@ -1,0 +1,136 @@
+"""Benchmarks for the rescoring core, each against the naive way, measured in the same run.
+
+1. n-best: batched beam search over many utterances vs one utterance at a time (seeds 000/001's
+   loop), same model and audio; the hypotheses must be the same.
+2. alpha grid search: CLIP cosines computed once per distinct text and the grid as array arithmetic,
+   vs seed 001's loop (for every alpha and utterance, re-encode the hypotheses with CLIP, softmax,
+   pick, score with jiwer); WER per alpha and the best alpha must be identical.
+
+Run after the pipeline (it reads data/processed, data/nbest, data/cache and the models in params):
+    python benchmarks/rescoring.py [--params params.yaml] [--utts 48] [--out results/benchmarks/rescoring.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jiwer
+import numpy as np
+import pandas as pd
+import torch
+
+from mmasr import config
+from mmasr.clip import add_clip_scores, load_embeddings
+from mmasr.fusion import alpha_grid, choose, fuse, grid_wer, masked_softmax, to_arrays
+from mmasr.io import write_json
+from mmasr.models import clip_text_embeddings, load_clip, load_whisper
+from mmasr.nbest import nbest_for_batch, read_audio
+from mmasr.text import clip_text, normaliser
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def bench_nbest(p: dict, manifest: pd.DataFrame, n_utts: int) -> dict:
+    bundle = load_whisper(p["models"]["whisper"], p["models"]["device"])
+    norm = normaliser(p["text"])
+    cfg = p["nbest"]
+    utts = manifest[manifest["split"].isin(cfg["splits"])].sort_values("utt_id").head(n_utts)
+    audios = [read_audio(a) for a in utts["audio_path"]]
+    nbest_for_batch(bundle, audios[:2], cfg, norm)  # warm-up (allocations, lazy imports)
+    one_by_one, t_loop = timed(lambda: [nbest_for_batch(bundle, [a], cfg, norm)[0] for a in audios])
+    bs = cfg["batch_size"]
+    batched, t_batch = timed(lambda: [h for i in range(0, len(audios), bs)
+                                      for h in nbest_for_batch(bundle, audios[i:i + bs], cfg, norm)])
+    same_texts = all([h["text"] for h in a] == [h["text"] for h in b] for a, b in zip(one_by_one, batched))
+    max_score_diff = max(abs(x["asr_score"] - y["asr_score"]) for a, b in zip(one_by_one, batched) for x, y in zip(a, b))
+    return {"nbest_utts": len(audios), "nbest_batch_size": bs, "nbest_loop_s": t_loop, "nbest_batched_s": t_batch,
+            "nbest_batched_speedup": t_loop / t_batch, "nbest_same_hypotheses": bool(same_texts),
+            "nbest_max_score_diff": float(max_score_diff), "device": str(bundle.device)}
+
+
+def seed_loop_grid(nbest: pd.DataFrame, manifest: pd.DataFrame, embeddings: dict, bundle, p: dict,
+                   alphas: np.ndarray) -> list[float]:
+    """Seed 001's grid search: every alpha re-encodes every hypothesis with CLIP and re-scores with jiwer."""
+    norm = normaliser(p["text"])
+    meta = manifest.set_index("utt_id")
+    groups = list(nbest.sort_values(["utt_id", "rank"]).groupby("utt_id", sort=True))
+    wers = []
+    for alpha in alphas:
+        refs, hyps = [], []
+        for utt, g in groups:
+            texts = g["text"].fillna("").tolist()
+            asr = masked_softmax(g["asr_score"].to_numpy()[None], np.ones((1, len(g)), bool))[0]
+            image = meta.at[utt, "image_id"]
+            if isinstance(image, str) and image in embeddings:
+                with torch.inference_mode():
+                    cos = clip_text_embeddings(bundle, [clip_text(t, p["text"]) for t in texts]) @ embeddings[image]
+                clip = masked_softmax(p["fusion"]["tau"] * cos[None], np.ones((1, len(g)), bool))[0]
+                score = (1 - alpha) * asr + alpha * clip
+            else:
+                score = asr
+            refs.append(norm(meta.at[utt, "text"]))
+            hyps.append(norm(texts[int(np.argmax(score))]))
+        wers.append(jiwer.wer(refs, hyps))
+    return wers
+
+
+def bench_grid(p: dict, manifest: pd.DataFrame, split: str) -> dict:
+    bundle = load_clip(p["models"]["clip"], p["models"]["device"])
+    embeddings = load_embeddings("data/cache/clip_image_embeddings.npz")
+    asr_nbest = pd.read_parquet("data/nbest/asr_nbest.parquet")
+    ids = set(manifest.loc[manifest["split"] == split, "utt_id"])
+    asr_nbest = asr_nbest[asr_nbest["utt_id"].isin(ids)]
+    alphas = alpha_grid(p["fusion"])
+
+    def vectorised():
+        scored = add_clip_scores(asr_nbest, manifest, embeddings, bundle, p["text"], progress=False)
+        nb = to_arrays(scored, manifest.set_index("utt_id")["text"], p["text"])
+        return grid_wer(choose(fuse(nb.asr, nb.clip, nb.valid, alphas, p["fusion"]["tau"])), nb.errors, nb.ref_words)
+
+    fast, t_fast = timed(vectorised)
+    slow, t_slow = timed(lambda: seed_loop_grid(asr_nbest, manifest, embeddings, bundle, p, alphas))
+    slow = np.array(slow)
+    return {"grid_split": split, "grid_alphas": len(alphas), "grid_utts": len(ids), "grid_loop_s": t_slow,
+            "grid_vectorised_s": t_fast, "grid_vectorised_speedup": t_slow / t_fast,
+            "grid_identical_wer": bool(np.allclose(fast, slow, atol=1e-12)),
+            "grid_identical_best_alpha": bool(alphas[np.argmin(fast)] == alphas[np.argmin(slow)])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--utts", type=int, default=48, help="utterances for the n-best comparison")
+    ap.add_argument("--grid-split", default="dev")
+    ap.add_argument("--out", type=Path, default=Path("results/benchmarks/rescoring.json"))
+    args = ap.parse_args(argv)
+    p = config.load(args.params)
+    missing = [f for f in ("data/processed/manifest.parquet", "data/nbest/asr_nbest.parquet",
+                           "data/cache/clip_image_embeddings.npz") if not Path(f).is_file()]
+    if missing:
+        print(f"run the pipeline first (snakemake --cores 2); missing: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    torch.manual_seed(p["seed"])
+    manifest = pd.read_parquet("data/processed/manifest.parquet")
+    result = {**bench_nbest(p, manifest, args.utts), **bench_grid(p, manifest, args.grid_split),
+              "torch_threads": torch.get_num_threads()}
+    write_json(args.out, result)
+    print(f"{'benchmark':<34}{'naive s':>10}{'fast s':>10}{'ratio':>9}  check")
+    print(f"{'n-best, batched vs one at a time':<34}{result['nbest_loop_s']:>10.2f}{result['nbest_batched_s']:>10.2f}"
+          f"{result['nbest_batched_speedup']:>8.1f}x  same hypotheses: {result['nbest_same_hypotheses']}")
+    print(f"{'alpha grid, vectorised vs loop':<34}{result['grid_loop_s']:>10.2f}{result['grid_vectorised_s']:>10.3f}"
+          f"{result['grid_vectorised_speedup']:>8.1f}x  identical WER per alpha: {result['grid_identical_wer']}, "
+          f"best alpha: {result['grid_identical_best_alpha']}")
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
