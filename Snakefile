@@ -20,6 +20,7 @@ include: "workflow/rules/ingest.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/split.smk"
 include: "workflow/rules/clip.smk"
+include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/nbest.smk"
 include: "workflow/rules/fusion.smk"
 

@@ -142,3 +142,38 @@ def test_dvc_repro_builds_the_same_manifest_as_snakemake(tiny_run, tmp_path):
     run([sys.executable, "-m", "dvc", "repro", "--quiet", "split"], work)  # the data stages
     for rel in ("data/processed/manifest.parquet", "results/metrics/preprocess.json", "results/metrics/split.json"):
         assert file_digest(tiny_run / rel) == file_digest(work / rel), rel
+
+
+FUSION_KEYS = ("best_alpha", "tau", "dev_wer_asr", "dev_wer_fused", "test_wer_asr", "test_wer_fused", "test_wer_oracle",
+               "test_wer_diff_ci_low", "test_wer_diff_ci_high", "test_gap_closed", "n_test_utts", "n_no_image",
+               "test_wer_asr_impaired", "test_wer_fused_impaired", "test_wer_asr_control", "test_wer_fused_control")
+
+
+def test_rescoring_outputs_follow_the_contracts(tiny_run):
+    import pyarrow.parquet as pq
+
+    metrics = read_json(tiny_run / "results/metrics/fusion.json")
+    assert set(FUSION_KEYS) <= set(metrics)
+    assert metrics["test_wer_oracle"] <= min(metrics["test_wer_asr"], metrics["test_wer_fused"])
+    grid = pd.read_csv(tiny_run / "results/fusion/grid.csv")
+    assert list(grid.columns[:6]) == ["alpha", "split", "wer", "S", "D", "I"] and len(grid) == 2 * 21
+    nbest = pd.read_parquet(tiny_run / "data/nbest/nbest.parquet")
+    for col in ("utt_id", "rank", "text", "n_tokens", "sum_logprob", "asr_score", "clip_cos"):
+        assert col in nbest.columns
+    manifest = pd.read_parquet(tiny_run / "data/processed/manifest.parquet").set_index("utt_id")
+    assert set(manifest.loc[nbest["utt_id"].unique(), "split"]) == {"dev", "test"}
+    meta = pq.read_schema(tiny_run / "data/nbest/nbest.parquet").metadata
+    assert b"mmasr.model" in meta and b"mmasr.decoding" in meta
+    emb_meta = read_json(tiny_run / "data/cache/clip_image_embeddings.npz.json")
+    assert emb_meta["count"] == manifest["image_id"].nunique() and emb_meta["dimension"] > 0
+
+
+def test_changing_tau_or_the_alpha_grid_reruns_only_fusion(tiny_run):
+    (tiny_run / "config" / "tau.yaml").write_text("fusion:\n  tau: 50.0\n  alpha_step: 0.1\n")
+    proc = run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--configfile", "config/tiny.yaml",
+                "config/tau.yaml"], tiny_run)
+    out = proc.stdout + proc.stderr
+    stats = out[out.index("Job stats"):].split("\n")
+    jobs = {line.split()[0] for line in stats[3:] if line.strip() and not line.startswith(("total", "Reasons", " "))}
+    jobs = {j for j in jobs if j.isidentifier()}
+    assert jobs == {"fuse", "all"}, out[-2000:]

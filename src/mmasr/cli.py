@@ -173,6 +173,59 @@ def cmd_transcribe(args) -> None:
     print(json.dumps(result, indent=2))
 
 
+def _pretrain_setup(args, kind: str) -> dict:
+    """Params, torch threads, and a warning when params do not name the demo model being trained."""
+    import torch
+
+    p = _params(args)
+    torch.set_num_threads(max(1, args.threads))
+    if not str(p["models"][kind]).startswith("results/checkpoints/demo/"):
+        log.warning("models.%s is %r, not a demo model: the pipeline will not use this pre-trained model",
+                    kind, p["models"][kind])
+    return p
+
+
+def cmd_pretrain_whisper(args) -> None:
+    from .pretrain import train_whisper
+
+    p = _pretrain_setup(args, "whisper")
+    summary = train_whisper(args.init, pd.read_parquet(args.manifest), args.out, args.log_csv, args.checkpoint_dir,
+                            p["pretrain"]["whisper"], p["seed"], language=p["nbest"]["language"],
+                            task=p["nbest"]["task"], device=p["models"]["device"], max_steps=args.max_steps,
+                            progress=not args.quiet)
+    summary.update(provenance(p, ("pretrain", "seed")))
+    write_json(args.metrics, summary)
+    log.info("Whisper pre-trained: %d steps in %.0f s, final loss %.3f (dev %s); written to %s",
+             summary["whisper_steps"], summary["whisper_train_seconds"], summary["whisper_final_loss"],
+             summary["whisper_final_dev_loss"], args.out)
+
+
+def cmd_pretrain_clip(args) -> None:
+    from .models import load_clip
+    from .pretrain import clip_caption_to_picture_r1, train_clip
+
+    p = _pretrain_setup(args, "clip")
+    manifest = pd.read_parquet(args.manifest)
+    summary = train_clip(args.init, manifest, args.images_dir, args.out, args.log_csv, args.checkpoint_dir,
+                         p["pretrain"]["clip"], p["seed"], p["text"], device=p["models"]["device"],
+                         max_steps=args.max_steps, progress=not args.quiet)
+    # Held-out check of the saved model, loaded the way the pipeline loads it (evaluation only).
+    for name, path in (("init", args.init), ("", args.out)):
+        bundle = load_clip(str(path), device=p["models"]["device"])
+        r = clip_caption_to_picture_r1(bundle, manifest, "test", args.images_dir, p["text"])
+        suffix = f"_{name}" if name else ""
+        summary[f"clip_test_r1{suffix}"] = r["r1"]
+        if not name:
+            summary.update({"clip_test_chance_r1": r["chance"], "clip_test_n_captions": r["n_captions"],
+                            "clip_test_n_pictures": r["n_pictures"]})
+    summary.update(provenance(p, ("pretrain", "seed", "text")))
+    write_json(args.metrics, summary)
+    log.info("CLIP pre-trained: %d steps in %.0f s, final loss %.3f; test caption->picture R@1 %.3f "
+             "(init %.3f, chance %.3f); written to %s", summary["clip_steps"], summary["clip_train_seconds"],
+             summary["clip_final_loss"], summary["clip_test_r1"] or 0.0, summary["clip_test_r1_init"] or 0.0,
+             summary["clip_test_chance_r1"] or 0.0, args.out)
+
+
 def provenance(p: dict, sections: tuple[str, ...]) -> dict:
     """Params hash (of the sections used) and seed, so a metrics file says what produced it."""
     used = {s: p[s] for s in sections}
@@ -220,6 +273,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = stage("build-demo-models", cmd_build_demo_models, "Build the small demo Whisper and CLIP models (HF format).")
     sp.add_argument("--out", type=Path, default=Path("results/checkpoints/demo"))
+
+    sp = stage("pretrain-whisper", cmd_pretrain_whisper,
+               "Pre-train the demo Whisper as an ASR model on the train split (resumable).")
+    sp.add_argument("--init", type=Path, default=Path("results/checkpoints/demo/init/whisper"), help="random-init model folder")
+    sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+    sp.add_argument("--out", type=Path, default=Path("results/checkpoints/demo/whisper"))
+    sp.add_argument("--log-csv", type=Path, default=Path("results/pretrain/whisper_loss.csv"))
+    sp.add_argument("--metrics", type=Path, default=Path("results/metrics/pretrain_whisper.json"))
+    sp.add_argument("--checkpoint-dir", type=Path, default=Path("results/checkpoints/demo/state/whisper"),
+                    help="resumable training state; a killed run resumes from its newest checkpoint")
+    sp.add_argument("--max-steps", type=int, default=None, help="at most this many steps (smoke runs)")
+
+    sp = stage("pretrain-clip", cmd_pretrain_clip,
+               "Pre-train the demo CLIP contrastively on the train split's picture/caption pairs (resumable).")
+    sp.add_argument("--init", type=Path, default=Path("results/checkpoints/demo/init/clip"), help="random-init model folder")
+    sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+    sp.add_argument("--images-dir", type=Path, default=Path("data/processed/images"), help="pictures as <image_id>.png")
+    sp.add_argument("--out", type=Path, default=Path("results/checkpoints/demo/clip"))
+    sp.add_argument("--log-csv", type=Path, default=Path("results/pretrain/clip_loss.csv"))
+    sp.add_argument("--metrics", type=Path, default=Path("results/metrics/pretrain_clip.json"))
+    sp.add_argument("--checkpoint-dir", type=Path, default=Path("results/checkpoints/demo/state/clip"),
+                    help="resumable training state; a killed run resumes from its newest checkpoint")
+    sp.add_argument("--max-steps", type=int, default=None, help="at most this many steps (smoke runs)")
 
     sp = stage("cache-images", cmd_cache_images, "Cache L2-normalised CLIP embeddings of every picture.")
     sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))

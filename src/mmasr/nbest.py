@@ -20,9 +20,11 @@ import pandas as pd
 import soundfile as sf
 import torch
 from tqdm import tqdm
+from transformers.generation.utils import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutput
 
 from .io import write_parquet
-from .models import ModelBundle, autocast, whisper_features, whisper_generate_kwargs, whisper_prompt_ids
+from .models import ModelBundle, autocast, whisper_features, whisper_prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -89,26 +91,22 @@ def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
     model, tok = bundle.model, bundle.processor.tokenizer
     feats = whisper_features(bundle, audios)
     prompt = whisper_prompt_ids(bundle, cfg["language"], cfg["task"])
-    gen_kwargs = dict(num_beams=cfg["num_beams"], num_return_sequences=cfg["num_return_sequences"],
-                      length_penalty=cfg["length_penalty"], max_new_tokens=cfg["max_new_tokens"],
-                      return_dict_in_generate=True, output_scores=True, do_sample=False)
-    gen_kwargs.update(whisper_generate_kwargs(bundle, cfg["language"], cfg["task"]))
+    gen = model.generation_config
     R = cfg["num_return_sequences"]
-    # generate() encodes the audio anyway; keep its encoder output instead of encoding twice
-    # (Whisper's generate() accepts no precomputed encoder outputs).
-    captured: list[torch.Tensor] = []
-    hook = model.get_encoder().register_forward_hook(lambda _m, _i, o: captured.append(o.last_hidden_state))
-    try:
-        with autocast(bundle.device):
-            out = model.generate(**feats, **gen_kwargs)
-    finally:
-        hook.remove()
-    if len(captured) == 1 and captured[0].shape[0] == len(out.sequences):
-        states = captured[0]  # already one row per returned sequence
-    else:  # another transformers version: encode explicitly
-        with autocast(bundle.device):
-            states = model.get_encoder()(feats["input_features"]).last_hidden_state.repeat_interleave(R, dim=0)
-    eos, pad = model.generation_config.eos_token_id, model.generation_config.pad_token_id
+    # Whisper's own generate() repeats each input num_return_sequences times and keeps the best beam
+    # of every copy (transformers issue 33445): R copies of one hypothesis. The generic beam search,
+    # started from the forced prompt, returns the R best distinct beams; it also accepts the encoder
+    # output, which the teacher-forced re-scoring below reuses (the audio is encoded once).
+    with autocast(bundle.device):
+        states = model.get_encoder()(feats["input_features"]).last_hidden_state
+        out = GenerationMixin.generate(
+            model, encoder_outputs=BaseModelOutput(last_hidden_state=states),
+            decoder_input_ids=torch.tensor([prompt] * len(audios), device=bundle.device),
+            num_beams=cfg["num_beams"], num_return_sequences=R, length_penalty=cfg["length_penalty"],
+            max_new_tokens=cfg["max_new_tokens"], eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
+            return_dict_in_generate=True, output_scores=True, do_sample=False)
+    states = states.repeat_interleave(R, dim=0)  # generate() orders the R sequences of an input together
+    eos, pad = gen.eos_token_id, gen.pad_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     seqs = out.sequences.cpu().tolist()
     hyps = [strip_prompt_and_padding(s, len(prompt), eos, pad if pad is not None else eos) for s in seqs]

@@ -1,10 +1,11 @@
-# Phase 2: CLIP picture embeddings, cached once; and (phase 4a) each hypothesis's CLIP cosine.
+# Phase 2: the random-init demo models (trained by pretrain.smk), CLIP picture embeddings, cached once;
+# and (phase 4a) each hypothesis's CLIP cosine.
 
 
 rule build_demo_models:
     output:
-        whisper=directory("results/checkpoints/demo/whisper"),
-        clip=directory("results/checkpoints/demo/clip"),
+        whisper=directory("results/checkpoints/demo/init/whisper"),
+        clip=directory("results/checkpoints/demo/init/clip"),
     params:
         cfg=cfg_json("demo_models", "seed"),
     log:
@@ -18,7 +19,7 @@ rule build_demo_models:
         mem_mb=2000,
         runtime=10,
     shell:
-        "mmasr build-demo-models --cfg {params.cfg:q} --out results/checkpoints/demo > {log} 2>&1"
+        "mmasr build-demo-models --cfg {params.cfg:q} --out results/checkpoints/demo/init > {log} 2>&1"
 
 
 rule cache_image_embeddings:

@@ -1,0 +1,622 @@
+"""Small demo text models: a decoder-only LM (the frozen LM of the SLAM-ASR style projector model)
+and a BERT text encoder (the frozen text tower of the CLAP-style audio-text model).
+
+Why it exists
+-------------
+Like :mod:`mmasr.demo_models`, the embedded offline demo must exercise the same ``from_pretrained``
+code path that real checkpoints take (e.g. ``HuggingFaceTB/SmolLM3-3B``, ``bert-base-uncased``),
+without any download. The two models are built here in Hugging Face format from a seeded random
+init and then trained on the demo corpus's **train split only** (no dev/test transcript is ever
+read), with the loop conventions of :mod:`mmasr.pretrain` (whose pieces are reused, not copied).
+
+* LM: ``SmolLM3ForCausalLM`` (tied embeddings, grouped-query attention, RoPE) with a GPT-2 style
+  byte-level BPE tokenizer learned by :func:`mmasr.demo_models.learn_bpe` so that every demo word
+  (with and without its leading space) and every piece of :data:`PROJECTOR_PROMPT` is one token,
+  while any other text still tokenizes through the 256 byte symbols. Special tokens:
+  ``<|end_of_text|>`` (eos), ``<|begin_of_text|>`` (bos, defined for ``generate()`` from nothing but
+  never added automatically) and ``<|pad|>`` (its own id, so a collator masking padding never
+  masks the eos). It is trained on exactly what the projector model feeds it after the audio:
+  ``lm_prompt_ids(tok) + lm_caption_ids(tok, caption) + [eos]``, i.e. the token sequence of
+  ``PROJECTOR_PROMPT + " " + caption + eos`` with the loss on the caption tokens and the eos only
+  (:func:`mmasr.pretrain.teacher_forcing_arrays`). No bos is prepended: the projector model puts
+  the projected audio embeddings first. The caption tokens carry their leading space
+  (``" a red bear"``), so ``tok.decode(ids, skip_special_tokens=True).strip()`` is the caption.
+* Text encoder: ``BertModel`` with a ``BertTokenizer`` (WordPiece, lower-casing) whose vocabulary
+  holds [PAD] [UNK] [CLS] [SEP] [MASK], the demo words, and single characters (``a``, ``##a``,
+  digits, punctuation) as fallback. It is trained as ``BertForMaskedLM`` (BERT's 80/10/10
+  masking of ``mask_prob`` of the tokens; a caption of three words would often get no masked token
+  at 15 %, so one token is masked where the draw picked none). The trained folder holds the
+  *encoder* as a plain ``BertModel`` (``AutoModel.from_pretrained`` gives it without missing or
+  unexpected weights); the MLM head lives only in the checkpoints. Its pooler (dense + tanh, BERT's
+  next-sentence head input) is not trained by MLM: it is a seeded random init, so CLAP pooling
+  should use the [CLS] hidden state or a mean over ``last_hidden_state``/``hidden_states``.
+
+The loss floors are set by the corpus, not the models: captions are "<count> <colour> <noun>" drawn
+uniformly, so after the prompt the LM cannot beat ln 3 + ln 4 + ln 12 nats per caption (about
+1.24 nats per token over the three words and eos), and BERT a masked-token loss of about 1.4.
+
+Determinism, resuming: as in :mod:`mmasr.pretrain` (seeded, deterministic CPU kernels, batches and
+masks a pure function of ``(seed, step)``, atomic checkpoints with a fingerprint of config, seed,
+init model, data and code, bit-identical weights after a resume). The same ``(cfg, seed)`` gives
+byte-identical files, both for the random init and for the trained model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .demo_models import (_bpe_vocab, _seeded_init, _write_vocab_merges, bytes_to_unicode, demo_vocabulary,
+                          learn_bpe)
+from .io import atomic_dir
+from .models import model_revision, quiet_hf_progress
+from .pretrain import (IGNORE, CsvLog, _adamw, _caption_ids, _data_digest, _progress, _save_hf, batch_indices,
+                       fingerprint, lr_at, resume_checkpoint, save_checkpoint, set_determinism,
+                       teacher_forcing_arrays, whisper_training_items)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "PROJECTOR_PROMPT",
+    "LM_EOS", "LM_BOS", "LM_PAD",
+    "BERT_SPECIAL_TOKENS",
+    "validate_config",
+    "training_texts",
+    "build_lm_tokenizer",
+    "bert_vocabulary",
+    "build_bert_tokenizer",
+    "lm_prompt_ids",
+    "lm_caption_ids",
+    "mlm_mask",
+    "build_demo_lm",
+    "build_demo_text_encoder",
+    "train_lm",
+    "train_text_encoder",
+]
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+_TRAINING_DEFAULTS: dict[str, Any] = {
+    "steps": 300,
+    "batch_size": 32,
+    "lr": 0.002,  # peak; linear warm-up, then cosine decay to min_lr_ratio * lr (pretrain.lr_at)
+    "warmup": 30,
+    "min_lr_ratio": 0.05,
+    "weight_decay": 0.01,  # AdamW, matrices and embeddings only (pretrain._adamw)
+    "grad_clip": 1.0,
+    "checkpoint_every": 100,
+    "keep_checkpoints": 2,
+}
+
+DEFAULT_CONFIG: dict[str, dict[str, Any]] = {
+    "lm": {
+        "hidden_size": 128,
+        "layers": 2,
+        "heads": 4,
+        "kv_heads": 2,
+        "intermediate_size": 256,
+        "max_position_embeddings": 128,
+        **_TRAINING_DEFAULTS,
+    },
+    "text_encoder": {
+        "hidden_size": 128,
+        "layers": 2,
+        "heads": 4,
+        "intermediate_size": 256,
+        "max_position_embeddings": 64,
+        "dropout": 0.1,  # BERT's hidden and attention dropout (training only)
+        "mask_prob": 0.15,
+        **_TRAINING_DEFAULTS,
+        "lr": 0.001,
+    },
+}
+
+PROJECTOR_PROMPT = "USER: Transcribe speech to text. \n ASSISTANT:"
+
+LM_EOS, LM_BOS, LM_PAD = "<|end_of_text|>", "<|begin_of_text|>", "<|pad|>"
+BERT_SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+_INT_KEYS = ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "max_position_embeddings", "steps",
+             "batch_size", "checkpoint_every", "keep_checkpoints")
+_TAG_LM_ORDER, _TAG_TE_ORDER, _TAG_TE_MASK = 201, 202, 203  # random streams (pretrain uses 101..104)
+
+
+def validate_config(cfg: dict | None) -> dict[str, dict[str, Any]]:
+    """Merge ``cfg`` (``{"lm": ..., "text_encoder": ...}``, either may be missing) over
+    :data:`DEFAULT_CONFIG`, validate it and return the merged copy. Raises ValueError naming the key."""
+    cfg = dict(cfg or {})
+    for section in cfg:
+        if section not in DEFAULT_CONFIG:
+            raise ValueError(f"unknown demo_text section {section!r} (known: {sorted(DEFAULT_CONFIG)})")
+    merged: dict[str, dict[str, Any]] = {}
+    for section, defaults in DEFAULT_CONFIG.items():
+        given = dict(cfg.get(section) or {})
+        for key in given:
+            if key not in defaults:
+                raise ValueError(f"unknown demo_text.{section} key {key!r} (known: {sorted(defaults)})")
+        s = merged[section] = {**defaults, **given}
+        where = f"demo_text.{section}"
+        for key, value in s.items():
+            is_num = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if key in _INT_KEYS:
+                if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                    raise ValueError(f"{where}.{key}={value!r}: must be an integer >= 1")
+            elif key == "warmup":
+                if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                    raise ValueError(f"{where}.warmup={value!r}: must be an integer >= 0")
+            elif not is_num:
+                raise ValueError(f"{where}.{key}={value!r}: must be a number")
+        for key, lo, hi, lo_open, hi_open in (("lr", 0, math.inf, True, True), ("grad_clip", 0, math.inf, True, True),
+                                              ("weight_decay", 0, math.inf, False, True),
+                                              ("min_lr_ratio", 0, 1, False, False), ("mask_prob", 0, 1, True, True),
+                                              ("dropout", 0, 1, False, True)):
+            if key in s:
+                v = float(s[key])
+                if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
+                    raise ValueError(f"{where}.{key}={s[key]!r}: out of range")
+        if s["hidden_size"] % s["heads"]:
+            raise ValueError(f"{where}.hidden_size must be divisible by heads")
+    lm = merged["lm"]
+    if lm["heads"] % lm["kv_heads"]:
+        raise ValueError("demo_text.lm.heads must be divisible by kv_heads")
+    if (lm["hidden_size"] // lm["heads"]) % 2:
+        raise ValueError("demo_text.lm head size (hidden_size / heads) must be even (rotary embeddings)")
+    if lm["max_position_embeddings"] < 16:
+        raise ValueError("demo_text.lm.max_position_embeddings must be >= 16 (the prompt + a caption)")
+    if merged["text_encoder"]["max_position_embeddings"] < 8:
+        raise ValueError("demo_text.text_encoder.max_position_embeddings must be >= 8")
+    return merged
+
+
+def _section(cfg: dict | None, name: str) -> dict[str, Any]:
+    return validate_config({name: cfg})[name]
+
+
+def training_texts(manifest: pd.DataFrame) -> list[str]:
+    """The transcripts both text models train on: the train split only (non-empty, by utt_id; the
+    same rows as the Whisper pre-training, :func:`mmasr.pretrain.whisper_training_items`), stripped.
+    Raises ValueError when the manifest has no such row."""
+    return [str(t).strip() for t in whisper_training_items(manifest)["text"]]
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------------
+
+
+def _byte_level_pieces(text: str) -> list[str]:
+    """``text`` split by GPT-2's pre-tokenizer, each piece in byte-level symbols (``" bear"`` -> ``"Ġbear"``)."""
+    from tokenizers import pre_tokenizers
+
+    return [p for p, _ in pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True).pre_tokenize_str(text)]
+
+
+def build_lm_tokenizer(words: Sequence[str], prompt: str, max_length: int):
+    """A GPT-2 style byte-level BPE tokenizer (``tokenizers`` backend, no automatic special tokens)
+    in which every word, with and without its leading space, and every pre-tokenized piece of
+    ``prompt`` is one token; ``<|end_of_text|>``, ``<|begin_of_text|>``, ``<|pad|>`` close the vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    forms = [p for w in words for s in (w, " " + w) for p in _byte_level_pieces(s)] + _byte_level_pieces(prompt)
+    merges = learn_bpe(forms)
+    alphabet = [bytes_to_unicode()[b] for b in range(256)]
+    specials = (LM_EOS, LM_BOS, LM_PAD)
+    backend = Tokenizer(models.BPE(vocab=_bpe_vocab(alphabet, merges, specials), merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=LM_EOS, bos_token=LM_BOS, pad_token=LM_PAD,
+                                   unk_token=None, model_max_length=max_length, clean_up_tokenization_spaces=False)
+
+
+def bert_vocabulary(words: Sequence[str]) -> list[str]:
+    """WordPiece vocabulary in id order: BERT's special tokens, the (lower-cased) words, then single
+    printable ASCII characters (lower-case; BERT lower-cases its input) and ``##`` + letter/digit,
+    so any ASCII word still tokenizes."""
+    chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
+    pieces = [*BERT_SPECIAL_TOKENS, *(w.lower() for w in words), *chars, *("##" + c for c in chars if c.isalnum())]
+    out: list[str] = []
+    for p in pieces:
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def build_bert_tokenizer(words: Sequence[str], max_length: int):
+    """A lower-casing WordPiece ``BertTokenizer`` over :func:`bert_vocabulary` (every word one token)."""
+    from transformers import BertTokenizer
+
+    vocab = {t: i for i, t in enumerate(bert_vocabulary(words))}
+    return BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=max_length)
+
+
+def lm_prompt_ids(tok) -> list[int]:
+    """Token ids of :data:`PROJECTOR_PROMPT` exactly as the LM was trained on them (no bos)."""
+    return tok(PROJECTOR_PROMPT, add_special_tokens=False).input_ids
+
+
+def lm_caption_ids(tok, caption: str) -> list[int]:
+    """Token ids of a caption as it follows the prompt in training: ``" " + caption`` (no eos)."""
+    return tok(" " + str(caption).strip(), add_special_tokens=False).input_ids
+
+
+# --------------------------------------------------------------------------------------------
+# Building (random init)
+# --------------------------------------------------------------------------------------------
+
+
+def _lm_config(c: dict, tok):
+    from transformers import SmolLM3Config
+
+    return SmolLM3Config(
+        vocab_size=len(tok), hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+        num_hidden_layers=c["layers"], num_attention_heads=c["heads"], num_key_value_heads=c["kv_heads"],
+        max_position_embeddings=c["max_position_embeddings"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True, use_cache=True,
+    )
+
+
+def build_demo_lm(out_dir: str | os.PathLike, cfg: dict | None, seed: int) -> Path:
+    """Write a randomly initialised tiny ``SmolLM3ForCausalLM`` with its tokenizer and generation
+    config to ``out_dir`` (atomically; an existing folder is replaced) and return it. ``cfg`` is the
+    ``lm`` section (defaults fill gaps)."""
+    from transformers import GenerationConfig, SmolLM3ForCausalLM
+
+    c = _section(cfg, "lm")
+    tok = build_lm_tokenizer(demo_vocabulary(), PROJECTOR_PROMPT, c["max_position_embeddings"])
+    model = _seeded_init(seed, lambda: SmolLM3ForCausalLM(_lm_config(c, tok)))
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id, do_sample=False)
+    with atomic_dir(out_dir) as tmp:
+        with quiet_hf_progress():
+            model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        _write_vocab_merges(tmp, tok)
+    return Path(out_dir)
+
+
+def _bert_config(c: dict, tok):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=len(tok), hidden_size=c["hidden_size"], num_hidden_layers=c["layers"],
+                      num_attention_heads=c["heads"], intermediate_size=c["intermediate_size"],
+                      max_position_embeddings=c["max_position_embeddings"], hidden_dropout_prob=c["dropout"],
+                      attention_probs_dropout_prob=c["dropout"], pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True)
+
+
+def _write_wordpiece_vocab(out: Path, tok) -> None:
+    """The classic ``vocab.txt`` (one token per line, in id order) beside ``tokenizer.json``."""
+    vocab = tok.get_vocab()
+    (out / "vocab.txt").write_text("".join(f"{t}\n" for t in sorted(vocab, key=vocab.get)), encoding="utf-8")
+
+
+def build_demo_text_encoder(out_dir: str | os.PathLike, cfg: dict | None, seed: int) -> Path:
+    """Write a randomly initialised tiny ``BertForMaskedLM`` (the encoder plus the MLM head it is
+    trained with) and its ``BertTokenizer`` to ``out_dir`` atomically and return it. ``cfg`` is the
+    ``text_encoder`` section (defaults fill gaps)."""
+    from transformers import BertForMaskedLM
+
+    c = _section(cfg, "text_encoder")
+    tok = build_bert_tokenizer(demo_vocabulary(), c["max_position_embeddings"])
+    model = _seeded_init(seed, lambda: BertForMaskedLM(_bert_config(c, tok)))
+    with atomic_dir(out_dir) as tmp:
+        with quiet_hf_progress():
+            model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        _write_wordpiece_vocab(tmp, tok)
+    return Path(out_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Training helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _code_digest() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def _texts_digest(texts: Sequence[str]) -> str:
+    return _data_digest(pd.DataFrame({"text": list(texts)}), ["text"])
+
+
+def _n_params(model: torch.nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: dict, total: int) -> float:
+    lr = lr_at(step, lr=cfg["lr"], warmup=cfg["warmup"], total=total, min_lr_ratio=cfg["min_lr_ratio"])
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _final_loss(csv_log: CsvLog) -> float | None:
+    rows = csv_log.rows()
+    tail = [float(r["loss"]) for r in rows[-min(50, len(rows)):]] if rows else []
+    return float(np.mean(tail)) if tail else None
+
+
+def _load_local(kind: str, init_dir: str | Path, model_cls, device: torch.device):
+    from transformers import AutoTokenizer
+
+    with quiet_hf_progress():
+        model = model_cls.from_pretrained(str(init_dir), local_files_only=True, dtype=torch.float32).to(device)
+    tok = AutoTokenizer.from_pretrained(str(init_dir), local_files_only=True)
+    log.info("%s init %s (%s)", kind, init_dir, model_revision(init_dir))
+    return model, tok
+
+
+@torch.no_grad()
+def _lm_eval_loss(model, inputs: torch.Tensor, labels: torch.Tensor, device, chunk: int = 256) -> float:
+    """Mean teacher-forced loss on the caption tokens and eos, in eval mode (restores train mode)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for s in range(0, len(inputs), chunk):
+        lab = labels[s:s + chunk].to(device)
+        logits = model(input_ids=inputs[s:s + chunk].to(device)).logits
+        total += float(F.cross_entropy(logits.float().flatten(0, 1), lab.flatten(), ignore_index=IGNORE,
+                                       reduction="sum"))
+        count += int((lab != IGNORE).sum())
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def mlm_mask(ids: np.ndarray, candidates: np.ndarray, rng: np.random.Generator, *, mask_prob: float, mask_id: int,
+             random_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """BERT masking of a padded batch: each ``candidates`` position (not special, not padding) is
+    selected with probability ``mask_prob`` (a row with candidates but no selection gets one
+    selected uniformly); a selected token becomes ``mask_id`` (80 %), a token from ``random_ids``
+    (10 %) or stays (10 %). Returns ``(inputs, labels)`` with labels ``IGNORE`` off the selection.
+    Every draw comes from ``rng`` in a fixed order, so the result is a pure function of its inputs."""
+    ids = np.asarray(ids)
+    candidates = np.asarray(candidates, dtype=bool)
+    u = rng.random(ids.shape)
+    selected = candidates & (u < mask_prob)
+    forced = rng.random(ids.shape)  # one forced pick per empty row: the candidate with the lowest draw
+    for r in np.flatnonzero(~selected.any(axis=1) & candidates.any(axis=1)):
+        cols = np.flatnonzero(candidates[r])
+        selected[r, cols[np.argmin(forced[r, cols])]] = True
+    action = rng.random(ids.shape)
+    replacement = random_ids[rng.integers(0, len(random_ids), size=ids.shape)]
+    inputs = ids.copy()
+    inputs[selected & (action < 0.8)] = mask_id
+    swap = selected & (action >= 0.8) & (action < 0.9)
+    inputs[swap] = replacement[swap]
+    labels = np.where(selected, ids, IGNORE)
+    return inputs, labels
+
+
+@torch.no_grad()
+def _pseudo_ll_loss(model, ids: torch.Tensor, mask: torch.Tensor, candidates: torch.Tensor, mask_id: int,
+                    device) -> float:
+    """Mean loss of each word token masked alone (pseudo-log-likelihood), in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for pos in range(ids.shape[1]):
+        rows = torch.nonzero(candidates[:, pos]).flatten()
+        if not len(rows):
+            continue
+        x = ids[rows].clone()
+        x[:, pos] = mask_id
+        logits = model(input_ids=x.to(device), attention_mask=mask[rows].to(device)).logits[:, pos]
+        total += float(F.cross_entropy(logits.float(), ids[rows, pos].to(device), reduction="sum"))
+        count += len(rows)
+    model.train(was_training)
+    return total / max(1, count)
+
+
+# --------------------------------------------------------------------------------------------
+# LM
+# --------------------------------------------------------------------------------------------
+
+
+def train_lm(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | Path, log_csv: str | Path,
+             checkpoint_dir: str | Path, cfg: dict | None, seed: int, *, max_steps: int | None = None,
+             stop_after: int | None = None, progress: bool = True, device: str = "cpu") -> dict | None:
+    """Train the demo LM (from ``init_dir``, :func:`build_demo_lm`) on the train-split transcripts
+    as ``PROJECTOR_PROMPT + " " + caption + eos`` with the loss on the caption and eos.
+
+    ``cfg`` is the ``lm`` section. ``max_steps`` shortens the run (the schedule is built for it);
+    ``stop_after`` stops after that many steps without writing anything beyond the periodic
+    checkpoints, as a killed run would. Writes the model + tokenizer to ``out_dir`` atomically and
+    the loss log to ``log_csv``; returns the summary metrics (None when stopped early).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .models import pick_device
+
+    t0 = time.perf_counter()
+    cfg = _section(cfg, "lm")
+    dev = pick_device(device)
+    set_determinism(seed, dev)
+    steps = min(cfg["steps"], max_steps) if max_steps else cfg["steps"]
+    texts = training_texts(manifest)
+    model, tok = _load_local("LM", init_dir, AutoModelForCausalLM, dev)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    prompt = lm_prompt_ids(tok)
+    inputs, labels = teacher_forcing_arrays(
+        prompt, _caption_ids(tok, texts, int(model.config.max_position_embeddings), len(prompt)), eos, pad)
+    lengths = (labels != IGNORE).sum(dim=1) + len(prompt) - 1  # input positions actually used per row
+    log.info("LM training on %d train transcripts (%d distinct), %d steps", len(texts), len(set(texts)), steps)
+
+    model.train()
+    optimizer = _adamw(model, cfg)
+    schedule = {"kind": "linear warm-up + cosine", "lr": cfg["lr"], "warmup": cfg["warmup"], "total": steps,
+                "min_lr_ratio": cfg["min_lr_ratio"]}
+    fp = fingerprint("demo_text.lm", cfg, seed, steps, prompt, model_revision(init_dir), _texts_digest(texts),
+                     str(dev), _code_digest())
+    ckpt_dir = Path(checkpoint_dir)
+    start = resume_checkpoint(ckpt_dir, model, optimizer, fp)
+    csv_log = CsvLog(ckpt_dir / "log.csv", ["step", "lr", "loss", "tokens"], start)
+
+    bar = _progress(steps, start, "train lm", progress)
+    for step in range(start, steps):
+        lr = _set_lr(optimizer, step, cfg, steps)
+        idx = torch.as_tensor(batch_indices(len(texts), cfg["batch_size"], step, seed, _TAG_LM_ORDER))
+        width = int(lengths[idx].max())  # right padding beyond every row's end is cut
+        x, y = inputs[idx, :width].to(dev), labels[idx, :width].to(dev)
+        logits = model(input_ids=x).logits  # causal: right padding never reaches a real position
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        optimizer.step()
+
+        done = step + 1
+        csv_log.write({"step": done, "lr": lr, "loss": loss.item(), "tokens": int((y != IGNORE).sum())})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
+        if done % cfg["checkpoint_every"] == 0 or done == steps:
+            save_checkpoint(ckpt_dir, done, model, optimizer, fp, schedule, cfg["keep_checkpoints"])
+        if stop_after is not None and done >= stop_after and done < steps:
+            bar.close()
+            return None
+    bar.close()
+
+    distinct = sorted(set(texts))
+    d_in, d_lab = teacher_forcing_arrays(
+        prompt, _caption_ids(tok, distinct, int(model.config.max_position_embeddings), len(prompt)), eos, pad)
+    model.eval()
+    with torch.no_grad():
+        greedy = model.generate(input_ids=torch.tensor([prompt], device=dev), attention_mask=None,
+                                max_new_tokens=8, do_sample=False)
+    model.train()
+    greedy_caption = tok.decode(greedy[0, len(prompt):].tolist(), skip_special_tokens=True).strip()
+    summary = {
+        "lm_steps": steps, "lm_final_loss": _final_loss(csv_log),
+        "lm_train_caption_loss": _lm_eval_loss(model, d_in, d_lab, dev),
+        "lm_greedy_caption": greedy_caption, "lm_greedy_caption_in_train": greedy_caption in set(distinct),
+        "lm_n_train_utts": len(texts), "lm_n_train_captions": len(distinct), "lm_n_params": _n_params(model),
+        "lm_vocab_size": len(tok), "lm_init_revision": model_revision(init_dir),
+    }
+    _save_hf(SimpleNamespace(model=model, processor=tok), init_dir, out_dir,
+             {"seed": seed, "config": cfg, "steps": steps, "prompt": PROJECTOR_PROMPT, "prompt_ids": prompt,
+              "init": str(init_dir), "init_revision": summary["lm_init_revision"], "train_utts": len(texts),
+              "fingerprint": fp})
+    csv_log.publish(log_csv)
+    summary["lm_train_seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Text encoder (BERT, masked-language modelling)
+# --------------------------------------------------------------------------------------------
+
+
+def train_text_encoder(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | Path, log_csv: str | Path,
+                       checkpoint_dir: str | Path, cfg: dict | None, seed: int, *, max_steps: int | None = None,
+                       stop_after: int | None = None, progress: bool = True, device: str = "cpu") -> dict | None:
+    """Train the demo BERT (from ``init_dir``, :func:`build_demo_text_encoder`) with masked-language
+    modelling on the train-split transcripts and write the *encoder* (a ``BertModel``) with its
+    tokenizer to ``out_dir`` atomically. ``cfg`` is the ``text_encoder`` section; the other
+    arguments as in :func:`train_lm`. Returns the summary metrics (None when stopped early)."""
+    from transformers import BertForMaskedLM, BertModel
+
+    from .models import pick_device
+
+    t0 = time.perf_counter()
+    cfg = _section(cfg, "text_encoder")
+    dev = pick_device(device)
+    set_determinism(seed, dev)
+    steps = min(cfg["steps"], max_steps) if max_steps else cfg["steps"]
+    texts = training_texts(manifest)
+    model, tok = _load_local("text encoder", init_dir, BertForMaskedLM, dev)
+    max_len = int(model.config.max_position_embeddings)
+    enc = tok(texts, padding=True, return_special_tokens_mask=True, return_tensors="np")
+    if enc["input_ids"].shape[1] > max_len:
+        raise ValueError(f"a train transcript needs {enc['input_ids'].shape[1]} positions, the text encoder has "
+                         f"{max_len}")
+    ids, attn = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    candidates = (attn == 1) & (enc["special_tokens_mask"] == 0)
+    lengths = attn.sum(axis=1)
+    special = {tok.convert_tokens_to_ids(t) for t in BERT_SPECIAL_TOKENS}
+    random_ids = np.array([i for i in range(len(tok)) if i not in special], dtype=np.int64)
+    log.info("text encoder MLM training on %d train transcripts (%d distinct), %d steps", len(texts),
+             len(set(texts)), steps)
+
+    model.train()
+    optimizer = _adamw(model, cfg)
+    schedule = {"kind": "linear warm-up + cosine", "lr": cfg["lr"], "warmup": cfg["warmup"], "total": steps,
+                "min_lr_ratio": cfg["min_lr_ratio"]}
+    fp = fingerprint("demo_text.text_encoder", cfg, seed, steps, model_revision(init_dir), _texts_digest(texts),
+                     str(dev), _code_digest())
+    ckpt_dir = Path(checkpoint_dir)
+    start = resume_checkpoint(ckpt_dir, model, optimizer, fp)
+    csv_log = CsvLog(ckpt_dir / "log.csv", ["step", "lr", "loss", "masked"], start)
+
+    bar = _progress(steps, start, "train text encoder", progress)
+    for step in range(start, steps):
+        lr = _set_lr(optimizer, step, cfg, steps)
+        idx = batch_indices(len(texts), cfg["batch_size"], step, seed, _TAG_TE_ORDER)
+        width = int(lengths[idx].max())
+        rng = np.random.default_rng([seed, _TAG_TE_MASK, step])
+        x, y = mlm_mask(ids[idx, :width], candidates[idx, :width], rng, mask_prob=cfg["mask_prob"],
+                        mask_id=tok.mask_token_id, random_ids=random_ids)
+        y_t = torch.from_numpy(y).to(dev)
+        logits = model(input_ids=torch.from_numpy(x).to(dev),
+                       attention_mask=torch.from_numpy(attn[idx, :width]).to(dev)).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y_t.flatten(), ignore_index=IGNORE)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        optimizer.step()
+
+        done = step + 1
+        csv_log.write({"step": done, "lr": lr, "loss": loss.item(), "masked": int((y != IGNORE).sum())})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
+        if done % cfg["checkpoint_every"] == 0 or done == steps:
+            save_checkpoint(ckpt_dir, done, model, optimizer, fp, schedule, cfg["keep_checkpoints"])
+        if stop_after is not None and done >= stop_after and done < steps:
+            bar.close()
+            return None
+    bar.close()
+
+    distinct = sorted(set(texts))
+    d = tok(distinct, padding=True, return_special_tokens_mask=True, return_tensors="pt")
+    d_cand = (d["attention_mask"] == 1) & (d["special_tokens_mask"] == 0)
+    pll = _pseudo_ll_loss(model, d["input_ids"], d["attention_mask"], d_cand, tok.mask_token_id, dev)
+
+    # The encoder alone, as a BertModel with a pooler (seeded init: MLM does not train it), so that
+    # AutoModel.from_pretrained loads it with no missing or unexpected weights.
+    encoder = _seeded_init(seed, lambda: BertModel(copy.deepcopy(model.config), add_pooling_layer=True)).to(dev)
+    missing, unexpected = encoder.load_state_dict(model.bert.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("pooler.") for k in missing):
+        raise RuntimeError(f"BertForMaskedLM -> BertModel mismatch: missing {missing}, unexpected {unexpected}")
+    encoder.eval()
+    summary = {
+        "text_encoder_steps": steps, "text_encoder_final_loss": _final_loss(csv_log),
+        "text_encoder_train_pll_loss": pll,
+        "text_encoder_n_train_utts": len(texts), "text_encoder_n_train_captions": len(distinct),
+        "text_encoder_n_params": _n_params(encoder), "text_encoder_n_params_mlm": _n_params(model),
+        "text_encoder_vocab_size": len(tok), "text_encoder_init_revision": model_revision(init_dir),
+    }
+    _save_hf(SimpleNamespace(model=encoder, processor=tok), init_dir, out_dir,
+             {"seed": seed, "config": cfg, "steps": steps, "init": str(init_dir),
+              "init_revision": summary["text_encoder_init_revision"], "train_utts": len(texts),
+              "pooler": "seeded random init (not trained by MLM)", "fingerprint": fp})
+    csv_log.publish(log_csv)
+    summary["text_encoder_train_seconds"] = round(time.perf_counter() - t0, 1)
+    return summary

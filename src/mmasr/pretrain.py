@@ -1,0 +1,807 @@
+"""Demo pre-training: make the small demo Whisper and CLIP models mean something.
+
+Why it exists
+-------------
+``build_demo_models`` writes *randomly initialised* models, with which every WER is 1.0 and a broken
+pipeline looks like a working one. This module trains them on the demo corpus's **train split only**
+(no dev/test utterance, caption or picture is ever read by a training loop) and writes them in
+Hugging Face format, so that :func:`mmasr.models.load_whisper` / :func:`~mmasr.models.load_clip`
+load them exactly like real checkpoints.
+
+* Whisper (the n-best source): teacher-forced cross-entropy on
+  ``whisper_prompt_ids(...) + caption tokens + <|endoftext|>``, with the loss on the caption tokens
+  and the end-of-text only. Log-mel features are computed once with the model's own feature
+  extractor; every step augments them for speaker generalisation (:func:`augment_features`).
+* CLIP: symmetric InfoNCE over picture/caption pairs with a learnable logit scale (CLIP's own
+  parameter, initialised at ln(1/0.07) by the model config, clamped at ln(100)). Each batch holds
+  ``batch_size`` anchor pairs *plus every train pair whose caption differs from an anchor's in exactly
+  one word* (:func:`one_word_neighbours`): for the demo, the same picture with another noun (the
+  minimal-pair partner among them: "a red bear" vs "a red pear"), another colour or another count,
+  so the model must separate exactly what the n-best lists confuse.
+
+How it is written (nanoGPT style)
+---------------------------------
+One plain loop per model; the state is the model, the AdamW optimizer, the step and torch's RNG.
+The learning rate is a pure function of the step (:func:`lr_at`: linear warm-up, cosine decay), so
+the step *is* the scheduler state. Which examples a step sees and how they are augmented is a pure
+function of ``(seed, step)`` (:func:`batch_indices`, ``numpy.random.default_rng([seed, tag, step])``),
+so resuming needs no data-loader state. Every ``checkpoint_every`` steps the state is written
+atomically (a temporary folder renamed into place) as ``model.safetensors`` + ``state.pt``; a killed
+run started again resumes from the newest checkpoint and ends with bit-identical weights on the CPU
+(``torch.use_deterministic_algorithms(True)``, float32). A checkpoint carries a fingerprint of the
+config, seed, init model, training data and this file, and is only resumed by an identical run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .io import atomic_dir, atomic_path
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LN_100",
+    "lr_at",
+    "batch_indices",
+    "mel_centre_hz",
+    "vtlp_positions",
+    "augment_features",
+    "teacher_forcing_arrays",
+    "one_word_neighbours",
+    "clip_pool",
+    "soft_targets",
+    "retrieval_r1",
+    "whisper_training_items",
+    "clip_training_pairs",
+    "caption_picture_pairs",
+    "train_whisper",
+    "train_clip",
+    "clip_caption_to_picture_r1",
+]
+
+LN_100 = math.log(100.0)  # CLIP's cap on the logit scale
+IGNORE = -100  # label of positions without loss (the prompt, the padding)
+# Tags that separate the random streams of one seed (numpy.random.default_rng([seed, tag, step])).
+_TAG_WHISPER_ORDER, _TAG_WHISPER_AUG, _TAG_CLIP_ORDER, _TAG_CLIP_AUG = 101, 102, 103, 104
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers: schedule, batching, augmentation, targets
+# --------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, *, lr: float, warmup: int, total: int, min_lr_ratio: float) -> float:
+    """Learning rate of (0-based) ``step``: linear warm-up from ``lr/warmup`` to ``lr`` over
+    ``warmup`` steps, then cosine decay to ``min_lr_ratio * lr`` at the last step (``total - 1``)."""
+    if total < 1:
+        raise ValueError("total steps must be >= 1")
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    decay_steps = total - 1 - warmup
+    if decay_steps <= 0:
+        return lr
+    progress = min(1.0, (step - warmup) / decay_steps)
+    return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int, tag: int = 0) -> np.ndarray:
+    """The example indices of ``step``: the steps walk through an endless stream of epochs, each a
+    fresh permutation of ``range(n)`` drawn from ``default_rng([seed, tag, epoch])``. A pure function
+    of its arguments, so a resumed run sees exactly the batches an uninterrupted run would."""
+    if n < 1 or batch_size < 1:
+        raise ValueError("need n >= 1 and batch_size >= 1")
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = np.random.default_rng([seed, tag, epoch]).permutation(n)
+        out.extend(perm[offset: offset + batch_size - len(out)].tolist())
+    return np.asarray(out, dtype=np.int64)
+
+
+def _hz_to_mel_slaney(hz: np.ndarray) -> np.ndarray:
+    hz = np.asarray(hz, dtype=np.float64)
+    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, math.log(6.4) / 27.0
+    mel = hz / f_sp
+    log_region = hz >= min_log_hz
+    mel[log_region] = min_log_hz / f_sp + np.log(hz[log_region] / min_log_hz) / logstep
+    return mel
+
+
+def _mel_to_hz_slaney(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, dtype=np.float64)
+    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, math.log(6.4) / 27.0
+    hz = mel * f_sp
+    min_log_mel = min_log_hz / f_sp
+    log_region = mel >= min_log_mel
+    hz[log_region] = min_log_hz * np.exp(logstep * (mel[log_region] - min_log_mel))
+    return hz
+
+
+def mel_centre_hz(num_mel_bins: int, fmax: float = 8000.0) -> np.ndarray:
+    """Centre frequencies (Hz) of Whisper's mel filters (Slaney scale from 0 Hz to ``fmax``)."""
+    edges = np.linspace(0.0, _hz_to_mel_slaney(np.array([fmax]))[0], num_mel_bins + 2)
+    return _mel_to_hz_slaney(edges[1:-1])
+
+
+def vtlp_positions(num_mel_bins: int, factor: float, fmax: float = 8000.0) -> np.ndarray:
+    """Vocal-tract-length perturbation as a resampling of the mel axis: output bin ``m`` reads the
+    (fractional) input bin whose centre frequency is ``f_m / factor``, i.e. every spectral feature
+    moves up in frequency by ``factor`` (a shorter vocal tract for ``factor > 1``). Clamped to the
+    valid bin range."""
+    centres = mel_centre_hz(num_mel_bins, fmax)
+    source_hz = centres / factor
+    pos = np.interp(_hz_to_mel_slaney(source_hz), _hz_to_mel_slaney(centres), np.arange(num_mel_bins))
+    return np.clip(pos, 0.0, num_mel_bins - 1)
+
+
+def _resample_axis(x: torch.Tensor, pos: torch.Tensor, dim: int) -> torch.Tensor:
+    """Linear interpolation of ``x`` at fractional positions ``pos`` along ``dim``."""
+    lo = pos.floor().long().clamp(0, x.shape[dim] - 1)
+    hi = (lo + 1).clamp(max=x.shape[dim] - 1)
+    w = (pos - lo.to(pos.dtype)).to(x.dtype)
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    w = w.view(shape)
+    return x.index_select(dim, lo) * (1 - w) + x.index_select(dim, hi) * w
+
+
+def augment_features(feats: torch.Tensor, n_frames: Sequence[int], rng: np.random.Generator, aug: dict) -> torch.Tensor:
+    """Speaker perturbation and SpecAugment on Whisper log-mel features ``(B, mels, frames)``.
+
+    Per utterance, in this order (every draw from ``rng``; ``aug`` is ``pretrain.whisper.augment``):
+
+    * gain: ``U(-gain_db, gain_db)`` dB. Whisper's features are ``(log10(power) + 4) / 4`` with the
+      floor tied to the maximum, so scaling the audio by g dB adds exactly ``g / 40`` everywhere;
+    * vocal-tract length: the mel axis is resampled as for a frequency scaling by
+      ``U(1 - vtlp, 1 + vtlp)`` (:func:`vtlp_positions`);
+    * tempo: the time axis is resampled by ``U(1 - tempo, 1 + tempo)`` (the padding stays floor);
+    * ``freq_masks`` bands of ``U{0..freq_mask_width}`` mel bins and ``time_masks`` spans of
+      ``U{0..time_mask_width}`` frames (inside the speech, ``n_frames``) set to the utterance mean.
+
+    Returns a new tensor; ``feats`` is left unchanged.
+    """
+    out = feats.clone()
+    B, M, T = out.shape
+    for b in range(B):
+        x = out[b]
+        if aug["gain_db"] > 0:
+            x = x + float(rng.uniform(-aug["gain_db"], aug["gain_db"])) / 40.0
+        if aug["vtlp"] > 0:
+            factor = float(rng.uniform(1 - aug["vtlp"], 1 + aug["vtlp"]))
+            x = _resample_axis(x, torch.as_tensor(vtlp_positions(M, factor), dtype=x.dtype), dim=0)
+        length = int(n_frames[b])
+        if aug["tempo"] > 0:
+            rate = float(rng.uniform(1 - aug["tempo"], 1 + aug["tempo"]))
+            x = _resample_axis(x, torch.clamp(torch.arange(T, dtype=x.dtype) * rate, max=T - 1), dim=1)
+            length = min(T, int(round(length / rate)))
+        fill = x.mean()
+        for _ in range(aug["freq_masks"]):
+            width = int(rng.integers(0, aug["freq_mask_width"] + 1))
+            start = int(rng.integers(0, max(1, M - width + 1)))
+            x[start:start + width, :] = fill
+        for _ in range(aug["time_masks"]):
+            width = int(rng.integers(0, min(aug["time_mask_width"], max(0, length // 4)) + 1))
+            start = int(rng.integers(0, max(1, length - width + 1)))
+            x[:, start:start + width] = fill
+        out[b] = x
+    return out
+
+
+def teacher_forcing_arrays(prompt: Sequence[int], captions: Sequence[Sequence[int]], eos: int,
+                           pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder inputs and labels for ``prompt + caption + [eos]``, right-padded with ``pad``.
+
+    ``inputs[t]`` predicts ``labels[t]`` (= the token at ``t + 1``); labels are ``IGNORE`` on the
+    prompt and the padding, so only the caption tokens and the end-of-text carry loss.
+    """
+    seqs = [list(prompt) + list(c) + [eos] for c in captions]
+    width = max(len(s) for s in seqs) - 1
+    inputs = torch.full((len(seqs), width), pad, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        inputs[i, : len(s) - 1] = torch.tensor(s[:-1])
+        labels[i, len(prompt) - 1: len(s) - 1] = torch.tensor(s[len(prompt):])
+    return inputs, labels
+
+
+def one_word_neighbours(captions: Sequence[str]) -> list[list[int]]:
+    """For every caption, the indices of the other captions with the same number of words that
+    differ from it in exactly one word (for the demo: another noun, the minimal-pair partner among
+    them; another colour; another count)."""
+    words = [c.split() for c in captions]
+    out: list[list[int]] = [[] for _ in captions]
+    by_len: dict[int, list[int]] = {}
+    for i, w in enumerate(words):
+        by_len.setdefault(len(w), []).append(i)
+    for group in by_len.values():
+        for a_pos, a in enumerate(group):
+            for b in group[a_pos + 1:]:
+                if sum(x != y for x, y in zip(words[a], words[b])) == 1:
+                    out[a].append(b)
+                    out[b].append(a)
+    return [sorted(n) for n in out]
+
+
+def clip_pool(anchors: Sequence[int], neighbours: Sequence[Sequence[int]], hard_negatives: bool) -> np.ndarray:
+    """A CLIP batch: the anchor pairs plus (``hard_negatives``) all their one-word neighbours,
+    de-duplicated and sorted."""
+    pool = set(int(a) for a in anchors)
+    if hard_negatives:
+        for a in anchors:
+            pool.update(neighbours[int(a)])
+    return np.asarray(sorted(pool), dtype=np.int64)
+
+
+def soft_targets(image_keys: Sequence[str], caption_keys: Sequence[str]) -> torch.Tensor:
+    """Row-normalised targets for a batch of pairs: pair ``j`` is a positive for pair ``i`` when it
+    shows the same picture or says the same caption (so repeated pictures/captions are never
+    pushed apart as negatives). The diagonal is always positive."""
+    img = np.asarray(image_keys, dtype=object)
+    cap = np.asarray(caption_keys, dtype=object)
+    same = (img[:, None] == img[None, :]) | (cap[:, None] == cap[None, :])
+    t = torch.as_tensor(same, dtype=torch.float32)
+    return t / t.sum(dim=1, keepdim=True)
+
+
+def retrieval_r1(similarity: np.ndarray, match: np.ndarray) -> tuple[float, float]:
+    """Caption->picture R@1 and its chance level. ``similarity`` and ``match`` are (captions,
+    pictures); ``match[i, j]`` says picture ``j`` is a correct answer for caption ``i``. Ties go to
+    the first picture. Chance = mean share of correct pictures per caption."""
+    similarity = np.asarray(similarity)
+    match = np.asarray(match, dtype=bool)
+    if similarity.shape != match.shape or similarity.shape[0] == 0:
+        raise ValueError("similarity and match must have the same non-empty (captions, pictures) shape")
+    top = np.argmax(similarity, axis=1)
+    r1 = float(match[np.arange(len(top)), top].mean())
+    chance = float((match.sum(axis=1) / match.shape[1]).mean())
+    return r1, chance
+
+
+# --------------------------------------------------------------------------------------------
+# Training data: the train split only
+# --------------------------------------------------------------------------------------------
+
+
+def whisper_training_items(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The utterances Whisper trains on: split == "train" and a non-empty transcript, by utt_id."""
+    train = manifest[(manifest["split"] == "train") & manifest["text"].fillna("").str.strip().astype(bool)]
+    if train.empty:
+        raise ValueError("no train-split utterances with a transcript in the manifest: nothing to pre-train on")
+    return train.sort_values("utt_id").reset_index(drop=True)
+
+
+def caption_picture_pairs(manifest: pd.DataFrame, split: str, images_dir: str | Path, text_cfg: dict) -> pd.DataFrame:
+    """Distinct (caption, image_id) pairs of one split, with the picture's path. ``caption`` is what
+    CLIP reads for the reference at scoring time (:func:`mmasr.text.clip_text`). Rows without a
+    picture id, or whose picture file is missing, are left out."""
+    from .text import clip_text
+
+    part = manifest[(manifest["split"] == split) & manifest["image_id"].notna()]
+    pairs = pd.DataFrame({"caption": [clip_text(str(t), text_cfg) for t in part["text"].fillna("")],
+                          "image_id": part["image_id"].astype(str).to_numpy()})
+    pairs = pairs[pairs["caption"].str.strip().astype(bool)].drop_duplicates()
+    pairs["path"] = [str(Path(images_dir) / f"{i}.png") for i in pairs["image_id"]]
+    exists = pairs["path"].map(lambda p: Path(p).is_file())
+    if (~exists).any():
+        log.warning("%d %s pictures missing under %s (left out)", int((~exists).sum()), split, images_dir)
+    return pairs[exists].sort_values(["image_id", "caption"]).reset_index(drop=True)
+
+
+def clip_training_pairs(manifest: pd.DataFrame, images_dir: str | Path, text_cfg: dict) -> pd.DataFrame:
+    """The picture/caption pairs CLIP trains on: distinct pairs of the train split only."""
+    pairs = caption_picture_pairs(manifest, "train", images_dir, text_cfg)
+    if len(pairs) < 2:
+        raise ValueError(f"{len(pairs)} train-split picture/caption pairs: contrastive training needs at least 2")
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints, logs, determinism
+# --------------------------------------------------------------------------------------------
+
+
+def set_determinism(seed: int, device: torch.device) -> None:
+    """Seed torch and ask for deterministic kernels (strict on the CPU; warn-only elsewhere)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.set_flush_denormal(True)  # Adam's tiny second moments as denormals make CPU steps ~5x slower
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+
+
+def fingerprint(*parts: Any) -> str:
+    """sha256 (16 hex) of the JSON of ``parts`` and of this module's source: a checkpoint resumes
+    only into the same config, seed, init model, data and training code."""
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _data_digest(frame: pd.DataFrame, columns: Sequence[str]) -> str:
+    return hashlib.sha256(frame[list(columns)].to_csv(index=False).encode()).hexdigest()[:16]
+
+
+def _step_dirs(checkpoint_dir: Path) -> list[Path]:
+    return sorted(p for p in checkpoint_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def save_checkpoint(checkpoint_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    fp: str, schedule: dict, keep: int) -> Path:
+    """Write ``step-NNNNNN/{model.safetensors,state.pt}`` atomically; keep the newest ``keep``."""
+    from safetensors.torch import save_model
+
+    final = checkpoint_dir / f"step-{step:06d}"
+    tmp = checkpoint_dir / f".step-{step:06d}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (Whisper's proj_out)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+             "fingerprint": fp, "schedule": schedule}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save(state, tmp / "state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in _step_dirs(checkpoint_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resume_checkpoint(checkpoint_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      fp: str) -> int:
+    """Load the newest checkpoint with fingerprint ``fp`` into ``model``/``optimizer`` and torch's
+    RNG; return its step (0 when there is none). Checkpoints of another run are removed."""
+    from safetensors.torch import load_model
+
+    if not checkpoint_dir.is_dir():
+        return 0
+    for tmp in checkpoint_dir.glob(".step-*.tmp"):  # left by a run killed while writing
+        shutil.rmtree(tmp, ignore_errors=True)
+    for path in reversed(_step_dirs(checkpoint_dir)):
+        try:
+            state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+        except (OSError, RuntimeError, EOFError) as exc:
+            log.warning("skipping unreadable checkpoint %s (%s)", path, exc)
+            continue
+        if state.get("fingerprint") != fp:
+            log.warning("removing checkpoint %s: it belongs to another run (config, data, init model or code differ)", path)
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        load_model(model, str(path / "model.safetensors"), strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        log.info("resuming from %s (step %d)", path, state["step"])
+        return int(state["step"])
+    return 0
+
+
+class CsvLog:
+    """The training log, written row by row into the checkpoint folder (``log.csv``) so a killed run
+    keeps it; on resume, rows after the resumed step are dropped. :meth:`publish` copies it
+    atomically to the declared output at the end."""
+
+    def __init__(self, path: Path, columns: Sequence[str], resume_step: int):
+        self.path, self.columns = path, list(columns)
+        rows = []
+        if resume_step > 0 and path.is_file():
+            with path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.columns)
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, row: dict) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.columns).writerow({k: _fmt(row.get(k)) for k in self.columns})
+
+    def publish(self, dest: str | Path) -> None:
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(self.path, tmp)
+
+    def rows(self) -> list[dict]:
+        with self.path.open(newline="") as f:
+            return list(csv.DictReader(f))
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _adamw(model: torch.nn.Module, cfg: dict) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices/embeddings only (nanoGPT): not on biases, norms or
+    CLIP's logit scale."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-8)
+
+
+def _save_hf(bundle, init_dir: str | Path, out_dir: str | Path, extra: dict) -> None:
+    """The trained model + processor in Hugging Face format, atomically; tokenizer side files of the
+    init folder (vocab.json, merges.txt) are copied over; ``training.json`` records how it was made
+    (not part of the model's revision)."""
+    from .models import quiet_hf_progress
+
+    model = bundle.model
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and model.config.model_type == "whisper":
+        gen._from_model_config = False  # else from_pretrained rebuilds it and drops no_timestamps_token_id
+    with atomic_dir(out_dir) as tmp:
+        with quiet_hf_progress():
+            model.save_pretrained(tmp)
+        bundle.processor.save_pretrained(tmp)
+        for f in Path(init_dir).iterdir():
+            if f.is_file() and not (tmp / f.name).exists() and not f.name.endswith((".safetensors", ".bin")):
+                shutil.copyfile(f, tmp / f.name)
+        (tmp / "training.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
+
+
+def _progress(total: int, start: int, desc: str, enabled: bool):
+    return tqdm(total=total, initial=start, desc=desc, unit="step", disable=not enabled, mininterval=2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Whisper
+# --------------------------------------------------------------------------------------------
+
+
+def _whisper_features(bundle, paths: Sequence[str], chunk: int = 64) -> torch.Tensor:
+    from .models import whisper_features
+    from .nbest import read_audio
+
+    feats = []
+    for start in range(0, len(paths), chunk):
+        audios = [read_audio(p) for p in paths[start:start + chunk]]
+        feats.append(whisper_features(bundle, audios)["input_features"].cpu())
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def _whisper_eval_loss(model, feats: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, device,
+                       chunk: int = 64) -> float:
+    """Mean teacher-forced token loss (no augmentation), in eval mode; restores train mode."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for s in range(0, len(feats), chunk):
+        lab = labels[s:s + chunk].to(device)
+        logits = model(input_features=feats[s:s + chunk].to(device),
+                       decoder_input_ids=inputs[s:s + chunk].to(device)).logits
+        total += float(F.cross_entropy(logits.float().flatten(0, 1), lab.flatten(), ignore_index=IGNORE,
+                                       reduction="sum"))
+        count += int((lab != IGNORE).sum())
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def _caption_ids(tok, texts: Sequence[str], max_len: int, prompt_len: int) -> list[list[int]]:
+    out = []
+    for t in texts:
+        ids = tok(" " + str(t).strip(), add_special_tokens=False).input_ids
+        if prompt_len + len(ids) + 1 > max_len:
+            raise ValueError(f"caption {t!r} needs {prompt_len + len(ids) + 1} decoder positions, "
+                             f"the model has {max_len}")
+        out.append(ids)
+    return out
+
+
+def train_whisper(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | Path, log_csv: str | Path,
+                  checkpoint_dir: str | Path, cfg: dict, seed: int, *, language: str | None = None,
+                  task: str = "transcribe", device: str = "auto", max_steps: int | None = None,
+                  stop_after: int | None = None, progress: bool = True) -> dict | None:
+    """Train the demo Whisper (from ``init_dir``) as an ASR model on the train split of ``manifest``.
+
+    ``cfg`` is ``pretrain.whisper``. ``max_steps`` shortens the run (the schedule is built for it:
+    smoke runs). ``stop_after`` stops after that many steps *without* writing anything beyond the
+    periodic checkpoints, as a killed run would (tests of resuming). Returns the summary metrics
+    (None when stopped early).
+    """
+    from .models import load_whisper, pick_device, whisper_prompt_ids
+
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    set_determinism(seed, dev)
+    steps = min(cfg["steps"], max_steps) if max_steps else cfg["steps"]
+    bundle = load_whisper(str(init_dir), device=dev)
+    model, tok = bundle.model, bundle.processor.tokenizer
+    gen = model.generation_config
+    eos = gen.eos_token_id[0] if isinstance(gen.eos_token_id, list) else gen.eos_token_id
+    pad = gen.pad_token_id if gen.pad_token_id is not None else eos
+    prompt = whisper_prompt_ids(bundle, language, task)
+    max_len = int(model.config.max_target_positions)
+
+    train = whisper_training_items(manifest)
+    inputs, labels = teacher_forcing_arrays(prompt, _caption_ids(tok, train["text"], max_len, len(prompt)), eos, pad)
+    log.info("Whisper pre-training on %d train utterances (%d speakers), %d steps; prompt %s", len(train),
+             train["speaker"].nunique(), steps, tok.convert_ids_to_tokens(prompt))
+    feats = _whisper_features(bundle, train["audio_path"].tolist())
+    frames_per_s = bundle.processor.feature_extractor.sampling_rate / bundle.processor.feature_extractor.hop_length
+    n_frames = np.minimum(feats.shape[-1], np.ceil(train["duration_s"].to_numpy(float) * frames_per_s)).astype(int)
+
+    # Held-in / held-out monitoring (never used for any decision): a fixed train subset, and dev.
+    eval_sets = {}
+    if cfg["eval_every"] > 0:
+        held_in = train.iloc[: cfg["eval_utts"]]
+        eval_sets["train_loss_noaug"] = (feats[: len(held_in)], inputs[: len(held_in)], labels[: len(held_in)])
+        dev_rows = manifest[(manifest["split"] == "dev") & manifest["text"].fillna("").str.strip().astype(bool)]
+        dev_rows = dev_rows.sort_values("utt_id").iloc[: cfg["eval_utts"]]
+        if len(dev_rows):
+            d_in, d_lab = teacher_forcing_arrays(prompt, _caption_ids(tok, dev_rows["text"], max_len, len(prompt)), eos, pad)
+            eval_sets["dev_loss"] = (_whisper_features(bundle, dev_rows["audio_path"].tolist()), d_in, d_lab)
+
+    model.train()
+    optimizer = _adamw(model, cfg)
+    schedule = {"kind": "linear warm-up + cosine", "lr": cfg["lr"], "warmup": cfg["warmup"], "total": steps,
+                "min_lr_ratio": cfg["min_lr_ratio"]}
+    fp = fingerprint("whisper", cfg, seed, steps, prompt, bundle.revision,
+                     _data_digest(train, ["utt_id", "text", "audio_path", "duration_s"]), str(dev))
+    ckpt_dir = Path(checkpoint_dir)
+    start = resume_checkpoint(ckpt_dir, model, optimizer, fp)
+    csv_log = CsvLog(ckpt_dir / "log.csv", ["step", "lr", "loss", "train_loss_noaug", "dev_loss"], start)
+
+    bar = _progress(steps, start, "pretrain whisper", progress)
+    for step in range(start, steps):
+        lr = lr_at(step, lr=cfg["lr"], warmup=cfg["warmup"], total=steps, min_lr_ratio=cfg["min_lr_ratio"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = batch_indices(len(train), cfg["batch_size"], step, seed, _TAG_WHISPER_ORDER)
+        rng = np.random.default_rng([seed, _TAG_WHISPER_AUG, step])
+        x = augment_features(feats[idx], n_frames[idx], rng, cfg["augment"]).to(dev)
+        y = labels[idx].to(dev)
+        logits = model(input_features=x, decoder_input_ids=inputs[idx].to(dev)).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        optimizer.step()
+
+        done = step + 1
+        row = {"step": done, "lr": lr, "loss": loss.item()}
+        if eval_sets and (done % cfg["eval_every"] == 0 or done == steps):
+            for column, (ef, ei, el) in eval_sets.items():
+                row[column] = _whisper_eval_loss(model, ef, ei, el, dev)
+        csv_log.write(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
+        if done % cfg["checkpoint_every"] == 0 or done == steps:
+            save_checkpoint(ckpt_dir, done, model, optimizer, fp, schedule, cfg["keep_checkpoints"])
+        if stop_after is not None and done >= stop_after and done < steps:
+            bar.close()
+            return None
+    bar.close()
+
+    rows = csv_log.rows()
+    tail = [float(r["loss"]) for r in rows[-min(50, len(rows)):]] if rows else []
+    last_eval = next((r for r in reversed(rows) if r.get("train_loss_noaug")), {})
+    summary = {  # final_loss: mean (augmented) training loss of the last 50 steps
+        "whisper_steps": steps, "whisper_final_loss": float(np.mean(tail)) if tail else None,
+        "whisper_final_train_loss_noaug": float(last_eval["train_loss_noaug"]) if last_eval else None,
+        "whisper_final_dev_loss": float(last_eval["dev_loss"]) if last_eval.get("dev_loss") else None,
+        "whisper_n_train_utts": len(train), "whisper_n_train_speakers": int(train["speaker"].nunique()),
+        "whisper_n_params": int(sum(p.numel() for p in model.parameters())),
+        "whisper_init_revision": bundle.revision,
+    }
+    _save_hf(bundle, init_dir, out_dir, {"seed": seed, "config": cfg, "steps": steps, "prompt": prompt,
+                                         "init": str(init_dir), "init_revision": bundle.revision,
+                                         "train_utts": len(train), "fingerprint": fp})
+    csv_log.publish(log_csv)
+    summary["whisper_train_seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP
+# --------------------------------------------------------------------------------------------
+
+
+def _pixels(bundle, paths: Sequence[str], chunk: int = 64) -> torch.Tensor:
+    from PIL import Image
+
+    out = []
+    for s in range(0, len(paths), chunk):
+        images = []
+        for p in paths[s:s + chunk]:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        out.append(bundle.processor.image_processor(images=images, return_tensors="pt")["pixel_values"])
+    return torch.cat(out)
+
+
+def _tokens(bundle, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    max_len = int(bundle.model.config.text_config.max_position_embeddings)
+    enc = bundle.processor.tokenizer(list(captions), padding=True, truncation=True, max_length=max_len,
+                                     return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def _clip_embed(model, pixel_values=None, input_ids=None, attention_mask=None) -> torch.Tensor:
+    from .models import _pooled
+
+    if pixel_values is not None:
+        out = model.get_image_features(pixel_values=pixel_values)
+    else:
+        out = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+    return F.normalize(_pooled(out).float(), dim=-1)
+
+
+@torch.no_grad()
+def _clip_eval_r1(model, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, pairs: pd.DataFrame,
+                  device) -> float:
+    """Caption->picture R@1 over the distinct pictures and captions of ``pairs`` (in eval mode)."""
+    was_training = model.training
+    model.eval()
+    pics = pairs["image_id"].drop_duplicates().tolist()
+    caps = pairs["caption"].drop_duplicates().tolist()
+    first_pic = {p: i for i, p in reversed(list(enumerate(pairs["image_id"])))}
+    first_cap = {c: i for i, c in reversed(list(enumerate(pairs["caption"])))}
+    img = _clip_embed(model, pixel_values=pixels[[first_pic[p] for p in pics]].to(device))
+    sel = [first_cap[c] for c in caps]
+    txt = _clip_embed(model, input_ids=ids[sel].to(device), attention_mask=mask[sel].to(device))
+    model.train(was_training)
+    match = _match_matrix(pairs, caps, pics)
+    return retrieval_r1((txt @ img.T).cpu().numpy(), match)[0]
+
+
+def _match_matrix(pairs: pd.DataFrame, captions: Sequence[str], pictures: Sequence[str]) -> np.ndarray:
+    cap_index = {c: i for i, c in enumerate(captions)}
+    pic_index = {p: j for j, p in enumerate(pictures)}
+    match = np.zeros((len(captions), len(pictures)), bool)
+    for c, p in zip(pairs["caption"], pairs["image_id"]):
+        match[cap_index[c], pic_index[p]] = True
+    return match
+
+
+def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | Path, out_dir: str | Path,
+               log_csv: str | Path, checkpoint_dir: str | Path, cfg: dict, seed: int, text_cfg: dict, *,
+               device: str = "auto", max_steps: int | None = None, stop_after: int | None = None,
+               progress: bool = True) -> dict | None:
+    """Train the demo CLIP (from ``init_dir``) contrastively on the train split's picture/caption pairs.
+
+    ``cfg`` is ``pretrain.clip``; ``text_cfg`` the ``text`` section (captions are what CLIP reads at
+    scoring time). ``max_steps``/``stop_after`` as in :func:`train_whisper`.
+    """
+    from .models import load_clip, pick_device
+
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    set_determinism(seed, dev)
+    steps = min(cfg["steps"], max_steps) if max_steps else cfg["steps"]
+    bundle = load_clip(str(init_dir), device=dev)
+    model = bundle.model
+
+    pairs = clip_training_pairs(manifest, images_dir, text_cfg)
+    neighbours = one_word_neighbours(pairs["caption"].tolist())
+    log.info("CLIP pre-training on %d train picture/caption pairs (%d pictures), %d steps; %.1f one-word "
+             "neighbours per caption", len(pairs), pairs["image_id"].nunique(), steps,
+             float(np.mean([len(n) for n in neighbours])))
+    pixels = _pixels(bundle, pairs["path"].tolist())
+    ids, mask = _tokens(bundle, pairs["caption"].tolist())
+
+    eval_sets = {}
+    if cfg["eval_every"] > 0:
+        eval_sets["train_r1"] = (pixels, ids, mask, pairs)
+        dev_pairs = caption_picture_pairs(manifest, "dev", images_dir, text_cfg)
+        if len(dev_pairs):
+            eval_sets["dev_r1"] = (_pixels(bundle, dev_pairs["path"].tolist()), *_tokens(bundle, dev_pairs["caption"].tolist()),
+                                dev_pairs)
+
+    model.train()
+    optimizer = _adamw(model, cfg)
+    schedule = {"kind": "linear warm-up + cosine", "lr": cfg["lr"], "warmup": cfg["warmup"], "total": steps,
+                "min_lr_ratio": cfg["min_lr_ratio"]}
+    fp = fingerprint("clip", cfg, seed, steps, text_cfg, bundle.revision,
+                     _data_digest(pairs, ["caption", "image_id", "path"]), str(dev))
+    ckpt_dir = Path(checkpoint_dir)
+    start = resume_checkpoint(ckpt_dir, model, optimizer, fp)
+    csv_log = CsvLog(ckpt_dir / "log.csv", ["step", "lr", "loss", "logit_scale", "pool", "train_r1", "dev_r1"], start)
+
+    bar = _progress(steps, start, "pretrain clip", progress)
+    for step in range(start, steps):
+        lr = lr_at(step, lr=cfg["lr"], warmup=cfg["warmup"], total=steps, min_lr_ratio=cfg["min_lr_ratio"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        anchors = batch_indices(len(pairs), min(cfg["batch_size"], len(pairs)), step, seed, _TAG_CLIP_ORDER)
+        pool = clip_pool(anchors, neighbours, cfg["hard_negatives"])
+        rng = np.random.default_rng([seed, _TAG_CLIP_AUG, step])
+        px = pixels[pool]
+        if cfg["hflip"]:
+            flip = torch.as_tensor(rng.random(len(pool)) < 0.5)
+            px = torch.where(flip[:, None, None, None], px.flip(-1), px)
+        img = _clip_embed(model, pixel_values=px.to(dev))
+        txt = _clip_embed(model, input_ids=ids[pool].to(dev), attention_mask=mask[pool].to(dev))
+        scale = model.logit_scale.clamp(max=LN_100).exp()
+        logits = scale * img @ txt.T  # (pictures, captions)
+        targets = soft_targets(pairs["image_id"].to_numpy()[pool], pairs["caption"].to_numpy()[pool]).to(dev)
+        loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets.T))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(max=LN_100)
+
+        done = step + 1
+        row = {"step": done, "lr": lr, "loss": loss.item(), "logit_scale": float(model.logit_scale.detach().exp()),
+               "pool": len(pool)}
+        if eval_sets and (done % cfg["eval_every"] == 0 or done == steps):
+            for column, (ep, ei, em, epairs) in eval_sets.items():
+                row[column] = _clip_eval_r1(model, ep, ei, em, epairs, dev)
+        csv_log.write(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
+        if done % cfg["checkpoint_every"] == 0 or done == steps:
+            save_checkpoint(ckpt_dir, done, model, optimizer, fp, schedule, cfg["keep_checkpoints"])
+        if stop_after is not None and done >= stop_after and done < steps:
+            bar.close()
+            return None
+    bar.close()
+
+    rows = csv_log.rows()
+    tail = [float(r["loss"]) for r in rows[-min(50, len(rows)):]] if rows else []
+    last_eval = next((r for r in reversed(rows) if r.get("train_r1")), {})
+    summary = {  # final_loss: mean training loss of the last 50 steps
+        "clip_steps": steps, "clip_final_loss": float(np.mean(tail)) if tail else None,
+        "clip_logit_scale": float(model.logit_scale.detach().exp()),
+        "clip_train_r1": float(last_eval["train_r1"]) if last_eval else None,
+        "clip_dev_r1": float(last_eval["dev_r1"]) if last_eval.get("dev_r1") else None,
+        "clip_n_train_pairs": len(pairs), "clip_n_train_pictures": int(pairs["image_id"].nunique()),
+        "clip_mean_hard_negatives": float(np.mean([len(n) for n in neighbours])),
+        "clip_n_params": int(sum(p.numel() for p in model.parameters())),
+        "clip_init_revision": bundle.revision,
+    }
+    _save_hf(bundle, init_dir, out_dir, {"seed": seed, "config": cfg, "steps": steps, "init": str(init_dir),
+                                         "init_revision": bundle.revision, "train_pairs": len(pairs),
+                                         "fingerprint": fp})
+    csv_log.publish(log_csv)
+    summary["clip_train_seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
+def clip_caption_to_picture_r1(bundle, manifest: pd.DataFrame, split: str, images_dir: str | Path,
+                               text_cfg: dict) -> dict:
+    """Caption->picture R@1 of a loaded CLIP (:func:`mmasr.models.load_clip`) on the distinct
+    (caption, picture) pairs of ``split``, with the embedding helpers the pipeline itself uses.
+    Every distinct caption ranks every distinct picture of the split; returns r1, chance, counts."""
+    from .models import clip_image_embeddings, clip_text_embeddings
+    from PIL import Image
+
+    pairs = caption_picture_pairs(manifest, split, images_dir, text_cfg)
+    if pairs.empty:
+        return {"r1": None, "chance": None, "n_captions": 0, "n_pictures": 0}
+    pics = pairs.drop_duplicates("image_id")
+    caps = pairs["caption"].drop_duplicates().tolist()
+    images = []
+    for p in pics["path"]:
+        with Image.open(p) as im:
+            images.append(im.convert("RGB"))
+    img = np.concatenate([clip_image_embeddings(bundle, images[s:s + 64]) for s in range(0, len(images), 64)])
+    txt = np.concatenate([clip_text_embeddings(bundle, caps[s:s + 64]) for s in range(0, len(caps), 64)])
+    r1, chance = retrieval_r1(txt @ img.T, _match_matrix(pairs, caps, pics["image_id"].tolist()))
+    return {"r1": r1, "chance": chance, "n_captions": len(caps), "n_pictures": len(pics)}
