@@ -177,3 +177,20 @@ def test_changing_tau_or_the_alpha_grid_reruns_only_fusion(tiny_run):
     jobs = {line.split()[0] for line in stats[3:] if line.strip() and not line.startswith(("total", "Reasons", " "))}
     jobs = {j for j in jobs if j.isidentifier()}
     assert jobs == {"fuse", "all"}, out[-2000:]
+
+
+def test_small_config_shows_the_effect_the_picture_fixes_impaired_speech(tmp_path):
+    """The whole chain on models that learn: a regression anywhere (image ids, normalisation,
+    softmax, alpha selection, splits) that removes the benefit of the picture fails here."""
+    work = project_copy(tmp_path / "small")
+    run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/small.yaml"], work)
+    m = read_json(work / "results/metrics/fusion.json")
+    summary = {k: round(v, 4) for k, v in m.items() if isinstance(v, float)}
+    assert m["test_wer_asr_impaired"] > 0, summary  # impaired speech is confused without the picture
+    assert m["test_wer_fused_impaired"] < m["test_wer_asr_impaired"], summary
+    assert m["test_wer_oracle"] < m["test_wer_asr"], summary
+    assert m["best_alpha"] > 0, summary
+    manifest = pd.read_parquet(work / "data/processed/manifest.parquet")
+    trained_on = pd.read_csv(work / "results/pretrain/whisper_loss.csv")  # the run finished and logged
+    assert len(trained_on) == 500
+    assert (manifest.groupby("speaker")["split"].nunique() == 1).all()

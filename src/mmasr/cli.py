@@ -226,6 +226,23 @@ def cmd_pretrain_clip(args) -> None:
              summary["clip_test_chance_r1"] or 0.0, args.out)
 
 
+def cmd_pretrain_text_model(args) -> None:
+    """Build the random init (inside the resumable state folder) and train the demo LM or text encoder."""
+    from . import demo_text
+
+    kind = args.kind
+    p = _pretrain_setup(args, kind)
+    cfg = p["pretrain"][kind]
+    build, train = {"lm": (demo_text.build_demo_lm, demo_text.train_lm),
+                    "text_encoder": (demo_text.build_demo_text_encoder, demo_text.train_text_encoder)}[kind]
+    init = build(Path(args.checkpoint_dir) / "init", cfg, p["seed"])  # deterministic: same bytes every time
+    summary = train(init, pd.read_parquet(args.manifest), args.out, args.log_csv, args.checkpoint_dir, cfg, p["seed"],
+                    max_steps=args.max_steps, progress=not args.quiet, device=p["models"]["device"])
+    summary.update(provenance(p, ("pretrain", "seed")))
+    write_json(args.metrics, summary)
+    log.info("demo %s pre-trained: %s; written to %s", kind, summary, args.out)
+
+
 def provenance(p: dict, sections: tuple[str, ...]) -> dict:
     """Params hash (of the sections used) and seed, so a metrics file says what produced it."""
     used = {s: p[s] for s in sections}
@@ -284,6 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint-dir", type=Path, default=Path("results/checkpoints/demo/state/whisper"),
                     help="resumable training state; a killed run resumes from its newest checkpoint")
     sp.add_argument("--max-steps", type=int, default=None, help="at most this many steps (smoke runs)")
+
+    for kind, what in (("lm", "decoder-only LM (projector) on the train transcripts"),
+                       ("text_encoder", "BERT text encoder (CLAP) by masked-language modelling")):
+        sp = stage(f"pretrain-{kind.replace('_', '-')}", cmd_pretrain_text_model,
+                   f"Build and pre-train the demo {what} (train split only, resumable).")
+        sp.set_defaults(kind=kind)
+        sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+        sp.add_argument("--out", type=Path, default=Path(f"results/checkpoints/demo/{kind}"))
+        sp.add_argument("--log-csv", type=Path, default=Path(f"results/pretrain/{kind}_loss.csv"))
+        sp.add_argument("--metrics", type=Path, default=Path(f"results/metrics/pretrain_{kind}.json"))
+        sp.add_argument("--checkpoint-dir", type=Path, default=Path(f"results/checkpoints/demo/state/{kind}"))
+        sp.add_argument("--max-steps", type=int, default=None, help="at most this many steps (smoke runs)")
 
     sp = stage("pretrain-clip", cmd_pretrain_clip,
                "Pre-train the demo CLIP contrastively on the train split's picture/caption pairs (resumable).")

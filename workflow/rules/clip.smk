@@ -32,7 +32,7 @@ rule cache_image_embeddings:
         meta="data/cache/clip_image_embeddings.npz.json",
         rejects="data/cache/clip_image_rejects.parquet",
     params:
-        cfg=cfg_json("models", "images"),
+        cfg=cfg_json("images", *model_cfg("clip")),
     log:
         "results/logs/cache_image_embeddings.log",
     benchmark:
@@ -58,7 +58,7 @@ rule clip_text_scores:
     output:
         "data/nbest/nbest.parquet",
     params:
-        cfg=cfg_json("models", "text"),
+        cfg=cfg_json("text", *model_cfg("clip")),
     log:
         "results/logs/clip_text_scores.log",
     benchmark:

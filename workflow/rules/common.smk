@@ -3,12 +3,28 @@ import json
 import os
 
 
-def cfg_json(*sections):
-    """The params sections a rule uses, as compact JSON for `mmasr --cfg`.
+def cfg_json(*keys):
+    """The params a job reads, as compact JSON for `mmasr --cfg` - whole sections ("fusion") or single
+    keys ("models.whisper"); the command fills in defaults for everything else.
 
     Declaring them as rule params also makes Snakemake re-run the rule when (and only when) they change.
     """
-    return json.dumps({s: config[s] for s in sections}, sort_keys=True, separators=(",", ":"))
+    picked = {}
+    for key in keys:
+        section, _, sub = key.partition(".")
+        if sub:
+            picked.setdefault(section, {})[sub] = config[section][sub]
+        else:
+            picked[section] = config[section]
+    return json.dumps(picked, sort_keys=True, separators=(",", ":"))
+
+
+def model_cfg(*kinds):
+    """The `models` keys that loading the named models reads."""
+    keys = ["models.device", "models.trust_remote_code"]
+    for kind in kinds:
+        keys += [f"models.{kind}", f"models.{kind}_revision"]
+    return keys
 
 
 def corpus_input(wildcards):
@@ -45,6 +61,8 @@ FINAL_OUTPUTS = [
     "results/fusion/grid.csv",
     "results/fusion/changed.parquet",
 ]
+# The demo LM and text encoder serve the projector and CLAP stages; pre-train them with the demo.
+FINAL_OUTPUTS += [config["models"][k] for k in ("lm", "text_encoder") if config["models"][k].startswith(DEMO_CHECKPOINTS)]
 
 
 def print_outputs():

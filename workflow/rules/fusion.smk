@@ -11,7 +11,7 @@ rule fuse:
         changed="results/fusion/changed.parquet",
         metrics="results/metrics/fusion.json",
     params:
-        cfg=cfg_json("fusion", "text", "seed", "nbest", "models"),
+        cfg=cfg_json("fusion", "text", "seed", "nbest", "models.whisper", "models.clip"),
     log:
         "results/logs/fuse.log",
     benchmark:

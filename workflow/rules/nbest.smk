@@ -12,7 +12,7 @@ rule nbest:
         shard=r"\d+",
         n=r"\d+",
     params:
-        cfg=cfg_json("models", "nbest", "text"),
+        cfg=cfg_json("nbest", "text", *model_cfg("whisper")),
     log:
         "results/logs/nbest/{shard}-of-{n}.log",
     benchmark:

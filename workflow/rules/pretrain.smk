@@ -9,23 +9,11 @@
 # prompt or the caption style), as JSON for `mmasr --cfg`: changing e.g. nbest.num_beams or fusion.* must
 # not re-train a model (Snakemake re-runs a rule when its params change).
 PRETRAIN_CFG = {
-    kind: json.dumps(
-        {
-            "seed": config["seed"],
-            "pretrain": {kind: config["pretrain"][kind]},
-            "models": {"device": config["models"]["device"]},
-            **(
-                {"nbest": {k: config["nbest"][k] for k in ("language", "task")}}
-                if kind == "whisper"
-                else {"text": config["text"]}
-            ),
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-    )
-    for kind in ("whisper", "clip")
+    "whisper": cfg_json("seed", "pretrain.whisper", "models.device", "nbest.language", "nbest.task"),
+    "clip": cfg_json("seed", "pretrain.clip", "models.device", "text"),
+    "lm": cfg_json("seed", "pretrain.lm", "models.device"),
+    "text_encoder": cfg_json("seed", "pretrain.text_encoder", "models.device"),
 }
-
 
 rule pretrain_demo_whisper:
     input:
@@ -83,3 +71,57 @@ rule pretrain_demo_clip:
         "MMASR_THREADS={threads} mmasr pretrain-clip --cfg {params.cfg:q} --init {input.init}"
         " --manifest {input.manifest} --images-dir {input.images} --out {output.model}"
         " --log-csv {output.loss} --metrics {output.metrics} --checkpoint-dir {params.state} --quiet > {log} 2>&1"
+
+
+rule pretrain_demo_lm:
+    input:
+        manifest="data/processed/manifest.parquet",
+    output:
+        model=directory("results/checkpoints/demo/lm"),
+        loss="results/pretrain/lm_loss.csv",
+        metrics="results/metrics/pretrain_lm.json",
+    params:
+        cfg=PRETRAIN_CFG["lm"],
+        state="results/checkpoints/demo/state/lm",
+    log:
+        "results/logs/pretrain_demo_lm.log",
+    benchmark:
+        "results/benchmarks/pretrain_demo_lm.tsv"
+    conda:
+        "../envs/mmasr.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+        gpu=1,
+    shell:
+        "MMASR_THREADS={threads} mmasr pretrain-lm --cfg {params.cfg:q} --manifest {input.manifest}"
+        " --out {output.model} --log-csv {output.loss} --metrics {output.metrics}"
+        " --checkpoint-dir {params.state} --quiet > {log} 2>&1"
+
+
+rule pretrain_demo_text_encoder:
+    input:
+        manifest="data/processed/manifest.parquet",
+    output:
+        model=directory("results/checkpoints/demo/text_encoder"),
+        loss="results/pretrain/text_encoder_loss.csv",
+        metrics="results/metrics/pretrain_text_encoder.json",
+    params:
+        cfg=PRETRAIN_CFG["text_encoder"],
+        state="results/checkpoints/demo/state/text_encoder",
+    log:
+        "results/logs/pretrain_demo_text_encoder.log",
+    benchmark:
+        "results/benchmarks/pretrain_demo_text_encoder.tsv"
+    conda:
+        "../envs/mmasr.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+        gpu=1,
+    shell:
+        "MMASR_THREADS={threads} mmasr pretrain-text-encoder --cfg {params.cfg:q} --manifest {input.manifest}"
+        " --out {output.model} --log-csv {output.loss} --metrics {output.metrics}"
+        " --checkpoint-dir {params.state} --quiet > {log} 2>&1"
