@@ -60,7 +60,7 @@ def cache_images(bundle: ModelBundle, images: pd.DataFrame, batch_size: int, pro
 
 
 def add_clip_scores(nbest: pd.DataFrame, manifest: pd.DataFrame, embeddings: dict[str, np.ndarray],
-                    bundle: ModelBundle, text_cfg: dict, batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
+                    bundle: ModelBundle, text_cfg: dict, batch_size: int = 256, progress: bool = True) -> pd.DataFrame:
     """Add ``clip_text`` and ``clip_cos`` (cosine with the utterance's picture; NaN without one)."""
     out = nbest.copy()
     image_of = manifest.set_index("utt_id")["image_id"]
@@ -68,14 +68,16 @@ def add_clip_scores(nbest: pd.DataFrame, manifest: pd.DataFrame, embeddings: dic
     image_ids = out["utt_id"].map(image_of)
     has_image = image_ids.map(lambda i: isinstance(i, str) and i in embeddings).to_numpy(bool)
     texts = sorted(set(out.loc[has_image, "clip_text"]))
-    text_vecs = {}
-    for start in tqdm(range(0, len(texts), batch_size), desc="CLIP text embeddings", unit="batch",
-                      disable=not progress, mininterval=1.0):
-        chunk = texts[start:start + batch_size]
-        text_vecs.update(zip(chunk, clip_text_embeddings(bundle, chunk)))
+    chunks = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    vectors = [clip_text_embeddings(bundle, chunk) for chunk in tqdm(chunks, desc="CLIP text embeddings", unit="batch",
+                                                                     disable=not progress, mininterval=1.0)]
+    text_vecs = np.concatenate(vectors) if vectors else np.zeros((0, 1), np.float32)
+    rows = np.flatnonzero(has_image)
     cos = np.full(len(out), np.nan)
-    for i in np.flatnonzero(has_image):
-        cos[i] = float(np.dot(embeddings[image_ids.iat[i]], text_vecs[out["clip_text"].iat[i]]))
+    if len(rows):
+        text_idx = pd.Index(texts).get_indexer(out["clip_text"].to_numpy()[rows])
+        image_vecs = np.stack([embeddings[i] for i in image_ids.to_numpy()[rows]])
+        cos[rows] = np.einsum("ij,ij->i", image_vecs, text_vecs[text_idx])
     out["clip_cos"] = cos
     return out
 

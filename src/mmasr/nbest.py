@@ -1,11 +1,12 @@
 """Whisper n-best lists with scores, batched and sharded, to Parquet.
 
-Beam search runs once per utterance (batched across utterances). Each returned hypothesis is then
-re-scored by a teacher-forced pass of the same model, so ``sum_logprob`` is exactly
-sum_t log P(token_t | audio, prompt, tokens_<t) over the generated tokens (end-of-text included),
-independent of how a transformers version accumulates beam scores (which has had bugs).
-``asr_score = sum_logprob / n_tokens ** length_penalty``, the criterion beam search ranks by;
-HF's own ``sequences_scores`` is kept beside it as ``beam_score`` for comparison.
+Beam search runs once per utterance, batched across utterances. ``sum_logprob`` of a hypothesis is
+the sum over its generated tokens (end-of-text included) of log P(token | audio, prompt, tokens
+before), read from the beam search's own per-step scores (``compute_transition_scores``: no second
+pass); ``asr_score = sum_logprob / n_tokens ** length_penalty``, the criterion beam search ranks by.
+transformers' beam bookkeeping has had version-specific bugs, so the tests recompute every stored
+score with an independent teacher-forced pass (:func:`teacher_forced_logprobs`) and require
+agreement; transformers' ``sequences_scores`` is kept beside it as ``beam_score``.
 """
 
 from __future__ import annotations
@@ -95,8 +96,7 @@ def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
     R = cfg["num_return_sequences"]
     # Whisper's own generate() repeats each input num_return_sequences times and keeps the best beam
     # of every copy (transformers issue 33445): R copies of one hypothesis. The generic beam search,
-    # started from the forced prompt, returns the R best distinct beams; it also accepts the encoder
-    # output, which the teacher-forced re-scoring below reuses (the audio is encoded once).
+    # started from the forced prompt, returns the R best distinct beams.
     with autocast(bundle.device):
         states = model.get_encoder()(feats["input_features"]).last_hidden_state
         out = GenerationMixin.generate(
@@ -105,15 +105,14 @@ def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
             num_beams=cfg["num_beams"], num_return_sequences=R, length_penalty=cfg["length_penalty"],
             max_new_tokens=cfg["max_new_tokens"], eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
             return_dict_in_generate=True, output_scores=True, do_sample=False)
-    states = states.repeat_interleave(R, dim=0)  # generate() orders the R sequences of an input together
     eos, pad = gen.eos_token_id, gen.pad_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     seqs = out.sequences.cpu().tolist()
     hyps = [strip_prompt_and_padding(s, len(prompt), eos, pad if pad is not None else eos) for s in seqs]
-    hyps = [h if h else [eos] for h in hyps]  # an empty beam still ends with end-of-text
-    sum_lp = teacher_forced_logprobs(bundle, states, prompt, hyps)
-    beam = out.sequences_scores.float().cpu().numpy() if getattr(out, "sequences_scores", None) is not None \
-        else np.full(len(hyps), np.nan)
+    # Per-token log-probabilities of the chosen tokens; positions after end-of-text are 0.
+    steps = model.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)
+    sum_lp = np.array([float(steps[k, : len(h)].double().sum()) for k, h in enumerate(hyps)])
+    beam = out.sequences_scores.float().cpu().numpy()
     results = []
     for u in range(len(audios)):
         best: dict[str, dict] = {}
