@@ -63,7 +63,7 @@ from .demo_models import (_bpe_vocab, _seeded_init, _write_vocab_merges, bytes_t
 from .io import atomic_dir
 from .models import model_revision, quiet_hf_progress
 from .pretrain import (IGNORE, CsvLog, _adamw, _caption_ids, _data_digest, _progress, _save_hf, batch_indices,
-                       fingerprint, lr_at, resume_checkpoint, save_checkpoint, set_determinism,
+                       end_of_step, fingerprint, lr_at, mean_tail_loss, resume_checkpoint, set_determinism,
                        teacher_forcing_arrays, whisper_training_items)
 
 log = logging.getLogger(__name__)
@@ -351,9 +351,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: dict, total: int) 
 
 
 def _final_loss(csv_log: CsvLog) -> float | None:
-    rows = csv_log.rows()
-    tail = [float(r["loss"]) for r in rows[-min(50, len(rows)):]] if rows else []
-    return float(np.mean(tail)) if tail else None
+    return mean_tail_loss(csv_log.rows())
 
 
 def _load_local(kind: str, init_dir: str | Path, model_cls, device: torch.device):
@@ -485,13 +483,8 @@ def train_lm(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | Path, 
         optimizer.step()
 
         done = step + 1
-        csv_log.write({"step": done, "lr": lr, "loss": loss.item(), "tokens": int((y != IGNORE).sum())})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
-        if done % cfg["checkpoint_every"] == 0 or done == steps:
-            save_checkpoint(ckpt_dir, done, model, optimizer, fp, schedule, cfg["keep_checkpoints"])
-        if stop_after is not None and done >= stop_after and done < steps:
-            bar.close()
+        row = {"step": done, "lr": lr, "loss": loss.item(), "tokens": int((y != IGNORE).sum())}
+        if end_of_step(row, steps, csv_log, bar, ckpt_dir, model, optimizer, fp, schedule, cfg, stop_after):
             return None
     bar.close()
 
@@ -584,13 +577,8 @@ def train_text_encoder(init_dir: str | Path, manifest: pd.DataFrame, out_dir: st
         optimizer.step()
 
         done = step + 1
-        csv_log.write({"step": done, "lr": lr, "loss": loss.item(), "masked": int((y != IGNORE).sum())})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
-        if done % cfg["checkpoint_every"] == 0 or done == steps:
-            save_checkpoint(ckpt_dir, done, model, optimizer, fp, schedule, cfg["keep_checkpoints"])
-        if stop_after is not None and done >= stop_after and done < steps:
-            bar.close()
+        row = {"step": done, "lr": lr, "loss": loss.item(), "masked": int((y != IGNORE).sum())}
+        if end_of_step(row, steps, csv_log, bar, ckpt_dir, model, optimizer, fp, schedule, cfg, stop_after):
             return None
     bar.close()
 

@@ -425,6 +425,28 @@ class CsvLog:
             return list(csv.DictReader(f))
 
 
+def end_of_step(row: dict, steps: int, csv_log: "CsvLog", bar, checkpoint_dir: Path, model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer, fp: str, schedule: dict, cfg: dict, stop_after: int | None) -> bool:
+    """The bookkeeping every loop ends a step with: log the row, advance the progress bar, checkpoint
+    on schedule (and at the last step). True when ``stop_after`` ends the run here, as a kill would."""
+    done = row["step"]
+    csv_log.write(row)
+    bar.update(1)
+    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", refresh=False)
+    if done % cfg["checkpoint_every"] == 0 or done == steps:
+        save_checkpoint(checkpoint_dir, done, model, optimizer, fp, schedule, cfg["keep_checkpoints"])
+    stopped = stop_after is not None and stop_after <= done < steps
+    if stopped:
+        bar.close()
+    return stopped
+
+
+def mean_tail_loss(rows: list[dict], n: int = 50) -> float | None:
+    """Mean training loss of the last ``n`` logged steps (the final loss, less noisy than one step)."""
+    tail = [float(r["loss"]) for r in rows[-n:]]
+    return float(np.mean(tail)) if tail else None
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return ""
@@ -587,21 +609,14 @@ def train_whisper(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | P
         if eval_sets and (done % cfg["eval_every"] == 0 or done == steps):
             for column, (ef, ei, el) in eval_sets.items():
                 row[column] = _whisper_eval_loss(model, ef, ei, el, dev)
-        csv_log.write(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
-        if done % cfg["checkpoint_every"] == 0 or done == steps:
-            save_checkpoint(ckpt_dir, done, model, optimizer, fp, schedule, cfg["keep_checkpoints"])
-        if stop_after is not None and done >= stop_after and done < steps:
-            bar.close()
+        if end_of_step(row, steps, csv_log, bar, ckpt_dir, model, optimizer, fp, schedule, cfg, stop_after):
             return None
     bar.close()
 
     rows = csv_log.rows()
-    tail = [float(r["loss"]) for r in rows[-min(50, len(rows)):]] if rows else []
     last_eval = next((r for r in reversed(rows) if r.get("train_loss_noaug")), {})
     summary = {  # final_loss: mean (augmented) training loss of the last 50 steps
-        "whisper_steps": steps, "whisper_final_loss": float(np.mean(tail)) if tail else None,
+        "whisper_steps": steps, "whisper_final_loss": mean_tail_loss(rows),
         "whisper_final_train_loss_noaug": float(last_eval["train_loss_noaug"]) if last_eval else None,
         "whisper_final_dev_loss": float(last_eval["dev_loss"]) if last_eval.get("dev_loss") else None,
         "whisper_n_train_utts": len(train), "whisper_n_train_speakers": int(train["speaker"].nunique()),
@@ -753,21 +768,14 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
         if eval_sets and (done % cfg["eval_every"] == 0 or done == steps):
             for column, (ep, ei, em, epairs) in eval_sets.items():
                 row[column] = _clip_eval_r1(model, ep, ei, em, epairs, dev)
-        csv_log.write(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
-        if done % cfg["checkpoint_every"] == 0 or done == steps:
-            save_checkpoint(ckpt_dir, done, model, optimizer, fp, schedule, cfg["keep_checkpoints"])
-        if stop_after is not None and done >= stop_after and done < steps:
-            bar.close()
+        if end_of_step(row, steps, csv_log, bar, ckpt_dir, model, optimizer, fp, schedule, cfg, stop_after):
             return None
     bar.close()
 
     rows = csv_log.rows()
-    tail = [float(r["loss"]) for r in rows[-min(50, len(rows)):]] if rows else []
     last_eval = next((r for r in reversed(rows) if r.get("train_r1")), {})
     summary = {  # final_loss: mean training loss of the last 50 steps
-        "clip_steps": steps, "clip_final_loss": float(np.mean(tail)) if tail else None,
+        "clip_steps": steps, "clip_final_loss": mean_tail_loss(rows),
         "clip_logit_scale": float(model.logit_scale.detach().exp()),
         "clip_train_r1": float(last_eval["train_r1"]) if last_eval else None,
         "clip_dev_r1": float(last_eval["dev_r1"]) if last_eval.get("dev_r1") else None,
