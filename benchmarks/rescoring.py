@@ -30,7 +30,7 @@ from mmasr import config
 from mmasr.clip import add_clip_scores, load_embeddings
 from mmasr.fusion import alpha_grid, choose, fuse, grid_wer, masked_softmax, to_arrays
 from mmasr.io import write_json
-from mmasr.models import clip_text_embeddings, load_clip, load_whisper
+from mmasr.models import clip_text_embeddings, load_clip, load_whisper, whisper_generate_kwargs
 from mmasr.nbest import nbest_for_batch, read_audio
 from mmasr.text import clip_text, normaliser
 
@@ -74,7 +74,8 @@ def seed_generate_nbest(bundle, audio: np.ndarray, cfg: dict) -> list[str]:
     """Seed 000's ``generate_nbest``: Whisper's generate() on one utterance, distinct decoded texts."""
     feats = bundle.processor(audio, sampling_rate=16000, return_tensors="pt").input_features.to(bundle.device)
     out = bundle.model.generate(feats, num_beams=cfg["num_beams"], num_return_sequences=cfg["num_return_sequences"],
-                                max_new_tokens=cfg["max_new_tokens"], return_dict_in_generate=True, output_scores=True)
+                                max_new_tokens=cfg["max_new_tokens"], return_dict_in_generate=True, output_scores=True,
+                                **whisper_generate_kwargs(bundle, cfg["language"], cfg["task"]))
     texts = []
     for seq in out.sequences:
         text = bundle.processor.decode(seq, skip_special_tokens=True).strip().lower()
