@@ -63,7 +63,7 @@ from .demo_models import (_bpe_vocab, _seeded_init, _write_vocab_merges, bytes_t
 from .io import atomic_dir
 from .models import model_revision, quiet_hf_progress
 from .pretrain import (IGNORE, CsvLog, _adamw, _caption_ids, _data_digest, _progress, _save_hf, batch_indices,
-                       end_of_step, fingerprint, lr_at, mean_tail_loss, resume_checkpoint, set_determinism,
+                       end_of_step, fingerprint, lr_at, mean_tail_loss, optimise, resume_checkpoint, set_determinism,
                        teacher_forcing_arrays, whisper_training_items)
 
 log = logging.getLogger(__name__)
@@ -477,10 +477,7 @@ def train_lm(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | Path, 
         x, y = inputs[idx, :width].to(dev), labels[idx, :width].to(dev)
         logits = model(input_ids=x).logits  # causal: right padding never reaches a real position
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        optimizer.step()
+        optimise(loss, model, optimizer, cfg["grad_clip"])
 
         done = step + 1
         row = {"step": done, "lr": lr, "loss": loss.item(), "tokens": int((y != IGNORE).sum())}
@@ -571,10 +568,7 @@ def train_text_encoder(init_dir: str | Path, manifest: pd.DataFrame, out_dir: st
         logits = model(input_ids=torch.from_numpy(x).to(dev),
                        attention_mask=torch.from_numpy(attn[idx, :width]).to(dev)).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), y_t.flatten(), ignore_index=IGNORE)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        optimizer.step()
+        optimise(loss, model, optimizer, cfg["grad_clip"])
 
         done = step + 1
         row = {"step": done, "lr": lr, "loss": loss.item(), "masked": int((y != IGNORE).sum())}

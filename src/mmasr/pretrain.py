@@ -425,6 +425,14 @@ class CsvLog:
             return list(csv.DictReader(f))
 
 
+def optimise(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> None:
+    """One update: clear the gradients, backpropagate, clip the gradient norm, step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+
+
 def end_of_step(row: dict, steps: int, csv_log: "CsvLog", bar, checkpoint_dir: Path, model: torch.nn.Module,
                 optimizer: torch.optim.Optimizer, fp: str, schedule: dict, cfg: dict, stop_after: int | None) -> bool:
     """The bookkeeping every loop ends a step with: log the row, advance the progress bar, checkpoint
@@ -599,10 +607,7 @@ def train_whisper(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | P
         y = labels[idx].to(dev)
         logits = model(input_features=x, decoder_input_ids=inputs[idx].to(dev)).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        optimizer.step()
+        optimise(loss, model, optimizer, cfg["grad_clip"])
 
         done = step + 1
         row = {"step": done, "lr": lr, "loss": loss.item()}
@@ -755,10 +760,7 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
         logits = scale * img @ txt.T  # (pictures, captions)
         targets = soft_targets(pairs["image_id"].to_numpy()[pool], pairs["caption"].to_numpy()[pool]).to(dev)
         loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets.T))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        optimizer.step()
+        optimise(loss, model, optimizer, cfg["grad_clip"])
         with torch.no_grad():
             model.logit_scale.clamp_(max=LN_100)
 
