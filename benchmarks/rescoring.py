@@ -16,7 +16,6 @@ Run after the pipeline (it reads data/processed, data/nbest, data/cache and the 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from mmasr import config
 from mmasr.clip import add_clip_scores, load_embeddings
 from mmasr.fusion import alpha_grid, choose, fuse, grid_wer, masked_softmax, to_arrays
 from mmasr.io import write_json
-from mmasr.models import clip_text_embeddings, load_clip, load_whisper, whisper_generate_kwargs
+from mmasr.models import clip_text_embeddings, load_from_params, whisper_generate_kwargs
 from mmasr.nbest import nbest_for_batch, read_audio
 from mmasr.text import clip_text, normaliser
 
@@ -46,7 +45,7 @@ def timed(fn, repeats: int = 1):
 
 
 def bench_nbest(p: dict, manifest: pd.DataFrame, n_utts: int) -> dict:
-    bundle = load_whisper(p["models"]["whisper"], p["models"]["device"])
+    bundle = load_from_params("whisper", p["models"])
     norm = normaliser(p["text"])
     cfg = p["nbest"]
     utts = manifest[manifest["split"].isin(cfg["splits"])].sort_values("utt_id").head(n_utts)
@@ -111,7 +110,7 @@ def seed_loop_grid(nbest: pd.DataFrame, manifest: pd.DataFrame, embeddings: dict
 
 
 def bench_grid(p: dict, manifest: pd.DataFrame, split: str) -> dict:
-    bundle = load_clip(p["models"]["clip"], p["models"]["device"])
+    bundle = load_from_params("clip", p["models"])
     embeddings = load_embeddings("data/cache/clip_image_embeddings.npz")
     asr_nbest = pd.read_parquet("data/nbest/asr_nbest.parquet")
     ids = set(manifest.loc[manifest["split"] == split, "utt_id"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import soundfile as sf
 from PIL import Image
@@ -64,10 +65,8 @@ def clip_bundle(demo_model_dirs):
     return load_clip(str(demo_model_dirs["clip"]), device="cpu")
 
 
-def processed_corpus(root: Path, n: int = 6) -> "pd.DataFrame":
+def processed_corpus(root: Path, n: int = 6) -> pd.DataFrame:
     """A manifest of processed-looking 16 kHz utterances split between dev and test."""
-    import pandas as pd
-
     rows = []
     for i in range(n):
         path = write_wav(root / f"u{i}.wav", tone(0.6 + 0.1 * i, freq=150 + 40 * i, lead=0.1, tail=0.1))

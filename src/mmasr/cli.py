@@ -19,7 +19,7 @@ import pandas as pd
 
 from . import __version__
 from . import config as params_mod
-from .io import atomic_path, write_json, write_parquet
+from .io import atomic_path, read_metadata, write_json, write_parquet
 
 log = logging.getLogger("mmasr")
 
@@ -76,11 +76,9 @@ def cmd_split(args) -> None:
 
 
 def _model(kind: str, p: dict):
-    from . import models
+    from .models import load_from_params
 
-    loader = {"whisper": models.load_whisper, "clip": models.load_clip}[kind]
-    m = p["models"]
-    return loader(m[kind], device=m["device"], revision=m[f"{kind}_revision"], trust_remote_code=m["trust_remote_code"])
+    return load_from_params(kind, p["models"])
 
 
 def cmd_build_demo_models(args) -> None:
@@ -127,14 +125,11 @@ def cmd_nbest_merge(args) -> None:
 
 
 def cmd_clip_scores(args) -> None:
-    import pyarrow.parquet as pq
-
     from .clip import add_clip_scores, load_embeddings
 
     p = _params(args)
     nbest = pd.read_parquet(args.nbest)
-    meta = {k.decode(): v.decode() for k, v in (pq.read_schema(args.nbest).metadata or {}).items()
-            if k.startswith(b"mmasr.")}
+    meta = read_metadata(args.nbest)
     bundle = _model("clip", p)
     scored = add_clip_scores(nbest, pd.read_parquet(args.manifest), load_embeddings(args.embeddings), bundle,
                              p["text"], progress=not args.quiet)

@@ -80,6 +80,11 @@ def cross_field_problems(p: dict[str, Any]) -> list[str]:
     return problems
 
 
+def schema_defaults() -> dict[str, Any]:
+    """Every parameter's default, read from the schema: the one place defaults are written down."""
+    return validate({}, "schema defaults")
+
+
 def deep_merge(base: dict, override: dict) -> dict:
     """``override`` on top of ``base``, recursing into nested dicts (as Snakemake merges configs)."""
     out = copy.deepcopy(base)

@@ -57,6 +57,8 @@ from scipy.ndimage import uniform_filter1d
 from scipy.signal import butter, lfilter, sosfilt
 from tqdm import tqdm
 
+from .config import schema_defaults
+
 __all__ = [
     "DEFAULT_CONFIG",
     "LEXICON",
@@ -83,19 +85,8 @@ __all__ = [
 # Configuration
 # --------------------------------------------------------------------------------------------
 
-DEFAULT_CONFIG: dict[str, Any] = {
-    "n_impaired_speakers": 8,
-    "n_control_speakers": 8,
-    "utts_per_speaker": 48,
-    "image_size": 128,
-    "sample_rates": [22050, 44100],
-    "stereo_fraction": 0.25,
-    "flac_fraction": 0.25,
-    "impaired_rate": 1.3,
-    "impaired_voicing_blur": [0.6, 0.8],
-    "impaired_noise_db": -20,
-    "defects": True,
-}
+# The params `demo` section, defaults as declared in workflow/schemas/params.schema.yaml.
+DEFAULT_CONFIG: dict[str, Any] = schema_defaults()["demo"]
 
 CONTROL_NOISE_DB = -45.0  # controls are recorded much cleaner than impaired speakers
 FLOAT_WAV_FRACTION = 0.2  # share of the WAV files written as 32-bit float (rest PCM_16)

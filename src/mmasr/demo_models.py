@@ -49,6 +49,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .config import schema_defaults
 from .demo import LEXICON
 from .models import quiet_hf_progress
 
@@ -70,28 +71,8 @@ __all__ = [
 # Configuration
 # --------------------------------------------------------------------------------------------
 
-DEFAULT_CONFIG: dict[str, dict[str, int]] = {
-    "whisper": {
-        "d_model": 128,
-        "encoder_layers": 2,
-        "decoder_layers": 2,
-        "attention_heads": 4,
-        "ffn_dim": 256,
-        "num_mel_bins": 80,
-        "chunk_length_s": 3,
-        "max_target_positions": 32,
-    },
-    "clip": {
-        "image_size": 64,
-        "patch_size": 8,
-        "hidden_size": 128,
-        "layers": 2,
-        "attention_heads": 4,
-        "intermediate_size": 256,
-        "projection_dim": 64,
-        "max_position_embeddings": 16,
-    },
-}
+# The params `demo_models` section, defaults as declared in workflow/schemas/params.schema.yaml.
+DEFAULT_CONFIG: dict[str, dict[str, int]] = schema_defaults()["demo_models"]
 
 SAMPLE_RATE = 16000
 SOURCE_POSITIONS_PER_SECOND = 50  # Whisper: 100 mel frames/s, halved by the encoder's stride-2 conv

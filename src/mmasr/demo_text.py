@@ -58,6 +58,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .config import schema_defaults
 from .demo_models import (_bpe_vocab, _seeded_init, _write_vocab_merges, bytes_to_unicode, demo_vocabulary,
                           learn_bpe)
 from .io import atomic_dir
@@ -91,40 +92,9 @@ __all__ = [
 # Configuration
 # --------------------------------------------------------------------------------------------
 
-_TRAINING_DEFAULTS: dict[str, Any] = {
-    "steps": 300,
-    "batch_size": 32,
-    "lr": 0.002,  # peak; linear warm-up, then cosine decay to min_lr_ratio * lr (pretrain.lr_at)
-    "warmup": 30,
-    "min_lr_ratio": 0.05,
-    "weight_decay": 0.01,  # AdamW, matrices and embeddings only (pretrain._adamw)
-    "grad_clip": 1.0,
-    "checkpoint_every": 100,
-    "keep_checkpoints": 2,
-}
-
-DEFAULT_CONFIG: dict[str, dict[str, Any]] = {
-    "lm": {
-        "hidden_size": 128,
-        "layers": 2,
-        "heads": 4,
-        "kv_heads": 2,
-        "intermediate_size": 256,
-        "max_position_embeddings": 128,
-        **_TRAINING_DEFAULTS,
-    },
-    "text_encoder": {
-        "hidden_size": 128,
-        "layers": 2,
-        "heads": 4,
-        "intermediate_size": 256,
-        "max_position_embeddings": 64,
-        "dropout": 0.1,  # BERT's hidden and attention dropout (training only)
-        "mask_prob": 0.15,
-        **_TRAINING_DEFAULTS,
-        "lr": 0.001,
-    },
-}
+# The params `pretrain.lm` / `pretrain.text_encoder` sections (architecture and training), defaults as
+# declared in workflow/schemas/params.schema.yaml.
+DEFAULT_CONFIG: dict[str, dict[str, Any]] = {k: schema_defaults()["pretrain"][k] for k in ("lm", "text_encoder")}
 
 PROJECTOR_PROMPT = "USER: Transcribe speech to text. \n ASSISTANT:"
 

@@ -76,6 +76,12 @@ def write_parquet(path: str | os.PathLike, df: pd.DataFrame, metadata: dict[str,
         pq.write_table(table, tmp)
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``mmasr.*`` key/value metadata of a Parquet file (model, decoding settings, ...)."""
+    meta = pq.read_schema(path).metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"mmasr.")}
+
+
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 

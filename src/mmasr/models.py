@@ -495,3 +495,11 @@ def describe_prompt(bundle: ModelBundle, ids: list[int]) -> list[str]:
     """Token strings of a prompt (for logs and reports)."""
     return bundle.processor.tokenizer.convert_ids_to_tokens(list(ids))
 
+
+
+def load_from_params(kind: str, models_cfg: dict) -> ModelBundle:
+    """Load ``models.<kind>`` (whisper or clip) with the revision, device and remote-code setting
+    that the params ``models`` section gives."""
+    loader = {"whisper": load_whisper, "clip": load_clip}[kind]
+    return loader(models_cfg[kind], device=models_cfg["device"], revision=models_cfg[f"{kind}_revision"],
+                  trust_remote_code=models_cfg["trust_remote_code"])

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from transformers.generation.utils import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutput
 
-from .io import write_parquet
+from .io import read_metadata, write_parquet
 from .models import ModelBundle, autocast, whisper_features, whisper_prompt_ids
 
 log = logging.getLogger(__name__)
@@ -165,11 +165,9 @@ def nbest_metadata(bundle: ModelBundle, cfg: dict, **extra) -> dict[str, str]:
 
 def merge_shards(paths: Sequence[str | Path], out: str | Path) -> pd.DataFrame:
     """Gather shard files into one table; refuse shards made with different models or settings."""
-    import pyarrow.parquet as pq
-
     tables, meta = [], None
     for p in paths:
-        md = {k.decode(): v.decode() for k, v in (pq.read_schema(p).metadata or {}).items() if k.startswith(b"mmasr.")}
+        md = read_metadata(p)
         md.pop("mmasr.shard", None)
         if meta is not None and md != meta:
             raise ValueError(f"{p}: made with other settings than {paths[0]} ({md} vs {meta}); re-run the n-best shards")

@@ -7,7 +7,6 @@ process pool and records every input it cannot use in the rejects table, with th
 from __future__ import annotations
 
 import hashlib
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path

@@ -57,7 +57,7 @@ def assemble(audio: torch.Tensor, audio_lengths: torch.Tensor, prompt: torch.Ten
     """
     device, dtype = audio.device, audio.dtype
     prompt_emb = embed(prompt.to(device)).to(dtype)
-    rows, masks, labels = [], [], []
+    rows, labels = [], []
     for i, target in enumerate(targets):
         text = torch.tensor(list(target) + [eos_id], device=device, dtype=torch.long)
         a = int(audio_lengths[i])

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from .fusion import fuse, masked_softmax
-from .models import clip_image_embeddings, clip_text_embeddings, load_clip, load_whisper
+from .models import clip_image_embeddings, clip_text_embeddings, load_from_params
 from .nbest import nbest_for_batch
 from .preprocess import Rejected, load_and_clean
 from .text import clip_text, normaliser
@@ -26,7 +26,7 @@ def tuned_alpha(fusion_metrics: str | Path | None) -> float | None:
     return None
 
 
-def picture_embedding(p: dict, clip_bundle, image: str | Path | None, image_id: str | None,
+def picture_embedding(clip_bundle, image: str | Path | None, image_id: str | None,
                       embeddings: str | Path | None) -> tuple[np.ndarray | None, str | None]:
     """The picture's CLIP embedding and, when there is none, why (the warning to show)."""
     if image is not None:
@@ -57,8 +57,7 @@ def transcribe(audio: str | Path, p: dict, image=None, image_id=None, alpha: flo
         cleaned = load_and_clean(audio, p["preprocess"]).audio
     except Rejected as exc:
         raise ValueError(f"cannot transcribe {audio}: {exc.reason}: {exc.detail}") from None
-    m = p["models"]
-    whisper = load_whisper(m["whisper"], m["device"], m["whisper_revision"], m["trust_remote_code"])
+    whisper = load_from_params("whisper", p["models"])
     hyps = nbest_for_batch(whisper, [cleaned], p["nbest"], normaliser(p["text"]))[0]
     result: dict = {"audio": str(audio), "whisper": whisper.name}
     asr = np.array([[h["asr_score"] for h in hyps]])
@@ -67,8 +66,8 @@ def transcribe(audio: str | Path, p: dict, image=None, image_id=None, alpha: flo
 
     vec, warning = None, None
     if image is not None or image_id is not None:
-        clip_bundle = load_clip(m["clip"], m["device"], m["clip_revision"], m["trust_remote_code"])
-        vec, warning = picture_embedding(p, clip_bundle, image, image_id, embeddings)
+        clip_bundle = load_from_params("clip", p["models"])
+        vec, warning = picture_embedding(clip_bundle, image, image_id, embeddings)
     else:
         warning = "no picture given: ASR-only"
     if vec is None:
