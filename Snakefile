@@ -23,6 +23,7 @@ include: "workflow/rules/clip.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/nbest.smk"
 include: "workflow/rules/fusion.smk"
+include: "workflow/rules/projector.smk"
 
 
 rule all:

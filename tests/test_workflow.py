@@ -106,7 +106,7 @@ def test_every_demo_defect_is_rejected_with_its_reason(tiny_run):
 
 
 def test_every_rule_left_a_log_and_a_benchmark(tiny_run):
-    for rule in ("make_demo", "ingest", "preprocess", "split"):
+    for rule in ("make_demo", "ingest", "preprocess", "split", "encode_audio", "train_projector", "eval_projector"):
         assert (tiny_run / "results/logs" / f"{rule}.log").is_file()
         assert (tiny_run / "results/benchmarks" / f"{rule}.tsv").is_file()
 
@@ -178,6 +178,26 @@ def test_rescoring_outputs_follow_the_contracts(tiny_run):
     assert b"mmasr.model" in meta and b"mmasr.decoding" in meta
     emb_meta = read_json(tiny_run / "data/cache/clip_image_embeddings.npz.json")
     assert emb_meta["count"] == manifest["image_id"].nunique() and emb_meta["dimension"] > 0
+
+
+def test_projector_outputs_follow_the_contracts(tiny_run):
+    metrics = read_json(tiny_run / "results/metrics/projector.json")
+    for key in ("test_wer", "best_dev_loss", "n_trainable_params", "steps", "test_substitutions", "test_deletions",
+                "test_insertions", "whisper_test_wer_asr", "model_lm", "model_encoder", "params_hash"):
+        assert key in metrics, key
+    assert metrics["steps"] == 10 and metrics["test_wer"] >= 0
+    assert metrics["n_trainable_params"] == (128 * 5 * 32 + 32) + (32 * 128 + 128)  # demo Whisper 128-d, k=5, hidden 32
+    log = pd.read_csv(tiny_run / "results/projector/train_log.csv")
+    assert list(log.columns) == ["step", "lr", "train_loss", "dev_loss", "tokens"] and log["step"].tolist() == list(range(1, 11))
+    assert metrics["best_dev_loss"] == pytest.approx(log["dev_loss"].min())
+    hyps = pd.read_parquet(tiny_run / "results/projector/hyps.parquet")
+    manifest = pd.read_parquet(tiny_run / "data/processed/manifest.parquet")
+    assert list(hyps.columns) == ["utt_id", "speaker", "group", "ref", "hyp"]
+    assert sorted(hyps["utt_id"]) == sorted(manifest.loc[manifest["split"] == "test", "utt_id"])
+    for part in ("best/model.safetensors", "best/state.pt", "last/model.safetensors", "config.json"):
+        assert (tiny_run / "results/checkpoints/projector/model" / part).is_file(), part
+    index = pd.read_parquet(tiny_run / "data/cache/encoder_features/index.parquet")
+    assert sorted(index["utt_id"]) == sorted(manifest["utt_id"]) and (index["dim"] == 128).all()
 
 
 def test_changing_tau_or_the_alpha_grid_reruns_only_fusion(tiny_run):

@@ -19,7 +19,7 @@ import pandas as pd
 
 from . import __version__
 from . import config as params_mod
-from .io import atomic_path, read_metadata, write_json, write_parquet
+from .io import read_metadata, write_csv, write_json, write_parquet
 
 log = logging.getLogger("mmasr")
 
@@ -146,10 +146,8 @@ def cmd_fuse(args) -> None:
     grid, metrics, changed, per_speaker = run_fusion(pd.read_parquet(args.nbest), pd.read_parquet(args.manifest),
                                                      p["fusion"], p["text"], p["seed"])
     metrics.update(provenance(p, ("fusion", "text", "nbest", "models")))
-    with atomic_path(args.grid) as tmp:
-        grid.to_csv(tmp, index=False, float_format="%.6f")
-    with atomic_path(args.per_speaker) as tmp:
-        per_speaker.to_csv(tmp, index=False, float_format="%.6f")
+    write_csv(args.grid, grid)
+    write_csv(args.per_speaker, per_speaker)
     write_parquet(args.changed, changed)
     write_json(args.metrics, metrics)
     log.info("alpha=%.2f (dev); test WER asr-only %.4f, fused %.4f [%.4f, %.4f], oracle %.4f",
@@ -236,6 +234,81 @@ def cmd_pretrain_text_model(args) -> None:
     summary.update(provenance(p, ("pretrain", "seed")))
     write_json(args.metrics, summary)
     log.info("demo %s pre-trained: %s; written to %s", kind, summary, args.out)
+
+
+def cmd_encode_audio(args) -> None:
+    from .encode_audio import encode_manifest
+
+    p = _params(args)
+    cfg = p["projector"]
+    bundle = _model("whisper", p)
+    index = encode_manifest(bundle, pd.read_parquet(args.manifest), args.out, splits=("train", "dev", "test"),
+                            batch_size=cfg["encode_batch_size"], shard_size=cfg["shard_size"], limit=args.limit,
+                            progress=not args.quiet)
+    log.info("encoder features of %d utterances (%d frames, dim %d, float16) cached in %s", len(index),
+             int(index["n_frames"].sum()), int(index["dim"].iloc[0]), args.out)
+
+
+def _speech_lm_setup(args, p: dict):
+    """The feature cache and the frozen LM, with torch threads set."""
+    import torch
+
+    from .encode_audio import FeatureCache
+
+    torch.set_num_threads(max(1, args.threads))
+    return FeatureCache(args.features), _model("lm", p)
+
+
+def cmd_train_projector(args) -> None:
+    from .projector import build_speech_lm, train_projector
+
+    p = _params(args)
+    cache, lm = _speech_lm_setup(args, p)
+    model = build_speech_lm(lm, cache.dim, p["projector"])
+    origin = {"model_lm": lm.name, "model_lm_revision": lm.revision, "model_encoder": cache.metadata.get("mmasr.model"),
+              "model_encoder_revision": cache.metadata.get("mmasr.model_revision")}
+    summary = train_projector(model, cache, pd.read_parquet(args.manifest), args.out, args.log_csv, args.state_dir,
+                              p["projector"], p["seed"], resume=args.resume, max_steps=args.max_steps,
+                              limit=args.limit, progress=not args.quiet, provenance=origin)
+    log.info("projector trained: %d steps in %.0f s, %d trainable parameters, dev loss %s -> best %s (step %d); "
+             "written to %s", summary["steps"], summary["train_seconds"], summary["n_trainable_params"],
+             _num(summary["first_dev_loss"]), _num(summary["best_dev_loss"]), summary["best_step"], args.out)
+
+
+def cmd_eval_projector(args) -> None:
+    from .io import read_json
+    from .projector import load_trained, transcribe_split, wer_table
+
+    p = _params(args)
+    cache, lm = _speech_lm_setup(args, p)
+    model = load_trained(args.model, lm, "best")
+    manifest = pd.read_parquet(args.manifest)
+    hyps = transcribe_split(model, cache, manifest, "test", p["projector"], limit=args.limit, progress=not args.quiet)
+    metrics, table = wer_table(hyps, p["text"])
+    training = read_json(Path(args.model) / "training.json")
+    config = read_json(Path(args.model) / "config.json")
+    metrics.update({k: training[k] for k in ("steps", "best_dev_loss", "best_step", "first_dev_loss",
+                                             "n_trainable_params", "final_train_loss", "train_seconds")})
+    metrics.update({"num_beams": p["projector"]["num_beams"], "k": config["k"], "hidden": config["hidden"]})
+    if args.nbest and Path(args.nbest).is_file():  # the n-best route on the same utterances, for comparison
+        from .fusion import asr_only_wers
+
+        whisper = asr_only_wers(pd.read_parquet(args.nbest), manifest, "test", p["text"])
+        metrics.update({f"whisper_{k}": v for k, v in whisper.items()})
+    metrics.update(provenance(p, ("projector", "seed", "text")))
+    metrics.update({k: v for k, v in config.items() if k.startswith("model_")})
+    write_parquet(args.hyps, hyps, metadata={"mmasr.model_lm": lm.name, "mmasr.num_beams": str(p["projector"]["num_beams"])})
+    write_csv(args.per_speaker, table)
+    write_json(args.metrics, metrics)
+    log.info("projector test WER %.3f (S %d, D %d, I %d over %d words; impaired %s, control %s); Whisper ASR-only %s, "
+             "n-best oracle %s", metrics["test_wer"], metrics["test_substitutions"], metrics["test_deletions"],
+             metrics["test_insertions"], metrics["test_ref_words"], _num(metrics.get("test_wer_impaired")),
+             _num(metrics.get("test_wer_control")), _num(metrics.get("whisper_test_wer_asr")),
+             _num(metrics.get("whisper_test_wer_oracle")))
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 def provenance(p: dict, sections: tuple[str, ...]) -> dict:
@@ -351,6 +424,37 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--per-speaker", type=Path, default=Path("results/fusion/per_speaker.csv"))
     sp.add_argument("--changed", type=Path, default=Path("results/fusion/changed.parquet"))
     sp.add_argument("--metrics", type=Path, default=Path("results/metrics/fusion.json"))
+
+    sp = stage("encode-audio", cmd_encode_audio,
+               "Run the frozen Whisper encoder once per utterance; cache its trimmed outputs (float16 shards).")
+    sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+    sp.add_argument("--out", type=Path, default=Path("data/cache/encoder_features"))
+    sp.add_argument("--limit", type=int, default=None, help="at most this many utterances (smoke runs)")
+
+    sp = stage("train-projector", cmd_train_projector,
+               "Train the projector between the frozen encoder (cached features) and the frozen LM.")
+    sp.add_argument("--features", type=Path, default=Path("data/cache/encoder_features"))
+    sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+    sp.add_argument("--out", type=Path, default=Path("results/checkpoints/projector/model"))
+    sp.add_argument("--log-csv", type=Path, default=Path("results/projector/train_log.csv"))
+    sp.add_argument("--state-dir", type=Path, default=Path("results/checkpoints/projector/state"),
+                    help="resumable training state (checkpoints, best, log)")
+    sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the same run")
+    sp.add_argument("--max-steps", type=int, default=None, help="at most this many steps (smoke runs)")
+    sp.add_argument("--limit", type=int, default=None, help="at most this many train utterances (smoke runs)")
+
+    sp = stage("eval-projector", cmd_eval_projector,
+               "Decode the test split with the trained projector + frozen LM; pooled WER with S/D/I.")
+    sp.add_argument("--features", type=Path, default=Path("data/cache/encoder_features"))
+    sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+    sp.add_argument("--model", type=Path, default=Path("results/checkpoints/projector/model"))
+    sp.add_argument("--nbest", type=Path, default=Path("data/nbest/asr_nbest.parquet"),
+                    help="Whisper n-best lists: their ASR-only and oracle WERs are reported beside the projector's "
+                         "(optional; the fused WER, which depends on fusion settings, is in fusion.json and the report)")
+    sp.add_argument("--hyps", type=Path, default=Path("results/projector/hyps.parquet"))
+    sp.add_argument("--per-speaker", type=Path, default=Path("results/projector/per_speaker.csv"))
+    sp.add_argument("--metrics", type=Path, default=Path("results/metrics/projector.json"))
+    sp.add_argument("--limit", type=int, default=None, help="at most this many test utterances (smoke runs)")
 
     sp = stage("transcribe", cmd_transcribe, "Transcribe one audio file, rescored with its picture when given.")
     sp.add_argument("audio", type=Path)

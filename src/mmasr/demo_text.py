@@ -102,8 +102,8 @@ LM_EOS, LM_BOS, LM_PAD = "<|end_of_text|>", "<|begin_of_text|>", "<|pad|>"
 BERT_SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 _INT_KEYS = ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "max_position_embeddings", "steps",
-             "batch_size", "checkpoint_every", "keep_checkpoints")
-_TAG_LM_ORDER, _TAG_TE_ORDER, _TAG_TE_MASK = 201, 202, 203  # random streams (pretrain uses 101..104)
+             "batch_size", "checkpoint_every", "keep_checkpoints", "copy_max_repeat")
+_TAG_LM_ORDER, _TAG_TE_ORDER, _TAG_TE_MASK, _TAG_LM_COPY = 201, 202, 203, 204  # random streams (pretrain uses 101..104)
 
 
 def validate_config(cfg: dict | None) -> dict[str, dict[str, Any]]:
@@ -226,6 +226,15 @@ def lm_caption_ids(tok, caption: str) -> list[int]:
     return tok(" " + str(caption).strip(), add_special_tokens=False).input_ids
 
 
+def stretched_prefix(caption: Sequence[int], rng: np.random.Generator, *, max_repeat: int, max_silence: int,
+                     silence_id: int) -> list[int]:
+    """A caption "spoken" before the prompt: each token repeated 1..``max_repeat`` times (words last
+    several audio frames), between 0..``max_silence`` silence tokens at each end."""
+    lead, tail = rng.integers(0, max_silence + 1, size=2)
+    body = [t for t in caption for _ in range(int(rng.integers(1, max_repeat + 1)))]
+    return [silence_id] * int(lead) + body + [silence_id] * int(tail)
+
+
 # --------------------------------------------------------------------------------------------
 # Building (random init)
 # --------------------------------------------------------------------------------------------
@@ -334,6 +343,23 @@ def _load_local(kind: str, init_dir: str | Path, model_cls, device: torch.device
     return model, tok
 
 
+def _lm_batch(captions: Sequence[Sequence[int]], prompt: list[int], eos: int, pad: int, rng: np.random.Generator,
+              cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forcing arrays of one step: ``copy_fraction`` of the rows are preceded by their caption
+    "spoken" before the prompt (:func:`stretched_prefix`, silence = the pad token), the rest start at
+    the prompt.
+
+    Why: a real LLM copies what its context holds; the tiny demo LM, trained on captions alone, would
+    ignore anything before the prompt, and no projector could steer it. With these rows it learns to
+    read a caption laid out over time before the prompt, which is what the projector's audio
+    positions must become (the projector itself still learns everything about the audio).
+    """
+    copy = rng.random(len(captions)) < cfg["copy_fraction"]
+    prefixes = [stretched_prefix(c, rng, max_repeat=cfg["copy_max_repeat"], max_silence=cfg["copy_max_silence"],
+                                 silence_id=pad) if copy[i] else [] for i, c in enumerate(captions)]
+    return teacher_forcing_arrays(prompt, captions, eos, pad, prefixes)
+
+
 @torch.no_grad()
 def _lm_eval_loss(model, inputs: torch.Tensor, labels: torch.Tensor, device, chunk: int = 256) -> float:
     """Mean teacher-forced loss on the caption tokens and eos, in eval mode (restores train mode)."""
@@ -424,9 +450,12 @@ def train_lm(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | Path, 
     model, tok = _load_local("LM", init_dir, AutoModelForCausalLM, dev)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     prompt = lm_prompt_ids(tok)
-    inputs, labels = teacher_forcing_arrays(
-        prompt, _caption_ids(tok, texts, int(model.config.max_position_embeddings), len(prompt)), eos, pad)
-    lengths = (labels != IGNORE).sum(dim=1) + len(prompt) - 1  # input positions actually used per row
+    max_len = int(model.config.max_position_embeddings)
+    captions = _caption_ids(tok, texts, max_len, len(prompt))
+    longest = len(prompt) + max(map(len, captions)) * (1 + cfg["copy_max_repeat"]) + 2 * cfg["copy_max_silence"] + 1
+    if cfg["copy_fraction"] > 0 and longest > max_len:
+        raise ValueError(f"demo_text.lm: a caption read before the prompt needs up to {longest} positions, the LM has "
+                         f"{max_len} (raise max_position_embeddings or lower copy_max_repeat/copy_max_silence)")
     log.info("LM training on %d train transcripts (%d distinct), %d steps", len(texts), len(set(texts)), steps)
 
     model.train()
@@ -442,9 +471,9 @@ def train_lm(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | Path, 
     bar = _progress(steps, start, "train lm", progress)
     for step in range(start, steps):
         lr = _set_lr(optimizer, step, cfg, steps)
-        idx = torch.as_tensor(batch_indices(len(texts), cfg["batch_size"], step, seed, _TAG_LM_ORDER))
-        width = int(lengths[idx].max())  # right padding beyond every row's end is cut
-        x, y = inputs[idx, :width].to(dev), labels[idx, :width].to(dev)
+        idx = batch_indices(len(texts), cfg["batch_size"], step, seed, _TAG_LM_ORDER)
+        x, y = _lm_batch([captions[i] for i in idx], prompt, eos, pad, np.random.default_rng([seed, _TAG_LM_COPY, step]), cfg)
+        x, y = x.to(dev), y.to(dev)
         logits = model(input_ids=x).logits  # causal: right padding never reaches a real position
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
         optimise(loss, model, optimizer, cfg["grad_clip"])

@@ -7,15 +7,17 @@ safetensors shards (one tensor per utterance, keyed by utterance id) with an ind
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import soundfile as sf
 import torch
 
-from .io import atomic_path, write_parquet
+from .io import atomic_dir, atomic_path, read_metadata, write_parquet
 from .models import ModelBundle, autocast, whisper_features
 
 INDEX_COLUMNS = ["utt_id", "shard", "n_frames", "dim"]
@@ -46,8 +48,47 @@ def write_shard(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
         save_file({k: np.ascontiguousarray(v) for k, v in sorted(arrays.items())}, str(tmp))
 
 
-def write_index(path: str | Path, rows: list[dict]) -> None:
-    write_parquet(path, pd.DataFrame(rows, columns=INDEX_COLUMNS).sort_values("utt_id").reset_index(drop=True))
+def write_index(path: str | Path, rows: list[dict], metadata: dict[str, str] | None = None) -> None:
+    write_parquet(path, pd.DataFrame(rows, columns=INDEX_COLUMNS).sort_values("utt_id").reset_index(drop=True),
+                  metadata=metadata)
+
+
+def encode_manifest(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | Path, *, splits: Sequence[str],
+                    batch_size: int = 32, shard_size: int = 512, limit: int | None = None,
+                    progress: bool = True) -> pd.DataFrame:
+    """Run the frozen encoder once over every utterance of ``splits`` and write the cache folder
+    (``shard-NNNNN.safetensors`` + ``index.parquet``) atomically; returns the index.
+
+    Utterances are encoded in batches of similar duration (less padding work is not possible for
+    Whisper, whose window is fixed, but it keeps memory flat) and stored in id order.
+    """
+    from tqdm import tqdm
+
+    from .nbest import read_audio
+
+    rows = manifest[manifest["split"].isin(list(splits))].sort_values("utt_id").reset_index(drop=True)
+    if limit:
+        rows = rows.iloc[:limit]
+    if rows.empty:
+        raise ValueError(f"no utterances in splits {list(splits)} to encode")
+    index = []
+    with atomic_dir(out_dir) as tmp:
+        bar = tqdm(total=len(rows), desc="encode audio", unit="utt", disable=not progress)
+        for shard_no, start in enumerate(range(0, len(rows), shard_size)):
+            part = rows.iloc[start:start + shard_size]
+            name = f"shard-{shard_no:05d}.safetensors"
+            arrays = {}
+            for b in range(0, len(part), batch_size):
+                batch = part.iloc[b:b + batch_size]
+                for utt, feats in zip(batch["utt_id"], encode_batch(bundle, [read_audio(p) for p in batch["audio_path"]])):
+                    arrays[utt] = feats
+                    index.append({"utt_id": utt, "shard": name, "n_frames": feats.shape[0], "dim": feats.shape[1]})
+                bar.update(len(batch))
+            write_shard(tmp / name, arrays)
+        bar.close()
+        write_index(tmp / "index.parquet", index, {"mmasr.model": bundle.name, "mmasr.model_revision": bundle.revision,
+                                                   "mmasr.encoder": "whisper", "mmasr.dtype": "float16"})
+    return pd.DataFrame(index, columns=INDEX_COLUMNS)
 
 
 class FeatureCache:
@@ -55,8 +96,17 @@ class FeatureCache:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.index = pd.read_parquet(self.folder / "index.parquet").set_index("utt_id")
+        path = self.folder / "index.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no encoder-feature cache here (run `mmasr encode-audio`)")
+        self.index = pd.read_parquet(path).set_index("utt_id")
+        self.metadata = read_metadata(path)
+        self.digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         self._open: dict[str, object] = {}
+
+    @property
+    def dim(self) -> int:
+        return int(self.index["dim"].iloc[0])
 
     def __len__(self) -> int:
         return len(self.index)
@@ -68,3 +118,31 @@ class FeatureCache:
         if shard not in self._open:
             self._open[shard] = safe_open(str(self.folder / shard), framework="np")
         return self._open[shard].get_tensor(utt_id)
+
+    def batch(self, utt_ids: Sequence[str]) -> list[np.ndarray]:
+        return [self[u] for u in utt_ids]
+
+
+class LiveEncoder:
+    """The naive route, for comparison (benchmarks/projector_cache.py): the same interface as
+    :class:`FeatureCache`, but every request reads the audio and runs the frozen encoder again."""
+
+    def __init__(self, bundle: ModelBundle, manifest: pd.DataFrame):
+        from .nbest import read_audio
+
+        self.bundle, self._read = bundle, read_audio
+        self.paths = manifest.set_index("utt_id")["audio_path"]
+        hop = bundle.processor.feature_extractor.hop_length
+        window = bundle.processor.feature_extractor.nb_max_frames // 2
+        n_frames = [n_encoder_frames(sf.info(path).frames, hop, window) for path in manifest["audio_path"]]
+        self.index = pd.DataFrame({"utt_id": manifest["utt_id"], "n_frames": n_frames}).set_index("utt_id")
+        self.folder, self.metadata = Path("<live encoder>"), {"mmasr.model": bundle.name}
+        self.digest = bundle.revision
+        self.dim = int(bundle.model.config.d_model)
+
+    def __getitem__(self, utt_id: str) -> np.ndarray:
+        return self.batch([utt_id])[0]
+
+    def batch(self, utt_ids: Sequence[str]) -> list[np.ndarray]:
+        return encode_batch(self.bundle, [self._read(self.paths[u]) for u in utt_ids])
+

@@ -245,3 +245,17 @@ def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg:
         "before_errors": err_asr[changed], "after_errors": err_fused[changed],
     })
     return grid, metrics, changed_df, pd.DataFrame(per_speaker)
+
+
+def asr_only_wers(nbest: pd.DataFrame, manifest: pd.DataFrame, split: str, text_cfg: dict) -> dict:
+    """Pooled WER of Whisper's best hypothesis and of the n-best oracle on ``split``: the n-best route's
+    numbers that do not depend on fusion settings (for comparison with other systems)."""
+    meta = manifest.set_index("utt_id")
+    part = nbest[nbest["utt_id"].isin(meta.index[meta["split"] == split])]
+    if part.empty:
+        return {}
+    nb = to_arrays(part, meta["text"], text_cfg)
+    oracle = oracle_choice(nb.errors, nb.valid)
+    return {f"{split}_wer_asr": pooled_wer(nb.errors[:, 0], nb.ref_words),
+            f"{split}_wer_oracle": pooled_wer(take(nb.errors, oracle), nb.ref_words)}
+

@@ -76,6 +76,12 @@ def write_parquet(path: str | os.PathLike, df: pd.DataFrame, metadata: dict[str,
         pq.write_table(table, tmp)
 
 
+def write_csv(path: str | os.PathLike, df: pd.DataFrame) -> None:
+    """Write a DataFrame as CSV atomically, floats with 6 decimals (stable bytes for ``dvc plots diff``)."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6f")
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``mmasr.*`` key/value metadata of a Parquet file (model, decoding settings, ...)."""
     meta = pq.read_schema(path).metadata or {}

@@ -44,6 +44,7 @@ __all__ = [
     "is_local_name",
     "load_whisper",
     "load_clip",
+    "load_lm",
     "clip_image_embeddings",
     "clip_text_embeddings",
     "whisper_features",
@@ -345,6 +346,24 @@ def load_clip(name_or_path: str, device: str | torch.device = "auto", revision: 
     return _bundle(name_or_path, rev, model, processor, dev)
 
 
+def load_lm(name_or_path: str, device: str | torch.device = "auto", revision: str | None = None,
+            trust_remote_code: bool = False) -> ModelBundle:
+    """A decoder-only LM (``AutoModelForCausalLM``, e.g. SmolLM3) + its tokenizer, in eval mode on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev = pick_device(device) if not isinstance(device, torch.device) else device
+
+    def load(source: str, kw: dict):
+        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+        return _from_pretrained(AutoModelForCausalLM, source, kw), tokenizer
+
+    model_type = None
+    if is_local_name(name_or_path) and (Path(name_or_path) / "config.json").is_file():
+        model_type = AutoConfig.from_pretrained(str(name_or_path), local_files_only=True).model_type
+    model, tokenizer, rev = _load("LM", str(name_or_path), model_type or "causal LM", revision, trust_remote_code, load)
+    return _bundle(name_or_path, rev, model, tokenizer, dev)
+
+
 # --------------------------------------------------------------------------------------------
 # CLIP helpers
 # --------------------------------------------------------------------------------------------
@@ -498,8 +517,8 @@ def describe_prompt(bundle: ModelBundle, ids: list[int]) -> list[str]:
 
 
 def load_from_params(kind: str, models_cfg: dict) -> ModelBundle:
-    """Load ``models.<kind>`` (whisper or clip) with the revision, device and remote-code setting
+    """Load ``models.<kind>`` (whisper, clip or lm) with the revision, device and remote-code setting
     that the params ``models`` section gives."""
-    loader = {"whisper": load_whisper, "clip": load_clip}[kind]
-    return loader(models_cfg[kind], device=models_cfg["device"], revision=models_cfg[f"{kind}_revision"],
+    loader = {"whisper": load_whisper, "clip": load_clip, "lm": load_lm}[kind]
+    return loader(models_cfg[kind], device=models_cfg["device"], revision=models_cfg.get(f"{kind}_revision"),
                   trust_remote_code=models_cfg["trust_remote_code"])

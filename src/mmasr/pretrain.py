@@ -87,18 +87,21 @@ _TAG_WHISPER_ORDER, _TAG_WHISPER_AUG, _TAG_CLIP_ORDER, _TAG_CLIP_AUG = 101, 102,
 # --------------------------------------------------------------------------------------------
 
 
-def lr_at(step: int, *, lr: float, warmup: int, total: int, min_lr_ratio: float) -> float:
+def lr_at(step: int, *, lr: float, warmup: int, total: int, min_lr_ratio: float, decay: str = "cosine") -> float:
     """Learning rate of (0-based) ``step``: linear warm-up from ``lr/warmup`` to ``lr`` over
-    ``warmup`` steps, then cosine decay to ``min_lr_ratio * lr`` at the last step (``total - 1``)."""
+    ``warmup`` steps, then ``decay`` (cosine or linear) to ``min_lr_ratio * lr`` at the last step (``total - 1``)."""
     if total < 1:
         raise ValueError("total steps must be >= 1")
+    if decay not in ("cosine", "linear"):
+        raise ValueError(f"decay must be cosine or linear, got {decay!r}")
     if step < warmup:
         return lr * (step + 1) / warmup
     decay_steps = total - 1 - warmup
     if decay_steps <= 0:
         return lr
     progress = min(1.0, (step - warmup) / decay_steps)
-    return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
+    return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * shape)
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int, tag: int = 0) -> np.ndarray:
@@ -206,19 +209,20 @@ def augment_features(feats: torch.Tensor, n_frames: Sequence[int], rng: np.rando
 
 
 def teacher_forcing_arrays(prompt: Sequence[int], captions: Sequence[Sequence[int]], eos: int,
-                           pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoder inputs and labels for ``prompt + caption + [eos]``, right-padded with ``pad``.
+                           pad: int, prefixes: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder inputs and labels for ``[prefix +] prompt + caption + [eos]``, right-padded with ``pad``.
 
     ``inputs[t]`` predicts ``labels[t]`` (= the token at ``t + 1``); labels are ``IGNORE`` on the
-    prompt and the padding, so only the caption tokens and the end-of-text carry loss.
+    prefix, the prompt and the padding, so only the caption tokens and the end-of-text carry loss.
     """
-    seqs = [list(prompt) + list(c) + [eos] for c in captions]
+    heads = [list(prefixes[i]) + list(prompt) for i in range(len(captions))] if prefixes else [list(prompt)] * len(captions)
+    seqs = [h + list(c) + [eos] for h, c in zip(heads, captions)]
     width = max(len(s) for s in seqs) - 1
     inputs = torch.full((len(seqs), width), pad, dtype=torch.long)
     labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-    for i, s in enumerate(seqs):
+    for i, (h, s) in enumerate(zip(heads, seqs)):
         inputs[i, : len(s) - 1] = torch.tensor(s[:-1])
-        labels[i, len(prompt) - 1: len(s) - 1] = torch.tensor(s[len(prompt):])
+        labels[i, len(h) - 1: len(s) - 1] = torch.tensor(s[len(h):])
     return inputs, labels
 
 
@@ -343,12 +347,14 @@ def _step_dirs(checkpoint_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(checkpoint_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    fp: str, schedule: dict, keep: int) -> Path:
-    """Write ``step-NNNNNN/{model.safetensors,state.pt}`` atomically; keep the newest ``keep``."""
+                    fp: str, schedule: dict, keep: int, name: str | None = None) -> Path:
+    """Write ``step-NNNNNN/{model.safetensors,state.pt}`` atomically; keep the newest ``keep``.
+    With ``name`` (e.g. ``best``) the folder is ``name/`` instead, replaced in place, never pruned."""
     from safetensors.torch import save_model
 
-    final = checkpoint_dir / f"step-{step:06d}"
-    tmp = checkpoint_dir / f".step-{step:06d}.{os.getpid()}.tmp"
+    folder = name or f"step-{step:06d}"
+    final = checkpoint_dir / folder
+    tmp = checkpoint_dir / f".{folder}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (Whisper's proj_out)
@@ -360,6 +366,8 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: torch.nn.Module, opt
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    if name:
+        return final
     for old in _step_dirs(checkpoint_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -373,7 +381,7 @@ def resume_checkpoint(checkpoint_dir: Path, model: torch.nn.Module, optimizer: t
 
     if not checkpoint_dir.is_dir():
         return 0
-    for tmp in checkpoint_dir.glob(".step-*.tmp"):  # left by a run killed while writing
+    for tmp in checkpoint_dir.glob(".*.tmp"):  # left by a run killed while writing
         shutil.rmtree(tmp, ignore_errors=True)
     for path in reversed(_step_dirs(checkpoint_dir)):
         try:

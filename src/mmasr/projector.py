@@ -11,8 +11,25 @@ the end-of-sequence token only (:func:`assemble`).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .io import atomic_dir
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100  # label of positions that carry no loss (audio, prompt, padding)
 
@@ -39,6 +56,13 @@ class Projector(nn.Module):
     def forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         stacked, new_lengths = stack_frames(frames, lengths, self.k)
         return self.net(stacked), new_lengths
+
+    def reset_parameters(self, seed: int) -> None:
+        """Seeded re-initialisation (PyTorch's default Linear init), the same for every run of one seed."""
+        torch.manual_seed(seed)
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
 
 
 def n_trainable(module: nn.Module) -> int:
@@ -76,3 +100,359 @@ def assemble(audio: torch.Tensor, audio_lengths: torch.Tensor, prompt: torch.Ten
         mask[i, : row.shape[0]] = 1
         out_labels[i, : lab.shape[0]] = lab
     return inputs, mask, out_labels
+
+
+# --------------------------------------------------------------------------------------------
+# Batching: similar lengths together, a pure function of (seed, micro-batch index)
+# --------------------------------------------------------------------------------------------
+
+_TAG_PROJECTOR_ORDER = 301  # random stream of the batch order (pretrain uses 101.., demo_text 201..)
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, bucket_batches: int) -> list[np.ndarray]:
+    """One epoch's batches of example indices, grouped by similar length.
+
+    The epoch's permutation is cut into buckets of ``batch_size * bucket_batches`` examples; each bucket
+    is sorted by length and cut into batches; the batch order is shuffled. Less padding than random
+    batches, yet every epoch differs. ``bucket_batches=1`` gives plain random batches.
+    """
+    if batch_size < 1 or bucket_batches < 1:
+        raise ValueError("batch_size and bucket_batches must be >= 1")
+    rng = np.random.default_rng([seed, _TAG_PROJECTOR_ORDER, epoch])
+    perm = rng.permutation(len(lengths))
+    bucket = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(perm), bucket):
+        chunk = perm[start:start + bucket]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def micro_batch(lengths: np.ndarray, batch_size: int, index: int, seed: int, bucket_batches: int) -> np.ndarray:
+    """The ``index``-th micro-batch of the endless stream of epochs (a resumed run sees the same batches)."""
+    per_epoch = math.ceil(len(lengths) / batch_size)
+    epoch, within = divmod(index, per_epoch)
+    return epoch_batches(lengths, batch_size, seed, epoch, bucket_batches)[within]
+
+
+def pad_frames(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T_i, D) arrays -> zero-padded float32 (B, max T, D) and the lengths."""
+    lengths = torch.tensor([a.shape[0] for a in arrays], dtype=torch.long)
+    out = torch.zeros(len(arrays), int(lengths.max()), arrays[0].shape[1], dtype=torch.float32)
+    for i, a in enumerate(arrays):
+        out[i, : a.shape[0]] = torch.from_numpy(np.asarray(a, dtype=np.float32))
+    return out, lengths
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy: position t predicts ``labels[t + 1]`` (IGNORE positions skipped)."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+# --------------------------------------------------------------------------------------------
+# The model: frozen LM + trainable projector
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SpeechLM:
+    """What training and decoding share: the projector, the frozen LM and its tokenizer, the prompt."""
+
+    projector: Projector
+    lm: nn.Module
+    tokenizer: object
+    prompt_ids: list[int]
+    eos_id: int
+    device: torch.device
+
+    def inputs(self, frames: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]):
+        audio, audio_lengths = self.projector(frames.to(self.device), lengths)
+        prompt = torch.tensor(self.prompt_ids, dtype=torch.long)
+        return assemble(audio, audio_lengths, prompt, targets, self.lm.get_input_embeddings(), self.eos_id)
+
+    def loss_sum(self, frames: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]) -> tuple[torch.Tensor, int]:
+        """Summed loss over the transcript tokens and eos of a batch, and how many tokens that is."""
+        from .models import autocast
+
+        with autocast(self.device):
+            embeds, mask, labels = self.inputs(frames, lengths, targets)
+            logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits
+        return token_loss_sum(logits, labels), int((labels[:, 1:] != IGNORE).sum())
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """A transcript's token ids as they follow the prompt: ``" " + text`` (no eos: :func:`assemble` adds it)."""
+    return tokenizer(" " + str(text).strip(), add_special_tokens=False).input_ids
+
+
+def build_speech_lm(lm_bundle, encoder_dim: int, cfg: dict) -> SpeechLM:
+    """Freeze the LM and put a fresh projector (``cfg``: the params ``projector`` section) in front of it."""
+    lm, tok = lm_bundle.model, lm_bundle.processor
+    lm.requires_grad_(False)
+    lm.eval()  # frozen: no dropout either
+    if tok.eos_token_id is None:
+        raise ValueError(f"LM {lm_bundle.name!r}: its tokenizer has no eos token, which ends every transcript")
+    projector = Projector(encoder_dim, int(lm.config.hidden_size), hidden=cfg["hidden"], k=cfg["k"]).to(lm_bundle.device)
+    prompt = tok(cfg["prompt"], add_special_tokens=False).input_ids
+    return SpeechLM(projector, lm, tok, prompt, int(tok.eos_token_id), lm_bundle.device)
+
+
+# --------------------------------------------------------------------------------------------
+# Training (nanoGPT style: one loop, checkpoint + resume)
+# --------------------------------------------------------------------------------------------
+
+LOG_COLUMNS = ["step", "lr", "train_loss", "dev_loss", "tokens"]
+
+
+def labelled_items(manifest: pd.DataFrame, split: str, cache, tokenizer, limit: int | None = None) -> pd.DataFrame:
+    """Utterances of ``split`` with a transcript, sorted by id, with their token ids and cached lengths."""
+    rows = manifest[(manifest["split"] == split) & manifest["text"].fillna("").str.strip().astype(bool)]
+    rows = rows.sort_values("utt_id").reset_index(drop=True)
+    if limit:
+        rows = rows.iloc[:limit]
+    missing = sorted(set(rows["utt_id"]) - set(cache.index.index))
+    if missing:
+        raise ValueError(f"{len(missing)} {split} utterances have no cached encoder features in {cache.folder} "
+                         f"(e.g. {missing[:3]}): re-run `mmasr encode-audio`")
+    rows["target"] = [text_ids(tokenizer, t) for t in rows["text"]]
+    rows["n_frames"] = cache.index.loc[rows["utt_id"], "n_frames"].to_numpy()
+    return rows
+
+
+@torch.no_grad()
+def mean_loss(model: SpeechLM, items: pd.DataFrame, cache, batch_size: int) -> float:
+    """Mean token loss (transcript + eos) over ``items``."""
+    total, count = 0.0, 0
+    order = np.argsort(items["n_frames"].to_numpy(), kind="stable")
+    for start in range(0, len(order), batch_size):
+        part = items.iloc[order[start:start + batch_size]]
+        frames, lengths = pad_frames(cache.batch(part["utt_id"].tolist()))
+        loss, n = model.loss_sum(frames, lengths, part["target"].tolist())
+        total, count = total + float(loss), count + n
+    return total / max(1, count)
+
+
+def train_projector(model: SpeechLM, cache, manifest: pd.DataFrame, out_dir: str | Path, log_csv: str | Path,
+                    state_dir: str | Path, cfg: dict, seed: int, *, resume: bool = False, max_steps: int | None = None,
+                    limit: int | None = None, stop_after: int | None = None, progress: bool = True,
+                    provenance: dict | None = None) -> dict | None:
+    """Train ``model.projector`` on the train split, reading encoder outputs from ``cache``.
+
+    ``cfg`` is the params ``projector`` section. Every ``eval_every`` steps the dev loss is measured
+    and, when it is the best so far, the state is saved as ``best``; the newest ``keep_checkpoints``
+    step checkpoints are kept for resuming. ``resume`` continues from the newest checkpoint of an
+    identical run in ``state_dir`` (otherwise the folder is cleared). ``max_steps``/``limit`` shorten
+    the run (smoke tests); ``stop_after`` stops as a kill would. Writes ``out_dir/{best,last}`` with
+    the projector's config, and the log; returns the summary (None when stopped).
+    """
+    from .pretrain import (CsvLog, _adamw, _data_digest, _progress, end_of_step, fingerprint, lr_at,
+                           resume_checkpoint, save_checkpoint, set_determinism)
+
+    t0 = time.perf_counter()
+    dev = model.device
+    set_determinism(seed, dev)
+    torch.manual_seed(seed)
+    model.projector.reset_parameters(seed)
+    steps = min(cfg["steps"], max_steps) if max_steps else cfg["steps"]
+    train = labelled_items(manifest, "train", cache, model.tokenizer, limit)
+    dev_items = labelled_items(manifest, "dev", cache, model.tokenizer, cfg["eval_utts"] or None)
+    if train.empty:
+        raise ValueError("no train utterances with a transcript: the projector has nothing to learn from")
+    lengths = (train["n_frames"].to_numpy() // cfg["k"]) + train["target"].map(len).to_numpy()
+
+    projector = model.projector
+    projector.train()
+    optimizer = _adamw(projector, cfg)
+    schedule = {"kind": "linear warm-up + linear decay", "lr": cfg["lr"], "warmup": cfg["warmup"], "total": steps,
+                "min_lr_ratio": cfg["min_lr_ratio"], "grad_accum": cfg["grad_accum"]}
+    fp = fingerprint("projector", cfg, seed, steps, model.prompt_ids, (provenance or {}),
+                     _data_digest(train, ["utt_id", "text", "n_frames"]), cache.digest, str(dev), _code_digest())
+    state = Path(state_dir)
+    if not resume and state.exists():
+        log.info("starting afresh: removing the previous training state in %s (use --resume to continue it)", state)
+        shutil.rmtree(state)
+    start = resume_checkpoint(state, projector, optimizer, fp)
+    csv_log = CsvLog(state / "log.csv", LOG_COLUMNS, start)
+    dev_losses = [float(r["dev_loss"]) for r in csv_log.rows() if r.get("dev_loss")]
+    best = min(dev_losses) if dev_losses else math.inf
+    best_dir = state / "best"
+    if start == 0 or _saved_step(best_dir) > start:
+        shutil.rmtree(best_dir, ignore_errors=True)  # written after the resumed step: it will be re-made
+    log.info("projector: %d trainable parameters (%d -> %d, k=%d, hidden %d); LM frozen; %d train / %d dev "
+             "utterances; %d steps of %d x %d", n_trainable(projector), projector.net[0].in_features,
+             projector.net[-1].out_features, cfg["k"], cfg["hidden"], len(train), len(dev_items), steps,
+             cfg["batch_size"], cfg["grad_accum"])
+
+    bar = _progress(steps, start, "train projector", progress)
+    for step in range(start, steps):
+        lr = lr_at(step, lr=cfg["lr"], warmup=cfg["warmup"], total=steps, min_lr_ratio=cfg["min_lr_ratio"],
+                   decay="linear")
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Gradient accumulation: the step's batch of batch_size * grad_accum utterances runs as grad_accum
+        # micro-batches whose summed token losses are divided by the step's token count, so the update
+        # equals one big batch (only memory differs).
+        step_batch = micro_batch(lengths, cfg["batch_size"] * cfg["grad_accum"], step, seed, cfg["bucket_batches"])
+        batches = [train.iloc[part] for part in np.array_split(step_batch, cfg["grad_accum"]) if len(part)]
+        n_tokens = sum(int(b["target"].map(len).sum()) + len(b) for b in batches)
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for part in batches:
+            frames, frame_lengths = pad_frames(cache.batch(part["utt_id"].tolist()))
+            loss, _ = model.loss_sum(frames, frame_lengths, part["target"].tolist())
+            (loss / n_tokens).backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(projector.parameters(), cfg["grad_clip"])
+        optimizer.step()
+
+        done = step + 1
+        row = {"step": done, "lr": lr, "loss": total / n_tokens, "tokens": n_tokens}
+        if len(dev_items) and (done % cfg["eval_every"] == 0 or done == steps):
+            projector.eval()
+            row["dev_loss"] = mean_loss(model, dev_items, cache, cfg["batch_size"])
+            projector.train()
+            if row["dev_loss"] < best:
+                best = row["dev_loss"]
+                save_checkpoint(state, done, projector, optimizer, fp, schedule, 1, name="best")
+        row["train_loss"] = row["loss"]
+        if end_of_step(row, steps, csv_log, bar, state, projector, optimizer, fp, schedule, cfg, stop_after):
+            return None
+    bar.close()
+
+    if not best_dir.is_dir():  # no dev set: the last step is the best we know
+        save_checkpoint(state, steps, projector, optimizer, fp, schedule, 1, name="best")
+    rows = csv_log.rows()
+    summary = {
+        "steps": steps, "best_dev_loss": None if math.isinf(best) else best,
+        "best_step": _saved_step(best_dir), "final_train_loss": float(np.mean([float(r["train_loss"]) for r in rows[-20:]])),
+        "first_dev_loss": next((float(r["dev_loss"]) for r in rows if r.get("dev_loss")), None),
+        "n_trainable_params": n_trainable(projector), "n_train_utts": len(train), "n_dev_utts": len(dev_items),
+        "train_seconds": round(time.perf_counter() - t0, 1),
+    }
+    config = {"encoder_dim": projector.net[0].in_features // cfg["k"], "lm_hidden": projector.net[-1].out_features,
+              "hidden": cfg["hidden"], "k": cfg["k"], "prompt": cfg["prompt"], "prompt_ids": model.prompt_ids,
+              "fingerprint": fp, **(provenance or {})}
+    with atomic_dir(out_dir) as tmp:
+        for name, src in (("best", best_dir), ("last", state / f"step-{steps:06d}")):
+            shutil.copytree(src, tmp / name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "training.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    csv_log.publish(log_csv)
+    return summary
+
+
+def _saved_step(folder: Path) -> int:
+    """The step a checkpoint folder holds (0 when there is none)."""
+    if not (folder / "state.pt").is_file():
+        return 0
+    return int(torch.load(folder / "state.pt", weights_only=True, map_location="cpu")["step"])
+
+
+def _code_digest() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding and evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def prefix_embeddings(model: SpeechLM, frames: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[projected audio, prompt]`` per row, *left*-padded (generation appends on the right)."""
+    audio, audio_lengths = model.projector(frames.to(model.device), lengths)
+    prompt = model.lm.get_input_embeddings()(torch.tensor(model.prompt_ids, device=model.device)).to(audio.dtype)
+    rows = [torch.cat([audio[i, : int(audio_lengths[i])], prompt]) for i in range(len(audio))]
+    width = max(r.shape[0] for r in rows)
+    embeds = torch.zeros(len(rows), width, audio.shape[-1], dtype=audio.dtype, device=model.device)
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=model.device)
+    for i, r in enumerate(rows):
+        embeds[i, width - r.shape[0]:] = r
+        mask[i, width - r.shape[0]:] = 1
+    return embeds, mask
+
+
+@torch.no_grad()
+def decode(model: SpeechLM, frames: torch.Tensor, lengths: torch.Tensor, *, num_beams: int = 1,
+           max_new_tokens: int = 32) -> list[str]:
+    """Transcripts of a batch: greedy (``num_beams=1``) or beam search, stopping at eos."""
+    from .models import autocast
+
+    embeds, mask = prefix_embeddings(model, frames, lengths)
+    with autocast(model.device):
+        out = model.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                num_beams=num_beams, do_sample=False, eos_token_id=model.eos_id,
+                                pad_token_id=model.tokenizer.pad_token_id or model.eos_id)
+    # With inputs_embeds, generate() returns the new tokens only.
+    return [model.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out.tolist()]
+
+
+def transcribe_split(model: SpeechLM, cache, manifest: pd.DataFrame, split: str, cfg: dict, *,
+                     limit: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Hypotheses for every utterance of ``split`` (utt_id, speaker, group, ref, hyp), batched by length."""
+    from tqdm import tqdm
+
+    rows = manifest[manifest["split"] == split].sort_values("utt_id").reset_index(drop=True)
+    if limit:
+        rows = rows.iloc[:limit]
+    if rows.empty:
+        raise ValueError(f"no {split} utterances to decode")
+    n_frames = cache.index.loc[rows["utt_id"], "n_frames"].to_numpy()
+    order = np.argsort(n_frames, kind="stable")
+    hyps = [""] * len(rows)
+    model.projector.eval()
+    bs = cfg["decode_batch_size"]
+    for start in tqdm(range(0, len(order), bs), desc=f"decode {split}", unit="batch", disable=not progress):
+        idx = order[start:start + bs]
+        frames, lengths = pad_frames(cache.batch(rows["utt_id"].iloc[idx].tolist()))
+        for i, text in zip(idx, decode(model, frames, lengths, num_beams=cfg["num_beams"],
+                                       max_new_tokens=cfg["max_new_tokens"])):
+            hyps[i] = text
+    return pd.DataFrame({"utt_id": rows["utt_id"], "speaker": rows["speaker"], "group": rows["group"],
+                         "ref": rows["text"].fillna(""), "hyp": hyps})
+
+
+def wer_table(hyps: pd.DataFrame, text_cfg: dict) -> tuple[dict, pd.DataFrame]:
+    """Pooled WER with S/D/I over all utterances, per group and per speaker (icefall-style scoring)."""
+    from .fusion import count_errors, pooled_wer
+    from .text import normaliser
+
+    norm = normaliser(text_cfg)
+    sub, dele, ins, words = count_errors([norm(r) for r in hyps["ref"]], [norm(h) for h in hyps["hyp"]])
+    errors = sub + dele + ins
+    metrics = {"test_wer": pooled_wer(errors, words), "test_substitutions": int(sub.sum()),
+               "test_deletions": int(dele.sum()), "test_insertions": int(ins.sum()),
+               "test_ref_words": int(words.sum()), "n_test_utts": len(hyps),
+               "test_exact_match": float(np.mean(errors == 0)) if len(hyps) else None}
+    table = []
+    for level in ("group", "speaker"):
+        for name, idx in hyps.reset_index(drop=True).groupby(level).indices.items():
+            rec = {"level": level, "name": name, "n_utts": len(idx), "ref_words": int(words[idx].sum()),
+                   "wer": pooled_wer(errors[idx], words[idx]), "S": int(sub[idx].sum()), "D": int(dele[idx].sum()),
+                   "I": int(ins[idx].sum())}
+            table.append(rec)
+            if level == "group":
+                metrics[f"test_wer_{name}"] = rec["wer"]
+    return metrics, pd.DataFrame(table)
+
+
+def load_trained(folder: str | Path, lm_bundle, which: str = "best") -> SpeechLM:
+    """A trained projector (``folder/{best,last}``, as :func:`train_projector` writes it) in front of the LM."""
+    from safetensors.torch import load_model
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: no projector config (train it first with `mmasr train-projector`)")
+    config = json.loads(config_path.read_text())
+    lm_hidden = int(lm_bundle.model.config.hidden_size)
+    if config["lm_hidden"] != lm_hidden:
+        raise ValueError(f"{folder}: the projector was trained for an LM with hidden size {config['lm_hidden']}, "
+                         f"but {lm_bundle.name!r} has {lm_hidden}")
+    model = build_speech_lm(lm_bundle, config["encoder_dim"], {"hidden": config["hidden"], "k": config["k"],
+                                                               "prompt": config["prompt"]})
+    load_model(model.projector, str(folder / which / "model.safetensors"), strict=True)
+    model.projector.eval()
+    return model

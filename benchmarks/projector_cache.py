@@ -1,0 +1,95 @@
+"""Benchmark: projector training over cached encoder features vs running the frozen encoder every step.
+
+Both runs use the same training function (:func:`mmasr.projector.train_projector`), seed, batches and
+steps; only the source of the encoder frames differs: the cache written by ``mmasr encode-audio``
+(float16 shards, read back) or :class:`mmasr.encode_audio.LiveEncoder`, which reads each batch's
+audio and runs the frozen Whisper encoder again (then rounds to float16 like the cache, so the two
+loss curves must agree to float tolerance). The ratio of wall times is the cache's speed-up.
+
+Run after the pipeline (it reads the manifest, the feature cache and the models in params):
+    python benchmarks/projector_cache.py [--params params.yaml] [--steps N] [--out results/benchmarks/projector_cache.json]
+By default one epoch of the train split (ceil(n_train / batch_size) steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mmasr import config
+from mmasr.encode_audio import FeatureCache, LiveEncoder
+from mmasr.io import write_json
+from mmasr.models import load_from_params
+from mmasr.projector import build_speech_lm, train_projector
+
+
+def run(source, p: dict, manifest: pd.DataFrame, steps: int, work: Path, name: str) -> tuple[float, np.ndarray]:
+    """Wall time and train-loss curve of ``steps`` projector steps reading frames from ``source``."""
+    cfg = dict(p["projector"], steps=steps, warmup=min(p["projector"]["warmup"], steps // 2),
+               eval_every=10**9, checkpoint_every=10**9)  # measure the steps, not dev evaluation or checkpoints
+    model = build_speech_lm(load_from_params("lm", p["models"]), source.dim, cfg)
+    start = time.perf_counter()
+    train_projector(model, source, manifest, work / name, work / f"{name}.csv", work / f"{name}-state", cfg, p["seed"],
+                    progress=False)
+    seconds = time.perf_counter() - start
+    curve = pd.read_csv(work / f"{name}.csv")["train_loss"].to_numpy(float)
+    return seconds, curve
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+    ap.add_argument("--features", type=Path, default=Path("data/cache/encoder_features"))
+    ap.add_argument("--steps", type=int, default=None, help="default: one epoch of the train split")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("results/benchmarks/projector_cache.json"))
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    p = config.load(args.params)
+    manifest = pd.read_parquet(args.manifest)
+    n_train = int(((manifest["split"] == "train") & manifest["text"].fillna("").str.strip().astype(bool)).sum())
+    steps = args.steps or math.ceil(n_train / p["projector"]["batch_size"])
+    cache = FeatureCache(args.features)
+    live = LiveEncoder(load_from_params("whisper", p["models"]), manifest)
+
+    work = Path(tempfile.mkdtemp(prefix="mmasr-bench-projector-"))
+    try:
+        run(cache, p, manifest, 2, work, "warmup")  # lazy imports, allocator, file cache
+        t_cache, loss_cache = run(cache, p, manifest, steps, work, "cached")
+        t_live, loss_live = run(live, p, manifest, steps, work, "live")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    max_diff = float(np.max(np.abs(loss_cache - loss_live)))
+    result = {
+        "projector_cache_speedup": t_live / t_cache, "projector_cached_seconds": t_cache,
+        "projector_live_seconds": t_live, "projector_steps": steps,
+        "projector_batch_size": p["projector"]["batch_size"], "projector_max_loss_diff": max_diff,
+        "projector_same_loss_curve": bool(np.allclose(loss_cache, loss_live, atol=1e-3, rtol=1e-3)),
+        "device": str(load_from_params("lm", p["models"]).device), "threads": args.threads,
+    }
+    write_json(args.out, result)
+    print(f"projector training, {steps} steps (one epoch of {n_train} train utterances, batch "
+          f"{p['projector']['batch_size']}), threads {args.threads}:")
+    print(f"  encoder on the fly : {t_live:8.2f} s")
+    print(f"  cached features    : {t_cache:8.2f} s")
+    print(f"  speed-up           : {t_live / t_cache:8.1f}x   (target >= 5x)")
+    print(f"  loss curves        : max |difference| {max_diff:.2e} -> "
+          f"{'same' if result['projector_same_loss_curve'] else 'DIFFERENT'}")
+    print(f"written to {args.out}")
+    return 0 if result["projector_same_loss_curve"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
