@@ -23,11 +23,13 @@ include: "workflow/rules/clip.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/nbest.smk"
 include: "workflow/rules/fusion.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     default_target: True
     input:
+        REPORT,
         FINAL_OUTPUTS,
 
 

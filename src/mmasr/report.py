@@ -491,6 +491,7 @@ def loss_plot(log_df: pd.DataFrame, title: str, y_cols: Iterable[str], alt: str,
         sub = log_df[[x, c]].dropna()
         sparse = len(sub) < 0.5 * len(log_df)  # evaluated every N steps: points, not a line
         ax.plot(sub[x], sub[c], marker="o" if sparse else None, ms=3, lw=1.2 if not sparse else 1, label=c)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel(x)
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -565,8 +566,9 @@ def clap_section(d: Mapping[str, Any]) -> str:
                 ax.plot(ks, np.minimum(1, ks / m["n_candidates"]), "k:", lw=1, label="chance")
             ax.set_title({"a2t": "audio → text", "t2a": "text → audio"}[direction])
             ax.set_xlabel("k")
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_ylim(0, 1.02)
-            ax.legend(frameon=False)
+            ax.legend(frameon=False, loc="lower right")
         axes[0][0].set_ylabel("recall@k")
         parts.append("<h3>Recall@k, zero-shot vs trained</h3>" + figure(fig, "recall at k, zero-shot vs trained, both directions"))
     elif missing(rk):
@@ -658,17 +660,20 @@ def pretrain_section(d: Mapping[str, Any]) -> str:
 
 
 def benchmarks_section(d: Mapping[str, Any]) -> str:
+    """results/benchmarks.json (the pipeline's speed benchmarks) and, when present, the rescoring
+    benchmark's own results (benchmarks/rescoring.py)."""
     sid, title = "benchmarks", "Speed benchmarks"
     parts = []
     for key in ("benchmarks", "rescoring_benchmark"):
         b = d.get(key)
-        if b is None:
+        if b is None or (missing(b) and b.error is None and key != "benchmarks"):
             continue
+        name = f"<h3><code>{esc(Path(DEFAULT_INPUTS[key]).name)}</code></h3>"
         if missing(b):
-            parts.append(note(f"{b.html()}", "missing"))
+            parts.append(name + note(b.html(), "missing"))
             continue
         rows = [[k, v] for k, v in sorted(b.items()) if not isinstance(v, (dict, list))]
-        parts.append(f"<h3><code>{esc(Path(DEFAULT_INPUTS[key]).name)}</code></h3>" + table(["measure", "value"], rows, cls="compact"))
+        parts.append(name + table(["measure", "value"], rows, cls="compact"))
     return section(sid, title, "\n".join(parts))
 
 
