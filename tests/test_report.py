@@ -209,7 +209,8 @@ def test_unreadable_input_is_reported_in_its_section(full_run):
     (full_run / "results/metrics/probe.json").write_text("{not json")
     (full_run / "results/clap/recall_at_k.csv").unlink()
     page = report.build_report(full_run, params(), "test")
-    assert "could not read <code>" in section_html(page, "probe") and "probe.json" in section_html(page, "probe")
+    probe = section_html(page, "probe")
+    assert "Could not read <code>" in probe and "probe.json</code>: JSONDecodeError" in probe
     clap = section_html(page, "clap")
     assert "0.654" in clap and "Recall@k curves: not run yet" in clap  # the rest of the section stays
 

@@ -196,9 +196,10 @@ def section(sid: str, title: str, body: str) -> str:
     return f'<section id="{esc(sid)}"><h2>{esc(title)}</h2>\n{body}\n</section>'
 
 
-def not_run(sid: str, title: str, why: Missing, what: str = "") -> str:
-    extra = f" {esc(what)}" if what else ""
-    return section(sid, title, note(f"This stage has {why.html()}.{extra}", "missing"))
+def not_run(sid: str, title: str, why: Missing) -> str:
+    """The whole section when its stage's main output is absent (or unreadable)."""
+    text = f"This stage has {why.html()}." if why.error is None else f"{why.html()[0].upper()}{why.html()[1:]}."
+    return section(sid, title, note(text, "missing"))
 
 
 def img_tag(png: bytes, alt: str, cls: str = "plot") -> str:
