@@ -24,11 +24,13 @@ include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/nbest.smk"
 include: "workflow/rules/fusion.smk"
 include: "workflow/rules/projector.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     default_target: True
     input:
+        REPORT,
         FINAL_OUTPUTS,
 
 

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     p = config.load(args.params)
     manifest = pd.read_parquet(args.manifest)
+    manifest = manifest[manifest["split"] == "train"]  # the epoch only: no dev evaluation in the timings
     n_train = int(((manifest["split"] == "train") & manifest["text"].fillna("").str.strip().astype(bool)).sum())
     steps = args.steps or math.ceil(n_train / p["projector"]["batch_size"])
     cache = FeatureCache(args.features)

@@ -106,9 +106,21 @@ def test_every_demo_defect_is_rejected_with_its_reason(tiny_run):
 
 
 def test_every_rule_left_a_log_and_a_benchmark(tiny_run):
-    for rule in ("make_demo", "ingest", "preprocess", "split", "encode_audio", "train_projector", "eval_projector"):
+    for rule in ("make_demo", "ingest", "preprocess", "split", "fuse", "encode_audio", "train_projector", "eval_projector",
+                 "report"):
         assert (tiny_run / "results/logs" / f"{rule}.log").is_file()
         assert (tiny_run / "results/benchmarks" / f"{rule}.tsv").is_file()
+
+
+def test_the_report_is_the_last_job_and_reports_what_ran(tiny_run):
+    page = (tiny_run / "results/report.html").read_text()
+    fusion = read_json(tiny_run / "results/metrics/fusion.json")
+    assert "<h2>Rescoring with the picture</h2>" in page and f"{fusion['test_wer_asr']:.3f}" in page
+    assert "not run yet (missing <code>results/metrics/projector.json</code>)" in page
+    assert "<td>fuse</td>" in page  # run time per rule, from the Snakemake benchmarks
+    assert 'src="http' not in page and "data:image/png;base64," in page
+    report_mtime = (tiny_run / "results/report.html").stat().st_mtime
+    assert all(p.stat().st_mtime <= report_mtime for p in (tiny_run / "results/metrics").glob("*.json"))
 
 
 def test_second_run_has_nothing_to_do(tiny_run):
@@ -205,7 +217,7 @@ def test_changing_tau_or_the_alpha_grid_reruns_only_fusion(tiny_run):
     proc = run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--configfile", "config/tiny.yaml",
                 "config/tau.yaml"], tiny_run)
     out = proc.stdout + proc.stderr
-    assert job_counts(out) == {"fuse": 1, "all": 1}, out[-2000:]
+    assert job_counts(out) == {"fuse": 1, "report": 1, "all": 1}, out[-2000:]
 
 
 def test_small_config_shows_the_effect_the_picture_fixes_impaired_speech(tmp_path):

@@ -166,6 +166,25 @@ def cmd_transcribe(args) -> None:
     print(json.dumps(result, indent=2))
 
 
+def cmd_report(args) -> None:
+    from .report import build_report
+
+    if args.params is None and args.cfg is None and (args.root / "params.yaml").is_file():
+        args.params = args.root / "params.yaml"  # by hand in a project folder: that project's params
+    p = _params(args)
+    source = " + ".join(filter(None, [str(args.params) if args.params else "", "--cfg (Snakemake)" if args.cfg else ""]))
+    overrides = {}
+    for item in args.input:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--input {item!r}: expected NAME=PATH, e.g. fusion_metrics=results/metrics/fusion.json")
+        overrides[name] = path
+    page = build_report(args.root, p, source or "schema defaults", overrides)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    log.info("report written: %s (%.0f kB)", args.out, len(page.encode()) / 1024)
+
+
 def _pretrain_setup(args, kind: str) -> dict:
     """Params, torch threads, and a warning when params do not name the demo model being trained."""
     import torch
@@ -455,6 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--per-speaker", type=Path, default=Path("results/projector/per_speaker.csv"))
     sp.add_argument("--metrics", type=Path, default=Path("results/metrics/projector.json"))
     sp.add_argument("--limit", type=int, default=None, help="at most this many test utterances (smoke runs)")
+
+    sp = stage("report", cmd_report, "One self-contained HTML report of the run: data, rescoring, projector, CLAP, "
+                                      "probe, provenance. A stage that has not run is reported as such.")
+    sp.add_argument("--root", type=Path, default=Path("."),
+                    help="project folder whose data/ and results/ are reported (default: the current folder)")
+    sp.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
+                    help="read one input from elsewhere (repeatable); names: see mmasr.report.DEFAULT_INPUTS")
+    sp.add_argument("--out", type=Path, default=Path("results/report.html"))
 
     sp = stage("transcribe", cmd_transcribe, "Transcribe one audio file, rescored with its picture when given.")
     sp.add_argument("audio", type=Path)

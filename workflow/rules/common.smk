@@ -53,12 +53,15 @@ NBEST_SHARDS = expand(
     n=config["nbest"]["shards"],
 )
 
+# The final outputs of every stage: the report's inputs (rule report) and, with the report, what rule all
+# asks for. A new stage adds its final outputs here, in this one list; `mmasr report` reads them when present.
 FINAL_OUTPUTS = [
     "data/processed/manifest.parquet",
     "results/metrics/preprocess.json",
     "results/metrics/split.json",
     "results/metrics/fusion.json",
     "results/fusion/grid.csv",
+    "results/fusion/per_speaker.csv",
     "results/fusion/changed.parquet",
     "results/metrics/projector.json",
     "results/projector/train_log.csv",
@@ -67,7 +70,10 @@ FINAL_OUTPUTS = [
 FINAL_OUTPUTS += [config["models"][k] for k in ("lm", "text_encoder") if config["models"][k].startswith(DEMO_CHECKPOINTS)]
 
 
+REPORT = "results/report.html"
+
+
 def print_outputs():
     print("\nmmasr: pipeline finished. Outputs:")
-    for path in FINAL_OUTPUTS + ["data/processed/rejects.parquet", "results/logs/", "results/benchmarks/"]:
+    for path in [REPORT] + FINAL_OUTPUTS + ["data/processed/rejects.parquet", "results/logs/", "results/benchmarks/"]:
         print(f"  {path}")
