@@ -19,7 +19,7 @@ import pandas as pd
 
 from . import __version__
 from . import config as params_mod
-from .io import read_metadata, write_csv, write_json, write_parquet
+from .io import atomic_path, read_metadata, write_csv, write_json, write_parquet
 
 log = logging.getLogger("mmasr")
 
