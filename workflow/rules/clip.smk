@@ -26,6 +26,7 @@ rule cache_image_embeddings:
     input:
         manifest="data/processed/manifest.parquet",
         images="data/processed/images.parquet",
+        images_dir="data/processed/images",  # the picture files images.parquet names
         model=model_input("clip"),
     output:
         embeddings="data/cache/clip_image_embeddings.npz",

@@ -8,6 +8,7 @@
 rule report:
     input:
         FINAL_OUTPUTS,
+        rejects="data/processed/rejects.parquet",  # the table of unused inputs and their reasons
     output:
         REPORT,
     params:
