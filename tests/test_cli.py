@@ -30,3 +30,18 @@ def test_cli_errors_name_the_problem_and_exit_2(tmp_path, monkeypatch, caplog):
     assert main(["split", "--cfg", json.dumps({"split": {"dev_fractoin": 0.1}})]) == 2
     assert "split.dev_fractoin" in caplog.text
     assert not (tmp_path / "data").exists()  # nothing half-written
+
+
+def test_provenance_hashes_only_the_keys_a_stage_reads():
+    """The same hash whether a command got its keys from --cfg (Snakemake; other keys at their defaults)
+    or from the whole params file (DVC), and a different one when a key it reads changes."""
+    from mmasr.cli import provenance
+    from mmasr.config import validate
+
+    keys = ("seed", "pretrain.whisper", "models.device", "nbest.language")
+    whole_file = validate({"pretrain": {"clip": {"steps": 3}}, "fusion": {"tau": 5.0}, "nbest": {"max_new_tokens": 9}})
+    from_cfg = validate({})
+    assert provenance(whole_file, keys)["params_hash"] == provenance(from_cfg, keys)["params_hash"]
+    for changed in ({"pretrain": {"whisper": {"steps": 3}}}, {"seed": 1}, {"nbest": {"language": "en"}}):
+        assert provenance(validate(changed), keys)["params_hash"] != provenance(from_cfg, keys)["params_hash"], changed
+    assert provenance(from_cfg, ("fusion",))["seed"] == from_cfg["seed"]

@@ -145,7 +145,7 @@ def cmd_fuse(args) -> None:
     p = _params(args)
     grid, metrics, changed, per_speaker = run_fusion(pd.read_parquet(args.nbest), pd.read_parquet(args.manifest),
                                                      p["fusion"], p["text"], p["seed"])
-    metrics.update(provenance(p, ("fusion", "text", "nbest", "models")))
+    metrics.update(provenance(p, ("fusion", "text", "seed", "nbest", "models.whisper", "models.clip")))
     write_csv(args.grid, grid)
     write_csv(args.per_speaker, per_speaker)
     write_parquet(args.changed, changed)
@@ -205,7 +205,7 @@ def cmd_pretrain_whisper(args) -> None:
                             p["pretrain"]["whisper"], p["seed"], language=p["nbest"]["language"],
                             task=p["nbest"]["task"], device=p["models"]["device"], max_steps=args.max_steps,
                             progress=not args.quiet)
-    summary.update(provenance(p, ("pretrain", "seed")))
+    summary.update(provenance(p, ("seed", "pretrain.whisper", "models.device", "nbest.language", "nbest.task")))
     write_json(args.metrics, summary)
     log.info("Whisper pre-trained: %d steps in %.0f s, final loss %.3f (dev %s); written to %s",
              summary["whisper_steps"], summary["whisper_train_seconds"], summary["whisper_final_loss"],
@@ -230,7 +230,7 @@ def cmd_pretrain_clip(args) -> None:
         if not name:
             summary.update({"clip_test_chance_r1": r["chance"], "clip_test_n_captions": r["n_captions"],
                             "clip_test_n_pictures": r["n_pictures"]})
-    summary.update(provenance(p, ("pretrain", "seed", "text")))
+    summary.update(provenance(p, ("seed", "pretrain.clip", "models.device", "text")))
     write_json(args.metrics, summary)
     log.info("CLIP pre-trained: %d steps in %.0f s, final loss %.3f; test caption->picture R@1 %.3f "
              "(init %.3f, chance %.3f); written to %s", summary["clip_steps"], summary["clip_train_seconds"],
@@ -250,7 +250,7 @@ def cmd_pretrain_text_model(args) -> None:
     init = build(Path(args.checkpoint_dir) / "init", cfg, p["seed"])  # deterministic: same bytes every time
     summary = train(init, pd.read_parquet(args.manifest), args.out, args.log_csv, args.checkpoint_dir, cfg, p["seed"],
                     max_steps=args.max_steps, progress=not args.quiet, device=p["models"]["device"])
-    summary.update(provenance(p, ("pretrain", "seed")))
+    summary.update(provenance(p, ("seed", f"pretrain.{kind}", "models.device")))
     write_json(args.metrics, summary)
     log.info("demo %s pre-trained: %s; written to %s", kind, summary, args.out)
 
@@ -330,9 +330,20 @@ def _num(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
-def provenance(p: dict, sections: tuple[str, ...]) -> dict:
-    """Params hash (of the sections used) and seed, so a metrics file says what produced it."""
-    used = {s: p[s] for s in sections}
+def provenance(p: dict, keys: tuple[str, ...]) -> dict:
+    """Params hash (of the keys used) and seed, so a metrics file says what produced it.
+
+    ``keys`` are the sections or ``section.key`` entries the stage reads - the ones its Snakemake rule passes
+    with --cfg (cfg_json) and its DVC stage declares - so the hash is the same whether the command got
+    them from --cfg (other keys at their defaults) or from the whole params file (dvc repro).
+    """
+    used: dict = {}
+    for key in keys:
+        section, _, sub = key.partition(".")
+        if sub:
+            used.setdefault(section, {})[sub] = p[section][sub]
+        else:
+            used[section] = p[section]
     digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:12]
     return {"params_hash": digest, "seed": p["seed"], "mmasr_version": __version__,
             **{f"model_{k}": v for k, v in p["models"].items() if k in ("whisper", "clip")}}
