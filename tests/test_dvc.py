@@ -343,3 +343,136 @@ def test_sharded_nbest_differs_from_the_dvc_stage_only_in_the_shard(dry_project)
     (merge,) = rules["nbest_merge"]
     assert merge.inputs == shard_outputs == set(parse_command(merge.shell).positional)
     assert merge.outputs == set(stage_outputs(dvc_stages()["nbest_merge"]))
+
+
+# ------------------------------------------------------------------------------------------ DVC runs (slow)
+
+# Metrics that measure time differ between identical runs; no other metric may.
+TIMING_KEY = re.compile(r"(seconds|secs|_s|wall|elapsed|timestamp|speedup|per_second|throughput)$|^(time|date|host)")
+
+
+def without_timing(metrics: dict) -> dict:
+    return {k: without_timing(v) if isinstance(v, dict) else v for k, v in metrics.items() if not TIMING_KEY.search(k)}
+
+
+def dvc(work: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], work, check)
+
+
+def git(work: Path, *args: str) -> str:
+    return run(["git", *args], work).stdout
+
+
+def dvc_project(dest: Path) -> Path:
+    """A user's clone of the project (git + DVC, with .gitignore and .dvc/config) on the tiny params."""
+    work = project_copy(dest)
+    shutil.copy(REPO / ".gitignore", work / ".gitignore")
+    (work / ".dvc").mkdir()
+    for name in ("config", ".gitignore"):
+        shutil.copy(REPO / ".dvc" / name, work / ".dvc" / name)
+    params = deep_merge(yaml.safe_load((work / "params.yaml").read_text()),
+                        yaml.safe_load((work / "config/tiny.yaml").read_text()))
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git(work, "init", "-q")
+    git(work, "config", "user.name", "mmasr tests")
+    git(work, "config", "user.email", "tests@mmasr.invalid")
+    git(work, "add", "-A")
+    git(work, "commit", "-qm", "the project on the tiny params")
+    return work
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"^Running stage '(\w+)'", output, re.M)
+
+
+def uncached_outputs() -> set[str]:
+    return {path for stage in dvc_stages().values() for path, opts in stage_outputs(stage).items()
+            if opts.get("cache") is False}
+
+
+@dataclass
+class ReproRun:
+    work: Path
+    output: str  # what `dvc repro` printed
+    untracked: set[str]  # what git saw as new after it
+
+
+@pytest.fixture(scope="module")
+def dvc_repro(tmp_path_factory) -> ReproRun:
+    """`dvc repro` of the tiny config from scratch, then committed (dvc.lock, metrics, plot data) as a user would."""
+    work = dvc_project(tmp_path_factory.mktemp("dvc") / "repo")
+    proc = dvc(work, "repro")
+    untracked = {line[3:] for line in git(work, "status", "--porcelain", "--untracked-files=all").splitlines()}
+    git(work, "add", "-A")
+    git(work, "commit", "-qm", "dvc repro")
+    return ReproRun(work, proc.stdout + proc.stderr, untracked)
+
+
+def clone_of(run_: ReproRun, dest: Path) -> Path:
+    shutil.copytree(run_.work, dest, symlinks=True)
+    return dest
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_every_stage_and_git_gets_the_metrics(dvc_repro):
+    assert sorted(ran_stages(dvc_repro.output)) == sorted(dvc_stages()), dvc_repro.output[-3000:]
+    # git sees exactly dvc.lock and the uncached outputs; everything DVC caches is ignored (no stray .gitignore)
+    assert dvc_repro.untracked == {"dvc.lock"} | uncached_outputs()
+    assert "Data and pipelines are up to date." in dvc(dvc_repro.work, "status").stdout
+
+
+@pytest.mark.slow
+def test_dvc_repro_writes_the_same_metrics_as_snakemake(dvc_repro, tiny_run):
+    names = sorted(p.name for p in (tiny_run / "results/metrics").glob("*.json"))
+    assert names == sorted(p.name for p in (dvc_repro.work / "results/metrics").glob("*.json"))
+    assert {"preprocess.json", "split.json", "fusion.json", "projector.json", "pretrain_whisper.json"} <= set(names)
+    for name in names:
+        snake, dvc_ = (without_timing(read_json(d / "results/metrics" / name)) for d in (tiny_run, dvc_repro.work))
+        diff = {k: (snake.get(k), dvc_.get(k)) for k in sorted(snake.keys() | dvc_.keys()) if snake.get(k) != dvc_.get(k)}
+        assert not diff, f"results/metrics/{name}: snakemake vs dvc repro differ: {diff}"
+    whisper = read_json(tiny_run / "results/metrics/pretrain_whisper.json")
+    assert set(whisper) - set(without_timing(whisper)) == {"whisper_train_seconds"}  # only timings are left out
+    for rel in ("data/processed/manifest.parquet", "results/fusion/grid.csv", "results/fusion/per_speaker.csv",
+                "results/projector/train_log.csv"):
+        assert file_digest(tiny_run / rel) == file_digest(dvc_repro.work / rel), rel
+
+
+@pytest.mark.slow
+def test_exp_run_with_another_tau_reruns_only_fuse_and_report(dvc_repro, tmp_path):
+    work = clone_of(dvc_repro, tmp_path / "exp")
+    before = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    proc = dvc(work, "exp", "run", "-S", "fusion.tau=50")
+    assert sorted(ran_stages(proc.stdout + proc.stderr)) == ["fuse", "report"], proc.stdout[-3000:]
+    after = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    assert {name for name in before if before[name] != after[name]} == {"fuse", "report"}
+    assert read_json(work / "results/metrics/fusion.json")["tau"] == 50.0
+    diff = json.loads(dvc(work, "metrics", "diff", "--json").stdout)
+    assert diff["results/metrics/fusion.json"]["tau"] == {"old": 100.0, "new": 50.0, "diff": -50.0}
+
+
+@pytest.mark.slow
+def test_push_clone_pull_leaves_nothing_to_do(dvc_repro, tmp_path):
+    """Share through a (local) remote; a fresh clone pulls it and neither tool has anything to do. DVC does
+    not keep modification times, so after `dvc pull` Snakemake sees inputs newer than outputs:
+    `snakemake --touch --forceall` (README) marks the pulled outputs up to date and records Snakemake's
+    metadata, so a later params change still re-runs exactly the jobs that read it."""
+    work = clone_of(dvc_repro, tmp_path / "origin")
+    dvc(work, "remote", "add", "-d", "storage", str(tmp_path / "remote"))
+    git(work, "commit", "-qam", "DVC remote")
+    assert "files pushed" in dvc(work, "push").stdout
+    run(["git", "clone", "-q", str(work), str(tmp_path / "clone")], tmp_path)
+    clone = tmp_path / "clone"
+    assert not (clone / "data").exists() and (clone / "results/metrics/fusion.json").is_file()  # git has the metrics
+    dvc(clone, "pull")
+    assert "Data and pipelines are up to date." in dvc(clone, "status").stdout
+    for rel in ("data/processed/manifest.parquet", "results/report.html", "results/metrics/fusion.json"):
+        assert file_digest(clone / rel) == file_digest(dvc_repro.work / rel), rel
+    run([sys.executable, "-m", "snakemake", "--touch", "--forceall"], clone)
+    proc = run([sys.executable, "-m", "snakemake", "--cores", "2", "-n"], clone)
+    out = proc.stdout + proc.stderr
+    assert "Nothing to be done" in out and "missing provenance" not in out, out[-2000:]
+    assert "Data and pipelines are up to date." in dvc(clone, "status").stdout  # .snakemake_timestamp is dvcignored
+    assert git(clone, "status", "--porcelain") == ""
+    (clone / "config" / "tau.yaml").write_text("fusion:\n  tau: 50.0\n")
+    proc = run([sys.executable, "-m", "snakemake", "--cores", "2", "-n", "--configfile", "config/tau.yaml"], clone)
+    assert job_counts(proc.stdout + proc.stderr) == {"fuse": 1, "report": 1, "all": 1}

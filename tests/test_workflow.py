@@ -153,21 +153,6 @@ def test_lint_is_clean(tmp_path):
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
 
 
-def test_dvc_repro_builds_the_same_manifest_as_snakemake(tiny_run, tmp_path):
-    import yaml
-
-    from mmasr.config import deep_merge
-
-    work = project_copy(tmp_path / "dvc")
-    params = deep_merge(yaml.safe_load((work / "params.yaml").read_text()),
-                        yaml.safe_load((work / "config/tiny.yaml").read_text()))
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], work)
-    run([sys.executable, "-m", "dvc", "repro", "--quiet", "split"], work)  # the data stages
-    for rel in ("data/processed/manifest.parquet", "results/metrics/preprocess.json", "results/metrics/split.json"):
-        assert file_digest(tiny_run / rel) == file_digest(work / rel), rel
-
-
 FUSION_KEYS = ("best_alpha", "tau", "dev_wer_asr", "dev_wer_fused", "test_wer_asr", "test_wer_fused", "test_wer_oracle",
                "test_wer_diff_ci_low", "test_wer_diff_ci_high", "test_gap_closed", "n_test_utts", "n_no_image",
                "test_wer_asr_impaired", "test_wer_fused_impaired", "test_wer_asr_control", "test_wer_fused_control")
