@@ -302,6 +302,8 @@ def test_top_level_plots_read_stage_outputs():
         ((title, opts),) = plot.items()
         ys = opts["y"]
         files |= set(ys) if isinstance(ys, dict) else {title}
+        template = opts.get("template", "linear")
+        assert not template.endswith(".json") or (REPO / template).is_file(), f"{title}: no template {template}"
     assert files and files <= outputs, sorted(files - outputs)
     assert {"results/fusion/grid.csv", "results/projector/train_log.csv", "results/pretrain/whisper_loss.csv"} <= files
 
