@@ -44,19 +44,22 @@ class Command:
     options: dict[str, str | None] = field(default_factory=dict)  # --name -> value (None: a flag)
     positional: list[str] = field(default_factory=list)
     cfg: dict | None = None  # the --cfg JSON (Snakemake)
+    env: dict[str, str] = field(default_factory=dict)  # NAME=value before the command
 
 
 def parse_command(shell: str) -> Command:
     """An `mmasr` command line as sub-command, options and positionals; environment assignments before it
     (MMASR_THREADS=2) and redirections after it are dropped."""
     tokens = shlex.split(shell)
+    env = {}
     while tokens and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", tokens[0]):
-        tokens.pop(0)
+        name, _, value = tokens.pop(0).partition("=")
+        env[name] = value
     for stop in (">", "2>&1", "&>", ">>"):
         if stop in tokens:
             tokens = tokens[: tokens.index(stop)]
     assert tokens[:1] == ["mmasr"] and len(tokens) > 1, f"not an mmasr command: {shell}"
-    cmd = Command(tokens[1])
+    cmd = Command(tokens[1], env=env)
     rest = tokens[2:]
     while rest:
         token = rest.pop(0)
@@ -192,6 +195,12 @@ def agreement_problems(jobs: list[Job], stages: dict[str, dict], params_file: Pa
                                 f"{d_opts.get(opt, '<absent>')!r} (DVC)")
         if sorted(snake.positional) != sorted(dvc.positional):
             problems.append(f"{name}: arguments {snake.positional} (Snakemake) vs {dvc.positional} (DVC)")
+        # Torch threads change floats in the last bits: where the rule sets them (MMASR_THREADS={threads}; with
+        # --cores 2, as here, the job's count), the DVC stage passes the same --threads (default 1).
+        threads = snake.env.get("MMASR_THREADS")
+        if threads is not None and dvc.options.get("--threads", "1") != threads:
+            problems.append(f"{name}: MMASR_THREADS={threads} (Snakemake --cores 2) vs --threads "
+                            f"{dvc.options.get('--threads', '1')} (DVC)")
         if "--params" not in dvc.options and snake.cfg is not None:
             problems.append(f"{name}: the DVC command does not read --params params.yaml")
         deps = [path for path, _ in _entries(stage, "deps")]
@@ -224,7 +233,7 @@ def agreement_problems(jobs: list[Job], stages: dict[str, dict], params_file: Pa
 def test_command_parser_reads_options_flags_and_environment():
     cmd = parse_command("MMASR_THREADS=2 mmasr nbest --cfg '{\"a\":{\"b\":1}}' --manifest m.parquet --quiet"
                         " --out o.parquet > log 2>&1")
-    assert (cmd.sub, cmd.cfg, cmd.positional) == ("nbest", {"a": {"b": 1}}, [])
+    assert (cmd.sub, cmd.cfg, cmd.positional, cmd.env) == ("nbest", {"a": {"b": 1}}, [], {"MMASR_THREADS": "2"})
     assert cmd.options == {"--cfg": '{"a":{"b":1}}', "--manifest": "m.parquet", "--quiet": None, "--out": "o.parquet"}
     merge = parse_command("mmasr nbest-merge s/0-of-2.parquet s/1-of-2.parquet --out x.parquet > log 2>&1")
     assert merge.positional == ["s/0-of-2.parquet", "s/1-of-2.parquet"] and merge.options == {"--out": "x.parquet"}
@@ -248,9 +257,9 @@ def test_the_agreement_check_reports_each_kind_of_disagreement(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("seed: 1\nfusion: {tau: 2, alpha_step: 0.1}\n")
     job = Job("fuse", {"in.parquet"}, {"out.json"},
-              "mmasr fuse --cfg '{\"fusion\":{\"tau\":2,\"alpha_step\":0.1}}' --nbest in.parquet --metrics out.json"
+              "MMASR_THREADS=2 mmasr fuse --cfg '{\"fusion\":{\"tau\":2,\"alpha_step\":0.1}}' --nbest in.parquet --metrics out.json"
               " > results/logs/fuse.log 2>&1")
-    good = {"cmd": "mmasr fuse --params params.yaml --nbest in.parquet --metrics out.json",
+    good = {"cmd": "mmasr fuse --params params.yaml --threads 2 --nbest in.parquet --metrics out.json",
             "deps": ["workflow/rules/fusion.smk", "in.parquet"], "params": ["fusion"],
             "metrics": [{"out.json": {"cache": False}}]}
     assert agreement_problems([job], {"fuse": good}, params) == []
@@ -258,7 +267,7 @@ def test_the_agreement_check_reports_each_kind_of_disagreement(tmp_path):
            "deps": ["in.parquet", "src/mmasr/nope.py"], "params": ["fusion.tau", "seed"], "metrics": [], "outs": ["x"]}
     problems = "\n".join(agreement_problems([job], {"fuse": bad, "extra": good}, params))
     for expected in ("DVC stage extra: no Snakemake rule", "option --nbest is 'in.parquet' (Snakemake) vs 'other.parquet'",
-                     "option --quiet", "lack the rule file workflow/rules/fusion.smk", "src/mmasr/nope.py does not exist",
+                     "option --quiet", "MMASR_THREADS=2 (Snakemake --cores 2) vs --threads 1 (DVC)", "lack the rule file workflow/rules/fusion.smk", "src/mmasr/nope.py does not exist",
                      "output out.json (Snakemake) is not a DVC out", "DVC out x is not a Snakemake output",
                      "passes fusion.alpha_step (--cfg) but the DVC stage does not declare it",
                      "declares seed but the rule does not pass it"):
@@ -434,8 +443,8 @@ def test_dvc_repro_writes_the_same_metrics_as_snakemake(dvc_repro, tiny_run):
         assert not diff, f"results/metrics/{name}: snakemake vs dvc repro differ: {diff}"
     whisper = read_json(tiny_run / "results/metrics/pretrain_whisper.json")
     assert set(whisper) - set(without_timing(whisper)) == {"whisper_train_seconds"}  # only timings are left out
-    for rel in ("data/processed/manifest.parquet", "results/fusion/grid.csv", "results/fusion/per_speaker.csv",
-                "results/projector/train_log.csv"):
+    for rel in ("data/processed/manifest.parquet", "data/nbest/nbest.parquet", "results/fusion/grid.csv",
+                "results/fusion/per_speaker.csv", "results/projector/train_log.csv"):
         assert file_digest(tiny_run / rel) == file_digest(dvc_repro.work / rel), rel
 
 

@@ -75,9 +75,15 @@ def cmd_split(args) -> None:
         log.info("%-5s %3d utterances, speakers: %s", name, summary[f"{name}_n_utts"], " ".join(summary[f"{name}_speakers"]))
 
 
-def _model(kind: str, p: dict):
+def _model(kind: str, p: dict, threads: int | None = None):
+    """A model named in params ``models``; with ``threads`` (the command's --threads, or MMASR_THREADS as the
+    Snakemake rules set it), torch uses that many: the same count under Snakemake and DVC gives the same floats."""
+    import torch
+
     from .models import load_from_params
 
+    if threads is not None:
+        torch.set_num_threads(max(1, threads))
     return load_from_params(kind, p["models"])
 
 
@@ -96,7 +102,7 @@ def cmd_cache_images(args) -> None:
     manifest = pd.read_parquet(args.manifest)
     images = pd.read_parquet(args.images)
     wanted = images[images["image_id"].isin(manifest["image_id"].dropna())]
-    bundle = _model("clip", p)
+    bundle = _model("clip", p, args.threads)
     ids, vectors, rejects = cache_images(bundle, wanted, p["images"]["batch_size"], progress=not args.quiet)
     save_embeddings(args.out, ids, vectors, cache_metadata(bundle))
     write_parquet(args.rejects, rejects)
@@ -109,7 +115,7 @@ def cmd_nbest(args) -> None:
     from .text import normaliser
 
     p = _params(args)
-    bundle = _model("whisper", p)
+    bundle = _model("whisper", p, args.threads)
     table = run_nbest(bundle, pd.read_parquet(args.manifest), p["nbest"], normaliser(p["text"]),
                       shard=args.shard, num_shards=args.num_shards, limit=args.limit, progress=not args.quiet)
     write_parquet(args.out, table, metadata=nbest_metadata(bundle, p["nbest"], shard=f"{args.shard}/{args.num_shards}"))
@@ -130,7 +136,7 @@ def cmd_clip_scores(args) -> None:
     p = _params(args)
     nbest = pd.read_parquet(args.nbest)
     meta = read_metadata(args.nbest)
-    bundle = _model("clip", p)
+    bundle = _model("clip", p, args.threads)
     scored = add_clip_scores(nbest, pd.read_parquet(args.manifest), load_embeddings(args.embeddings), bundle,
                              p["text"], progress=not args.quiet)
     meta.update({"mmasr.clip_model": bundle.name, "mmasr.clip_revision": bundle.revision})
@@ -260,7 +266,7 @@ def cmd_encode_audio(args) -> None:
 
     p = _params(args)
     cfg = p["projector"]
-    bundle = _model("whisper", p)
+    bundle = _model("whisper", p, args.threads)
     index = encode_manifest(bundle, pd.read_parquet(args.manifest), args.out, splits=("train", "dev", "test"),
                             batch_size=cfg["encode_batch_size"], shard_size=cfg["shard_size"], limit=args.limit,
                             progress=not args.quiet)
@@ -270,12 +276,9 @@ def cmd_encode_audio(args) -> None:
 
 def _speech_lm_setup(args, p: dict):
     """The feature cache and the frozen LM, with torch threads set."""
-    import torch
-
     from .encode_audio import FeatureCache
 
-    torch.set_num_threads(max(1, args.threads))
-    return FeatureCache(args.features), _model("lm", p)
+    return FeatureCache(args.features), _model("lm", p, args.threads)
 
 
 def cmd_train_projector(args) -> None:

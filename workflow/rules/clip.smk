@@ -46,7 +46,7 @@ rule cache_image_embeddings:
         runtime=30,
         gpu=1,
     shell:
-        "mmasr cache-images --cfg {params.cfg:q} --manifest {input.manifest} --images {input.images}"
+        "MMASR_THREADS={threads} mmasr cache-images --cfg {params.cfg:q} --manifest {input.manifest} --images {input.images}"
         " --out {output.embeddings} --rejects {output.rejects} --quiet > {log} 2>&1"
 
 
@@ -72,5 +72,5 @@ rule clip_text_scores:
         runtime=30,
         gpu=1,
     shell:
-        "mmasr clip-scores --cfg {params.cfg:q} --nbest {input.nbest} --manifest {input.manifest}"
+        "MMASR_THREADS={threads} mmasr clip-scores --cfg {params.cfg:q} --nbest {input.nbest} --manifest {input.manifest}"
         " --embeddings {input.embeddings} --out {output} --quiet > {log} 2>&1"
