@@ -23,6 +23,8 @@ include: "workflow/rules/clip.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/nbest.smk"
 include: "workflow/rules/fusion.smk"
+include: "workflow/rules/clap.smk"
+include: "workflow/rules/probe.smk"
 
 
 rule all:

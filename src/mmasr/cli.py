@@ -272,7 +272,7 @@ def cmd_eval_retrieval(args) -> None:
     _torch_threads(args)
     metrics, curve = evaluate_retrieval(load_cache(args.cache), args.checkpoint, p["clap"]["eval_split"], p["models"],
                                         max_k=p["clap"]["plot_max_k"], progress=not args.quiet)
-    metrics.update(provenance(p, ("clap", "text", "models")))
+    metrics.update(provenance(p, ("clap", "seed")))
     with atomic_path(args.curve) as tmp:
         curve.to_csv(tmp, index=False, float_format="%.6f")
     write_json(args.metrics, metrics)
@@ -312,10 +312,10 @@ def cmd_train_probe(args) -> None:
     metrics, reliability, model = train_probe(load_embeddings(args.embeddings), pd.read_parquet(args.manifest),
                                               p["probe"], p["seed"], meta={"embeddings": meta})
     metrics.update({f"probe_{k}": meta[k] for k in ("audio_encoder", "audio_revision", "audio_layers")})
-    metrics.update(provenance(p, ("probe", "models")))
+    metrics.update(provenance(p, ("probe", "seed")))
     with atomic_path(args.reliability) as tmp:
         reliability.to_csv(tmp, index=False, float_format="%.6f")
-    write_json(Path(args.checkpoint) / "probe.json", model)
+    write_json(args.model, model)
     write_json(args.metrics, metrics)
     log.info("probe (%s, %s calibration) on held-out speakers: accuracy %.3f, AUC %.3f, Brier %.4f, "
              "ECE %.4f uncalibrated -> %.4f calibrated", metrics["classifier"], metrics["calibration_method"],
@@ -468,8 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
     sp.add_argument("--metrics", type=Path, default=Path("results/metrics/probe.json"))
     sp.add_argument("--reliability", type=Path, default=Path("results/probe/reliability.csv"))
-    sp.add_argument("--checkpoint", type=Path, default=Path("results/checkpoints/probe"),
-                    help="folder for probe.json, the fitted probe as plain JSON (no pickle)")
+    sp.add_argument("--model", type=Path, default=Path("results/checkpoints/probe/probe.json"),
+                    help="the fitted probe as plain JSON (no pickle; read by mmasr.probe.ProbeModel)")
 
     sp = stage("transcribe", cmd_transcribe, "Transcribe one audio file, rescored with its picture when given.")
     sp.add_argument("audio", type=Path)
