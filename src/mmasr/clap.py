@@ -625,6 +625,7 @@ def evaluate_retrieval(cache: ClapCache, checkpoint: str | Path, split: str = "t
                     "n_speakers": int(part["speaker"].nunique()), "split": split,
                     "fine_tuned_encoders": bool(encoder_state)})
     metrics.update({k: v for k, v in config["summary"].items()})
+    metrics["clap_fingerprint"] = config["fingerprint"]
     for kind in ("audio", "text"):
         for key in ("encoder", "revision", "layers", "pooling"):
             metrics[f"clap_{kind}_{key}"] = cache.meta[f"{kind}_{key}"]

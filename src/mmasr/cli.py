@@ -272,7 +272,9 @@ def cmd_eval_retrieval(args) -> None:
     _torch_threads(args)
     metrics, curve = evaluate_retrieval(load_cache(args.cache), args.checkpoint, p["clap"]["eval_split"], p["models"],
                                         max_k=p["clap"]["plot_max_k"], progress=not args.quiet)
-    metrics.update(provenance(p, ("clap", "seed")))
+    # The evaluation's own params; config.json's fingerprint covers training (config, seed, cache, code).
+    evaluated = {**p, "clap_eval": {k: p["clap"][k] for k in ("eval_split", "plot_max_k")}}
+    metrics.update(provenance(evaluated, ("clap_eval", "seed")))
     with atomic_path(args.curve) as tmp:
         curve.to_csv(tmp, index=False, float_format="%.6f")
     write_json(args.metrics, metrics)

@@ -85,7 +85,7 @@ rule eval_retrieval:
         metrics="results/metrics/retrieval.json",
         curve="results/clap/recall_at_k.csv",
     params:
-        cfg=cfg_json("clap", "seed", *CLAP_MODELS),
+        cfg=cfg_json(*CLAP_EVAL_KEYS, "seed", *CLAP_MODELS),
         checkpoint=CLAP_OUT,
     log:
         "results/logs/eval_retrieval.log",
