@@ -65,6 +65,7 @@ __all__ = [
     "chance_recall",
     "ClapCache",
     "build_cache",
+    "write_cache",
     "load_cache",
     "train_clap",
     "evaluate_retrieval",
@@ -237,8 +238,6 @@ def build_cache(manifest: pd.DataFrame, audio_bundle, text_bundle, cfg: dict, te
     """Encode every utterance and distinct transcript once and write the cache folder atomically:
     ``embeddings.safetensors`` (``audio``, ``text``), ``utterances.parquet``, ``texts.parquet``,
     ``meta.json``. ``cfg`` is the ``clap`` section."""
-    from safetensors.numpy import save_file
-
     from .layers import embed_audio, embed_text, encoder_depth, select_layers
     from .nbest import read_audio
 
@@ -254,9 +253,20 @@ def build_cache(manifest: pd.DataFrame, audio_bundle, text_bundle, cfg: dict, te
             **encoder_meta(text_bundle, t_layers, "text", cfg["text_pooling"]),
             "layers": cfg["layers"], "audio_dim": int(audio.shape[1]), "text_dim": int(text.shape[1]),
             "n_utts": len(utts), "n_texts": len(texts), "device": str(audio_bundle.device)}
+    return write_cache(out_dir, audio, text, utts, texts, meta)
+
+
+def write_cache(out_dir: str | Path, audio: np.ndarray, text: np.ndarray, utts: pd.DataFrame, texts: list[str],
+                meta: dict) -> ClapCache:
+    """Write a cache folder atomically (see :func:`build_cache`) and load it back."""
+    from safetensors.numpy import save_file
+
+    if len(audio) != len(utts) or len(text) != len(texts) or not set(utts["text_row"]) <= set(range(len(texts))):
+        raise ValueError("cache arrays and tables do not match")
     with atomic_dir(out_dir) as tmp:
-        save_file({"audio": audio, "text": text}, str(tmp / "embeddings.safetensors"))
-        write_parquet(tmp / "utterances.parquet", utts)
+        save_file({"audio": np.ascontiguousarray(audio, dtype=np.float32),
+                   "text": np.ascontiguousarray(text, dtype=np.float32)}, str(tmp / "embeddings.safetensors"))
+        write_parquet(tmp / "utterances.parquet", utts[UTT_COLUMNS].reset_index(drop=True))
         write_parquet(tmp / "texts.parquet", pd.DataFrame({"text_row": range(len(texts)), "text": texts}))
         write_json(tmp / "meta.json", meta)
     return load_cache(out_dir)
