@@ -344,7 +344,6 @@ def tiny_corpus(root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-@pytest.mark.slow
 def test_cache_from_real_encoders_and_phase2_with_resume(tmp_path, demo_model_dirs, bert_dir):
     """The whole path on tiny real encoders: cache (normalised distinct texts), phase 1 + phase 2
     (the last encoder layer fine-tuned, stored, and used by the evaluation), killed in phase 2 and resumed."""

@@ -242,6 +242,8 @@ def probe_data(embeddings: dict[str, np.ndarray], manifest: pd.DataFrame, cfg: d
 
 
 def _check_classes(manifest: pd.DataFrame, cfg: dict) -> list[str]:
+    if cfg["label"] not in manifest.columns:
+        raise ValueError(f"probe.label {cfg['label']!r} is not a manifest column ({', '.join(manifest.columns)})")
     classes = sorted(manifest[cfg["label"]].dropna().astype(str).unique())
     if len(classes) != 2 or str(cfg["positive"]) not in classes:
         raise ValueError(f"probe.label {cfg['label']!r} must have exactly two classes including probe.positive="
@@ -263,10 +265,10 @@ def train_probe(embeddings: dict[str, np.ndarray], manifest: pd.DataFrame, cfg: 
     from sklearn.calibration import CalibratedClassifierCV
 
     classes = _check_classes(manifest, cfg)
-    X, y, spk, _ = probe_data(embeddings, manifest, cfg, cfg["train_splits"])
-    Xt, yt, spk_t, _ = probe_data(embeddings, manifest, cfg, [cfg["eval_split"]])
     if cfg["eval_split"] in cfg["train_splits"]:
         raise ValueError(f"probe.eval_split {cfg['eval_split']!r} is also a training split: it must hold out speakers")
+    X, y, spk, _ = probe_data(embeddings, manifest, cfg, cfg["train_splits"])
+    Xt, yt, spk_t, _ = probe_data(embeddings, manifest, cfg, [cfg["eval_split"]])
     for name, labels in (("training", y), ("evaluation", yt)):
         if len(np.unique(labels)) < 2:
             raise ValueError(f"the {name} utterances of the probe hold only one class of {cfg['label']!r}")
