@@ -334,9 +334,25 @@ def _dev_loss(embed_batch, n: int, text_rows: np.ndarray, logit_scale: torch.Ten
     return float(np.mean(losses)) if losses else None
 
 
-def _heads_from_cache(cache: ClapCache, cfg: dict, seed: int) -> ClapHeads:
+def heads_from_cache(cache: ClapCache, cfg: dict, seed: int) -> ClapHeads:
     torch.manual_seed(seed)  # the zero-shot heads are a pure function of the seed and the dims
     return ClapHeads(cache.audio.shape[1], cache.text.shape[1], cfg["hidden_dim"], cfg["embed_dim"])
+
+
+def phase1_batch(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Train-item indices of a phase-1 step (a pure function of its arguments)."""
+    return batch_indices(n, batch_size, step, seed, _TAG_CLAP_ORDER)
+
+
+def heads_step(heads: ClapHeads, optimizer: torch.optim.Optimizer, audio_x: torch.Tensor, text_x: torch.Tensor,
+               text_rows: np.ndarray, grad_clip: float) -> float:
+    """One phase-1 update on pooled embeddings (same-text pairs are positives); the loss."""
+    a, t = heads.audio(audio_x), heads.text(text_x)
+    loss = clap_loss(a, t, heads.logit_scale, _text_targets(text_rows).to(a.device))
+    optimise(loss, heads, optimizer, grad_clip)
+    with torch.no_grad():
+        heads.logit_scale.clamp_(max=LN_100)
+    return loss.item()
 
 
 def _row(step: int, lr: float, loss: float, scale: torch.Tensor, phase: int) -> dict:
@@ -363,7 +379,7 @@ def train_clap(cache_dir: str | Path, out_dir: str | Path, log_csv: str | Path, 
     train, dev = cache.split("train"), cache.split("dev")
     if len(train) < 2:
         raise ValueError(f"{cache_dir}: {len(train)} train-split utterances; contrastive training needs at least 2")
-    heads = _heads_from_cache(cache, cfg, seed).to(device)
+    heads = heads_from_cache(cache, cfg, seed).to(device)
     init_state = {k: v.detach().cpu().clone() for k, v in heads.state_dict().items()}
     ckpt_dir = Path(checkpoint_dir)
 
@@ -390,15 +406,10 @@ def train_clap(cache_dir: str | Path, out_dir: str | Path, log_csv: str | Path, 
     heads.train()
     for step in range(start, steps1):
         lr = _set_lr(optimizer, step, cfg, steps1)
-        idx = batch_indices(len(train), bs, step, seed, _TAG_CLAP_ORDER)
-        a = heads.audio(audio[tr_rows[idx]])
-        t = heads.text(text[tr_text[idx]])
-        loss = clap_loss(a, t, heads.logit_scale, _text_targets(tr_text[idx]).to(device))
-        optimise(loss, heads, optimizer, cfg["grad_clip"])
-        with torch.no_grad():
-            heads.logit_scale.clamp_(max=LN_100)
+        idx = phase1_batch(len(train), bs, step, seed)
+        loss = heads_step(heads, optimizer, audio[tr_rows[idx]], text[tr_text[idx]], tr_text[idx], cfg["grad_clip"])
         done = step + 1
-        row = _row(done, lr, loss.item(), heads.logit_scale, 1)
+        row = _row(done, lr, loss, heads.logit_scale, 1)
         if cfg["eval_every"] and (done % cfg["eval_every"] == 0 or done == steps1):
             row["dev_loss"] = _dev_loss(dev_embed1, len(dev), dev_text, heads.logit_scale, bs)
         if end_of_step(row, steps1, csv_log, bar, ckpt_dir / "phase1", heads, optimizer, fp1, schedule, cfg,
