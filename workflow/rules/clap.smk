@@ -56,7 +56,7 @@ rule train_clap:
         log="results/clap/train_log.csv",
     params:
         cfg=cfg_json(*CLAP_TRAIN_KEYS, "seed", *CLAP_MODELS),
-        out=CLAP_OUT,
+        out=lambda wildcards, output: os.path.dirname(output.config),
         state=f"{CLAP_OUT}/state",
     log:
         "results/logs/train_clap.log",
@@ -86,7 +86,7 @@ rule eval_retrieval:
         curve="results/clap/recall_at_k.csv",
     params:
         cfg=cfg_json(*CLAP_EVAL_KEYS, "seed", *CLAP_MODELS),
-        checkpoint=CLAP_OUT,
+        checkpoint=lambda wildcards, input: os.path.dirname(input.config),
     log:
         "results/logs/eval_retrieval.log",
     benchmark:
