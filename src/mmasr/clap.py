@@ -635,6 +635,10 @@ def evaluate_retrieval(cache: ClapCache, checkpoint: str | Path, split: str = "t
         for direction, s, rel in (("a2t", sim, relevant), ("t2a", sim.T, relevant.T)):
             m = retrieval_metrics(s, rel)
             metrics.update({f"{prefix}{direction}_{k}": v for k, v in m.items()})
+            if direction == "a2t":  # audio queries by speaker group (e.g. impaired vs control)
+                for group, rows in part.reset_index(drop=True).groupby("group").groups.items():
+                    g = retrieval_metrics(s[rows], rel[rows])
+                    metrics.update({f"{prefix}a2t_{k}_{group}": g[k] for k in ("r1", "r10")})
             ks = min(max_k, s.shape[1])
             curves += [{"direction": direction, "model": model, "k": k, "recall": r}
                        for k, r in enumerate(recall_curve(s, rel, ks), start=1)]
