@@ -344,7 +344,7 @@ def tiny_corpus(root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_cache_from_real_encoders_and_phase2_with_resume(tmp_path, demo_model_dirs, bert_dir):
+def test_cache_from_real_encoders_and_phase2_with_resume(tmp_path, demo_model_dirs, bert_dir, caplog):
     """The whole path on tiny real encoders: cache (normalised distinct texts), phase 1 + phase 2
     (the last encoder layer fine-tuned, stored, and used by the evaluation), killed in phase 2 and resumed."""
     p = validate({"models": {"audio_encoder": str(demo_model_dirs["whisper"]), "text_encoder": str(bert_dir),
@@ -378,6 +378,11 @@ def test_cache_from_real_encoders_and_phase2_with_resume(tmp_path, demo_model_di
     assert not any(k.startswith(("audio_encoder.layers.0.", "text_encoder.encoder.layer.0.")) for k in state)
     metrics, _ = evaluate_retrieval(load_cache(tmp_path / "cache"), tmp_path / "a", "test", p["models"])
     assert metrics["fine_tuned_encoders"] is True and metrics["n_candidates"] == 2
+    # changing only phase 2 keeps the finished phase 1
+    caplog.set_level("INFO")
+    shorter = train_clap(tmp_path / "cache", tmp_path / "c", tmp_path / "c.csv", tmp_path / "sa",
+                         **{**run, "cfg": {**cfg, "phase2_epochs": 1}})
+    assert shorter["clap_phase2_steps"] == 1 and "phase1/step-000002 (step 2)" in caplog.text
 
 
 def test_evaluation_refuses_a_checkpoint_of_another_cache(tmp_path):

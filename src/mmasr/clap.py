@@ -395,7 +395,8 @@ def train_clap(cache_dir: str | Path, out_dir: str | Path, log_csv: str | Path, 
     optimizer = _adamw(heads, cfg)
     schedule = {"kind": "linear warm-up + cosine", "lr": cfg["lr"], "warmup": cfg["warmup"], "total": steps1,
                 "min_lr_ratio": cfg["min_lr_ratio"]}
-    fp1 = fingerprint("clap.phase1", _training_cfg(cfg), seed, steps1, cache.digest, cache.meta, str(device), _code_digest())
+    phase1_cfg = {k: v for k, v in _training_cfg(cfg).items() if not k.startswith("phase2_")}
+    fp1 = fingerprint("clap.phase1", phase1_cfg, seed, steps1, cache.digest, cache.meta, str(device), _code_digest())
     start = resume_checkpoint(ckpt_dir / "phase1", heads, optimizer, fp1)
     csv_log = CsvLog(ckpt_dir / "log.csv", TRAIN_LOG_COLUMNS, start) if start < steps1 else None
 
