@@ -107,7 +107,7 @@ def test_every_demo_defect_is_rejected_with_its_reason(tiny_run):
 
 def test_every_rule_left_a_log_and_a_benchmark(tiny_run):
     for rule in ("make_demo", "ingest", "preprocess", "split", "fuse", "encode_audio", "train_projector", "eval_projector",
-                 "report"):
+                 "clap_embeddings", "train_clap", "eval_retrieval", "layer_embeddings", "train_probe", "report"):
         assert (tiny_run / "results/logs" / f"{rule}.log").is_file()
         assert (tiny_run / "results/benchmarks" / f"{rule}.tsv").is_file()
 
@@ -218,6 +218,56 @@ def test_changing_tau_or_the_alpha_grid_reruns_only_fusion(tiny_run):
                 "config/tau.yaml"], tiny_run)
     out = proc.stdout + proc.stderr
     assert job_counts(out) == {"fuse": 1, "report": 1, "all": 1}, out[-2000:]
+
+
+RETRIEVAL_KEYS = [f"{prefix}{d}_{m}" for prefix in ("", "zeroshot_") for d in ("a2t", "t2a")
+                  for m in ("r1", "r5", "r10", "map10", "mean_rank", "median_rank")] + ["chance_r1", "n_candidates"]
+PROBE_KEYS = ("accuracy", "auc", "brier", "ece_uncalibrated", "ece_calibrated", "calibration_method")
+
+
+def test_clap_and_probe_outputs_follow_the_contracts(tiny_run):
+    from mmasr.probe import ProbeModel
+
+    metrics = read_json(tiny_run / "results/metrics/retrieval.json")
+    assert set(RETRIEVAL_KEYS) <= set(metrics)
+    manifest = pd.read_parquet(tiny_run / "data/processed/manifest.parquet")
+    test = manifest[manifest["split"] == "test"]
+    from mmasr.config import validate
+    from mmasr.text import normaliser
+
+    assert metrics["n_candidates"] == test["text"].map(normaliser(validate({})["text"])).nunique()
+    assert metrics["n_candidate_audios"] == len(test)
+    assert metrics["chance_r1"] == pytest.approx(1 / metrics["n_candidates"])
+    curve = pd.read_csv(tiny_run / "results/clap/recall_at_k.csv")
+    assert list(curve.columns) == ["direction", "model", "k", "recall"]
+    assert set(curve["direction"]) == {"a2t", "t2a"} and set(curve["model"]) == {"zeroshot", "trained"}
+    assert curve["k"].max() == 5 and curve["recall"].between(0, 1).all()
+    trained_a2t = curve[(curve["direction"] == "a2t") & (curve["model"] == "trained")].set_index("k")["recall"]
+    assert trained_a2t[1] == pytest.approx(metrics["a2t_r1"], abs=1e-6)
+    assert trained_a2t[5] == pytest.approx(metrics["a2t_r5"], abs=1e-6)
+    log = pd.read_csv(tiny_run / "results/clap/train_log.csv")
+    assert list(log.columns[:5]) == ["step", "lr", "train_loss", "logit_scale", "dev_loss"] and len(log) > 0
+    for name in ("model.safetensors", "init.safetensors", "config.json"):
+        assert (tiny_run / "results/checkpoints/clap" / name).is_file()
+    assert any((tiny_run / "results/checkpoints/clap/state/phase1").glob("step-*"))
+
+    probe = read_json(tiny_run / "results/metrics/probe.json")
+    assert set(PROBE_KEYS) <= set(probe) and 0 <= probe["auc"] <= 1
+    reliability = pd.read_csv(tiny_run / "results/probe/reliability.csv")
+    assert list(reliability.columns) == ["calibration", "bin", "mean_predicted", "fraction_positive", "count"]
+    assert set(reliability["calibration"]) <= {"uncalibrated", "calibrated"}
+    for _, part in reliability.groupby("calibration"):
+        assert part["count"].sum() == probe["n_eval_utts"]
+    model = ProbeModel(read_json(tiny_run / "results/checkpoints/probe/probe.json"))
+    assert model.spec["calibration_method"] == probe["calibration_method"]
+
+
+def test_changing_evaluation_params_reruns_only_evaluation(tiny_run):
+    (tiny_run / "config" / "eval.yaml").write_text("clap:\n  plot_max_k: 3\nprobe:\n  n_bins: 5\n")
+    proc = run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--configfile", "config/tiny.yaml",
+                "config/eval.yaml"], tiny_run)
+    out = proc.stdout + proc.stderr
+    assert job_counts(out) == {"eval_retrieval": 1, "train_probe": 1, "all": 1}, out[-2000:]
 
 
 def test_small_config_shows_the_effect_the_picture_fixes_impaired_speech(tmp_path):
