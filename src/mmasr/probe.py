@@ -141,6 +141,23 @@ def make_classifier(cfg: dict, seed: int):
     raise ValueError(f"probe.classifier must be logreg or hgb, got {cfg['classifier']!r}")
 
 
+def select_c(X: np.ndarray, y: np.ndarray, folds: list, cfg: dict, seed: int) -> float:
+    """The logistic-regression C of ``probe.C_grid`` with the lowest out-of-fold log-loss over the
+    speaker-grouped folds of the training speakers (the held-out speakers are never looked at);
+    ties go to the stronger regularisation (smaller C)."""
+    from sklearn.metrics import log_loss
+    from sklearn.model_selection import cross_val_predict
+
+    losses = {}
+    for c in sorted(cfg["C_grid"]):
+        p = cross_val_predict(make_classifier({**cfg, "C": c}, seed), X, y, cv=folds, method="predict_proba")[:, 1]
+        losses[c] = log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])
+    best = min(losses, key=lambda c: (round(losses[c], 12), c))
+    log.info("probe: C=%g chosen by speaker-grouped cross-validation log-loss (%s)", best,
+             ", ".join(f"{c:g}: {v:.4f}" for c, v in losses.items()))
+    return float(best)
+
+
 _NODE_FIELDS = ("feature_idx", "num_threshold", "missing_go_to_left", "left", "right", "is_leaf", "value")
 
 
@@ -272,9 +289,11 @@ def train_probe(embeddings: dict[str, np.ndarray], manifest: pd.DataFrame, cfg: 
     for name, labels in (("training", y), ("evaluation", yt)):
         if len(np.unique(labels)) < 2:
             raise ValueError(f"the {name} utterances of the probe hold only one class of {cfg['label']!r}")
+    folds = speaker_folds(y, spk, cfg["folds"], seed)
+    if cfg["classifier"] == "logreg" and cfg["C_grid"] and folds:
+        cfg = {**cfg, "C": select_c(X, y, folds, cfg, seed)}
     base = make_classifier(cfg, seed)
     uncalibrated = clone(base).fit(X, y)
-    folds = speaker_folds(y, spk, cfg["folds"], seed)
     method, fallback = choose_calibration(cfg["calibration"], y, folds, cfg["isotonic_min_class"])
     if fallback:
         log.warning("probe calibration: %s", fallback)
@@ -294,7 +313,7 @@ def train_probe(embeddings: dict[str, np.ndarray], manifest: pd.DataFrame, cfg: 
                "label": cfg["label"], "positive": str(cfg["positive"]), "classes": classes,
                "n_train_utts": int(len(y)), "n_train_speakers": int(len(set(spk))), "n_eval_utts": int(len(yt)),
                "n_eval_speakers": int(len(set(spk_t))), "eval_positive_fraction": float(yt.mean()),
-               "n_features": int(X.shape[1])}
+               "n_features": int(X.shape[1]), "C": cfg["C"] if cfg["classifier"] == "logreg" else None}
     tables = [reliability_table(yt, p, cfg["n_bins"]).assign(calibration=name)
               for name, p in (("uncalibrated", p_uncal), ("calibrated", p_cal))]
     reliability = pd.concat(tables, ignore_index=True)[RELIABILITY_COLUMNS]
