@@ -84,7 +84,8 @@ def test_each_defect_is_rejected_with_its_reason(tmp_path, preprocess_cfg, kind)
 
 def test_overlong_input_is_rejected_from_the_header_without_decoding(tmp_path, preprocess_cfg, monkeypatch):
     path = write_wav(tmp_path / "long.wav", tone(3.0))
-    monkeypatch.setattr(sf, "read", lambda *a, **k: pytest.fail("decoded a file that the header rules out"))
+    for method in ("read", "blocks"):
+        monkeypatch.setattr(sf.SoundFile, method, lambda *a, **k: pytest.fail("decoded a file that the header rules out"))
     with pytest.raises(Rejected, match="max_input_duration_s") as err:
         load_and_clean(path, {**preprocess_cfg, "max_input_duration_s": 2.0})
     assert err.value.reason == "too_long"
