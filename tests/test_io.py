@@ -194,3 +194,15 @@ def test_outputs_get_ordinary_permissions(tmp_path):
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o666 & ~mask
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~mask
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1}
+
+
+def test_many_writes_into_one_folder_list_it_once(tmp_path, monkeypatch):
+    (tmp_path / ".u3.wav.abcdefgh.tmp.wav").write_bytes(b"stale")
+    calls = []
+    real = mio.os.scandir
+    monkeypatch.setattr(mio.os, "scandir", lambda p: calls.append(p) or real(p))
+    for i in range(50):
+        with mio.atomic_path(tmp_path / f"u{i}.wav", suffix=".tmp.wav") as tmp:
+            tmp.write_bytes(b"x")
+    assert len(calls) == 1  # not once per file: O(n log n) for a folder of n outputs
+    assert len(listing(tmp_path)) == 50 and not (tmp_path / ".u3.wav.abcdefgh.tmp.wav").exists()

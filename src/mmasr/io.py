@@ -6,6 +6,7 @@ killed job or a full disk never leaves a valid-looking output behind (rename is 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
@@ -35,13 +36,33 @@ def _umask() -> int:
 _UMASK = _umask()  # read once: os.umask can only be read by setting it
 
 
+_HIDDEN: dict[tuple[str, int], list[str]] = {}  # (folder, inode) -> its dot-names when this process first wrote there
+
+
 def _stale_temporaries(folder: Path, name: str, suffixes: tuple[str, ...]) -> list[Path]:
-    """Temporaries an earlier, killed writer of ``folder/name`` left behind (``.NAME.XXXXXXXX<suffix>``)."""
-    pattern = re.compile(re.escape(f".{name}.") + _TMP_TOKEN + "(" + "|".join(map(re.escape, suffixes)) + ")$")
+    """Temporaries an earlier, killed writer of ``folder/name`` left behind (``.NAME.XXXXXXXX<suffix>``).
+
+    The folder is listed once per process (a sorted index of its dot-names), not once per write, so
+    writing n files into one folder stays O(n log n). Only temporaries of the same final name are
+    returned: another job writing a different file into the same folder is never disturbed.
+    """
     try:
-        return [p for p in folder.iterdir() if pattern.match(p.name)]
+        key = (os.path.abspath(folder), folder.stat().st_ino)
+        names = _HIDDEN.get(key)
+        if names is None:
+            with os.scandir(folder) as entries:
+                names = _HIDDEN[key] = sorted(e.name for e in entries if e.name.startswith("."))
     except OSError:
         return []
+    pattern = re.compile(re.escape(f".{name}.") + _TMP_TOKEN + "(" + "|".join(map(re.escape, suffixes)) + ")$")
+    prefix = f".{name}."
+    found = []
+    for i in range(bisect.bisect_left(names, prefix), len(names)):
+        if not names[i].startswith(prefix):
+            break
+        if pattern.match(names[i]):
+            found.append(folder / names[i])
+    return found
 
 
 def _remove(path: Path) -> None:
