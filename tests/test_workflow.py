@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import subprocess
+import re
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import soundfile as sf
 
 from mmasr.io import read_json
-from tests.conftest import REPO
+from tests.conftest import file_digest, job_counts, project_copy, run, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -22,54 +18,6 @@ CONTRACT_COLUMNS = ["utt_id", "speaker", "group", "audio_path", "duration_s", "t
 DEFECT_REASONS = {"empty_file": "empty_audio", "corrupt_header": "unreadable_audio", "silent": "silent_audio",
                   "nonfinite": "nonfinite_audio", "too_short": "too_short", "empty_transcript": "empty_transcript",
                   "missing_image": "missing_image", "duplicate_id": "duplicate_id"}
-
-
-def project_copy(dest: Path) -> Path:
-    """The files a user's clone has that the workflow needs."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "params.yaml", "dvc.yaml", ".dvcignore"):
-        shutil.copy(REPO / name, dest / name)
-    for name in ("workflow", "src"):
-        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "tests" / "config", dest / "config")
-    return dest
-
-
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        logs = "".join(f"\n--- {p}\n{p.read_text()[-3000:]}" for p in sorted((cwd / "results" / "logs").glob("*.log")))
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}{logs}")
-    return proc
-
-
-def snakemake(cwd: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/tiny.yaml", *extra], cwd, check)
-
-
-def job_counts(snakemake_output: str) -> dict[str, int]:
-    """The "Job stats" table of a (dry) run: rule -> number of jobs."""
-    lines = snakemake_output[snakemake_output.index("Job stats"):].splitlines()[3:]
-    table = {}
-    for line in lines:
-        parts = line.split()
-        if len(parts) != 2 or parts[0] == "total":
-            break
-        table[parts[0]] = int(parts[1])
-    return table
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    work = project_copy(tmp_path_factory.mktemp("tiny"))
-    proc = snakemake(work)
-    assert "pipeline finished" in proc.stdout + proc.stderr
-    return work
 
 
 def test_manifest_contract_and_audio(tiny_run):
@@ -128,14 +76,43 @@ def test_second_run_has_nothing_to_do(tiny_run):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
+# Metrics that measure time (or are derived from it) differ between identical runs; no other metric may.
+TIMING_KEY = re.compile(r"(seconds|secs|_wall_s|_time_s|elapsed|timestamp|speedup|per_second|_per_s|throughput)$"
+                        r"|^(time|date|host)")
+
+
+def without_timing(metrics):
+    """A metrics JSON object without its timing fields (at any depth)."""
+    if isinstance(metrics, dict):
+        return {k: without_timing(v) for k, v in metrics.items() if not TIMING_KEY.search(k)}
+    return metrics
+
+
 def test_same_seed_same_bytes_other_seed_other_corpus(tiny_run, tmp_path):
     again = project_copy(tmp_path / "again")
     snakemake(again)
     for rel in ("data/processed/manifest.parquet", "data/processed/rejects.parquet", "results/metrics/preprocess.json"):
         assert file_digest(tiny_run / rel) == file_digest(again / rel), rel
+    # Every metrics file, whichever stages write one: equal but for timing fields.
+    names = sorted(p.name for p in (tiny_run / "results/metrics").glob("*.json"))
+    assert names == sorted(p.name for p in (again / "results/metrics").glob("*.json"))
+    assert {"preprocess.json", "split.json", "fusion.json", "pretrain_whisper.json"} <= set(names)
+    for name in names:
+        first, second = (without_timing(read_json(d / "results/metrics" / name)) for d in (tiny_run, again))
+        diff = {k: (first.get(k), second.get(k)) for k in sorted(first.keys() | second.keys()) if first.get(k) != second.get(k)}
+        assert not diff, f"results/metrics/{name} differs between two runs with the same seed: {diff}"
     other = project_copy(tmp_path / "other")
     snakemake(other, "--config", "seed=14", "--until", "make_demo")
     assert file_digest(tiny_run / "data/raw/demo/manifest.csv") != file_digest(other / "data/raw/demo/manifest.csv")
+
+
+def test_only_timing_fields_are_left_out_of_the_comparison(tiny_run):
+    pretrain = read_json(tiny_run / "results/metrics/pretrain_whisper.json")
+    dropped = set(pretrain) - set(without_timing(pretrain))
+    assert "whisper_train_seconds" in dropped and "whisper_final_loss" not in dropped and len(dropped) < len(pretrain) / 3
+    for name in ("fusion.json", "preprocess.json", "split.json"):
+        metrics = read_json(tiny_run / "results/metrics" / name)
+        assert without_timing(metrics) == metrics, name  # nothing there is a timing
 
 
 def test_misspelt_key_fails_before_any_job(tmp_path):
