@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster on this machine, for tests/test_slurm.py and CI (Debian's slurm-wlm and munge).
 #
-#   tests/cluster/slurm_up.sh            # as root: install if missing, configure, start, wait for the node
-#   tests/cluster/slurm_up.sh --check    # only say whether a cluster answers (exit 0) or not (exit 3)
-#   tests/cluster/slurm_up.sh --down     # stop the daemons this script started
+#   tests/cluster/slurm_up.sh               # as root: install if missing, configure, start, wait for the node
+#   tests/cluster/slurm_up.sh --no-install  # the same, but never install packages (what the test runs)
+#   tests/cluster/slurm_up.sh --check       # only say whether a cluster answers (exit 0) or not (exit 3)
+#   tests/cluster/slurm_up.sh --down        # stop the SLURM daemons this script started
 #
 # Idempotent: installs only what is missing, rewrites its configuration only when it changed, starts
 # only the daemons that are not running, and waits until the node accepts jobs. The machine's own
 # hostname is controller and compute node (CPUs = nproc, RealMemory = the machine's less 1 GiB), in one
-# partition `main`, with one GPU slot (a gres without a device, unless SLURM_UP_GPUS=0): jobs that ask
+# partition `main`, with one GPU slot unless SLURM_UP_GPUS=0 (a gres backed by /dev/null): jobs that ask
 # for a GPU (`--gpus=1`) are scheduled one at a time and get CUDA_VISIBLE_DEVICES from SLURM, as on a
-# real cluster; with no CUDA device behind it, `models.device: auto` runs them on the CPU. There is
-# no accounting database, so `sacct` cannot report job states: Snakemake needs
-# `--slurm-status-command squeue --slurm-no-account`.
+# real cluster; with no CUDA device behind it, `models.device: auto` runs them on the CPU. There is no
+# accounting database, so `sacct` cannot report job states: Snakemake's SLURM executor needs
+# `--slurm-status-command squeue --slurm-no-account`; finished jobs stay visible to `squeue -t all`
+# for an hour (MinJobAge).
 #
 # It never touches a slurm.conf it did not write (a real cluster's): when one is there and `sinfo`
-# answers, it reports that cluster and exits 0. Exit status 3 means SLURM cannot be set up here (not
-# root, no apt-get, install failed, the node did not come up); the reason is on stderr, and the
-# integration test skips with it.
+# answers, it says so and exits 0. Exit status 3 means SLURM cannot be set up here (not root, not
+# installed and --no-install or no apt-get, install failed, the node did not come up); the reason is
+# on stderr, and the integration test skips with it.
 set -euo pipefail
 
 conf_dir=/etc/slurm
@@ -27,6 +29,7 @@ state=/var/spool/slurmctld
 spool=/var/spool/slurmd
 logs=/var/log/slurm
 gpus=${SLURM_UP_GPUS:-1}
+install=1
 
 say() { echo "slurm_up: $*" >&2; }
 give_up() { say "$*"; exit 3; }
@@ -45,8 +48,9 @@ case "${1:-}" in
             [ -n "$pid" ] && kill "$pid" 2>/dev/null && say "stopped $daemon ($pid)"
         done
         exit 0 ;;
+    --no-install) install=0 ;;
     "") ;;
-    *) echo "usage: $0 [--check|--down]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--no-install|--check|--down]" >&2; exit 2 ;;
 esac
 
 if [ -f "$conf" ] && ! grep -qF "$marker" "$conf"; then
@@ -57,6 +61,7 @@ fi
 # 1. Packages
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null \
         || ! command -v sbatch >/dev/null; then
+    [ "$install" = 1 ] || give_up "SLURM is not installed (tests/cluster/slurm_up.sh installs it as root; .ci/run does)"
     [ "$(id -u)" = 0 ] || give_up "SLURM is not installed and installing it needs root"
     command -v apt-get >/dev/null || give_up "SLURM is not installed and there is no apt-get to install it"
     say "installing slurm-wlm and munge (apt-get)"
@@ -64,7 +69,8 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
     { apt-get update -q && apt-get install -y -q --no-install-recommends slurm-wlm munge; } >/tmp/slurm_up_apt.log 2>&1 \
         || give_up "apt-get install slurm-wlm munge failed (log: /tmp/slurm_up_apt.log): $(tail -n 3 /tmp/slurm_up_apt.log)"
 fi
-[ "$(id -u)" = 0 ] || { answers && exit 0; give_up "starting the SLURM daemons needs root"; }
+if [ "$(id -u)" != 0 ]; then answers && { sinfo; exit 0; }; give_up "SLURM is installed but not running, and starting it needs root"; fi
+case "$gpus" in 0|1) ;; *) give_up "SLURM_UP_GPUS must be 0 or 1 (one /dev/null-backed GPU slot), not $gpus" ;; esac
 
 # 2. Configuration (rewritten only when it changed)
 host=$(hostname -s)
@@ -76,7 +82,7 @@ mkdir -p "$conf_dir" "$state" "$spool" "$logs"
 new_conf=$(cat <<EOF
 $marker
 ClusterName=mmasr
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
@@ -94,17 +100,17 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MpiDefault=none
 ReturnToService=2
-MinJobAge=300
+MinJobAge=3600
 SchedulerType=sched/backfill
 $gres_types
-NodeName=$host CPUs=$cpus RealMemory=$mem_mb$gres_node State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb$gres_node State=UNKNOWN
 PartitionName=main Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
 )
 new_gres="$marker"
 if [ "$gpus" -gt 0 ]; then
     new_gres+=$'\n'"AutoDetect=off"
-    for i in $(seq 0 $((gpus - 1))); do new_gres+=$'\n'"NodeName=$host Name=gpu File=/dev/null"; done
+    new_gres+=$'\n'"NodeName=$host Name=gpu File=/dev/null"
 fi
 changed=0
 if [ "$(cat "$conf" 2>/dev/null || true)" != "$new_conf" ]; then echo "$new_conf" > "$conf"; changed=1; fi
