@@ -8,7 +8,7 @@
 #
 # Idempotent: installs only what is missing, rewrites its configuration only when it changed, starts
 # only the daemons that are not running, and waits until the node accepts jobs. The machine's own
-# hostname is controller and compute node (CPUs = nproc, RealMemory = the machine's less 1 GiB), in one
+# hostname is controller and compute node (all CPUs, RealMemory = the machine's less 1 GiB), in one
 # partition `main`, with one GPU slot unless SLURM_UP_GPUS=0 (a gres backed by /dev/null): jobs that ask
 # for a GPU (`--gpus=1`) are scheduled one at a time and get CUDA_VISIBLE_DEVICES from SLURM, as on a
 # real cluster; with no CUDA device behind it, `models.device: auto` runs them on the CPU. There is no
@@ -74,7 +74,10 @@ case "$gpus" in 0|1) ;; *) give_up "SLURM_UP_GPUS must be 0 or 1 (one /dev/null-
 
 # 2. Configuration (rewritten only when it changed)
 host=$(hostname -s)
-cpus=$(nproc)
+# The node's topology as slurmd detects it (CPUs, sockets, cores, threads): a bare CPUs=N that disagrees
+# with the hardware's sockets and cores can leave the node with fewer usable CPUs after a restart.
+topology=$(slurmd -C | head -n1 | tr ' ' '\n' | grep -E '^(CPUs|Boards|SocketsPerBoard|CoresPerSocket|ThreadsPerCore)=' | tr '\n' ' ')
+[ -n "$topology" ] || topology="CPUs=$(nproc) "
 mem_mb=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
 gres_node="" gres_types=""
 if [ "$gpus" -gt 0 ]; then gres_node=" Gres=gpu:$gpus" gres_types="GresTypes=gpu"; fi
@@ -103,7 +106,7 @@ ReturnToService=2
 MinJobAge=3600
 SchedulerType=sched/backfill
 $gres_types
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb$gres_node State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 ${topology}RealMemory=$mem_mb$gres_node State=UNKNOWN
 PartitionName=main Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
 )
