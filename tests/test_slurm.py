@@ -197,7 +197,8 @@ def run_slurm(work: Path, cluster: dict, cores: int) -> Run:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Runs:
-    """The local and the SLURM run, side by side (the SLURM run spends most of its time waiting on the queue)."""
+    """The local and the SLURM run, side by side (the SLURM run spends much of its time waiting: job
+    start-up, status checks, the one GPU slot)."""
     root = tmp_path_factory.mktemp("cluster")
     cluster = start_cluster()
     cores = min(LOCAL_CORES, cluster["cpus"]) if isinstance(cluster, dict) else LOCAL_CORES
