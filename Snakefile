@@ -25,6 +25,8 @@ include: "workflow/rules/nbest.smk"
 include: "workflow/rules/fusion.smk"
 include: "workflow/rules/projector.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/clap.smk"
+include: "workflow/rules/probe.smk"
 
 
 rule all:

@@ -1,7 +1,13 @@
-"""Shared fixtures: small audio and picture files written on the fly (tests never download)."""
+"""Shared fixtures: small audio and picture files written on the fly (tests never download), and
+helpers that run the workflow in a scratch copy of the project."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +81,63 @@ def processed_corpus(root: Path, n: int = 6) -> pd.DataFrame:
                      "image_id": f"img{i % 2}" if i < n - 1 else None, "split": "dev" if i < n // 2 else "test",
                      "source": "test"})
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- the workflow in a scratch copy
+
+def project_copy(dest: Path) -> Path:
+    """The files a user's clone has that the workflow needs."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("Snakefile", "params.yaml", "dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, dest / name)
+    for name in ("workflow", "src"):
+        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "tests" / "config", dest / "config")
+    return dest
+
+
+def tool_env() -> dict[str, str]:
+    """The environment for workflow runs: this interpreter's scripts (snakemake, mmasr) first on PATH."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def rule_logs(cwd: Path) -> str:
+    return "".join(f"\n--- {p}\n{p.read_text()[-3000:]}" for p in sorted((cwd / "results" / "logs").rglob("*.log")))
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+                             f"{rule_logs(cwd)}")
+    return proc
+
+
+def snakemake(cwd: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/tiny.yaml", *extra], cwd, check)
+
+
+def job_counts(snakemake_output: str) -> dict[str, int]:
+    """The "Job stats" table of a (dry) run: rule -> number of jobs."""
+    lines = snakemake_output[snakemake_output.index("Job stats"):].splitlines()[3:]
+    table = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        table[parts[0]] = int(parts[1])
+    return table
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The whole workflow on the tiny config, once per test session. Tests read it (or copy it before
+    changing anything)."""
+    work = project_copy(tmp_path_factory.mktemp("tiny"))
+    proc = snakemake(work)
+    assert "pipeline finished" in proc.stdout + proc.stderr
+    return work

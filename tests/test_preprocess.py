@@ -84,7 +84,8 @@ def test_each_defect_is_rejected_with_its_reason(tmp_path, preprocess_cfg, kind)
 
 def test_overlong_input_is_rejected_from_the_header_without_decoding(tmp_path, preprocess_cfg, monkeypatch):
     path = write_wav(tmp_path / "long.wav", tone(3.0))
-    monkeypatch.setattr(sf, "read", lambda *a, **k: pytest.fail("decoded a file that the header rules out"))
+    for method in ("read", "blocks"):
+        monkeypatch.setattr(sf.SoundFile, method, lambda *a, **k: pytest.fail("decoded a file that the header rules out"))
     with pytest.raises(Rejected, match="max_input_duration_s") as err:
         load_and_clean(path, {**preprocess_cfg, "max_input_duration_s": 2.0})
     assert err.value.reason == "too_long"
@@ -177,3 +178,56 @@ def test_empty_input_gives_empty_tables(tmp_path, preprocess_cfg):
     utts, images, rejects, metrics = preprocess(_frame([]), rejects_frame([]), tmp_path / "a", tmp_path / "i",
                                                 preprocess_cfg, progress=False)
     assert utts.empty and images.empty and rejects.empty and metrics["n_input"] == 0
+
+
+def _wav_bytes(tmp_path, seconds=1.0):
+    return write_wav(tmp_path / "src.wav", tone(seconds)).read_bytes()
+
+
+def test_truncation_is_read_from_the_wav_header(tmp_path, preprocess_cfg):
+    from mmasr.preprocess import wav_data_shortfall
+
+    full = _wav_bytes(tmp_path)
+    data_at = full.index(b"data")
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(full[:-1000])
+    assert wav_data_shortfall(cut) == (len(full) - data_at - 8, len(full) - data_at - 8 - 1000)
+    with pytest.raises(Rejected, match="promises") as err:
+        load_and_clean(cut, preprocess_cfg)
+    assert err.value.reason == "truncated_audio"
+    # Not truncated: a chunk after the samples, or the "length unknown" size a streaming recorder leaves.
+    trailing = tmp_path / "trailing.wav"
+    trailing.write_bytes(full + b"LIST\x04\x00\x00\x00INFO")
+    streamed = tmp_path / "streamed.wav"
+    streamed.write_bytes(full[: data_at + 4] + b"\xff\xff\xff\xff" + full[data_at + 8:])
+    for path in (trailing, streamed, tmp_path / "src.wav"):
+        assert wav_data_shortfall(path) is None, path.name
+        assert load_and_clean(path, preprocess_cfg).audio.size > 0, path.name
+    flac = tmp_path / "x.flac"
+    sf.write(str(flac), tone(), 16000)
+    assert wav_data_shortfall(flac) is None
+
+
+def test_many_channels_are_mixed_down_block_by_block(tmp_path, preprocess_cfg, monkeypatch):
+    import mmasr.preprocess as pp
+
+    x = tone(1.0, 48000, channels=6)
+    path = write_wav(tmp_path / "6ch.wav", x, sr=48000)
+    monkeypatch.setattr(pp, "READ_BLOCK_S", 0.1)  # many blocks
+    blocked = load_and_clean(path, preprocess_cfg).audio
+    c = preprocess_cfg
+    whole = resample(to_mono(sf.read(str(path), dtype="float32")[0]), 48000, c["sample_rate"])  # decoded at once
+    expected = peak_normalise(trim_silence(whole, c["sample_rate"], c["trim_db"], c["trim_frame_ms"], c["trim_pad_ms"]),
+                              c["peak"])
+    np.testing.assert_array_equal(blocked, expected)
+
+
+def test_high_bit_depth_grey_pictures_keep_their_tones():
+    from mmasr.preprocess import to_8bit
+
+    ramp16 = Image.fromarray(np.array([[0, 257 * 128, 65535]], dtype=np.uint16))
+    assert np.asarray(to_8bit(ramp16)).tolist() == [[0, 128, 255]]
+    ramp_f = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
+    assert np.asarray(to_8bit(ramp_f)).tolist() == [[0, 128, 255]]
+    rgb = Image.new("RGB", (2, 2))
+    assert to_8bit(rgb) is rgb

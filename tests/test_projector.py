@@ -141,6 +141,8 @@ def test_loss_covers_transcript_and_eos_only(speech_setup):
     loss, n = model.loss_sum(frames, lengths, targets)
     assert n == (3 + 1) + (1 + 1)  # transcript tokens + eos per row
     embeds, mask, labels = model.inputs(frames, lengths, targets)
+    full_logits = model.lm(inputs_embeds=embeds, attention_mask=mask).logits  # every position, as HF computes it
+    torch.testing.assert_close(loss, token_loss_sum(full_logits, labels))  # logits only where a label is predicted
     n_audio, n_prompt = [9 // 2, 5 // 2], len(model.prompt_ids)
     for row in range(2):  # audio and prompt positions carry no label
         assert (labels[row, : n_audio[row] + n_prompt] == IGNORE).all()

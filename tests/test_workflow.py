@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import subprocess
+import re
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import soundfile as sf
 
 from mmasr.io import read_json
-from tests.conftest import REPO
+from tests.conftest import file_digest, job_counts, project_copy, run, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -22,54 +18,6 @@ CONTRACT_COLUMNS = ["utt_id", "speaker", "group", "audio_path", "duration_s", "t
 DEFECT_REASONS = {"empty_file": "empty_audio", "corrupt_header": "unreadable_audio", "silent": "silent_audio",
                   "nonfinite": "nonfinite_audio", "too_short": "too_short", "empty_transcript": "empty_transcript",
                   "missing_image": "missing_image", "duplicate_id": "duplicate_id"}
-
-
-def project_copy(dest: Path) -> Path:
-    """The files a user's clone has that the workflow needs."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "params.yaml", "dvc.yaml", ".dvcignore"):
-        shutil.copy(REPO / name, dest / name)
-    for name in ("workflow", "src"):
-        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "tests" / "config", dest / "config")
-    return dest
-
-
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        logs = "".join(f"\n--- {p}\n{p.read_text()[-3000:]}" for p in sorted((cwd / "results" / "logs").glob("*.log")))
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}{logs}")
-    return proc
-
-
-def snakemake(cwd: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/tiny.yaml", *extra], cwd, check)
-
-
-def job_counts(snakemake_output: str) -> dict[str, int]:
-    """The "Job stats" table of a (dry) run: rule -> number of jobs."""
-    lines = snakemake_output[snakemake_output.index("Job stats"):].splitlines()[3:]
-    table = {}
-    for line in lines:
-        parts = line.split()
-        if len(parts) != 2 or parts[0] == "total":
-            break
-        table[parts[0]] = int(parts[1])
-    return table
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    work = project_copy(tmp_path_factory.mktemp("tiny"))
-    proc = snakemake(work)
-    assert "pipeline finished" in proc.stdout + proc.stderr
-    return work
 
 
 def test_manifest_contract_and_audio(tiny_run):
@@ -107,7 +55,7 @@ def test_every_demo_defect_is_rejected_with_its_reason(tiny_run):
 
 def test_every_rule_left_a_log_and_a_benchmark(tiny_run):
     for rule in ("make_demo", "ingest", "preprocess", "split", "fuse", "encode_audio", "train_projector", "eval_projector",
-                 "report"):
+                 "clap_embeddings", "train_clap", "eval_retrieval", "layer_embeddings", "train_probe", "report"):
         assert (tiny_run / "results/logs" / f"{rule}.log").is_file()
         assert (tiny_run / "results/benchmarks" / f"{rule}.tsv").is_file()
 
@@ -128,14 +76,43 @@ def test_second_run_has_nothing_to_do(tiny_run):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
+# Metrics that measure time (or are derived from it) differ between identical runs; no other metric may.
+TIMING_KEY = re.compile(r"(seconds|secs|_wall_s|_time_s|elapsed|timestamp|speedup|per_second|_per_s|throughput)$"
+                        r"|^(time|date|host)")
+
+
+def without_timing(metrics):
+    """A metrics JSON object without its timing fields (at any depth)."""
+    if isinstance(metrics, dict):
+        return {k: without_timing(v) for k, v in metrics.items() if not TIMING_KEY.search(k)}
+    return metrics
+
+
 def test_same_seed_same_bytes_other_seed_other_corpus(tiny_run, tmp_path):
     again = project_copy(tmp_path / "again")
     snakemake(again)
     for rel in ("data/processed/manifest.parquet", "data/processed/rejects.parquet", "results/metrics/preprocess.json"):
         assert file_digest(tiny_run / rel) == file_digest(again / rel), rel
+    # Every metrics file, whichever stages write one: equal but for timing fields.
+    names = sorted(p.name for p in (tiny_run / "results/metrics").glob("*.json"))
+    assert names == sorted(p.name for p in (again / "results/metrics").glob("*.json"))
+    assert {"preprocess.json", "split.json", "fusion.json", "pretrain_whisper.json"} <= set(names)
+    for name in names:
+        first, second = (without_timing(read_json(d / "results/metrics" / name)) for d in (tiny_run, again))
+        diff = {k: (first.get(k), second.get(k)) for k in sorted(first.keys() | second.keys()) if first.get(k) != second.get(k)}
+        assert not diff, f"results/metrics/{name} differs between two runs with the same seed: {diff}"
     other = project_copy(tmp_path / "other")
     snakemake(other, "--config", "seed=14", "--until", "make_demo")
     assert file_digest(tiny_run / "data/raw/demo/manifest.csv") != file_digest(other / "data/raw/demo/manifest.csv")
+
+
+def test_only_timing_fields_are_left_out_of_the_comparison(tiny_run):
+    pretrain = read_json(tiny_run / "results/metrics/pretrain_whisper.json")
+    dropped = set(pretrain) - set(without_timing(pretrain))
+    assert "whisper_train_seconds" in dropped and "whisper_final_loss" not in dropped and len(dropped) < len(pretrain) / 3
+    for name in ("fusion.json", "preprocess.json", "split.json"):
+        metrics = read_json(tiny_run / "results/metrics" / name)
+        assert without_timing(metrics) == metrics, name  # nothing there is a timing
 
 
 def test_misspelt_key_fails_before_any_job(tmp_path):
@@ -203,6 +180,56 @@ def test_changing_tau_or_the_alpha_grid_reruns_only_fusion(tiny_run):
                 "config/tau.yaml"], tiny_run)
     out = proc.stdout + proc.stderr
     assert job_counts(out) == {"fuse": 1, "report": 1, "all": 1}, out[-2000:]
+
+
+RETRIEVAL_KEYS = [f"{prefix}{d}_{m}" for prefix in ("", "zeroshot_") for d in ("a2t", "t2a")
+                  for m in ("r1", "r5", "r10", "map10", "mean_rank", "median_rank")] + ["chance_r1", "n_candidates"]
+PROBE_KEYS = ("accuracy", "auc", "brier", "ece_uncalibrated", "ece_calibrated", "calibration_method")
+
+
+def test_clap_and_probe_outputs_follow_the_contracts(tiny_run):
+    from mmasr.probe import ProbeModel
+
+    metrics = read_json(tiny_run / "results/metrics/retrieval.json")
+    assert set(RETRIEVAL_KEYS) <= set(metrics)
+    manifest = pd.read_parquet(tiny_run / "data/processed/manifest.parquet")
+    test = manifest[manifest["split"] == "test"]
+    from mmasr.config import validate
+    from mmasr.text import normaliser
+
+    assert metrics["n_candidates"] == test["text"].map(normaliser(validate({})["text"])).nunique()
+    assert metrics["n_candidate_audios"] == len(test)
+    assert metrics["chance_r1"] == pytest.approx(1 / metrics["n_candidates"])
+    curve = pd.read_csv(tiny_run / "results/clap/recall_at_k.csv")
+    assert list(curve.columns) == ["direction", "model", "k", "recall"]
+    assert set(curve["direction"]) == {"a2t", "t2a"} and set(curve["model"]) == {"zeroshot", "trained"}
+    assert curve["k"].max() == 5 and curve["recall"].between(0, 1).all()
+    trained_a2t = curve[(curve["direction"] == "a2t") & (curve["model"] == "trained")].set_index("k")["recall"]
+    assert trained_a2t[1] == pytest.approx(metrics["a2t_r1"], abs=1e-6)
+    assert trained_a2t[5] == pytest.approx(metrics["a2t_r5"], abs=1e-6)
+    log = pd.read_csv(tiny_run / "results/clap/train_log.csv")
+    assert list(log.columns[:5]) == ["step", "lr", "train_loss", "logit_scale", "dev_loss"] and len(log) > 0
+    for name in ("model.safetensors", "init.safetensors", "config.json"):
+        assert (tiny_run / "results/checkpoints/clap" / name).is_file()
+    assert any((tiny_run / "results/checkpoints/clap/state/phase1").glob("step-*"))
+
+    probe = read_json(tiny_run / "results/metrics/probe.json")
+    assert set(PROBE_KEYS) <= set(probe) and 0 <= probe["auc"] <= 1
+    reliability = pd.read_csv(tiny_run / "results/probe/reliability.csv")
+    assert list(reliability.columns) == ["calibration", "bin", "mean_predicted", "fraction_positive", "count"]
+    assert set(reliability["calibration"]) <= {"uncalibrated", "calibrated"}
+    for _, part in reliability.groupby("calibration"):
+        assert part["count"].sum() == probe["n_eval_utts"]
+    model = ProbeModel(read_json(tiny_run / "results/checkpoints/probe/probe.json"))
+    assert model.spec["calibration_method"] == probe["calibration_method"]
+
+
+def test_changing_evaluation_params_reruns_only_evaluation(tiny_run):
+    (tiny_run / "config" / "eval.yaml").write_text("clap:\n  plot_max_k: 3\nprobe:\n  n_bins: 5\n")
+    proc = run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--configfile", "config/tiny.yaml",
+                "config/eval.yaml"], tiny_run)
+    out = proc.stdout + proc.stderr
+    assert job_counts(out) == {"eval_retrieval": 1, "train_probe": 1, "all": 1}, out[-2000:]
 
 
 def test_small_config_shows_the_effect_the_picture_fixes_impaired_speech(tmp_path):

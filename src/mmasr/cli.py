@@ -332,6 +332,92 @@ def cmd_eval_projector(args) -> None:
 def _num(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
+def _torch_threads(args) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+
+
+def cmd_clap_embeddings(args) -> None:
+    from .clap import build_cache
+
+    p = _params(args)
+    _torch_threads(args)
+    cache = build_cache(pd.read_parquet(args.manifest), _model("audio_encoder", p), _model("text_encoder", p),
+                        p["clap"], p["text"], args.out, progress=not args.quiet)
+    log.info("CLAP cache %s: %d utterances (dim %d), %d distinct texts (dim %d)", args.out, len(cache.utts),
+             cache.audio.shape[1], len(cache.texts), cache.text.shape[1])
+
+
+def cmd_train_clap(args) -> None:
+    from .clap import train_clap
+
+    p = _params(args)
+    _torch_threads(args)
+    summary = train_clap(args.cache, args.out, args.log_csv, args.checkpoint_dir, p["clap"], p["seed"], p["models"],
+                         progress=not args.quiet)
+    log.info("CLAP trained: %s; written to %s", summary, args.out)
+
+
+def cmd_eval_retrieval(args) -> None:
+    from .clap import evaluate_retrieval, load_cache
+
+    p = _params(args)
+    _torch_threads(args)
+    metrics, curve = evaluate_retrieval(load_cache(args.cache), args.checkpoint, p["clap"]["eval_split"], p["models"],
+                                        max_k=p["clap"]["plot_max_k"], progress=not args.quiet)
+    # The evaluation's own params; config.json's fingerprint covers training (config, seed, cache, code).
+    evaluated = {**p, "clap_eval": {k: p["clap"][k] for k in ("eval_split", "plot_max_k")}}
+    metrics.update(provenance(evaluated, ("clap_eval", "seed")))
+    with atomic_path(args.curve) as tmp:
+        curve.to_csv(tmp, index=False, float_format="%.6f")
+    write_json(args.metrics, metrics)
+    for prefix, name in (("", "trained"), ("zeroshot_", "zero-shot")):
+        log.info("%-9s a2t R@1 %.3f R@10 %.3f mAP@10 %.3f | t2a R@1 %.3f R@10 %.3f mAP@10 %.3f", name,
+                 *(metrics[f"{prefix}{d}_{k}"] for d in ("a2t", "t2a") for k in ("r1", "r10", "map10")))
+    log.info("%-9s a2t R@1 %.3f R@10 %.3f | t2a R@1 %.3f R@10 %.3f (%d texts, %d utterances)", "chance",
+             metrics["chance_a2t_r1"], metrics["chance_a2t_r10"], metrics["chance_t2a_r1"], metrics["chance_t2a_r10"],
+             metrics["n_candidate_texts"], metrics["n_candidate_audios"])
+
+
+def cmd_layer_embeddings(args) -> None:
+    from .clap import encoder_meta
+    from .clip import save_embeddings
+    from .layers import embed_audio, encoder_depth, select_layers
+    from .nbest import read_audio
+
+    p = _params(args)
+    _torch_threads(args)
+    manifest = pd.read_parquet(args.manifest).sort_values("utt_id")
+    bundle = _model("audio_encoder", p)
+    layers = select_layers(p["probe"]["layers"], encoder_depth(bundle.model))
+    vectors = embed_audio(bundle, [read_audio(a) for a in manifest["audio_path"]], layers,
+                          p["probe"]["encode_batch_size"], progress=not args.quiet, desc="layer embeddings")
+    save_embeddings(args.out, manifest["utt_id"].tolist(), vectors, encoder_meta(bundle, layers, "audio", "mean"))
+    log.info("layer embeddings of %d utterances (layers %s, dim %d) with %s", len(manifest), layers, vectors.shape[1],
+             bundle.name)
+
+
+def cmd_train_probe(args) -> None:
+    from .clip import load_embeddings
+    from .io import read_json
+    from .probe import train_probe
+
+    p = _params(args)
+    meta = read_json(f"{args.embeddings}.json")
+    metrics, reliability, model = train_probe(load_embeddings(args.embeddings), pd.read_parquet(args.manifest),
+                                              p["probe"], p["seed"], meta={"embeddings": meta})
+    metrics.update({f"probe_{k}": meta[k] for k in ("audio_encoder", "audio_revision", "audio_layers")})
+    metrics.update(provenance(p, ("probe", "seed")))
+    with atomic_path(args.reliability) as tmp:
+        reliability.to_csv(tmp, index=False, float_format="%.6f")
+    write_json(args.model, model)
+    write_json(args.metrics, metrics)
+    log.info("probe (%s, %s calibration) on held-out speakers: accuracy %.3f, AUC %.3f, Brier %.4f, "
+             "ECE %.4f uncalibrated -> %.4f calibrated", metrics["classifier"], metrics["calibration_method"],
+             metrics["accuracy"], metrics["auc"], metrics["brier"], metrics["ece_uncalibrated"],
+             metrics["ece_calibrated"])
+
 
 def provenance(p: dict, keys: tuple[str, ...]) -> dict:
     """Params hash (of the keys used) and seed, so a metrics file says what produced it.
@@ -496,6 +582,40 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
                     help="read one input from elsewhere (repeatable); names: see mmasr.report.DEFAULT_INPUTS")
     sp.add_argument("--out", type=Path, default=Path("results/report.html"))
+
+    sp = stage("clap-embeddings", cmd_clap_embeddings,
+               "Cache pooled frozen audio- and text-encoder embeddings of every utterance and distinct transcript.")
+    sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+    sp.add_argument("--out", type=Path, default=Path("data/cache/clap_embeddings"))
+
+    sp = stage("train-clap", cmd_train_clap,
+               "Train the CLAP projection heads on the cache (phase 1) and optionally the last encoder layers (phase 2).")
+    sp.add_argument("--cache", type=Path, default=Path("data/cache/clap_embeddings"))
+    sp.add_argument("--out", type=Path, default=Path("results/checkpoints/clap"))
+    sp.add_argument("--log-csv", type=Path, default=Path("results/clap/train_log.csv"))
+    sp.add_argument("--checkpoint-dir", type=Path, default=Path("results/checkpoints/clap/state"),
+                    help="resumable training state; a killed run resumes from its newest checkpoint")
+
+    sp = stage("eval-retrieval", cmd_eval_retrieval,
+               "Audio->text and text->audio retrieval over the whole test set: trained vs zero-shot heads vs chance.")
+    sp.add_argument("--cache", type=Path, default=Path("data/cache/clap_embeddings"))
+    sp.add_argument("--checkpoint", type=Path, default=Path("results/checkpoints/clap"))
+    sp.add_argument("--metrics", type=Path, default=Path("results/metrics/retrieval.json"))
+    sp.add_argument("--curve", type=Path, default=Path("results/clap/recall_at_k.csv"))
+
+    sp = stage("layer-embeddings", cmd_layer_embeddings,
+               "Cache multi-layer pooled audio-encoder embeddings of every utterance (the probe's features).")
+    sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+    sp.add_argument("--out", type=Path, default=Path("data/cache/layer_embeddings.npz"))
+
+    sp = stage("train-probe", cmd_train_probe,
+               "Fit a calibrated probe of a manifest label on layer embeddings; evaluate on held-out speakers.")
+    sp.add_argument("--embeddings", type=Path, default=Path("data/cache/layer_embeddings.npz"))
+    sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+    sp.add_argument("--metrics", type=Path, default=Path("results/metrics/probe.json"))
+    sp.add_argument("--reliability", type=Path, default=Path("results/probe/reliability.csv"))
+    sp.add_argument("--model", type=Path, default=Path("results/checkpoints/probe/probe.json"),
+                    help="the fitted probe as plain JSON (no pickle; read by mmasr.probe.ProbeModel)")
 
     sp = stage("transcribe", cmd_transcribe, "Transcribe one audio file, rescored with its picture when given.")
     sp.add_argument("audio", type=Path)

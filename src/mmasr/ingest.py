@@ -8,7 +8,10 @@ Columns: row, utt_id, speaker, group, audio_path, text, image_path, image_id, sp
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import re
+import unicodedata
 from pathlib import Path
 
 import pandas as pd
@@ -50,30 +53,98 @@ def resolve_inside(root: Path, base: Path, given: str) -> Path | None:
     return resolved if resolved.is_relative_to(root.resolve()) else None
 
 
+def clean_text(text: str) -> str:
+    """A transcript as stored: Unicode NFC (one code point sequence per accented letter, so "café" typed
+    two ways is one word) and whitespace runs (tabs, newlines, no-break spaces) as single spaces."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def _read_delimited(path: Path, sep: str) -> tuple[list[str], list[list[str]], list[int]]:
+    """Header, records and each record's first line number. Every record must have the header's
+    field count: a ragged line would otherwise shift columns silently (pandas takes an extra field
+    in the first record as an index column)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=sep)
+            header, records, lines, start = None, [], [], 1
+            for fields in reader:
+                if fields:  # a blank line is no record
+                    if header is None:
+                        header = fields
+                    elif len(fields) != len(header):
+                        raise ValueError(f"{path}: line {start}: {len(fields)} fields where the header has "
+                                         f"{len(header)} (a stray '{sep}' or quote?)")
+                    else:
+                        records.append(fields)
+                        lines.append(start)
+                start = reader.line_num + 1
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: manifest is not UTF-8 text ({exc}); save it as UTF-8") from None
+    except csv.Error as exc:
+        raise ValueError(f"{path}: line {start}: cannot parse manifest: {exc}") from None
+    if header is None:
+        raise ValueError(f"{path}: manifest is empty (no header line)")
+    return header, records, lines
+
+
 def read_table(path: Path) -> pd.DataFrame:
-    """Read a CSV, TSV or Parquet manifest as strings (a transcript 'NA' stays the word 'NA')."""
+    """Read a CSV, TSV or Parquet manifest as strings (a transcript 'NA' stays the word 'NA').
+
+    Column names are matched without case or surrounding spaces; extra columns are ignored. The
+    ``where`` column says where each record came from ("m.csv row 7": its first line in the file,
+    or its 1-based row in a Parquet file), for messages.
+    """
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
-        df = pd.read_parquet(path).astype("string").fillna("")
+        try:
+            df = pd.read_parquet(path).astype("string").fillna("")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: cannot read Parquet manifest: {exc}") from None
+        where = [f"{path.name} row {i + 1}" for i in range(len(df))]
     elif suffix in (".csv", ".tsv", ".tab", ".txt"):
-        sep = "," if suffix == ".csv" else "\t"
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
+        header, records, lines = _read_delimited(path, "," if suffix == ".csv" else "\t")
+        df = pd.DataFrame(records, columns=range(len(header)), dtype=object)
+        df.columns = header
+        where = [f"{path.name} row {n}" for n in lines]
     else:
         raise ValueError(f"{path}: unsupported manifest format '{suffix}' (use .csv, .tsv or .parquet)")
     df.columns = [str(c).strip().lower() for c in df.columns]
+    known = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+    twice = sorted({c for c in df.columns if c in known and list(df.columns).count(c) > 1})
+    if twice:
+        raise ValueError(f"{path}: manifest has column(s) {', '.join(repr(c) for c in twice)} more than once "
+                         f"(names are matched without case)")
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: manifest is missing required column(s) {', '.join(repr(c) for c in missing)} "
                          f"(found: {', '.join(df.columns)})")
+    df = df.loc[:, [c for c in known if c in df.columns]]
+    if df.empty:
+        raise ValueError(f"{path}: manifest has a header but no rows")
     for col in OPTIONAL_COLUMNS:
         if col not in df.columns:
             df[col] = ""
-    return df.map(lambda v: v.strip() if isinstance(v, str) else v)
+    df = df.map(lambda v: v.strip() if isinstance(v, str) else v)
+    df["where"] = where
+    return df
 
 
 def image_id_for(image_path: Path, root: Path) -> str:
-    """A readable, unique picture id: its path below the data root, without suffix."""
+    """A readable picture id: its path below the data root, without suffix (see :func:`unique_image_ids`)."""
     return slug(str(image_path.relative_to(root.resolve()).with_suffix("")))
+
+
+def unique_image_ids(rows: list[dict], root: Path) -> None:
+    """Where different pictures got the same id ("p1.jpg" and "p1.png", "a b.png" and "a_b.png"), give each
+    of them a short hash of its path below the root, so no utterance is shown another one's picture."""
+    paths: dict[str, set[str]] = {}
+    for r in rows:
+        if r["image_id"]:
+            paths.setdefault(r["image_id"], set()).add(r["image_path"])
+    for r in rows:
+        if r["image_id"] and len(paths[r["image_id"]]) > 1:
+            rel = Path(r["image_path"]).resolve().relative_to(root.resolve()).as_posix()
+            r["image_id"] += "-" + hashlib.sha1(rel.encode()).hexdigest()[:8]
 
 
 def ingest_manifest(manifest: str | Path, root: str | Path | None = None, source: str = "manifest"):
@@ -89,7 +160,7 @@ def ingest_manifest(manifest: str | Path, root: str | Path | None = None, source
     df = read_table(manifest)
     rows, rejects, seen = [], [], {}
     for i, rec in enumerate(df.to_dict("records")):
-        where = f"{manifest.name} row {i + 2}"  # +2: header line and 1-based numbering
+        where = rec["where"]
         audio_given = rec["audio_path"]
         utt_id = rec["utt_id"] or slug(str(Path(audio_given).with_suffix("")))
         if not rec["speaker"]:
@@ -109,7 +180,8 @@ def ingest_manifest(manifest: str | Path, root: str | Path | None = None, source
                                   f"{where}: utt_id already used by {seen[utt_id]}"))
             continue
         seen[utt_id] = where
-        if not has_words(rec["text"]):
+        text = clean_text(rec["text"])
+        if not has_words(text):
             rejects.append(reject(utt_id, audio_given, "utterance", "ingest", "empty_transcript",
                                   f"{where}: transcript {rec['text']!r} has no words"))
             continue
@@ -122,8 +194,9 @@ def ingest_manifest(manifest: str | Path, root: str | Path | None = None, source
             else:
                 image_path, image_id = display_path(image), image_id_for(image, root_dir)
         rows.append({"row": i, "utt_id": utt_id, "speaker": rec["speaker"], "group": rec["group"] or "unknown",
-                     "audio_path": display_path(audio), "text": rec["text"], "image_path": image_path,
+                     "audio_path": display_path(audio), "text": text, "image_path": image_path,
                      "image_id": image_id, "split": rec["split"] or None, "source": source})
+    unique_image_ids(rows, root_dir)
     return _frame(rows), rejects_frame(rejects)
 
 
@@ -181,7 +254,7 @@ def ingest_torgo(root: str | Path, mic: str = "array"):
                     rejects.append(reject(utt_id, display_path(wav), "utterance", "ingest", "missing_transcript",
                                           f"no prompt file {prompt.relative_to(root)}"))
                     continue
-                text = prompt.read_text(errors="replace").strip()
+                text = clean_text(prompt.read_text(errors="replace"))
                 problem = torgo_prompt_problem(text)
                 if problem:
                     rejects.append(reject(utt_id, display_path(wav), "utterance", "ingest", problem,

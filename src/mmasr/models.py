@@ -45,6 +45,10 @@ __all__ = [
     "load_whisper",
     "load_clip",
     "load_lm",
+    "load_audio_encoder",
+    "load_text_encoder",
+    "AUDIO_ENCODER_TYPES",
+    "TEXT_ENCODER_TYPES",
     "clip_image_embeddings",
     "clip_text_embeddings",
     "whisper_features",
@@ -232,7 +236,7 @@ def quiet_hf_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _check_local_folder(kind: str, name: str, folder: Path, model_type: str) -> None:
+def _check_local_folder(kind: str, name: str, folder: Path, model_type: str | tuple[str, ...]) -> None:
     where = f"{kind} model {name!r} (treated as a local folder: {folder})"
     if not folder.exists():
         raise ModelLoadError(f"cannot load {where}: the folder does not exist. {LOCAL_HINT}")
@@ -245,12 +249,14 @@ def _check_local_folder(kind: str, name: str, folder: Path, model_type: str) -> 
         found = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load {where}: unreadable config.json ({exc})") from exc
-    if found != model_type:
-        raise ModelLoadError(f"cannot load {where}: config.json says model_type={found!r}, expected {model_type!r} "
+    allowed = (model_type,) if isinstance(model_type, str) else tuple(model_type)
+    if found not in allowed:
+        expected = repr(allowed[0]) if len(allowed) == 1 else f"one of {', '.join(allowed)}"
+        raise ModelLoadError(f"cannot load {where}: config.json says model_type={found!r}, expected {expected} "
                              "(is this the other model's folder?)")
 
 
-def _load(kind: str, name: str, model_type: str, revision: str | None, trust_remote_code: bool,
+def _load(kind: str, name: str, model_type: str | tuple[str, ...], revision: str | None, trust_remote_code: bool,
           load: Callable[[str, dict], tuple[Any, Any]]) -> tuple[Any, Any, str]:
     """Run ``load(source, from_pretrained_kwargs)`` for a local folder or a hub id, with clear errors.
 
@@ -362,6 +368,55 @@ def load_lm(name_or_path: str, device: str | torch.device = "auto", revision: st
         model_type = AutoConfig.from_pretrained(str(name_or_path), local_files_only=True).model_type
     model, tokenizer, rev = _load("LM", str(name_or_path), model_type or "causal LM", revision, trust_remote_code, load)
     return _bundle(name_or_path, rev, model, tokenizer, dev)
+
+
+# Frozen encoders of the CLAP model and the probe: speech encoders whose hidden states are pooled
+# (HuBERT family, or a Whisper checkpoint's encoder), and BERT-family text encoders.
+AUDIO_ENCODER_TYPES = ("hubert", "wav2vec2", "wavlm", "data2vec-audio", "whisper")
+TEXT_ENCODER_TYPES = ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta-v2", "mpnet",
+                      "camembert", "modernbert")
+
+
+def load_audio_encoder(name_or_path: str, device: str | torch.device = "auto", revision: str | None = None,
+                       trust_remote_code: bool = False) -> ModelBundle:
+    """A speech encoder and its feature extractor, in eval mode on ``device``.
+
+    HuBERT family (``facebook/hubert-base-ls960``, wav2vec 2.0, WavLM, data2vec-audio):
+    ``AutoModel`` + ``AutoFeatureExtractor`` (a ``*ForCTC`` checkpoint loads as its base model).
+    Whisper (the demo model, ``openai/whisper-small``): the encoder of ``WhisperModel`` (the
+    decoder is dropped) + ``WhisperFeatureExtractor``. ``bundle.model.config.model_type`` tells which.
+    """
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, WhisperFeatureExtractor, WhisperModel
+
+    dev = pick_device(device) if not isinstance(device, torch.device) else device
+
+    def load(source: str, kw: dict):
+        model_type = AutoConfig.from_pretrained(source, **kw).model_type
+        if model_type not in AUDIO_ENCODER_TYPES:
+            raise ValueError(f"model_type {model_type!r} is not a supported audio encoder "
+                             f"({', '.join(AUDIO_ENCODER_TYPES)})")
+        if model_type == "whisper":
+            return _from_pretrained(WhisperModel, source, kw).get_encoder(), WhisperFeatureExtractor.from_pretrained(source, **kw)
+        return _from_pretrained(AutoModel, source, kw), AutoFeatureExtractor.from_pretrained(source, **kw)
+
+    model, processor, rev = _load("audio encoder", str(name_or_path), AUDIO_ENCODER_TYPES, revision,
+                                  trust_remote_code, load)
+    return _bundle(name_or_path, rev, model, processor, dev)
+
+
+def load_text_encoder(name_or_path: str, device: str | torch.device = "auto", revision: str | None = None,
+                      trust_remote_code: bool = False) -> ModelBundle:
+    """A BERT-family text encoder (``AutoModel``) and its tokenizer, in eval mode on ``device``."""
+    from transformers import AutoModel, AutoTokenizer
+
+    dev = pick_device(device) if not isinstance(device, torch.device) else device
+
+    def load(source: str, kw: dict):
+        return _from_pretrained(AutoModel, source, kw), AutoTokenizer.from_pretrained(source, **kw)
+
+    model, processor, rev = _load("text encoder", str(name_or_path), TEXT_ENCODER_TYPES, revision,
+                                  trust_remote_code, load)
+    return _bundle(name_or_path, rev, model, processor, dev)
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,8 +572,9 @@ def describe_prompt(bundle: ModelBundle, ids: list[int]) -> list[str]:
 
 
 def load_from_params(kind: str, models_cfg: dict) -> ModelBundle:
-    """Load ``models.<kind>`` (whisper, clip or lm) with the revision, device and remote-code setting
-    that the params ``models`` section gives."""
-    loader = {"whisper": load_whisper, "clip": load_clip, "lm": load_lm}[kind]
+    """Load ``models.<kind>`` (whisper, clip, lm, audio_encoder or text_encoder) with the revision, device
+    and remote-code setting that the params ``models`` section gives."""
+    loader = {"whisper": load_whisper, "clip": load_clip, "lm": load_lm, "audio_encoder": load_audio_encoder,
+              "text_encoder": load_text_encoder}[kind]
     return loader(models_cfg[kind], device=models_cfg["device"], revision=models_cfg.get(f"{kind}_revision"),
                   trust_remote_code=models_cfg["trust_remote_code"])

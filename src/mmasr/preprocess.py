@@ -7,6 +7,9 @@ process pool and records every input it cannot use in the rejects table, with th
 from __future__ import annotations
 
 import hashlib
+import os
+import struct
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,33 +88,88 @@ class AudioResult:
     orig_channels: int
 
 
+READ_BLOCK_S = 10.0  # audio is decoded this many seconds at a time and mixed down to mono as it comes
+_PLACEHOLDER_SIZES = (0, 0xFFFFFFFF)  # data sizes streaming writers leave when the length is unknown
+
+
+def wav_data_shortfall(path: str | Path) -> tuple[int, int] | None:
+    """For a RIFF/WAVE file whose ``data`` chunk promises more bytes than the file holds (a copy cut
+    short), return (promised, present); None for a complete file or any other format.
+
+    libsndfile reads such a file without complaint, silently returning only the samples present.
+    """
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        size = os.fstat(f.fileno()).st_size
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk_id, n = struct.unpack("<4sI", f.read(8))
+            if chunk_id == b"data":
+                present = size - pos - 8
+                return (n, present) if n not in _PLACEHOLDER_SIZES and n > present else None
+            pos += 8 + n + (n & 1)  # chunks are word-aligned
+    return None
+
+
+def _read_mono(snd: sf.SoundFile, path: Path) -> np.ndarray:
+    """Decode block by block into one preallocated mono array: memory is one mono copy plus one block,
+    whatever the channel count. NaN/Inf anywhere rejects the file."""
+    sr, frames = snd.samplerate, snd.frames
+    out = np.empty(frames, dtype=np.float32)
+    pos = 0
+    try:
+        for block in snd.blocks(blocksize=max(1, int(sr * READ_BLOCK_S)), dtype="float32", always_2d=True):
+            bad = ~np.isfinite(block)
+            if bad.any():
+                first = pos + int(np.flatnonzero(bad.any(axis=1))[0])
+                raise Rejected("nonfinite_audio", f"{path}: {int(bad.sum())} NaN/Inf samples in the block from "
+                                                  f"{pos / sr:.2f} s (the first at {first / sr:.3f} s)")
+            if pos + len(block) > frames:
+                raise Rejected("unreadable_audio", f"{path}: more samples than the header's {frames} frames")
+            out[pos:pos + len(block)] = to_mono(block)
+            pos += len(block)
+    except Rejected:
+        raise
+    except Exception as exc:  # a decoder error part-way (a FLAC or MP3 cut short, garbage in the stream)
+        raise Rejected("unreadable_audio", f"{path}: cannot decode after {pos / sr:.2f} s: {exc}") from None
+    return out[:pos]
+
+
 def load_and_clean(path: str | Path, cfg: dict) -> AudioResult:
-    """Decode one file and apply every step; raise Rejected with the reason when it cannot be used."""
+    """Decode one file and apply every step; raise Rejected with the reason when it cannot be used.
+
+    Everything that can be decided from the header (length, truncation) is decided before any sample
+    is decoded, so a multi-hour file costs no memory.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise Rejected("missing_audio", f"{path}: no such file")
+    if not path.is_file():
+        raise Rejected("unreadable_audio", f"{path}: not a regular file")
     if path.stat().st_size == 0:
         raise Rejected("empty_audio", f"{path}: file is empty (0 bytes)")
     try:
-        info = sf.info(str(path))
+        snd = sf.SoundFile(str(path))
     except Exception as exc:  # libsndfile's errors do not share one type across formats
         raise Rejected("unreadable_audio", f"{path}: cannot decode: {exc}") from None
-    if info.frames == 0 or info.samplerate <= 0:
+    with snd:
+        sr, channels, frames = snd.samplerate, snd.channels, snd.frames
+        if frames == 0 or sr <= 0:
+            raise Rejected("empty_audio", f"{path}: no audio frames")
+        if frames / sr > cfg["max_input_duration_s"]:
+            # Decided from the header alone: a multi-hour file is never loaded into memory.
+            raise Rejected("too_long", f"{path}: {frames / sr:.1f} s exceeds "
+                                       f"preprocess.max_input_duration_s={cfg['max_input_duration_s']}")
+        shortfall = wav_data_shortfall(path) if snd.format in ("WAV", "WAVEX") else None
+        if shortfall:
+            raise Rejected("truncated_audio", f"{path}: the header promises {shortfall[0]} bytes of samples but the "
+                                              f"file holds {shortfall[1]} (a copy cut short?)")
+        mono = _read_mono(snd, path)
+    if mono.size == 0:
         raise Rejected("empty_audio", f"{path}: no audio frames")
-    if info.frames / info.samplerate > cfg["max_input_duration_s"]:
-        # Decided from the header alone: a multi-hour file is never loaded into memory.
-        raise Rejected("too_long", f"{path}: {info.frames / info.samplerate:.1f} s exceeds "
-                                   f"preprocess.max_input_duration_s={cfg['max_input_duration_s']}")
-    try:
-        audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as exc:
-        raise Rejected("unreadable_audio", f"{path}: cannot decode: {exc}") from None
-    if audio.size == 0:
-        raise Rejected("empty_audio", f"{path}: no audio frames")
-    if not np.isfinite(audio).all():
-        raise Rejected("nonfinite_audio", f"{path}: {int((~np.isfinite(audio)).sum())} NaN/Inf samples")
-    channels = audio.shape[1]
-    mono = to_mono(audio)
     if float(np.max(np.abs(mono))) < cfg["silence_peak"]:
         raise Rejected("silent_audio", f"{path}: peak below preprocess.silence_peak={cfg['silence_peak']}")
     mono = resample(mono, sr, cfg["sample_rate"])
@@ -156,24 +214,62 @@ def _init_worker() -> None:
 
 # ---------------------------------------------------------------- pictures
 
+_EXIF_ORIENTATION = 0x0112
+_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grey (``I;16``, ``I``) scaled to 8 bits, float grey (``F``, 0..1) likewise;
+    Pillow's own conversion would clip them to white. Other modes are returned unchanged."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img, dtype=np.float64) / 257.0
+    elif img.mode == "F":
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        a = a * 255.0 if a.size and a.max() <= 1.0 else a
+    else:
+        return img
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
 def clean_image(src: str | Path, dst: Path, max_side: int) -> tuple[int, int, str]:
-    """Decode a picture, flatten it to RGB (alpha over white; CMYK, grey, palette converted), shrink it
-    to fit ``max_side`` and save it as PNG. Raise Rejected when it is missing or undecodable."""
+    """Decode a picture, flatten it to RGB (alpha over white; CMYK, grey, 16-bit grey, palette converted),
+    turn it upright by its EXIF orientation, shrink it to fit ``max_side`` and save it as PNG.
+
+    Raise Rejected when it is missing or undecodable, or ``image_too_large`` when it has more pixels
+    than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) even after JPEG draft
+    decoding at reduced size: such a file would take gigabytes to decode.
+    """
     src = Path(src)
-    if not src.is_file():
+    if not src.exists():
         raise Rejected("missing_image", f"{src}: no such file")
+    if not src.is_file():
+        raise Rejected("unreadable_image", f"{src}: not a regular file")
+    limit = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(src) as img:
-            img.draft("RGB", (max_side, max_side))  # JPEG: decode at reduced size, cheap for huge files
-            mode = img.mode
-            img.thumbnail((max_side, max_side))
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                rgb = Image.new("RGB", rgba.size, (255, 255, 255))
-                rgb.paste(rgba, mask=rgba.getchannel("A"))
-            else:
-                rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, with a clear reason
+            with Image.open(src) as img:
+                mode = img.mode
+                img.draft("RGB", (max_side, max_side))  # JPEG: decode at reduced size, cheap for huge files
+                if limit and img.width * img.height > limit:
+                    raise Rejected("image_too_large", f"{src}: {img.width}x{img.height} pixels exceeds the decoding "
+                                                      f"limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)")
+                orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+                img = to_8bit(img)
+                img.thumbnail((max_side, max_side))
+                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                    rgba = img.convert("RGBA")
+                    rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+                    rgb.paste(rgba, mask=rgba.getchannel("A"))
+                else:
+                    rgb = img.convert("RGB")
+                if orientation in _ORIENT:
+                    rgb = rgb.transpose(_ORIENT[orientation])
+    except Image.DecompressionBombError as exc:
+        raise Rejected("image_too_large", f"{src}: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise Rejected("unreadable_image", f"{src}: cannot decode picture: {exc}") from None
     with atomic_path(dst, suffix=".tmp.png") as tmp:
         rgb.save(tmp, format="PNG")

@@ -174,13 +174,19 @@ class SpeechLM:
         return assemble(audio, audio_lengths, prompt, targets, self.lm.get_input_embeddings(), self.eos_id)
 
     def loss_sum(self, frames: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]) -> tuple[torch.Tensor, int]:
-        """Summed loss over the transcript tokens and eos of a batch, and how many tokens that is."""
+        """Summed loss over the transcript tokens and eos of a batch, and how many tokens that is.
+
+        The LM's output layer runs only at the positions that predict a labelled token: most positions
+        are audio and prompt, and a real LM's vocabulary (~128 k) makes full logits the largest tensor."""
         from .models import autocast
 
         with autocast(self.device):
             embeds, mask, labels = self.inputs(frames, lengths, targets)
-            logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits
-        return token_loss_sum(logits, labels), int((labels[:, 1:] != IGNORE).sum())
+            hidden = self.lm.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            targets_next = labels[:, 1:]
+            scored = targets_next != IGNORE  # position t predicts labels[t + 1]
+            logits = self.lm.get_output_embeddings()(hidden[:, :-1][scored])
+        return F.cross_entropy(logits.float(), targets_next[scored], reduction="sum"), int(scored.sum())
 
 
 def text_ids(tokenizer, text: str) -> list[int]:

@@ -3,33 +3,61 @@
 Follows seed 000: lower-case, collapse immediately repeated words ("the the bear"), drop filler
 words and filler bigrams ("um", "you know"); for scoring also drop punctuation. Short transcripts
 become captions ("an image showing bear") because CLIP was trained on captions, not bare words.
+
+Any script works: text is put in Unicode NFC first (so "café" typed with a combining accent is the
+same word), typographic apostrophes become "'", and letters, digits and combining marks (Devanagari
+vowel signs, Arabic harakat) are word characters; only punctuation and symbols are removed.
 """
 
 from __future__ import annotations
 
-import re
+import unicodedata
 from collections.abc import Iterable
 
 DEFAULT_FILLERS = ("um", "uh", "uh-huh", "hmm", "hm", "ah", "er", "oh", "like", "you know", "i mean",
                    "okay", "ok", "so", "well")
-_REPEATS = re.compile(r"\b(\w+)( \1\b)+")
-_PUNCT = re.compile(r"[^\w\s'-]|(?<!\w)['-]|['-](?!\w)")
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+
+
+def _wordish(ch: str) -> bool:
+    """A letter or digit of any script, an underscore, or a combining mark (part of the letter before it)."""
+    return ch.isalnum() or ch == "_" or unicodedata.category(ch).startswith("M")
+
+
+def strip_punctuation(text: str) -> str:
+    """Punctuation and symbols become spaces; an apostrophe or hyphen stays only between word characters
+    ("don't", "uh-huh")."""
+    out = []
+    last = len(text) - 1
+    for i, ch in enumerate(text):
+        if _wordish(ch) or ch.isspace():
+            out.append(ch)
+        elif ch in "'-" and 0 < i < last and _wordish(text[i - 1]) and _wordish(text[i + 1]):
+            out.append(ch)
+        else:
+            out.append(" ")
+    return "".join(out)
+
+
+def _collapse(words: list[str]) -> list[str]:
+    """Drop a word that repeats the word just before it ("the the bear" -> "the bear")."""
+    return [w for i, w in enumerate(words) if i == 0 or w != words[i - 1]]
 
 
 def normalise(text: str, *, lowercase: bool = True, remove_punctuation: bool = True, collapse_repeats: bool = True,
               remove_fillers: bool = True, fillers: Iterable[str] = DEFAULT_FILLERS) -> str:
     """The canonical form of a transcript, configured by the params ``text`` section."""
-    text = text.strip()
+    text = unicodedata.normalize("NFC", text).translate(_APOSTROPHES)
     if lowercase:
         text = text.lower()
     if remove_punctuation:
-        text = _PUNCT.sub(" ", text)
-    text = re.sub(r"\s+", " ", text).strip()
+        text = strip_punctuation(text)
+    words = text.split()
     if collapse_repeats:
-        text = _REPEATS.sub(r"\1", text)
-    if remove_fillers and text:
-        text = drop_fillers(text.split(), set(fillers))
-    return text
+        words = _collapse(words)
+    if remove_fillers and words:
+        return drop_fillers(words, set(fillers))
+    return " ".join(words)
 
 
 def drop_fillers(words: list[str], fillers: set[str]) -> str:

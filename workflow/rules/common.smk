@@ -65,6 +65,10 @@ FINAL_OUTPUTS = [
     "results/fusion/changed.parquet",
     "results/metrics/projector.json",
     "results/projector/train_log.csv",
+    "results/metrics/retrieval.json",
+    "results/clap/recall_at_k.csv",
+    "results/metrics/probe.json",
+    "results/probe/reliability.csv",
 ]
 # The demo LM and text encoder serve the projector and CLAP stages; pre-train them with the demo.
 FINAL_OUTPUTS += [config["models"][k] for k in ("lm", "text_encoder") if config["models"][k].startswith(DEMO_CHECKPOINTS)]

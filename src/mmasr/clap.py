@@ -1,0 +1,675 @@
+"""CLAP-style audio-text model: frozen encoders, trained projection heads, retrieval evaluation.
+
+What it does
+------------
+Speech and its transcript are mapped into one space where an utterance lies next to what was said
+(seed 003, LAION-CLAP). Each side is a frozen encoder whose hidden states are pooled
+(:mod:`mmasr.layers`: a mean over the audio frames, the ``[CLS]`` state or a token mean for text;
+optionally the four quartile layers concatenated, seed 004) followed by a projection head, a
+two-layer MLP (``in -> hidden_dim -> GELU -> embed_dim``; 768 -> 256 -> 256 for HuBERT-base and
+BERT-base) whose output is L2-normalised. The loss is the symmetric InfoNCE of CLIP with a
+learnable logit scale initialised at ln(1/0.07) and clamped at ln(100).
+
+* Phase 1 trains the heads only, on **cached** pooled embeddings (``mmasr clap-embeddings``): each
+  encoder runs once per utterance and once per distinct text, and an epoch is a few matrix
+  products (``benchmarks/clap_cache.py`` measures it against re-encoding every step).
+* Phase 2 (optional, ``clap.phase2_epochs``) also trains the last ``phase2_layers`` transformer
+  layers of both encoders, at ``phase2_encoder_lr`` (the heads keep ``lr``); inputs are re-encoded
+  every step. The fine-tuned encoder weights are stored beside the heads and used for evaluation.
+
+Duplicate transcripts (one prompt read by many speakers) are not wrong answers: within a batch,
+pairs with the same text are all positives of one another (soft targets), and retrieval ranks the
+*distinct* texts, a hit being the text equal to the reference. Evaluation covers the whole test
+candidate set in both directions (audio->text over the distinct test texts, text->audio over every
+test utterance): R@1/5/10, mAP@10, mean and median rank of the first correct candidate; for the
+trained heads and for the untrained ("zero-shot") heads they started from, beside chance level.
+Ties are broken against the model (an incorrect candidate scoring the same ranks first), so a
+collapsed model scores at or below chance, never above.
+
+Training follows :mod:`mmasr.pretrain` (nanoGPT style): one plain loop per phase, the learning rate
+a pure function of the step, batches a pure function of ``(seed, step)``, atomic checkpoints of
+weights (safetensors), optimizer, step and RNG with a fingerprint of config, data and code; a killed
+run resumes to the same final weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .io import atomic_dir, atomic_path, write_json, write_parquet
+from .pretrain import (LN_100, CsvLog, _adamw, _progress, batch_indices, end_of_step, fingerprint, lr_at, optimise,
+                       resume_checkpoint, set_determinism, soft_targets)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LOGIT_SCALE_INIT",
+    "ProjectionHead",
+    "ClapHeads",
+    "clap_loss",
+    "first_relevant_rank",
+    "retrieval_metrics",
+    "recall_curve",
+    "chance_recall",
+    "ClapCache",
+    "build_cache",
+    "write_cache",
+    "load_cache",
+    "train_clap",
+    "evaluate_retrieval",
+]
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
+TRAIN_LOG_COLUMNS = ["step", "lr", "train_loss", "logit_scale", "dev_loss", "phase"]
+_TAG_CLAP_ORDER, _TAG_CLAP2_ORDER = 301, 302  # random streams (pretrain: 101..104, demo_text: 201..203)
+
+
+# --------------------------------------------------------------------------------------------
+# Model and loss
+# --------------------------------------------------------------------------------------------
+
+
+class ProjectionHead(torch.nn.Module):
+    """Linear -> GELU -> Linear, L2-normalised output."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(in_dim, hidden_dim)
+        self.fc2 = torch.nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.fc2(F.gelu(self.fc1(x))), dim=-1)
+
+
+class ClapHeads(torch.nn.Module):
+    """The trained part of phase 1: one projection head per modality and the logit scale."""
+
+    def __init__(self, audio_dim: int, text_dim: int, hidden_dim: int, embed_dim: int):
+        super().__init__()
+        self.audio = ProjectionHead(audio_dim, hidden_dim, embed_dim)
+        self.text = ProjectionHead(text_dim, hidden_dim, embed_dim)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+
+    def dims(self) -> dict:
+        return {"audio_dim": self.audio.fc1.in_features, "text_dim": self.text.fc1.in_features,
+                "hidden_dim": self.audio.fc1.out_features, "embed_dim": self.audio.fc2.out_features}
+
+
+def clap_loss(audio: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+              targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of unit-norm pairs: ``logits = exp(min(s, ln 100)) * A T^T``,
+    the mean of the audio->text and text->audio cross-entropies. ``targets`` (rows summing to 1,
+    e.g. :func:`mmasr.pretrain.soft_targets` over the texts) makes same-text pairs positives of one
+    another; default: the diagonal."""
+    logits = logit_scale.clamp(max=LN_100).exp() * audio @ text.T
+    if targets is None:
+        targets = torch.arange(len(audio), device=audio.device)
+        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets.T))
+
+
+def _text_targets(text_rows: np.ndarray) -> torch.Tensor:
+    keys = [int(r) for r in text_rows]
+    return soft_targets(keys, keys)
+
+
+# --------------------------------------------------------------------------------------------
+# Retrieval metrics (pure functions over a similarity matrix and a relevance matrix)
+# --------------------------------------------------------------------------------------------
+
+
+def _check(sim: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sim, relevant = np.asarray(sim, dtype=np.float64), np.asarray(relevant, dtype=bool)
+    if sim.ndim != 2 or sim.shape != relevant.shape or sim.size == 0:
+        raise ValueError(f"similarity {sim.shape} and relevance {relevant.shape} must be the same non-empty "
+                         "(queries, candidates) shape")
+    if not relevant.any(axis=1).all():
+        raise ValueError("every query needs at least one relevant candidate")
+    return sim, relevant
+
+
+def first_relevant_rank(sim: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """1-based rank of each query's best relevant candidate; irrelevant candidates that tie with it
+    rank first (ties count against the model)."""
+    sim, relevant = _check(sim, relevant)
+    best = np.where(relevant, sim, -np.inf).max(axis=1)
+    return 1 + ((sim >= best[:, None]) & ~relevant).sum(axis=1)
+
+
+def retrieval_metrics(sim: np.ndarray, relevant: np.ndarray, ks: Sequence[int] = (1, 5, 10),
+                      map_k: int = 10) -> dict:
+    """R@k (share of queries with a relevant candidate in the top k), mAP@``map_k`` (precision at
+    each relevant hit in the top ``map_k``, summed and divided by ``min(n_relevant, map_k)``),
+    and the mean and median rank of the first relevant candidate. ``sim`` and ``relevant`` are
+    (queries, candidates); ties are ordered against the model."""
+    sim, relevant = _check(sim, relevant)
+    ranks = first_relevant_rank(sim, relevant)
+    order = np.lexsort((relevant.astype(np.int8), -sim), axis=-1)  # by score, an irrelevant tie first
+    top = np.take_along_axis(relevant, order, axis=1)[:, :map_k]
+    precision = np.cumsum(top, axis=1) / np.arange(1, top.shape[1] + 1)
+    ap = (precision * top).sum(axis=1) / np.minimum(relevant.sum(axis=1), map_k)
+    out = {f"r{k}": float((ranks <= k).mean()) for k in ks}
+    out.update({f"map{map_k}": float(ap.mean()), "mean_rank": float(ranks.mean()),
+                "median_rank": float(np.median(ranks))})
+    return out
+
+
+def recall_curve(sim: np.ndarray, relevant: np.ndarray, max_k: int) -> list[float]:
+    """R@k for k = 1..max_k."""
+    ranks = first_relevant_rank(sim, relevant)
+    return [float((ranks <= k).mean()) for k in range(1, max_k + 1)]
+
+
+def chance_recall(relevant: np.ndarray, k: int) -> float:
+    """Expected R@k of a random ranking: per query ``1 - C(N - m, k) / C(N, k)`` for m relevant
+    among N candidates, averaged over queries."""
+    relevant = np.asarray(relevant, dtype=bool)
+    n = relevant.shape[1]
+    out = []
+    for m in relevant.sum(axis=1):
+        miss = 1.0
+        for i in range(min(k, n)):
+            miss *= max(0, n - int(m) - i) / (n - i)
+        out.append(1.0 - miss)
+    return float(np.mean(out))
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding cache
+# --------------------------------------------------------------------------------------------
+
+UTT_COLUMNS = ["utt_id", "speaker", "group", "split", "text", "text_row", "audio_path", "duration_s"]
+
+
+@dataclass
+class ClapCache:
+    """Pooled frozen-encoder embeddings: one audio row per utterance, one text row per distinct
+    (normalised) transcript; ``utts.text_row`` links them."""
+
+    audio: np.ndarray
+    text: np.ndarray
+    utts: pd.DataFrame
+    texts: list[str]
+    meta: dict
+    digest: str
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.utts[self.utts["split"] == name]
+
+
+def cache_items(manifest: pd.DataFrame, text_cfg: dict) -> tuple[pd.DataFrame, list[str]]:
+    """The utterances with a non-empty normalised transcript (all splits, by utt_id) and the
+    sorted distinct transcripts."""
+    from .text import normaliser
+
+    norm = normaliser(text_cfg)
+    utts = manifest.assign(text=[norm(str(t)) for t in manifest["text"].fillna("")])
+    utts = utts[utts["text"].str.len() > 0].sort_values("utt_id").reset_index(drop=True)
+    if utts.empty:
+        raise ValueError("no utterance with a transcript in the manifest: nothing to embed")
+    texts = sorted(set(utts["text"]))
+    index = {t: i for i, t in enumerate(texts)}
+    utts["text_row"] = [index[t] for t in utts["text"]]
+    return utts[UTT_COLUMNS], texts
+
+
+def encoder_meta(bundle, layers: list[int], kind: str, pooling: str) -> dict:
+    from .layers import encoder_depth
+
+    return {f"{kind}_encoder": bundle.name, f"{kind}_revision": bundle.revision,
+            f"{kind}_model_type": bundle.model.config.model_type, f"{kind}_depth": encoder_depth(bundle.model),
+            f"{kind}_layers": layers, f"{kind}_pooling": pooling}
+
+
+def build_cache(manifest: pd.DataFrame, audio_bundle, text_bundle, cfg: dict, text_cfg: dict, out_dir: str | Path,
+                progress: bool = True) -> ClapCache:
+    """Encode every utterance and distinct transcript once and write the cache folder atomically:
+    ``embeddings.safetensors`` (``audio``, ``text``), ``utterances.parquet``, ``texts.parquet``,
+    ``meta.json``. ``cfg`` is the ``clap`` section."""
+    from .layers import embed_audio, embed_text, encoder_depth, select_layers
+    from .nbest import read_audio
+
+    utts, texts = cache_items(manifest, text_cfg)
+    a_layers = select_layers(cfg["layers"], encoder_depth(audio_bundle.model))
+    t_layers = select_layers(cfg["layers"], encoder_depth(text_bundle.model))
+    log.info("CLAP cache: %d utterances (audio layers %s), %d distinct texts (text layers %s, %s pooling)",
+             len(utts), a_layers, len(texts), t_layers, cfg["text_pooling"])
+    audio = embed_audio(audio_bundle, [read_audio(p) for p in utts["audio_path"]], a_layers,
+                        cfg["encode_batch_size"], progress=progress, desc="CLAP audio embeddings")
+    text = embed_text(text_bundle, texts, t_layers, cfg["text_pooling"], cfg["encode_batch_size"])
+    meta = {**encoder_meta(audio_bundle, a_layers, "audio", "mean"),
+            **encoder_meta(text_bundle, t_layers, "text", cfg["text_pooling"]),
+            "layers": cfg["layers"], "audio_dim": int(audio.shape[1]), "text_dim": int(text.shape[1]),
+            "n_utts": len(utts), "n_texts": len(texts), "device": str(audio_bundle.device)}
+    return write_cache(out_dir, audio, text, utts, texts, meta)
+
+
+def write_cache(out_dir: str | Path, audio: np.ndarray, text: np.ndarray, utts: pd.DataFrame, texts: list[str],
+                meta: dict) -> ClapCache:
+    """Write a cache folder atomically (see :func:`build_cache`) and load it back."""
+    from safetensors.numpy import save_file
+
+    if len(audio) != len(utts) or len(text) != len(texts) or not set(utts["text_row"]) <= set(range(len(texts))):
+        raise ValueError("cache arrays and tables do not match")
+    with atomic_dir(out_dir) as tmp:
+        save_file({"audio": np.ascontiguousarray(audio, dtype=np.float32),
+                   "text": np.ascontiguousarray(text, dtype=np.float32)}, str(tmp / "embeddings.safetensors"))
+        write_parquet(tmp / "utterances.parquet", utts[UTT_COLUMNS].reset_index(drop=True))
+        write_parquet(tmp / "texts.parquet", pd.DataFrame({"text_row": range(len(texts)), "text": texts}))
+        write_json(tmp / "meta.json", meta)
+    return load_cache(out_dir)
+
+
+def load_cache(folder: str | Path) -> ClapCache:
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    path = folder / "embeddings.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no CLAP embedding cache here (run `mmasr clap-embeddings`)")
+    arrays = load_file(str(path))
+    utts = pd.read_parquet(folder / "utterances.parquet")
+    texts = pd.read_parquet(folder / "texts.parquet").sort_values("text_row")["text"].tolist()
+    meta = json.loads((folder / "meta.json").read_text())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return ClapCache(audio=arrays["audio"], text=arrays["text"], utts=utts, texts=texts, meta=meta, digest=digest)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _code_digest() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+# Keys of the `clap` section that do not change the trained weights: encoding (they change the cache,
+# whose digest is fingerprinted), evaluation, and checkpoint/monitoring bookkeeping.
+NON_TRAINING_KEYS = ("layers", "text_pooling", "encode_batch_size", "eval_split", "plot_max_k", "checkpoint_every",
+                     "keep_checkpoints", "eval_every")
+
+
+def _training_cfg(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in NON_TRAINING_KEYS}
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, math.ceil(n / batch_size))
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: dict, total: int) -> float:
+    """Schedule of :func:`mmasr.pretrain.lr_at`; a group's ``lr_scale`` (phase 2 encoders) scales it."""
+    lr = lr_at(step, lr=cfg["lr"], warmup=cfg["warmup"], total=total, min_lr_ratio=cfg["min_lr_ratio"])
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
+
+
+def _chunks(n: int, size: int) -> list[np.ndarray]:
+    return [np.arange(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+@torch.no_grad()
+def _dev_loss(embed_batch, n: int, text_rows: np.ndarray, logit_scale: torch.Tensor, batch_size: int) -> float | None:
+    """Mean InfoNCE over the dev items in fixed chunks of ``batch_size`` (utt_id order)."""
+    losses = []
+    for idx in _chunks(n, batch_size):
+        if len(idx) < 2:
+            continue
+        a, t = embed_batch(idx)
+        losses.append(float(clap_loss(a, t, logit_scale, _text_targets(text_rows[idx]).to(a.device))))
+    return float(np.mean(losses)) if losses else None
+
+
+def heads_from_cache(cache: ClapCache, cfg: dict, seed: int) -> ClapHeads:
+    torch.manual_seed(seed)  # the zero-shot heads are a pure function of the seed and the dims
+    return ClapHeads(cache.audio.shape[1], cache.text.shape[1], cfg["hidden_dim"], cfg["embed_dim"])
+
+
+def phase1_batch(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Train-item indices of a phase-1 step (a pure function of its arguments)."""
+    return batch_indices(n, batch_size, step, seed, _TAG_CLAP_ORDER)
+
+
+def heads_step(heads: ClapHeads, optimizer: torch.optim.Optimizer, audio_x: torch.Tensor, text_x: torch.Tensor,
+               text_rows: np.ndarray, grad_clip: float) -> float:
+    """One phase-1 update on pooled embeddings (same-text pairs are positives); the loss."""
+    a, t = heads.audio(audio_x), heads.text(text_x)
+    loss = clap_loss(a, t, heads.logit_scale, _text_targets(text_rows).to(a.device))
+    optimise(loss, heads, optimizer, grad_clip)
+    with torch.no_grad():
+        heads.logit_scale.clamp_(max=LN_100)
+    return loss.item()
+
+
+def _row(step: int, lr: float, loss: float, scale: torch.Tensor, phase: int) -> dict:
+    return {"step": step, "lr": lr, "loss": loss, "train_loss": loss, "phase": phase,
+            "logit_scale": float(scale.detach().clamp(max=LN_100).exp())}
+
+
+def train_clap(cache_dir: str | Path, out_dir: str | Path, log_csv: str | Path, checkpoint_dir: str | Path, cfg: dict,
+               seed: int, models_cfg: dict | None = None, *, stop_after: int | None = None,
+               progress: bool = True) -> dict | None:
+    """Phase 1 (heads on the cache) and, when ``cfg['phase2_epochs'] > 0``, phase 2 (heads and the
+    last encoder layers on re-encoded inputs; needs ``models_cfg``, the params ``models`` section,
+    naming the encoders the cache was made with). Writes ``out_dir/{model,init}.safetensors`` and
+    ``config.json`` and the log CSV; returns the summary (None when ``stop_after`` ended the run
+    early, as a kill would)."""
+    from safetensors.torch import save_file
+
+    from .models import pick_device
+
+    t0 = time.perf_counter()
+    device = pick_device(models_cfg["device"] if models_cfg else "cpu")
+    set_determinism(seed, device)
+    cache = load_cache(cache_dir)
+    train, dev = cache.split("train"), cache.split("dev")
+    if len(train) < 2:
+        raise ValueError(f"{cache_dir}: {len(train)} train-split utterances; contrastive training needs at least 2")
+    heads = heads_from_cache(cache, cfg, seed).to(device)
+    init_state = {k: v.detach().cpu().clone() for k, v in heads.state_dict().items()}
+    ckpt_dir = Path(checkpoint_dir)
+
+    # Phase 1: the heads on cached embeddings.
+    audio = torch.from_numpy(cache.audio).to(device)
+    text = torch.from_numpy(cache.text).to(device)
+    tr_rows, tr_text = train.index.to_numpy(), train["text_row"].to_numpy()
+    dev_rows, dev_text = dev.index.to_numpy(), dev["text_row"].to_numpy()
+    bs = min(cfg["batch_size"], len(train))
+    steps1 = cfg["epochs"] * steps_per_epoch(len(train), bs)
+    log.info("CLAP phase 1: %d train utterances (%d distinct texts), %d dev; %d steps of %d; heads %s",
+             len(train), len(set(tr_text)), len(dev), steps1, bs, heads.dims())
+    optimizer = _adamw(heads, cfg)
+    schedule = {"kind": "linear warm-up + cosine", "lr": cfg["lr"], "warmup": cfg["warmup"], "total": steps1,
+                "min_lr_ratio": cfg["min_lr_ratio"]}
+    phase1_cfg = {k: v for k, v in _training_cfg(cfg).items() if not k.startswith("phase2_")}
+    fp1 = fingerprint("clap.phase1", phase1_cfg, seed, steps1, cache.digest, cache.meta, str(device), _code_digest())
+    start = resume_checkpoint(ckpt_dir / "phase1", heads, optimizer, fp1)
+    csv_log = CsvLog(ckpt_dir / "log.csv", TRAIN_LOG_COLUMNS, start) if start < steps1 else None
+
+    def dev_embed1(idx):
+        return heads.audio(audio[dev_rows[idx]]), heads.text(text[dev_text[idx]])
+
+    bar = _progress(steps1, start, "CLAP phase 1", progress)
+    heads.train()
+    for step in range(start, steps1):
+        lr = _set_lr(optimizer, step, cfg, steps1)
+        idx = phase1_batch(len(train), bs, step, seed)
+        loss = heads_step(heads, optimizer, audio[tr_rows[idx]], text[tr_text[idx]], tr_text[idx], cfg["grad_clip"])
+        done = step + 1
+        row = _row(done, lr, loss, heads.logit_scale, 1)
+        if cfg["eval_every"] and (done % cfg["eval_every"] == 0 or done == steps1):
+            row["dev_loss"] = _dev_loss(dev_embed1, len(dev), dev_text, heads.logit_scale, bs)
+        if end_of_step(row, steps1, csv_log, bar, ckpt_dir / "phase1", heads, optimizer, fp1, schedule, cfg,
+                       stop_after):
+            return None
+    bar.close()
+
+    encoder_state: dict[str, torch.Tensor] = {}
+    steps2 = 0
+    if cfg["phase2_epochs"] > 0:
+        if models_cfg is None:
+            raise ValueError("clap.phase2_epochs > 0 needs the models section (the encoders to fine-tune)")
+        steps2 = cfg["phase2_epochs"] * steps_per_epoch(len(train), bs)
+        encoder_state = _phase2(cache, heads, cfg, seed, models_cfg, device, ckpt_dir, steps1, steps2, bs,
+                                stop_after, progress)
+        if encoder_state is None:
+            return None
+
+    final_log = CsvLog(ckpt_dir / "log.csv", TRAIN_LOG_COLUMNS, steps1 + steps2)
+    rows = final_log.rows()
+    tail = [float(r["train_loss"]) for r in rows[-50:]]
+    last_dev = next((float(r["dev_loss"]) for r in reversed(rows) if r.get("dev_loss")), None)
+    summary = {"clap_steps": steps1 + steps2, "clap_phase1_steps": steps1, "clap_phase2_steps": steps2,
+               "clap_final_train_loss": float(np.mean(tail)) if tail else None, "clap_final_dev_loss": last_dev,
+               "clap_logit_scale": float(heads.logit_scale.detach().exp()),
+               "clap_n_train_utts": len(train), "clap_n_train_texts": int(len(set(tr_text))),
+               "clap_n_trainable_params": int(sum(p.numel() for p in heads.parameters()))
+               + int(sum(v.numel() for v in encoder_state.values()))}
+    config = {"heads": heads.dims(), "cache": cache.meta, "cache_digest": cache.digest, "seed": seed, "config": cfg,
+              "fine_tuned_encoders": bool(encoder_state), "summary": summary, "fingerprint": fp1}
+    trained = {f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
+    trained.update({k: v.detach().cpu().contiguous() for k, v in encoder_state.items()})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "init.safetensors") as tmp:
+        save_file({f"heads.{k}": v.contiguous() for k, v in init_state.items()}, str(tmp))
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(trained, str(tmp))
+    with atomic_path(out / "config.json") as tmp:  # last: its presence means the folder is complete
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    final_log.publish(log_csv)
+    summary["clap_train_seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
+class _Phase2Model(torch.nn.Module):
+    def __init__(self, audio_encoder, text_encoder, heads: ClapHeads):
+        super().__init__()
+        self.audio_encoder, self.text_encoder, self.heads = audio_encoder, text_encoder, heads
+
+
+def _unfreeze_last(model, n: int) -> list[str]:
+    """Freeze ``model`` except its last ``n`` transformer layers; the names of the trainable parameters."""
+    from .layers import transformer_layers
+
+    model.requires_grad_(False)
+    for layer in list(transformer_layers(model))[-n:] if n > 0 else []:
+        layer.requires_grad_(True)
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def load_encoders(models_cfg: dict, cache_meta: dict, device) -> tuple:
+    """The audio and text encoders named by ``models_cfg``, checked against the cache's revisions."""
+    from .models import load_audio_encoder, load_text_encoder
+
+    bundles = []
+    for kind, loader in (("audio", load_audio_encoder), ("text", load_text_encoder)):
+        name = models_cfg[f"{kind}_encoder"]
+        bundle = loader(name, device=device, revision=models_cfg.get(f"{kind}_encoder_revision"),
+                        trust_remote_code=models_cfg["trust_remote_code"])
+        if bundle.revision != cache_meta[f"{kind}_revision"]:
+            raise ValueError(f"{kind} encoder {name!r} is revision {bundle.revision}, but the CLAP cache was made "
+                             f"with {cache_meta[f'{kind}_encoder']!r} at {cache_meta[f'{kind}_revision']}: "
+                             "rebuild the cache (mmasr clap-embeddings)")
+        bundles.append(bundle)
+    return tuple(bundles)
+
+
+def _pooled_audio(bundle, audios: list[np.ndarray], layers: list[int]) -> torch.Tensor:
+    """Differentiable pooled audio embeddings (one utterance at a time where batching is inexact)."""
+    from .layers import _batchable, audio_forward, audio_inputs
+
+    groups = [audios] if _batchable(bundle) else [[a] for a in audios]
+    out = []
+    for group in groups:
+        inputs, frames = audio_inputs(bundle, group)
+        out.append(audio_forward(bundle.model, inputs, frames, layers))
+    return torch.cat(out)
+
+
+def _phase2(cache: ClapCache, heads: ClapHeads, cfg: dict, seed: int, models_cfg: dict, device, ckpt_dir: Path,
+            steps1: int, steps2: int, bs: int, stop_after: int | None, progress: bool) -> dict | None:
+    """The heads and the last ``phase2_layers`` layers of both encoders, inputs re-encoded every step.
+    Returns the fine-tuned encoder parameters (``audio_encoder.*``, ``text_encoder.*``)."""
+    from .layers import text_forward, text_inputs
+    from .models import autocast
+    from .nbest import read_audio
+
+    audio_bundle, text_bundle = load_encoders(models_cfg, cache.meta, device)
+    a_layers, t_layers = cache.meta["audio_layers"], cache.meta["text_layers"]
+    pooling = cache.meta["text_pooling"]
+    trainable = {"audio_encoder": _unfreeze_last(audio_bundle.model, cfg["phase2_layers"]),
+                 "text_encoder": _unfreeze_last(text_bundle.model, cfg["phase2_layers"])}
+    model = _Phase2Model(audio_bundle.model, text_bundle.model, heads)
+    train, dev = cache.split("train"), cache.split("dev")
+    train_audio = [read_audio(p) for p in train["audio_path"]]
+    dev_audio = [read_audio(p) for p in dev["audio_path"]]
+    tr_text, dev_text = train["text_row"].to_numpy(), dev["text_row"].to_numpy()
+
+    groups = []
+    for module, scale in ((heads, 1.0), (audio_bundle.model, cfg["phase2_encoder_lr"] / cfg["lr"]),
+                          (text_bundle.model, cfg["phase2_encoder_lr"] / cfg["lr"])):
+        params = [p for p in module.parameters() if p.requires_grad]
+        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"], "lr_scale": scale},
+                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-8)
+    schedule = {"kind": "linear warm-up + cosine", "lr": cfg["lr"], "encoder_lr": cfg["phase2_encoder_lr"],
+                "warmup": cfg["warmup"], "total": steps2, "min_lr_ratio": cfg["min_lr_ratio"]}
+    fp2 = fingerprint("clap.phase2", _training_cfg(cfg), seed, steps1, steps2, cache.digest, cache.meta, str(device), _code_digest())
+    start = resume_checkpoint(ckpt_dir / "phase2", model, optimizer, fp2) or steps1
+    csv_log = CsvLog(ckpt_dir / "log.csv", TRAIN_LOG_COLUMNS, start)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("CLAP phase 2: last %d layers of each encoder + heads (%d trainable parameters), %d steps, encoder lr %g",
+             cfg["phase2_layers"], n_trainable, steps2, cfg["phase2_encoder_lr"])
+
+    def embed(audios, texts):
+        with autocast(device):
+            a = heads.audio(_pooled_audio(audio_bundle, audios, a_layers))
+            t = heads.text(text_forward(text_bundle.model, text_inputs(text_bundle, texts), t_layers, pooling))
+        return a.float(), t.float()
+
+    def dev_embed2(idx):
+        return embed([dev_audio[i] for i in idx], [cache.texts[r] for r in dev_text[idx]])
+
+    total = steps1 + steps2
+    bar = _progress(total, start, "CLAP phase 2", progress)
+    model.train()
+    for step in range(start, total):  # global step numbers: the log and the checkpoints continue phase 1's
+        lr = _set_lr(optimizer, step - steps1, cfg, steps2)
+        idx = batch_indices(len(train), bs, step - steps1, seed, _TAG_CLAP2_ORDER)
+        a, t = embed([train_audio[i] for i in idx], [cache.texts[r] for r in tr_text[idx]])
+        loss = clap_loss(a, t, heads.logit_scale, _text_targets(tr_text[idx]).to(device))
+        optimise(loss, model, optimizer, cfg["grad_clip"])
+        with torch.no_grad():
+            heads.logit_scale.clamp_(max=LN_100)
+        done = step + 1
+        row = _row(done, lr, loss.item(), heads.logit_scale, 2)
+        if cfg["eval_every"] and ((done - steps1) % cfg["eval_every"] == 0 or done == total):
+            model.eval()
+            row["dev_loss"] = _dev_loss(dev_embed2, len(dev), dev_text, heads.logit_scale, bs)
+            model.train()
+        if end_of_step(row, total, csv_log, bar, ckpt_dir / "phase2", model, optimizer, fp2, schedule, cfg,
+                       stop_after):
+            return None
+    bar.close()
+    model.eval()
+    params = dict(model.named_parameters())
+    return {name: params[name].detach() for prefix, names in trainable.items() for name in
+            (f"{prefix}.{n}" for n in names)}
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def load_heads(path: str | Path, dims: dict) -> tuple[ClapHeads, dict[str, torch.Tensor]]:
+    """Heads from a ``model.safetensors``/``init.safetensors`` and any fine-tuned encoder parameters."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    heads = ClapHeads(dims["audio_dim"], dims["text_dim"], dims["hidden_dim"], dims["embed_dim"])
+    heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")}, strict=True)
+    heads.eval()
+    return heads, {k: v for k, v in state.items() if not k.startswith("heads.")}
+
+
+def _apply_encoder_state(bundle, prefix: str, state: dict[str, torch.Tensor]) -> None:
+    own = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+    if own:
+        missing, unexpected = bundle.model.load_state_dict(own, strict=False)
+        if unexpected:
+            raise ValueError(f"fine-tuned {prefix} parameters do not fit the encoder: {unexpected[:3]}")
+
+
+@torch.no_grad()
+def _project(heads: ClapHeads, audio: np.ndarray, text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a = heads.audio(torch.from_numpy(np.ascontiguousarray(audio))).numpy()
+    t = heads.text(torch.from_numpy(np.ascontiguousarray(text))).numpy()
+    return a, t
+
+
+def evaluate_retrieval(cache: ClapCache, checkpoint: str | Path, split: str = "test", models_cfg: dict | None = None,
+                       max_k: int = 20, progress: bool = False) -> tuple[dict, pd.DataFrame]:
+    """Audio->text and text->audio retrieval over the whole ``split``: the trained heads of
+    ``checkpoint`` and the untrained heads they started from ("zero-shot"), with chance levels.
+    Returns the flat metrics and the recall@k curve table (direction, model, k, recall)."""
+    checkpoint = Path(checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    if config["cache_digest"] != cache.digest:
+        raise ValueError(f"{checkpoint} was trained on another embedding cache (digest {config['cache_digest']}, "
+                         f"this cache {cache.digest}): re-train it")
+    part = cache.split(split)
+    if part.empty:
+        raise ValueError(f"no {split}-split utterance in the CLAP cache: nothing to evaluate")
+    cand_rows = np.array(sorted(set(part["text_row"])))
+    relevant = part["text_row"].to_numpy()[:, None] == cand_rows[None, :]  # (audios, distinct texts)
+    audio_x, text_x = cache.audio[part.index.to_numpy()], cache.text[cand_rows]
+
+    init_heads, _ = load_heads(checkpoint / "init.safetensors", config["heads"])
+    heads, encoder_state = load_heads(checkpoint / "model.safetensors", config["heads"])
+    embeddings = {"zeroshot": _project(init_heads, audio_x, text_x)}
+    if encoder_state:  # phase 2 changed the encoders: re-encode the split with them
+        embeddings["trained"] = _project(heads, *_reencode(part, cand_rows, cache, encoder_state, models_cfg, progress))
+    else:
+        embeddings["trained"] = _project(heads, audio_x, text_x)
+
+    metrics: dict = {}
+    curves = []
+    for model, (a, t) in embeddings.items():
+        prefix = "" if model == "trained" else "zeroshot_"
+        sim = a @ t.T
+        for direction, s, rel in (("a2t", sim, relevant), ("t2a", sim.T, relevant.T)):
+            m = retrieval_metrics(s, rel)
+            metrics.update({f"{prefix}{direction}_{k}": v for k, v in m.items()})
+            if direction == "a2t":  # audio queries by speaker group (e.g. impaired vs control)
+                for group, rows in part.reset_index(drop=True).groupby("group").groups.items():
+                    g = retrieval_metrics(s[rows], rel[rows])
+                    metrics.update({f"{prefix}a2t_{k}_{group}": g[k] for k in ("r1", "r10")})
+            ks = min(max_k, s.shape[1])
+            curves += [{"direction": direction, "model": model, "k": k, "recall": r}
+                       for k, r in enumerate(recall_curve(s, rel, ks), start=1)]
+    for direction, rel in (("a2t", relevant), ("t2a", relevant.T)):
+        for k in (1, 5, 10):
+            metrics[f"chance_{direction}_r{k}"] = chance_recall(rel, k)
+    metrics.update({"chance_r1": metrics["chance_a2t_r1"], "n_candidates": int(len(cand_rows)),
+                    "n_candidate_texts": int(len(cand_rows)), "n_candidate_audios": int(len(part)),
+                    "n_speakers": int(part["speaker"].nunique()), "split": split,
+                    "fine_tuned_encoders": bool(encoder_state)})
+    metrics.update({k: v for k, v in config["summary"].items()})
+    metrics["clap_fingerprint"] = config["fingerprint"]
+    for kind in ("audio", "text"):
+        for key in ("encoder", "revision", "layers", "pooling"):
+            metrics[f"clap_{kind}_{key}"] = cache.meta[f"{kind}_{key}"]
+    return metrics, pd.DataFrame(curves, columns=["direction", "model", "k", "recall"])
+
+
+def _reencode(part: pd.DataFrame, cand_rows: np.ndarray, cache: ClapCache, encoder_state: dict,
+              models_cfg: dict | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    from .layers import embed_audio, embed_text
+    from .nbest import read_audio
+
+    if models_cfg is None:
+        raise ValueError("the CLAP checkpoint has fine-tuned encoders: evaluating it needs the models section")
+    audio_bundle, text_bundle = load_encoders(models_cfg, cache.meta, models_cfg["device"])
+    _apply_encoder_state(audio_bundle, "audio_encoder", encoder_state)
+    _apply_encoder_state(text_bundle, "text_encoder", encoder_state)
+    audio = embed_audio(audio_bundle, [read_audio(p) for p in part["audio_path"]], cache.meta["audio_layers"],
+                        progress=progress, desc="CLAP audio (fine-tuned)")
+    text = embed_text(text_bundle, [cache.texts[r] for r in cand_rows], cache.meta["text_layers"],
+                      cache.meta["text_pooling"])
+    return audio, text

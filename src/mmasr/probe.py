@@ -1,0 +1,328 @@
+"""A calibrated probe: what do frozen speech-encoder layers know about the speaker?
+
+Each utterance becomes one vector, the pooled hidden states of the audio encoder's quartile layers
+concatenated (seed 004; :mod:`mmasr.layers`), cached once (``mmasr layer-embeddings``). A classifier
+(standardised logistic regression, or histogram gradient boosting) predicts a two-class manifest
+label, by default ``group`` (impaired vs control). Its probabilities are calibrated with
+scikit-learn's ``CalibratedClassifierCV`` in folds **grouped by speaker** (no speaker in both the
+part a fold's classifier is fitted on and the part its calibrator is fitted on) and stratified by
+the label. Each training utterance gets an out-of-fold score from a classifier that never saw its
+speaker, and one calibrator is fitted on all of them (``ensemble=False``): with few speakers the
+calibrator gets every held-out prediction, and it learns how confident the classifier should be on
+*new* speakers; the classifier it sits on is the one fitted on all training data. ``sigmoid``
+(Platt) is the default; ``isotonic`` is used only when the smallest class has
+``probe.isotonic_min_class`` samples (isotonic regression over-fits small calibration sets;
+scikit-learn's guide suggests well over a thousand), otherwise sigmoid is used and the fallback is
+logged and recorded.
+
+Everything is evaluated on held-out speakers (``probe.eval_split``): accuracy at 0.5, ROC AUC,
+Brier score and expected calibration error (equal-width bins, ``sum_b n_b / N |mean p_b - frac
+positive_b|``) of the uncalibrated and the calibrated probabilities, and the reliability-diagram
+data of both.
+
+The fitted probe is stored as plain JSON (:func:`export_probe`): scaler statistics and coefficients,
+or the boosted trees' split thresholds and leaf values, plus each fold's calibrator. No pickle: it
+is read back by :class:`ProbeModel`, a small numpy re-implementation that reproduces scikit-learn's
+``predict_proba`` (a test checks it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "expected_calibration_error",
+    "reliability_table",
+    "speaker_folds",
+    "choose_calibration",
+    "make_classifier",
+    "export_probe",
+    "ProbeModel",
+    "probe_data",
+    "train_probe",
+]
+
+FORMAT = "mmasr.probe/1"
+RELIABILITY_COLUMNS = ["calibration", "bin", "mean_predicted", "fraction_positive", "count"]
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration maths
+# --------------------------------------------------------------------------------------------
+
+
+def _bins(p: np.ndarray, n_bins: int) -> np.ndarray:
+    """Equal-width bin of each probability in [0, 1]; 1.0 falls in the last bin."""
+    return np.minimum((np.asarray(p, dtype=np.float64) * n_bins).astype(int), n_bins - 1)
+
+
+def reliability_table(y: np.ndarray, p: np.ndarray, n_bins: int) -> pd.DataFrame:
+    """Per non-empty equal-width bin: mean predicted probability, fraction of positives, count."""
+    y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    if len(y) != len(p) or not len(y):
+        raise ValueError("labels and probabilities must be non-empty and of equal length")
+    b = _bins(p, n_bins)
+    rows = [{"bin": int(k), "mean_predicted": float(p[b == k].mean()), "fraction_positive": float(y[b == k].mean()),
+             "count": int((b == k).sum())} for k in np.unique(b)]
+    return pd.DataFrame(rows, columns=["bin", "mean_predicted", "fraction_positive", "count"])
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int) -> float:
+    """ECE of positive-class probabilities: sum over bins of (share of samples) x |mean p - fraction positive|."""
+    t = reliability_table(y, p, n_bins)
+    return float((t["count"] / t["count"].sum() * (t["mean_predicted"] - t["fraction_positive"]).abs()).sum())
+
+
+def speaker_folds(y: np.ndarray, speakers: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit, calibrate) index pairs, grouped by speaker and stratified by label
+    (``StratifiedGroupKFold``); at most as many folds as the rarer class has speakers. Empty when
+    that is below 2 (no grouped calibration is possible). Every calibration part holds both classes."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y, speakers = np.asarray(y), np.asarray(speakers)
+    per_class = [len(set(speakers[y == c])) for c in np.unique(y)]
+    k = min([n_folds, *per_class]) if len(per_class) == 2 else 0
+    if k < 2:
+        return []
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    folds = [(fit, cal) for fit, cal in splitter.split(np.zeros(len(y)), y, speakers)]
+    for fit, cal in folds:
+        if set(speakers[fit]) & set(speakers[cal]):
+            raise AssertionError("a speaker is in both parts of a calibration fold")
+        if len(np.unique(y[cal])) < 2 or len(np.unique(y[fit])) < 2:
+            raise ValueError("a calibration fold lacks one class: use fewer probe.folds")
+    return folds
+
+
+def choose_calibration(requested: str, y: np.ndarray, folds: list, min_class: int) -> tuple[str, str | None]:
+    """The calibration method to use and, when it differs from ``requested``, why.
+
+    The calibrator is fitted on the out-of-fold scores of all of ``y``: ``isotonic`` needs at least
+    ``min_class`` samples of its smallest class, else ``sigmoid``; without folds (fewer than two
+    speakers of a class) nothing can be calibrated: ``none``."""
+    y = np.asarray(y)
+    if requested not in ("sigmoid", "isotonic"):
+        raise ValueError(f"probe.calibration must be sigmoid or isotonic, got {requested!r}")
+    if not folds:
+        return "none", "fewer than 2 speakers of a class to fit: no speaker-grouped calibration folds"
+    if requested == "isotonic":
+        smallest = int(np.bincount(y, minlength=2).min())
+        if smallest < min_class:
+            return "sigmoid", (f"isotonic needs >= {min_class} samples of the smallest class (probe.isotonic_min_class), "
+                               f"the training data has {smallest}: sigmoid used instead")
+    return requested, None
+
+
+# --------------------------------------------------------------------------------------------
+# Classifier, export and a pickle-free re-implementation
+# --------------------------------------------------------------------------------------------
+
+
+def make_classifier(cfg: dict, seed: int):
+    """The unfitted classifier of ``probe.classifier``."""
+    if cfg["classifier"] == "logreg":
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        return make_pipeline(StandardScaler(), LogisticRegression(C=cfg["C"], max_iter=cfg["max_iter"]))
+    if cfg["classifier"] == "hgb":
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        return HistGradientBoostingClassifier(max_iter=cfg["hgb_max_iter"], learning_rate=cfg["hgb_learning_rate"],
+                                              max_leaf_nodes=cfg["hgb_max_leaf_nodes"], early_stopping=False,
+                                              random_state=seed)
+    raise ValueError(f"probe.classifier must be logreg or hgb, got {cfg['classifier']!r}")
+
+
+def select_c(X: np.ndarray, y: np.ndarray, folds: list, cfg: dict, seed: int) -> float:
+    """The logistic-regression C of ``probe.C_grid`` with the lowest out-of-fold log-loss over the
+    speaker-grouped folds of the training speakers (the held-out speakers are never looked at);
+    ties go to the stronger regularisation (smaller C)."""
+    from sklearn.metrics import log_loss
+    from sklearn.model_selection import cross_val_predict
+
+    losses = {}
+    for c in sorted(cfg["C_grid"]):
+        p = cross_val_predict(make_classifier({**cfg, "C": c}, seed), X, y, cv=folds, method="predict_proba")[:, 1]
+        losses[c] = log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])
+    best = min(losses, key=lambda c: (round(losses[c], 12), c))
+    log.info("probe: C=%g chosen by speaker-grouped cross-validation log-loss (%s)", best,
+             ", ".join(f"{c:g}: {v:.4f}" for c, v in losses.items()))
+    return float(best)
+
+
+_NODE_FIELDS = ("feature_idx", "num_threshold", "missing_go_to_left", "left", "right", "is_leaf", "value")
+
+
+def _export_classifier(est) -> dict:
+    """The numbers that define a fitted classifier's decision function, as JSON-able lists."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.pipeline import Pipeline
+
+    if isinstance(est, Pipeline):
+        scaler, lr = est[0], est[-1]
+        return {"kind": "logreg", "mean": scaler.mean_.tolist(), "scale": scaler.scale_.tolist(),
+                "coef": lr.coef_[0].tolist(), "intercept": float(lr.intercept_[0])}
+    if isinstance(est, HistGradientBoostingClassifier):
+        if est.n_trees_per_iteration_ != 1 or getattr(est, "is_categorical_", None) is not None:
+            raise ValueError("only binary, numeric-feature gradient boosting can be exported")
+        trees = [{f: est_tree.nodes[f].tolist() for f in _NODE_FIELDS} for (est_tree,) in est._predictors]
+        return {"kind": "hgb", "baseline": float(np.ravel(est._baseline_prediction)[0]), "trees": trees}
+    raise ValueError(f"cannot export a {type(est).__name__}")
+
+
+def _export_calibrator(cal) -> dict:
+    from sklearn.isotonic import IsotonicRegression
+
+    if isinstance(cal, IsotonicRegression):
+        return {"kind": "isotonic", "x": cal.X_thresholds_.tolist(), "y": cal.y_thresholds_.tolist()}
+    return {"kind": "sigmoid", "a": float(cal.a_), "b": float(cal.b_)}
+
+
+def export_probe(uncalibrated, calibrated, method: str, meta: dict) -> dict:
+    """JSON-able description of the fitted probe: the classifier fitted on all training data, and the
+    calibrated classifier(s) with their calibrator (``calibrated`` may be None: ``none``)."""
+    folds = []
+    if calibrated is not None:
+        for cc in calibrated.calibrated_classifiers_:
+            (cal,) = cc.calibrators
+            folds.append({"classifier": _export_classifier(cc.estimator), "calibrator": _export_calibrator(cal)})
+    return {"format": FORMAT, **meta, "calibration_method": method, "uncalibrated": _export_classifier(uncalibrated),
+            "folds": folds}
+
+
+def _decision(spec: dict, X: np.ndarray) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if spec["kind"] == "logreg":
+        return ((X - np.asarray(spec["mean"])) / np.asarray(spec["scale"])) @ np.asarray(spec["coef"]) + spec["intercept"]
+    out = np.full(len(X), spec["baseline"])
+    rows = np.arange(len(X))
+    for tree in spec["trees"]:
+        nodes = {f: np.asarray(v) for f, v in tree.items()}
+        node = np.zeros(len(X), dtype=np.int64)
+        while True:
+            active = nodes["is_leaf"][node] == 0
+            if not active.any():
+                break
+            x = X[rows, nodes["feature_idx"][node]]
+            go_left = np.where(np.isnan(x), nodes["missing_go_to_left"][node] == 1, x <= nodes["num_threshold"][node])
+            node = np.where(active, np.where(go_left, nodes["left"][node], nodes["right"][node]), node)
+        out += nodes["value"][node]
+    return out
+
+
+def _calibrate(spec: dict, f: np.ndarray) -> np.ndarray:
+    if spec["kind"] == "sigmoid":
+        return 1.0 / (1.0 + np.exp(spec["a"] * f + spec["b"]))
+    return np.interp(f, spec["x"], spec["y"])
+
+
+@dataclass
+class ProbeModel:
+    """A stored probe (:func:`export_probe`) that predicts without scikit-learn objects or pickle."""
+
+    spec: dict
+
+    def predict_proba(self, X: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        """Probability of the positive class (calibrated: the mean over the calibrated classifiers)."""
+        if calibrated and self.spec["folds"]:
+            return np.mean([_calibrate(f["calibrator"], _decision(f["classifier"], X)) for f in self.spec["folds"]],
+                           axis=0)
+        return 1.0 / (1.0 + np.exp(-_decision(self.spec["uncalibrated"], X)))
+
+
+# --------------------------------------------------------------------------------------------
+# Training and evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def probe_data(embeddings: dict[str, np.ndarray], manifest: pd.DataFrame, cfg: dict, splits) -> tuple:
+    """(X, y, speakers, utt_ids) of the manifest rows in ``splits`` that have an embedding;
+    y = 1 for ``cfg['positive']``."""
+    label = cfg["label"]
+    if label not in manifest.columns:
+        raise ValueError(f"probe.label {label!r} is not a manifest column ({', '.join(manifest.columns)})")
+    rows = manifest[manifest["split"].isin(list(splits)) & manifest[label].notna()].sort_values("utt_id")
+    missing = [u for u in rows["utt_id"] if u not in embeddings]
+    if missing:
+        raise ValueError(f"{len(missing)} utterances have no layer embedding (e.g. {missing[0]}): rebuild the cache")
+    X = np.stack([embeddings[u] for u in rows["utt_id"]]) if len(rows) else np.zeros((0, 0))
+    y = (rows[label].astype(str) == str(cfg["positive"])).to_numpy().astype(int)
+    return X, y, rows["speaker"].astype(str).to_numpy(), rows["utt_id"].tolist()
+
+
+def _check_classes(manifest: pd.DataFrame, cfg: dict) -> list[str]:
+    if cfg["label"] not in manifest.columns:
+        raise ValueError(f"probe.label {cfg['label']!r} is not a manifest column ({', '.join(manifest.columns)})")
+    classes = sorted(manifest[cfg["label"]].dropna().astype(str).unique())
+    if len(classes) != 2 or str(cfg["positive"]) not in classes:
+        raise ValueError(f"probe.label {cfg['label']!r} must have exactly two classes including probe.positive="
+                         f"{cfg['positive']!r}; the manifest has {classes}")
+    return classes
+
+
+def _scores(y: np.ndarray, p: np.ndarray, n_bins: int) -> dict:
+    from sklearn.metrics import brier_score_loss, roc_auc_score
+
+    return {"accuracy": float(((p >= 0.5).astype(int) == y).mean()), "auc": float(roc_auc_score(y, p)),
+            "brier": float(brier_score_loss(y, p)), "ece": expected_calibration_error(y, p, n_bins)}
+
+
+def train_probe(embeddings: dict[str, np.ndarray], manifest: pd.DataFrame, cfg: dict, seed: int,
+                meta: dict | None = None) -> tuple[dict, pd.DataFrame, dict]:
+    """Fit, calibrate and evaluate the probe; returns (metrics, reliability table, exported model)."""
+    from sklearn.base import clone
+    from sklearn.calibration import CalibratedClassifierCV
+
+    classes = _check_classes(manifest, cfg)
+    if cfg["eval_split"] in cfg["train_splits"]:
+        raise ValueError(f"probe.eval_split {cfg['eval_split']!r} is also a training split: it must hold out speakers")
+    X, y, spk, _ = probe_data(embeddings, manifest, cfg, cfg["train_splits"])
+    Xt, yt, spk_t, _ = probe_data(embeddings, manifest, cfg, [cfg["eval_split"]])
+    for name, labels in (("training", y), ("evaluation", yt)):
+        if len(np.unique(labels)) < 2:
+            raise ValueError(f"the {name} utterances of the probe hold only one class of {cfg['label']!r}")
+    folds = speaker_folds(y, spk, cfg["folds"], seed)
+    if cfg["classifier"] == "logreg" and cfg["C_grid"] and folds:
+        cfg = {**cfg, "C": select_c(X, y, folds, cfg, seed)}
+    base = make_classifier(cfg, seed)
+    uncalibrated = clone(base).fit(X, y)
+    method, fallback = choose_calibration(cfg["calibration"], y, folds, cfg["isotonic_min_class"])
+    if fallback:
+        log.warning("probe calibration: %s", fallback)
+    calibrated = CalibratedClassifierCV(clone(base), method=method, cv=folds, ensemble=False).fit(X, y) if folds else None
+    log.info("probe: %s on %d utterances (%d speakers), %s calibration in %d speaker-grouped folds; "
+             "evaluated on %d utterances (%d held-out speakers)", cfg["classifier"], len(y), len(set(spk)), method,
+             len(folds), len(yt), len(set(spk_t)))
+
+    p_uncal = uncalibrated.predict_proba(Xt)[:, 1]
+    p_cal = calibrated.predict_proba(Xt)[:, 1] if calibrated is not None else p_uncal
+    before, after = _scores(yt, p_uncal, cfg["n_bins"]), _scores(yt, p_cal, cfg["n_bins"])
+    metrics = {"accuracy": after["accuracy"], "auc": after["auc"], "brier": after["brier"],
+               "ece_uncalibrated": before["ece"], "ece_calibrated": after["ece"], "calibration_method": method,
+               "calibration_requested": cfg["calibration"], "calibration_fallback": fallback,
+               "accuracy_uncalibrated": before["accuracy"], "auc_uncalibrated": before["auc"],
+               "brier_uncalibrated": before["brier"], "n_folds": len(folds), "classifier": cfg["classifier"],
+               "label": cfg["label"], "positive": str(cfg["positive"]), "classes": classes,
+               "n_train_utts": int(len(y)), "n_train_speakers": int(len(set(spk))), "n_eval_utts": int(len(yt)),
+               "n_eval_speakers": int(len(set(spk_t))), "eval_positive_fraction": float(yt.mean()),
+               "n_features": int(X.shape[1]), "C": cfg["C"] if cfg["classifier"] == "logreg" else None}
+    tables = [reliability_table(yt, p, cfg["n_bins"]).assign(calibration=name)
+              for name, p in (("uncalibrated", p_uncal), ("calibrated", p_cal))]
+    reliability = pd.concat(tables, ignore_index=True)[RELIABILITY_COLUMNS]
+    model = export_probe(uncalibrated, calibrated, method,
+                         {**(meta or {}), "label": cfg["label"], "positive": str(cfg["positive"]), "classes": classes,
+                          "classifier": cfg["classifier"], "n_features": int(X.shape[1])})
+    stored = ProbeModel(model)
+    worst = max(float(np.abs(stored.predict_proba(Xt) - p_cal).max()),
+                float(np.abs(stored.predict_proba(Xt, calibrated=False) - p_uncal).max()))
+    if worst > 1e-6:
+        raise RuntimeError(f"the exported probe does not reproduce scikit-learn's probabilities (max diff {worst:.2e})")
+    return metrics, reliability, model

@@ -1,0 +1,142 @@
+"""The calibrated probe: ECE and reliability data, speaker-grouped folds, the calibration guard,
+pickle-free storage that reproduces scikit-learn, and the command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mmasr.config import validate
+from mmasr.probe import (ProbeModel, choose_calibration, expected_calibration_error, reliability_table, speaker_folds,
+                         train_probe)
+
+
+def probe_cfg(**over) -> dict:
+    return {**validate({})["probe"], **over}
+
+
+def test_reliability_table_and_ece_by_hand():
+    y = np.array([0, 0, 1, 1, 1, 0])
+    p = np.array([0.05, 0.15, 0.92, 0.97, 1.0, 0.55])
+    t = reliability_table(y, p, 10)
+    assert t["bin"].tolist() == [0, 1, 5, 9]  # empty bins are left out; 1.0 is in the last bin
+    assert t["count"].tolist() == [1, 1, 1, 3]
+    assert t["fraction_positive"].tolist() == [0, 0, 0, 1]
+    np.testing.assert_allclose(t["mean_predicted"], [0.05, 0.15, 0.55, (0.92 + 0.97 + 1.0) / 3])
+    expected = (0.05 + 0.15 + 0.55 + 3 * abs((0.92 + 0.97 + 1.0) / 3 - 1)) / 6
+    assert expected_calibration_error(y, p, 10) == pytest.approx(expected)
+    assert expected_calibration_error(np.array([0, 1]), np.array([0.0, 1.0]), 10) == 0.0
+    with pytest.raises(ValueError):
+        reliability_table(np.array([]), np.array([]), 10)
+
+
+def test_folds_are_grouped_by_speaker_and_hold_both_classes():
+    speakers = np.repeat([f"s{i}" for i in range(8)], 5)
+    y = np.repeat([0, 1, 0, 1, 0, 1, 0, 1], 5)
+    folds = speaker_folds(y, speakers, 3, seed=0)
+    assert len(folds) == 3
+    covered = np.concatenate([cal for _, cal in folds])
+    assert sorted(covered) == list(range(40))  # each utterance calibrates exactly once
+    for fit, cal in folds:
+        assert not set(speakers[fit]) & set(speakers[cal])
+        assert set(y[cal]) == {0, 1} and set(y[fit]) == {0, 1}
+    # no more folds than the rarer class has speakers
+    assert len(speaker_folds(y, speakers, 10, seed=0)) == 4
+    # one speaker of a class: no grouped calibration possible
+    y2 = np.array([0] * 5 + [1] * 35)
+    assert speaker_folds(y2, speakers, 5, seed=0) == []
+
+
+def test_calibration_guard_falls_back_from_isotonic_and_says_why():
+    y = np.array([0] * 30 + [1] * 70)
+    folds = [(np.arange(50), np.arange(50, 100))]
+    assert choose_calibration("sigmoid", y, folds, 100) == ("sigmoid", None)
+    assert choose_calibration("isotonic", y, folds, 30) == ("isotonic", None)
+    method, why = choose_calibration("isotonic", y, folds, 31)
+    assert method == "sigmoid" and "31" in why and "30" in why
+    assert choose_calibration("isotonic", y, [], 1)[0] == "none"
+    with pytest.raises(ValueError, match="sigmoid or isotonic"):
+        choose_calibration("platt", y, folds, 1)
+
+
+def synthetic(n_speakers: int = 12, per: int = 20, dim: int = 6, shift: float = 1.0, seed: int = 0):
+    """Utterance embeddings whose mean depends on the speaker's group (with speaker offsets and noise)."""
+    rng = np.random.default_rng(seed)
+    rows, emb = [], {}
+    for s in range(n_speakers):
+        group = "impaired" if s % 2 else "control"
+        offset = rng.normal(scale=0.5, size=dim)
+        split = "test" if s >= n_speakers - 4 else ("dev" if s >= n_speakers - 6 else "train")
+        for i in range(per):
+            uid = f"S{s:02d}_{i:03d}"
+            emb[uid] = (offset + rng.normal(size=dim) + (shift if group == "impaired" else 0.0)).astype(np.float32)
+            rows.append({"utt_id": uid, "speaker": f"S{s:02d}", "group": group, "split": split})
+    return emb, pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("over", [{}, {"classifier": "hgb", "hgb_max_iter": 20},
+                                  {"calibration": "isotonic", "isotonic_min_class": 10}])
+def test_probe_metrics_and_a_stored_model_that_reproduces_scikit_learn(over):
+    emb, manifest = synthetic()
+    cfg = probe_cfg(**over)
+    metrics, reliability, model = train_probe(emb, manifest, cfg, seed=0)
+    for key in ("accuracy", "auc", "brier", "ece_uncalibrated", "ece_calibrated", "calibration_method"):
+        assert key in metrics
+    assert metrics["calibration_method"] == cfg["calibration"] and metrics["calibration_fallback"] is None
+    assert metrics["auc"] > 0.7 and 0 <= metrics["brier"] < 0.25
+    assert metrics["n_train_speakers"] == 8 and metrics["n_eval_speakers"] == 4 and metrics["n_folds"] == 4
+    assert list(reliability.columns) == ["calibration", "bin", "mean_predicted", "fraction_positive", "count"]
+    for name in ("uncalibrated", "calibrated"):
+        assert reliability.loc[reliability["calibration"] == name, "count"].sum() == 80
+    # the JSON round trip predicts exactly what scikit-learn's objects predict (checked inside too)
+    stored = ProbeModel(json.loads(json.dumps(model)))
+    X = np.stack([emb[u] for u in sorted(manifest.loc[manifest["split"] == "test", "utt_id"])])
+    p = stored.predict_proba(X)
+    y = (manifest.sort_values("utt_id").query("split == 'test'")["group"] == "impaired").to_numpy()
+    assert ((p >= 0.5) == y).mean() == pytest.approx(metrics["accuracy"])
+    assert expected_calibration_error(y, p, cfg["n_bins"]) == pytest.approx(metrics["ece_calibrated"])
+    assert expected_calibration_error(y, stored.predict_proba(X, calibrated=False), cfg["n_bins"]) == pytest.approx(
+        metrics["ece_uncalibrated"])
+
+
+def test_isotonic_request_with_too_few_samples_is_recorded():
+    emb, manifest = synthetic()
+    metrics, _, model = train_probe(emb, manifest, probe_cfg(calibration="isotonic"), seed=0)
+    assert metrics["calibration_method"] == "sigmoid" and metrics["calibration_requested"] == "isotonic"
+    assert "isotonic_min_class" in metrics["calibration_fallback"]
+    assert model["calibration_method"] == "sigmoid"
+
+
+def test_probe_refuses_unusable_labels_and_splits():
+    emb, manifest = synthetic()
+    three = manifest.assign(group=np.where(manifest["speaker"] == "S00", "other", manifest["group"]))
+    with pytest.raises(ValueError, match="exactly two classes"):
+        train_probe(emb, three, probe_cfg(), 0)
+    with pytest.raises(ValueError, match="not a manifest column"):
+        train_probe(emb, manifest, probe_cfg(label="age"), 0)
+    with pytest.raises(ValueError, match="hold out speakers"):
+        train_probe(emb, manifest, probe_cfg(train_splits=["train", "test"]), 0)
+    with pytest.raises(ValueError, match="no layer embedding"):
+        train_probe({k: v for k, v in emb.items() if not k.startswith("S11")}, manifest, probe_cfg(), 0)
+
+
+def test_train_probe_command_writes_json_only(tmp_path):
+    from mmasr.cli import main
+    from mmasr.clip import save_embeddings
+
+    emb, manifest = synthetic()
+    ids = sorted(emb)
+    save_embeddings(tmp_path / "emb.npz", ids, np.stack([emb[i] for i in ids]),
+                    {"audio_encoder": "x", "audio_revision": "r", "audio_layers": [1, 2]})
+    manifest.to_parquet(tmp_path / "manifest.parquet")
+    out = {k: tmp_path / v for k, v in (("metrics", "probe.json"), ("reliability", "rel.csv"), ("model", "m/probe.json"))}
+    assert main(["train-probe", "--embeddings", str(tmp_path / "emb.npz"), "--manifest", str(tmp_path / "manifest.parquet"),
+                 *[a for k, v in out.items() for a in (f"--{k}", str(v))]]) == 0
+    metrics = json.loads(out["metrics"].read_text())
+    assert metrics["probe_audio_layers"] == [1, 2] and "params_hash" in metrics
+    model = json.loads(out["model"].read_text())
+    assert model["format"] == "mmasr.probe/1" and model["uncalibrated"]["kind"] == "logreg"
+    assert pd.read_csv(out["reliability"])["calibration"].unique().tolist() == ["uncalibrated", "calibrated"]

@@ -1,0 +1,31 @@
+import pytest
+
+from mmasr.ingest import clean_text, has_words
+from mmasr.text import normalise, strip_punctuation
+
+
+@pytest.mark.parametrize("raw, norm", [
+    ("Um, a RED red bear... you know", "a red bear"),
+    ("Cafe\u0301 CAFÉ crème", "café crème"),            # combining accent = precomposed; repeat collapsed
+    ("don\u2019t stop", "don't stop"),                  # typographic apostrophe
+    ("uh-huh, a bear", "a bear"),                       # hyphenated filler
+    ("rock-'n'-roll", "rock n roll"),                  # ' and - only between word characters
+    ("नमस्ते, नमस्ते दुनिया!", "नमस्ते दुनिया"),              # Devanagari: vowel signs and virama stay in the word
+    ("你好，世界。", "你好 世界"),                         # CJK punctuation
+    ("Ça va?  Très bien!", "ça va très bien"),
+    ("the-bear bear", "the-bear bear"),                 # different words, not a repeat
+    ("?! ... --", ""),
+])
+def test_normalise_any_script(raw, norm):
+    assert normalise(raw) == norm
+
+
+def test_strip_punctuation_keeps_word_characters_of_any_script():
+    assert strip_punctuation("x_y $5 'q' a-b") == "x_y  5  q  a-b"
+    assert strip_punctuation("مَرْحَبًا!") == "مَرْحَبًا "  # Arabic harakat are combining marks
+
+
+def test_clean_text_and_has_words():
+    assert clean_text(" a\u00a0red\n\tbe\u0301ar  ") == "a red béar"
+    assert [has_words(t) for t in ("", "  ", "?!", "\U0001F642", "你好", "a", "7")] == [
+        False, False, False, False, True, True, True]
