@@ -20,14 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import tests.conftest as _conftest
 from mmasr.config import deep_merge, load
 from mmasr.io import read_json
-from tests.conftest import REPO
-from tests.test_workflow import file_digest, job_counts, project_copy, run, snakemake
-
-if not hasattr(_conftest, "tiny_run"):  # the tiny Snakemake run lives in test_workflow until it moves to conftest
-    from tests.test_workflow import tiny_run  # noqa: F401
+from tests.conftest import REPO, file_digest, job_counts, project_copy, run
+from tests.test_workflow import without_timing
 
 # ------------------------------------------------------------------------------------------ the two graphs
 
@@ -314,7 +310,8 @@ def test_top_level_plots_read_stage_outputs():
         template = opts.get("template", "linear")
         assert not template.endswith(".json") or (REPO / template).is_file(), f"{title}: no template {template}"
     assert files and files <= outputs, sorted(files - outputs)
-    assert {"results/fusion/grid.csv", "results/projector/train_log.csv", "results/pretrain/whisper_loss.csv"} <= files
+    assert {"results/fusion/grid.csv", "results/projector/train_log.csv", "results/pretrain/whisper_loss.csv",
+            "results/clap/recall_at_k.csv", "results/probe/reliability.csv"} <= files
 
 
 # ------------------------------------------------------------------------------------------ the agreement
@@ -357,14 +354,6 @@ def test_sharded_nbest_differs_from_the_dvc_stage_only_in_the_shard(dry_project)
 
 
 # ------------------------------------------------------------------------------------------ DVC runs (slow)
-
-# Metrics that measure time differ between identical runs; no other metric may.
-TIMING_KEY = re.compile(r"(seconds|secs|_s|wall|elapsed|timestamp|speedup|per_second|throughput)$|^(time|date|host)")
-
-
-def without_timing(metrics: dict) -> dict:
-    return {k: without_timing(v) if isinstance(v, dict) else v for k, v in metrics.items() if not TIMING_KEY.search(k)}
-
 
 def dvc(work: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "dvc", *args], work, check)
