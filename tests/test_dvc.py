@@ -44,8 +44,8 @@ class Command:
 
 
 def parse_command(shell: str) -> Command:
-    """An `mmasr` command line as sub-command, options and positionals; environment assignments before it
-    (MMASR_THREADS=2) and redirections after it are dropped."""
+    """An `mmasr` command line as sub-command, options and positionals, with the environment assignments
+    before it (MMASR_THREADS=2); redirections after it are dropped."""
     tokens = shlex.split(shell)
     env = {}
     while tokens and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", tokens[0]):
