@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from .io import atomic_dir, atomic_path, write_json, write_parquet
-from .pretrain import (LN_100, CsvLog, _adamw, _progress, batch_indices, end_of_step, fingerprint, lr_at, optimise,
-                       resume_checkpoint, set_determinism, soft_targets)
+from .pretrain import (LN_100, CsvLog, _adamw, _progress, batch_indices, code_digest, end_of_step, fingerprint,
+                       optimise, resume_checkpoint, set_determinism, set_lr, soft_targets, symmetric_infonce)
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +109,10 @@ class ClapHeads(torch.nn.Module):
 
 def clap_loss(audio: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
               targets: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch of unit-norm pairs: ``logits = exp(min(s, ln 100)) * A T^T``,
-    the mean of the audio->text and text->audio cross-entropies. ``targets`` (rows summing to 1,
-    e.g. :func:`mmasr.pretrain.soft_targets` over the texts) makes same-text pairs positives of one
-    another; default: the diagonal."""
-    logits = logit_scale.clamp(max=LN_100).exp() * audio @ text.T
-    if targets is None:
-        targets = torch.arange(len(audio), device=audio.device)
-        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
-    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets.T))
+    """CLAP's loss: :func:`mmasr.pretrain.symmetric_infonce` over unit-norm audio and text embeddings
+    (``targets``, e.g. :func:`mmasr.pretrain.soft_targets` over the texts, makes same-text pairs
+    positives of one another; default: the diagonal)."""
+    return symmetric_infonce(audio, text, logit_scale, targets)
 
 
 def _text_targets(text_rows: np.ndarray) -> torch.Tensor:
@@ -292,10 +287,6 @@ def load_cache(folder: str | Path) -> ClapCache:
 # --------------------------------------------------------------------------------------------
 
 
-def _code_digest() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-
-
 # Keys of the `clap` section that do not change the trained weights: encoding (they change the cache,
 # whose digest is fingerprinted), evaluation, and checkpoint/monitoring bookkeeping.
 NON_TRAINING_KEYS = ("layers", "text_pooling", "encode_batch_size", "eval_split", "plot_max_k", "checkpoint_every",
@@ -308,14 +299,6 @@ def _training_cfg(cfg: dict) -> dict:
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: dict, total: int) -> float:
-    """Schedule of :func:`mmasr.pretrain.lr_at`; a group's ``lr_scale`` (phase 2 encoders) scales it."""
-    lr = lr_at(step, lr=cfg["lr"], warmup=cfg["warmup"], total=total, min_lr_ratio=cfg["min_lr_ratio"])
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-    return lr
 
 
 def _chunks(n: int, size: int) -> list[np.ndarray]:
@@ -396,7 +379,7 @@ def train_clap(cache_dir: str | Path, out_dir: str | Path, log_csv: str | Path, 
     schedule = {"kind": "linear warm-up + cosine", "lr": cfg["lr"], "warmup": cfg["warmup"], "total": steps1,
                 "min_lr_ratio": cfg["min_lr_ratio"]}
     phase1_cfg = {k: v for k, v in _training_cfg(cfg).items() if not k.startswith("phase2_")}
-    fp1 = fingerprint("clap.phase1", phase1_cfg, seed, steps1, cache.digest, cache.meta, str(device), _code_digest())
+    fp1 = fingerprint("clap.phase1", phase1_cfg, seed, steps1, cache.digest, cache.meta, str(device), code_digest(__file__))
     start = resume_checkpoint(ckpt_dir / "phase1", heads, optimizer, fp1)
     csv_log = CsvLog(ckpt_dir / "log.csv", TRAIN_LOG_COLUMNS, start) if start < steps1 else None
 
@@ -406,7 +389,7 @@ def train_clap(cache_dir: str | Path, out_dir: str | Path, log_csv: str | Path, 
     bar = _progress(steps1, start, "CLAP phase 1", progress)
     heads.train()
     for step in range(start, steps1):
-        lr = _set_lr(optimizer, step, cfg, steps1)
+        lr = set_lr(optimizer, step, cfg, steps1)
         idx = phase1_batch(len(train), bs, step, seed)
         loss = heads_step(heads, optimizer, audio[tr_rows[idx]], text[tr_text[idx]], tr_text[idx], cfg["grad_clip"])
         done = step + 1
@@ -529,7 +512,7 @@ def _phase2(cache: ClapCache, heads: ClapHeads, cfg: dict, seed: int, models_cfg
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-8)
     schedule = {"kind": "linear warm-up + cosine", "lr": cfg["lr"], "encoder_lr": cfg["phase2_encoder_lr"],
                 "warmup": cfg["warmup"], "total": steps2, "min_lr_ratio": cfg["min_lr_ratio"]}
-    fp2 = fingerprint("clap.phase2", _training_cfg(cfg), seed, steps1, steps2, cache.digest, cache.meta, str(device), _code_digest())
+    fp2 = fingerprint("clap.phase2", _training_cfg(cfg), seed, steps1, steps2, cache.digest, cache.meta, str(device), code_digest(__file__))
     start = resume_checkpoint(ckpt_dir / "phase2", model, optimizer, fp2) or steps1
     csv_log = CsvLog(ckpt_dir / "log.csv", TRAIN_LOG_COLUMNS, start)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -549,7 +532,7 @@ def _phase2(cache: ClapCache, heads: ClapHeads, cfg: dict, seed: int, models_cfg
     bar = _progress(total, start, "CLAP phase 2", progress)
     model.train()
     for step in range(start, total):  # global step numbers: the log and the checkpoints continue phase 1's
-        lr = _set_lr(optimizer, step - steps1, cfg, steps2)
+        lr = set_lr(optimizer, step - steps1, cfg, steps2)
         idx = batch_indices(len(train), bs, step - steps1, seed, _TAG_CLAP2_ORDER)
         a, t = embed([train_audio[i] for i in idx], [cache.texts[r] for r in tr_text[idx]])
         loss = clap_loss(a, t, heads.logit_scale, _text_targets(tr_text[idx]).to(device))

@@ -44,7 +44,6 @@ byte-identical files, both for the random init and for the trained model.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import os
@@ -64,8 +63,8 @@ from .demo_models import (_bpe_vocab, _seeded_init, _write_vocab_merges, bytes_t
 from .io import atomic_dir
 from .models import model_revision, quiet_hf_progress
 from .pretrain import (IGNORE, CsvLog, _adamw, _caption_ids, _data_digest, _progress, _save_hf, batch_indices,
-                       end_of_step, fingerprint, lr_at, mean_tail_loss, optimise, resume_checkpoint, set_determinism,
-                       teacher_forcing_arrays, whisper_training_items)
+                       code_digest, end_of_step, fingerprint, mean_tail_loss, optimise, resume_checkpoint,
+                       set_determinism, set_lr, teacher_forcing_arrays, whisper_training_items)
 
 log = logging.getLogger(__name__)
 
@@ -310,23 +309,12 @@ def build_demo_text_encoder(out_dir: str | os.PathLike, cfg: dict | None, seed: 
 # --------------------------------------------------------------------------------------------
 
 
-def _code_digest() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-
-
 def _texts_digest(texts: Sequence[str]) -> str:
     return _data_digest(pd.DataFrame({"text": list(texts)}), ["text"])
 
 
 def _n_params(model: torch.nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: dict, total: int) -> float:
-    lr = lr_at(step, lr=cfg["lr"], warmup=cfg["warmup"], total=total, min_lr_ratio=cfg["min_lr_ratio"])
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
 
 
 def _final_loss(csv_log: CsvLog) -> float | None:
@@ -463,14 +451,14 @@ def train_lm(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | Path, 
     schedule = {"kind": "linear warm-up + cosine", "lr": cfg["lr"], "warmup": cfg["warmup"], "total": steps,
                 "min_lr_ratio": cfg["min_lr_ratio"]}
     fp = fingerprint("demo_text.lm", cfg, seed, steps, prompt, model_revision(init_dir), _texts_digest(texts),
-                     str(dev), _code_digest())
+                     str(dev), code_digest(__file__))
     ckpt_dir = Path(checkpoint_dir)
     start = resume_checkpoint(ckpt_dir, model, optimizer, fp)
     csv_log = CsvLog(ckpt_dir / "log.csv", ["step", "lr", "loss", "tokens"], start)
 
     bar = _progress(steps, start, "train lm", progress)
     for step in range(start, steps):
-        lr = _set_lr(optimizer, step, cfg, steps)
+        lr = set_lr(optimizer, step, cfg, steps)
         idx = batch_indices(len(texts), cfg["batch_size"], step, seed, _TAG_LM_ORDER)
         x, y = _lm_batch([captions[i] for i in idx], prompt, eos, pad, np.random.default_rng([seed, _TAG_LM_COPY, step]), cfg)
         x, y = x.to(dev), y.to(dev)
@@ -550,14 +538,14 @@ def train_text_encoder(init_dir: str | Path, manifest: pd.DataFrame, out_dir: st
     schedule = {"kind": "linear warm-up + cosine", "lr": cfg["lr"], "warmup": cfg["warmup"], "total": steps,
                 "min_lr_ratio": cfg["min_lr_ratio"]}
     fp = fingerprint("demo_text.text_encoder", cfg, seed, steps, model_revision(init_dir), _texts_digest(texts),
-                     str(dev), _code_digest())
+                     str(dev), code_digest(__file__))
     ckpt_dir = Path(checkpoint_dir)
     start = resume_checkpoint(ckpt_dir, model, optimizer, fp)
     csv_log = CsvLog(ckpt_dir / "log.csv", ["step", "lr", "loss", "masked"], start)
 
     bar = _progress(steps, start, "train text encoder", progress)
     for step in range(start, steps):
-        lr = _set_lr(optimizer, step, cfg, steps)
+        lr = set_lr(optimizer, step, cfg, steps)
         idx = batch_indices(len(texts), cfg["batch_size"], step, seed, _TAG_TE_ORDER)
         width = int(lengths[idx].max())
         rng = np.random.default_rng([seed, _TAG_TE_MASK, step])

@@ -104,6 +104,27 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_lr_ratio: float,
     return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * shape)
 
 
+def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: dict, total: int, decay: str = "cosine") -> float:
+    """Set every parameter group's learning rate for ``step`` (:func:`lr_at` with ``cfg``'s ``lr``,
+    ``warmup`` and ``min_lr_ratio``), times the group's ``lr_scale`` if it has one; return the base rate."""
+    lr = lr_at(step, lr=cfg["lr"], warmup=cfg["warmup"], total=total, min_lr_ratio=cfg["min_lr_ratio"], decay=decay)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
+
+
+def symmetric_infonce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
+                      targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of unit-norm pairs: ``logits = exp(min(s, ln 100)) * A B^T``,
+    the mean of the a->b and b->a cross-entropies. ``targets`` (rows summing to 1, e.g.
+    :func:`soft_targets`) makes repeated items positives of one another; default: the diagonal."""
+    logits = logit_scale.clamp(max=LN_100).exp() * a @ b.T
+    if targets is None:
+        targets = torch.arange(len(a), device=a.device)
+        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets.T))
+
+
 def batch_indices(n: int, batch_size: int, step: int, seed: int, tag: int = 0) -> np.ndarray:
     """The example indices of ``step``: the steps walk through an endless stream of epochs, each a
     fresh permutation of ``range(n)`` drawn from ``default_rng([seed, tag, epoch])``. A pure function
@@ -328,6 +349,11 @@ def set_determinism(seed: int, device: torch.device) -> None:
     torch.set_flush_denormal(True)  # Adam's tiny second moments as denormals make CPU steps ~5x slower
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+
+
+def code_digest(path: str | Path) -> str:
+    """sha256 (16 hex) of a source file: fingerprints name the training code they belong to."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def fingerprint(*parts: Any) -> str:
@@ -606,9 +632,7 @@ def train_whisper(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | P
 
     bar = _progress(steps, start, "pretrain whisper", progress)
     for step in range(start, steps):
-        lr = lr_at(step, lr=cfg["lr"], warmup=cfg["warmup"], total=steps, min_lr_ratio=cfg["min_lr_ratio"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, step, cfg, steps)
         idx = batch_indices(len(train), cfg["batch_size"], step, seed, _TAG_WHISPER_ORDER)
         rng = np.random.default_rng([seed, _TAG_WHISPER_AUG, step])
         x = augment_features(feats[idx], n_frames[idx], rng, cfg["augment"]).to(dev)
@@ -752,9 +776,7 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
 
     bar = _progress(steps, start, "pretrain clip", progress)
     for step in range(start, steps):
-        lr = lr_at(step, lr=cfg["lr"], warmup=cfg["warmup"], total=steps, min_lr_ratio=cfg["min_lr_ratio"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, step, cfg, steps)
         anchors = batch_indices(len(pairs), min(cfg["batch_size"], len(pairs)), step, seed, _TAG_CLIP_ORDER)
         pool = clip_pool(anchors, neighbours, cfg["hard_negatives"])
         rng = np.random.default_rng([seed, _TAG_CLIP_AUG, step])
@@ -764,10 +786,8 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
             px = torch.where(flip[:, None, None, None], px.flip(-1), px)
         img = _clip_embed(model, pixel_values=px.to(dev))
         txt = _clip_embed(model, input_ids=ids[pool].to(dev), attention_mask=mask[pool].to(dev))
-        scale = model.logit_scale.clamp(max=LN_100).exp()
-        logits = scale * img @ txt.T  # (pictures, captions)
         targets = soft_targets(pairs["image_id"].to_numpy()[pool], pairs["caption"].to_numpy()[pool]).to(dev)
-        loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets.T))
+        loss = symmetric_infonce(img, txt, model.logit_scale, targets)  # (pictures, captions)
         optimise(loss, model, optimizer, cfg["grad_clip"])
         with torch.no_grad():
             model.logit_scale.clamp_(max=LN_100)

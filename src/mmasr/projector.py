@@ -11,7 +11,6 @@ the end-of-sequence token only (:func:`assemble`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -254,13 +253,12 @@ def train_projector(model: SpeechLM, cache, manifest: pd.DataFrame, out_dir: str
     the run (smoke tests); ``stop_after`` stops as a kill would. Writes ``out_dir/{best,last}`` with
     the projector's config, and the log; returns the summary (None when stopped).
     """
-    from .pretrain import (CsvLog, _adamw, _data_digest, _progress, end_of_step, fingerprint, lr_at,
-                           resume_checkpoint, save_checkpoint, set_determinism)
+    from .pretrain import (CsvLog, _adamw, _data_digest, _progress, code_digest, end_of_step, fingerprint,
+                           resume_checkpoint, save_checkpoint, set_determinism, set_lr)
 
     t0 = time.perf_counter()
     dev = model.device
     set_determinism(seed, dev)
-    torch.manual_seed(seed)
     model.projector.reset_parameters(seed)
     steps = min(cfg["steps"], max_steps) if max_steps else cfg["steps"]
     train = labelled_items(manifest, "train", cache, model.tokenizer, limit)
@@ -275,7 +273,7 @@ def train_projector(model: SpeechLM, cache, manifest: pd.DataFrame, out_dir: str
     schedule = {"kind": "linear warm-up + linear decay", "lr": cfg["lr"], "warmup": cfg["warmup"], "total": steps,
                 "min_lr_ratio": cfg["min_lr_ratio"], "grad_accum": cfg["grad_accum"]}
     fp = fingerprint("projector", cfg, seed, steps, model.prompt_ids, (provenance or {}),
-                     _data_digest(train, ["utt_id", "text", "n_frames"]), cache.digest, str(dev), _code_digest())
+                     _data_digest(train, ["utt_id", "text", "n_frames"]), cache.digest, str(dev), code_digest(__file__))
     state = Path(state_dir)
     if not resume and state.exists():
         log.info("starting afresh: removing the previous training state in %s (use --resume to continue it)", state)
@@ -294,10 +292,7 @@ def train_projector(model: SpeechLM, cache, manifest: pd.DataFrame, out_dir: str
 
     bar = _progress(steps, start, "train projector", progress)
     for step in range(start, steps):
-        lr = lr_at(step, lr=cfg["lr"], warmup=cfg["warmup"], total=steps, min_lr_ratio=cfg["min_lr_ratio"],
-                   decay="linear")
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, step, cfg, steps, decay="linear")
         # Gradient accumulation: the step's batch of batch_size * grad_accum utterances runs as grad_accum
         # micro-batches whose summed token losses are divided by the step's token count, so the update
         # equals one big batch (only memory differs).
@@ -315,7 +310,7 @@ def train_projector(model: SpeechLM, cache, manifest: pd.DataFrame, out_dir: str
         optimizer.step()
 
         done = step + 1
-        row = {"step": done, "lr": lr, "loss": total / n_tokens, "tokens": n_tokens}
+        row = {"step": done, "lr": lr, "loss": total / n_tokens, "train_loss": total / n_tokens, "tokens": n_tokens}
         if len(dev_items) and (done % cfg["eval_every"] == 0 or done == steps):
             projector.eval()
             row["dev_loss"] = mean_loss(model, dev_items, cache, cfg["batch_size"])
@@ -323,7 +318,6 @@ def train_projector(model: SpeechLM, cache, manifest: pd.DataFrame, out_dir: str
             if row["dev_loss"] < best:
                 best = row["dev_loss"]
                 save_checkpoint(state, done, projector, optimizer, fp, schedule, 1, name="best")
-        row["train_loss"] = row["loss"]
         if end_of_step(row, steps, csv_log, bar, state, projector, optimizer, fp, schedule, cfg, stop_after):
             return None
     bar.close()
@@ -357,8 +351,6 @@ def _saved_step(folder: Path) -> int:
     return int(torch.load(folder / "state.pt", weights_only=True, map_location="cpu")["step"])
 
 
-def _code_digest() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------
