@@ -129,11 +129,18 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, b
     return [batches[i] for i in order]
 
 
-def micro_batch(lengths: np.ndarray, batch_size: int, index: int, seed: int, bucket_batches: int) -> np.ndarray:
-    """The ``index``-th micro-batch of the endless stream of epochs (a resumed run sees the same batches)."""
+def micro_batch(lengths: np.ndarray, batch_size: int, index: int, seed: int, bucket_batches: int,
+                memo: dict | None = None) -> np.ndarray:
+    """The ``index``-th micro-batch of the endless stream of epochs (a resumed run sees the same batches).
+    ``memo`` (a dict the caller keeps) holds the current epoch's batches, so they are built once per epoch."""
     per_epoch = math.ceil(len(lengths) / batch_size)
     epoch, within = divmod(index, per_epoch)
-    return epoch_batches(lengths, batch_size, seed, epoch, bucket_batches)[within]
+    if memo is None or memo.get("epoch") != epoch:
+        batches = epoch_batches(lengths, batch_size, seed, epoch, bucket_batches)
+        if memo is None:
+            return batches[within]
+        memo.update(epoch=epoch, batches=batches)
+    return memo["batches"][within]
 
 
 def pad_frames(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,12 +298,14 @@ def train_projector(model: SpeechLM, cache, manifest: pd.DataFrame, out_dir: str
              cfg["batch_size"], cfg["grad_accum"])
 
     bar = _progress(steps, start, "train projector", progress)
+    epoch_memo: dict = {}
     for step in range(start, steps):
         lr = set_lr(optimizer, step, cfg, steps, decay="linear")
         # Gradient accumulation: the step's batch of batch_size * grad_accum utterances runs as grad_accum
         # micro-batches whose summed token losses are divided by the step's token count, so the update
         # equals one big batch (only memory differs).
-        step_batch = micro_batch(lengths, cfg["batch_size"] * cfg["grad_accum"], step, seed, cfg["bucket_batches"])
+        step_batch = micro_batch(lengths, cfg["batch_size"] * cfg["grad_accum"], step, seed, cfg["bucket_batches"],
+                                 epoch_memo)
         batches = [train.iloc[part] for part in np.array_split(step_batch, cfg["grad_accum"]) if len(part)]
         n_tokens = sum(int(b["target"].map(len).sum()) + len(b) for b in batches)
         optimizer.zero_grad(set_to_none=True)
