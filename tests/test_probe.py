@@ -81,7 +81,7 @@ def synthetic(n_speakers: int = 12, per: int = 20, dim: int = 6, shift: float = 
                                   {"calibration": "isotonic", "isotonic_min_class": 10}])
 def test_probe_metrics_and_a_stored_model_that_reproduces_scikit_learn(over):
     emb, manifest = synthetic()
-    cfg = probe_cfg(**over)
+    cfg = probe_cfg(calibration_check=False, **over)  # each method as asked (the check is tested below)
     metrics, reliability, model = train_probe(emb, manifest, cfg, seed=0)
     for key in ("accuracy", "auc", "brier", "ece_uncalibrated", "ece_calibrated", "calibration_method"):
         assert key in metrics
@@ -102,9 +102,37 @@ def test_probe_metrics_and_a_stored_model_that_reproduces_scikit_learn(over):
         metrics["ece_uncalibrated"])
 
 
+def test_calibration_check_keeps_a_calibrator_that_helps_new_speakers():
+    # many noisy features and weak regularisation: an over-confident classifier, which Platt scaling tempers
+    emb, manifest = synthetic(dim=40, shift=0.5, per=30)
+    metrics, _, model = train_probe(emb, manifest, probe_cfg(C_grid=[], C=100.0), seed=0)
+    assert metrics["calibration_method"] == "sigmoid" and metrics["calibration_fallback"] is None
+    assert metrics["calibration_check_brier_calibrated"] < metrics["calibration_check_brier_uncalibrated"]
+    assert metrics["ece_calibrated"] < metrics["ece_uncalibrated"]
+    assert model["calibration_method"] == "sigmoid" and model["folds"]
+
+
+def test_calibration_check_drops_a_calibrator_that_hurts_and_says_why():
+    # perfectly separated groups: the classifier is right and sure; Platt scaling could only pull it towards 0.5
+    emb, manifest = synthetic(shift=8.0)
+    metrics, reliability, model = train_probe(emb, manifest, probe_cfg(), seed=0)
+    assert metrics["auc"] == 1.0 and metrics["calibration_requested"] == "sigmoid"
+    assert metrics["calibration_method"] == "none" and "Brier" in metrics["calibration_fallback"]
+    assert metrics["calibration_check_brier_calibrated"] > metrics["calibration_check_brier_uncalibrated"]
+    assert metrics["ece_calibrated"] == metrics["ece_uncalibrated"] and metrics["brier"] == metrics["brier_uncalibrated"]
+    assert model["calibration_method"] == "none" and model["folds"] == []
+    X = np.stack([emb[u] for u in sorted(manifest.loc[manifest["split"] == "test", "utt_id"])])
+    stored = ProbeModel(model)
+    np.testing.assert_array_equal(stored.predict_proba(X), stored.predict_proba(X, calibrated=False))
+    # without the check the calibrator is used, and it is indeed worse on the held-out speakers
+    unchecked, _, _ = train_probe(emb, manifest, probe_cfg(calibration_check=False), seed=0)
+    assert unchecked["calibration_method"] == "sigmoid" and unchecked["calibration_check_brier_calibrated"] is None
+    assert unchecked["brier"] > metrics["brier"]
+
+
 def test_isotonic_request_with_too_few_samples_is_recorded():
     emb, manifest = synthetic()
-    metrics, _, model = train_probe(emb, manifest, probe_cfg(calibration="isotonic"), seed=0)
+    metrics, _, model = train_probe(emb, manifest, probe_cfg(calibration="isotonic", calibration_check=False), seed=0)
     assert metrics["calibration_method"] == "sigmoid" and metrics["calibration_requested"] == "isotonic"
     assert "isotonic_min_class" in metrics["calibration_fallback"]
     assert model["calibration_method"] == "sigmoid"

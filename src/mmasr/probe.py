@@ -13,7 +13,11 @@ calibrator gets every held-out prediction, and it learns how confident the class
 (Platt) is the default; ``isotonic`` is used only when the smallest class has
 ``probe.isotonic_min_class`` samples (isotonic regression over-fits small calibration sets;
 scikit-learn's guide suggests well over a thousand), otherwise sigmoid is used and the fallback is
-logged and recorded.
+logged and recorded. A calibrator can also hurt: Platt scaling cannot output 0 or 1, so on
+perfectly separated classes it makes right answers less confident. With ``probe.calibration_check``
+the whole fit-then-calibrate procedure is first repeated in the speaker-grouped folds of the
+training speakers (:func:`calibration_check`); when calibrating raises the held-out Brier score
+there, the classifier's own probabilities are kept, and that fallback is logged and recorded too.
 
 Everything is evaluated on held-out speakers (``probe.eval_split``): accuracy at 0.5, ROC AUC,
 Brier score and expected calibration error (equal-width bins, ``sum_b n_b / N |mean p_b - frac
@@ -117,6 +121,40 @@ def choose_calibration(requested: str, y: np.ndarray, folds: list, min_class: in
             return "sigmoid", (f"isotonic needs >= {min_class} samples of the smallest class (probe.isotonic_min_class), "
                                f"the training data has {smallest}: sigmoid used instead")
     return requested, None
+
+
+def fit_calibrated(base, X: np.ndarray, y: np.ndarray, folds: list, method: str):
+    """``base`` (unfitted) calibrated with ``method`` on its out-of-fold scores over ``folds``
+    (one calibrator on all of them, on top of the classifier fitted on all of ``X``)."""
+    from sklearn.base import clone
+    from sklearn.calibration import CalibratedClassifierCV
+
+    return CalibratedClassifierCV(clone(base), method=method, cv=folds, ensemble=False).fit(X, y)
+
+
+def calibration_check(base, X: np.ndarray, y: np.ndarray, speakers: np.ndarray, folds: list, method: str,
+                      n_folds: int, seed: int) -> dict[str, float] | None:
+    """Does calibrating help on speakers neither the classifier nor the calibrator has seen?
+
+    The whole fit-then-calibrate procedure is repeated inside each speaker-grouped fold of the
+    training speakers (the calibrator in inner folds grouped by speaker, as on the full data), and
+    the held-out fold's probabilities with and without the calibrator are pooled: their Brier
+    scores (a proper scoring rule, unlike the binned ECE). None when some fold has too few speakers
+    per class for inner folds."""
+    from sklearn.base import clone
+    from sklearn.metrics import brier_score_loss
+
+    raw, cal, truth = [], [], []
+    for fit, held in folds:
+        inner = speaker_folds(y[fit], speakers[fit], n_folds, seed)
+        if not inner:
+            return None
+        raw.append(clone(base).fit(X[fit], y[fit]).predict_proba(X[held])[:, 1])
+        cal.append(fit_calibrated(base, X[fit], y[fit], inner, method).predict_proba(X[held])[:, 1])
+        truth.append(y[held])
+    truth = np.concatenate(truth)
+    return {"brier_uncalibrated": float(brier_score_loss(truth, np.concatenate(raw))),
+            "brier_calibrated": float(brier_score_loss(truth, np.concatenate(cal)))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +317,6 @@ def train_probe(embeddings: dict[str, np.ndarray], manifest: pd.DataFrame, cfg: 
                 meta: dict | None = None) -> tuple[dict, pd.DataFrame, dict]:
     """Fit, calibrate and evaluate the probe; returns (metrics, reliability table, exported model)."""
     from sklearn.base import clone
-    from sklearn.calibration import CalibratedClassifierCV
 
     classes = _check_classes(manifest, cfg)
     if cfg["eval_split"] in cfg["train_splits"]:
@@ -295,9 +332,17 @@ def train_probe(embeddings: dict[str, np.ndarray], manifest: pd.DataFrame, cfg: 
     base = make_classifier(cfg, seed)
     uncalibrated = clone(base).fit(X, y)
     method, fallback = choose_calibration(cfg["calibration"], y, folds, cfg["isotonic_min_class"])
+    check = None
+    if method != "none" and cfg["calibration_check"]:
+        check = calibration_check(base, X, y, spk, folds, method, cfg["folds"], seed)
+        if check is not None and check["brier_calibrated"] > check["brier_uncalibrated"]:
+            method, fallback = "none", (
+                f"{method} calibration made the cross-validated Brier score on unseen training speakers worse "
+                f"({check['brier_uncalibrated']:.3g} -> {check['brier_calibrated']:.3g}): the classifier's own "
+                "probabilities are kept (probe.calibration_check)")
     if fallback:
         log.warning("probe calibration: %s", fallback)
-    calibrated = CalibratedClassifierCV(clone(base), method=method, cv=folds, ensemble=False).fit(X, y) if folds else None
+    calibrated = fit_calibrated(base, X, y, folds, method) if method != "none" else None
     log.info("probe: %s on %d utterances (%d speakers), %s calibration in %d speaker-grouped folds; "
              "evaluated on %d utterances (%d held-out speakers)", cfg["classifier"], len(y), len(set(spk)), method,
              len(folds), len(yt), len(set(spk_t)))
@@ -308,6 +353,8 @@ def train_probe(embeddings: dict[str, np.ndarray], manifest: pd.DataFrame, cfg: 
     metrics = {"accuracy": after["accuracy"], "auc": after["auc"], "brier": after["brier"],
                "ece_uncalibrated": before["ece"], "ece_calibrated": after["ece"], "calibration_method": method,
                "calibration_requested": cfg["calibration"], "calibration_fallback": fallback,
+               "calibration_check_brier_uncalibrated": (check or {}).get("brier_uncalibrated"),
+               "calibration_check_brier_calibrated": (check or {}).get("brier_calibrated"),
                "accuracy_uncalibrated": before["accuracy"], "auc_uncalibrated": before["auc"],
                "brier_uncalibrated": before["brier"], "n_folds": len(folds), "classifier": cfg["classifier"],
                "label": cfg["label"], "positive": str(cfg["positive"]), "classes": classes,

@@ -608,6 +608,9 @@ def probe_section(d: Mapping[str, Any]) -> str:
     parts = [table(["accuracy", "AUC", "Brier", "ECE uncalibrated", "ECE calibrated", "calibration"],
                    [[_num(m, "accuracy"), _num(m, "auc"), _num(m, "brier"), _num(m, "ece_uncalibrated"),
                      _num(m, "ece_calibrated"), m.get("calibration_method", "–")]])]
+    if m.get("calibration_fallback"):
+        parts.append(note(f"Calibration requested: {esc(m.get('calibration_requested', '?'))}; "
+                          f"{esc(m['calibration_fallback'])}."))
     rel = d["reliability"]
     if missing(rel):
         parts.append(note(f"Reliability diagram: {rel.html()}", "missing"))
