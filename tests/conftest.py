@@ -6,14 +6,18 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +100,14 @@ def project_copy(dest: Path) -> Path:
     return dest
 
 
+def tiny_params(work: Path) -> dict:
+    """The params a workflow run on the tiny config reads: ``params.yaml`` with ``config/tiny.yaml`` merged over."""
+    from mmasr.config import deep_merge
+
+    return deep_merge(yaml.safe_load((work / "params.yaml").read_text()),
+                      yaml.safe_load((work / "config" / "tiny.yaml").read_text()))
+
+
 def tool_env() -> dict[str, str]:
     """The environment for workflow runs: this interpreter's scripts (snakemake, mmasr) first on PATH."""
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -110,6 +122,30 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
                              f"{rule_logs(cwd)}")
+    return proc
+
+
+def kill_when(cmd: list[str], cwd: Path, output: Path, ready: Callable[[], bool], what: str, timeout_s: float = 600,
+              context: Callable[[], str] = lambda: "") -> subprocess.Popen:
+    """Run ``cmd`` in its own session (stdout and stderr to ``output``) and SIGKILL its whole process group
+    as soon as ``ready()``; fail the test, with the output and ``context()``, if it ends first or
+    ``timeout_s`` pass. Returns the reaped process (returncode ``-SIGKILL`` unless it ended on its own)."""
+    with open(output, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=tool_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"{' '.join(cmd[:4])} ... ended (exit {proc.returncode}) before it could be killed "
+                            f"{what}:\n{output.read_text()[-4000:]}{context()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"not {what} within {timeout_s} s:\n{output.read_text()[-4000:]}{context()}")
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
     return proc
 
 
@@ -131,6 +167,11 @@ def job_counts(snakemake_output: str) -> dict[str, int]:
 
 def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def litter(folder: Path) -> list[str]:
+    """Temporary or hidden files an interrupted writer could leave behind."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name.startswith(".") or ".tmp" in p.name)
 
 
 @pytest.fixture(scope="session")

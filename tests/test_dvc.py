@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmasr.config import deep_merge, load
+from mmasr.config import load
 from mmasr.io import read_json
-from tests.conftest import REPO, file_digest, job_counts, project_copy, run
+from tests.conftest import REPO, file_digest, job_counts, project_copy, run, tiny_params
 from tests.test_workflow import without_timing
 
 # ------------------------------------------------------------------------------------------ the two graphs
@@ -370,9 +370,7 @@ def dvc_project(dest: Path) -> Path:
     (work / ".dvc").mkdir()
     for name in ("config", ".gitignore"):
         shutil.copy(REPO / ".dvc" / name, work / ".dvc" / name)
-    params = deep_merge(yaml.safe_load((work / "params.yaml").read_text()),
-                        yaml.safe_load((work / "config/tiny.yaml").read_text()))
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(work), sort_keys=False))
     git(work, "init", "-q")
     git(work, "config", "user.name", "mmasr tests")
     git(work, "config", "user.email", "tests@mmasr.invalid")

@@ -5,20 +5,16 @@ merges exactly the table an uninterrupted run merges."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from mmasr.io import read_metadata
-from tests.conftest import rule_logs, run, tool_env
+from tests.conftest import kill_when, litter, rule_logs, run
 
 pytestmark = pytest.mark.slow
 
@@ -52,33 +48,13 @@ def snakemake_cmd(*extra: str) -> list[str]:
 def kill_during_second_shard(work: Path, log_path: Path, timeout_s: float = 600) -> None:
     """Run Snakemake and SIGKILL its process group once one shard has finished and the next one's
     ``mmasr nbest`` is running (its log file exists), or fail with Snakemake's log."""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(snakemake_cmd(), cwd=work, env=tool_env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            text = log_path.read_text()
-            done = finished(text)
-            running = {out for out in started(text).values() if out not in done
-                       and (work / "results/logs/nbest" / (Path(out).stem + ".log")).exists()}
-            if done and running:
-                return
-            if proc.poll() is not None:
-                pytest.fail(f"snakemake ended (exit {proc.returncode}) before it could be killed mid-n-best:\n"
-                            f"{text[-4000:]}{rule_logs(work)}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no shard finished within {timeout_s} s:\n{text[-4000:]}")
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+    def second_shard_running() -> bool:
+        text = log_path.read_text()
+        done = finished(text)
+        return bool(done) and any(out not in done and (work / "results/logs/nbest" / (Path(out).stem + ".log")).exists()
+                                  for out in started(text).values())
 
-
-def litter(folder: Path) -> list[str]:
-    """Temporary or hidden files an interrupted writer could leave behind."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name.startswith(".") or ".tmp" in p.name)
+    kill_when(snakemake_cmd(), work, log_path, second_shard_running, "mid-n-best", timeout_s, lambda: rule_logs(work))
 
 
 def test_killed_nbest_resumes_reusing_finished_shards(tiny_run, tmp_path):
