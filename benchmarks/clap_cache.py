@@ -44,19 +44,12 @@ def epoch(heads, cfg: dict, seed: int, n: int, bs: int, batch_inputs) -> tuple[l
     return losses, time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--cache", type=Path, default=Path("data/cache/clap_embeddings"))
-    parser.add_argument("--repeats", type=int, default=5, help="cached epochs timed (median)")
-    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/clap_cache.json"))
-    args = parser.parse_args(argv)
-
-    p = config.load(args.params)
+def measure(p: dict, cache_dir: Path, repeats: int = 5) -> dict:
+    """One phase-1 epoch re-encoding every batch vs ``repeats`` epochs on the cache (median)."""
     cfg, seed = p["clap"], p["seed"]
     device = pick_device(p["models"]["device"])
     torch.manual_seed(seed)
-    cache = load_cache(args.cache)
+    cache = load_cache(cache_dir)
     train = cache.split("train")
     n, bs = len(train), min(cfg["batch_size"], len(train))
     rows, text_rows = train.index.to_numpy(), train["text_row"].to_numpy()
@@ -87,20 +80,34 @@ def main(argv: list[str] | None = None) -> int:
 
     epoch(heads, cfg, seed, n, bs, cached)  # warm-up (allocations, lazy imports)
     slow_losses, t_reencode = epoch(heads, cfg, seed, n, bs, reencoded)
-    runs = [epoch(heads, cfg, seed, n, bs, cached) for _ in range(args.repeats)]
+    runs = [epoch(heads, cfg, seed, n, bs, cached) for _ in range(repeats)]
     fast_losses, t_cached = runs[0][0], float(np.median([t for _, t in runs]))
     max_diff = float(np.max(np.abs(np.array(fast_losses) - np.array(slow_losses))))
     same = bool(np.allclose(fast_losses, slow_losses, rtol=1e-4, atol=1e-4))
-    result = {"clap_cache_speedup": t_reencode / t_cached, "clap_cache_epoch_s": t_cached,
-              "clap_reencode_epoch_s": t_reencode, "clap_cache_steps": len(fast_losses), "clap_cache_batch_size": bs,
-              "clap_cache_n_train": n, "clap_cache_same_loss": same, "clap_cache_max_loss_diff": max_diff,
-              "clap_cache_audio_encoder": cache.meta["audio_encoder"], "device": str(device)}
-    write_json(args.out, result)
-    print(f"CLAP phase-1 epoch ({len(fast_losses)} steps of {bs}, {n} train utterances, {device}):")
-    print(f"  re-encoding every step (seed 003): {t_reencode:8.3f} s")
-    print(f"  cached embeddings:                 {t_cached:8.3f} s   -> {result['clap_cache_speedup']:.0f}x faster")
-    print(f"  same losses: {same} (max difference {max_diff:.2e}); written to {args.out}")
-    return 0 if same else 1
+    return {"clap_cache_speedup": t_reencode / t_cached, "clap_cache_epoch_s": t_cached,
+            "clap_reencode_epoch_s": t_reencode, "clap_cache_steps": len(fast_losses), "clap_cache_batch_size": bs,
+            "clap_cache_n_train": n, "clap_cache_same_loss": same, "clap_cache_max_loss_diff": max_diff,
+            "clap_cache_audio_encoder": cache.meta["audio_encoder"], "device": str(device)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--cache", type=Path, default=Path("data/cache/clap_embeddings"))
+    parser.add_argument("--repeats", type=int, default=5, help="cached epochs timed (median)")
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/clap_cache.json"))
+    args = parser.parse_args(argv)
+
+    r = measure(config.load(args.params), args.cache, args.repeats)
+    write_json(args.out, r)
+    print(f"CLAP phase-1 epoch ({r['clap_cache_steps']} steps of {r['clap_cache_batch_size']}, "
+          f"{r['clap_cache_n_train']} train utterances, {r['device']}):")
+    print(f"  re-encoding every step (seed 003): {r['clap_reencode_epoch_s']:8.3f} s")
+    print(f"  cached embeddings:                 {r['clap_cache_epoch_s']:8.3f} s   "
+          f"-> {r['clap_cache_speedup']:.0f}x faster")
+    print(f"  same losses: {r['clap_cache_same_loss']} (max difference {r['clap_cache_max_loss_diff']:.2e}); "
+          f"written to {args.out}")
+    return 0 if r["clap_cache_same_loss"] else 1
 
 
 if __name__ == "__main__":

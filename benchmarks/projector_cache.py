@@ -46,23 +46,14 @@ def run(source, p: dict, manifest: pd.DataFrame, steps: int, work: Path, name: s
     return seconds, curve
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
-    ap.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
-    ap.add_argument("--features", type=Path, default=Path("data/cache/encoder_features"))
-    ap.add_argument("--steps", type=int, default=None, help="default: one epoch of the train split")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("results/benchmarks/projector_cache.json"))
-    args = ap.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
-    p = config.load(args.params)
-    manifest = pd.read_parquet(args.manifest)
+def measure(p: dict, manifest_path: Path, features: Path, steps: int | None = None, threads: int = 2) -> dict:
+    """Cached vs live projector training over ``steps`` steps (default: one epoch of the train split)."""
+    torch.set_num_threads(threads)
+    manifest = pd.read_parquet(manifest_path)
     manifest = manifest[manifest["split"] == "train"]  # the epoch only: no dev evaluation in the timings
     n_train = int(((manifest["split"] == "train") & manifest["text"].fillna("").str.strip().astype(bool)).sum())
-    steps = args.steps or math.ceil(n_train / p["projector"]["batch_size"])
-    cache = FeatureCache(args.features)
+    steps = steps or math.ceil(n_train / p["projector"]["batch_size"])
+    cache = FeatureCache(features)
     live = LiveEncoder(load_from_params("whisper", p["models"]), manifest)
 
     work = Path(tempfile.mkdtemp(prefix="mmasr-bench-projector-"))
@@ -79,17 +70,33 @@ def main(argv: list[str] | None = None) -> int:
     t_cache, t_live = t_cache - t_cache_setup, t_live - t_live_setup
 
     max_diff = float(np.max(np.abs(loss_cache - loss_live)))
-    result = {
+    return {
         "projector_cache_speedup": t_live / t_cache, "projector_cached_seconds": t_cache,
         "projector_live_seconds": t_live, "projector_steps": steps,
         "projector_cached_setup_seconds": t_cache_setup, "projector_live_setup_seconds": t_live_setup,
         "projector_batch_size": p["projector"]["batch_size"], "projector_max_loss_diff": max_diff,
         "projector_same_loss_curve": bool(np.allclose(loss_cache, loss_live, atol=1e-3, rtol=1e-3)),
-        "device": str(load_from_params("lm", p["models"]).device), "threads": args.threads,
+        "projector_n_train": n_train, "device": str(load_from_params("lm", p["models"]).device), "threads": threads,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+    ap.add_argument("--features", type=Path, default=Path("data/cache/encoder_features"))
+    ap.add_argument("--steps", type=int, default=None, help="default: one epoch of the train split")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("results/benchmarks/projector_cache.json"))
+    args = ap.parse_args(argv)
+
+    result = measure(config.load(args.params), args.manifest, args.features, args.steps, args.threads)
+    steps, n_train, t_live, t_cache, max_diff = (result[k] for k in (
+        "projector_steps", "projector_n_train", "projector_live_seconds", "projector_cached_seconds",
+        "projector_max_loss_diff"))
     write_json(args.out, result)
     print(f"projector training, {steps} steps (one epoch of {n_train} train utterances, batch "
-          f"{p['projector']['batch_size']}), threads {args.threads}:")
+          f"{result['projector_batch_size']}), threads {args.threads}:")
     print(f"  encoder on the fly : {t_live:8.2f} s")
     print(f"  cached features    : {t_cache:8.2f} s")
     print(f"  speed-up           : {t_live / t_cache:8.1f}x   (target >= 5x)")

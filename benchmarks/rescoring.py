@@ -131,6 +131,21 @@ def bench_grid(p: dict, manifest: pd.DataFrame, split: str) -> dict:
             "grid_identical_best_alpha": bool(alphas[np.argmin(fast)] == alphas[np.argmin(slow)])}
 
 
+PIPELINE_OUTPUTS = ("data/processed/manifest.parquet", "data/nbest/asr_nbest.parquet",
+                    "data/cache/clip_image_embeddings.npz")
+
+
+def measure(p: dict, utts: int = 96, grid_split: str = "dev") -> dict:
+    """Both comparisons on the pipeline's outputs under the current folder (FileNotFoundError before a run)."""
+    missing = [f for f in PIPELINE_OUTPUTS if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"run the pipeline first (snakemake --cores 2); missing: {', '.join(missing)}")
+    torch.manual_seed(p["seed"])
+    manifest = pd.read_parquet("data/processed/manifest.parquet")
+    return {**bench_nbest(p, manifest, utts), **bench_grid(p, manifest, grid_split),
+            "torch_threads": torch.get_num_threads()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -138,16 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid-split", default="dev")
     ap.add_argument("--out", type=Path, default=Path("results/benchmarks/rescoring.json"))
     args = ap.parse_args(argv)
-    p = config.load(args.params)
-    missing = [f for f in ("data/processed/manifest.parquet", "data/nbest/asr_nbest.parquet",
-                           "data/cache/clip_image_embeddings.npz") if not Path(f).is_file()]
-    if missing:
-        print(f"run the pipeline first (snakemake --cores 2); missing: {', '.join(missing)}", file=sys.stderr)
+    try:
+        result = measure(config.load(args.params), args.utts, args.grid_split)
+    except FileNotFoundError as exc:
+        print(exc, file=sys.stderr)
         return 2
-    torch.manual_seed(p["seed"])
-    manifest = pd.read_parquet("data/processed/manifest.parquet")
-    result = {**bench_nbest(p, manifest, args.utts), **bench_grid(p, manifest, args.grid_split),
-              "torch_threads": torch.get_num_threads()}
     write_json(args.out, result)
     print(f"{'benchmark':<34}{'naive s':>10}{'fast s':>10}{'ratio':>9}  check")
     print(f"{'n-best, batched vs seed loop':<34}{result['nbest_seed_loop_s']:>10.2f}{result['nbest_batched_s']:>10.2f}"

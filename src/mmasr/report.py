@@ -664,7 +664,7 @@ def pretrain_section(d: Mapping[str, Any]) -> str:
 
 
 def benchmarks_section(d: Mapping[str, Any]) -> str:
-    """results/benchmarks.json (the pipeline's speed benchmarks) and, when present, the rescoring
+    """results/benchmarks.json (benchmarks/run.py: the pipeline's speed benchmarks) and, when present, the rescoring
     benchmark's own results (benchmarks/rescoring.py)."""
     sid, title = "benchmarks", "Speed benchmarks"
     parts = []
@@ -676,9 +676,39 @@ def benchmarks_section(d: Mapping[str, Any]) -> str:
         if missing(b):
             parts.append(name + note(b.html(), "missing"))
             continue
-        rows = [[k, v] for k, v in sorted(b.items()) if not isinstance(v, (dict, list))]
-        parts.append(name + table(["measure", "value"], rows, cls="compact"))
+        parts.append(name + benchmark_tables(b))
     return section(sid, title, "\n".join(parts))
+
+
+STAGE_COLUMNS = ("jobs", "wall_s", "cpu_s", "max_rss_mb")  # benchmarks.json ``stages`` columns, in this order
+
+
+def benchmark_tables(b: Mapping[str, Any]) -> str:
+    """A benchmarks JSON object: its measures (with target and device where the file names them:
+    ``targets``, ``devices``), its per-stage table (``stages``: rule -> wall s, memory, ...), and any
+    other nested object (per-benchmark details) folded away."""
+    targets, devices = b.get("targets") or {}, b.get("devices") or {}
+    headers = ["measure", "value"] + ["target"] * bool(targets) + ["device"] * bool(devices)
+    rows = [[k, v] + [targets.get(k, "")] * bool(targets) + [devices.get(k, "")] * bool(devices)
+            for k, v in sorted(b.items()) if not isinstance(v, dict)]
+    parts = [table(headers, rows, cls="compact")]
+    stages = b.get("stages")
+    if isinstance(stages, dict) and stages:
+        found = {c for v in stages.values() if isinstance(v, dict) for c in v}
+        columns = [c for c in STAGE_COLUMNS if c in found] + sorted(found - set(STAGE_COLUMNS))
+        ordered = sorted(((r, v) for r, v in stages.items() if isinstance(v, dict)),
+                         key=lambda kv: -float(kv[1].get("wall_s") or 0))
+        parts.append("<h4>Per stage (Snakemake benchmarks of the measured run)</h4>"
+                     + table(["rule", *columns], [[rule, *(v.get(c) for c in columns)] for rule, v in ordered],
+                             cls="compact"))
+    for key, value in sorted(b.items()):
+        if not isinstance(value, dict) or not value or key in ("targets", "devices", "stages"):
+            continue
+        groups = value.items() if all(isinstance(v, dict) for v in value.values()) else [("", value)]
+        for sub, flat in groups:
+            parts.append(f"<details><summary>{esc(': '.join(filter(None, [key, sub])))}</summary>"
+                         + table(["measure", "value"], sorted(flat.items()), cls="compact") + "</details>")
+    return "\n".join(parts)
 
 
 # --------------------------------------------------------------------------- provenance

@@ -1,0 +1,160 @@
+"""benchmarks/run.py: stage tables from Snakemake benchmark files, throughput, the fusion.tau edit, the
+printed table and the report's rendering of its JSON; on the tiny run (slow), --skip-pipeline end to end
+and the incremental re-run after changing only fusion.tau."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+from mmasr import config, report
+from mmasr.io import read_json
+from tests.conftest import REPO, run
+
+TSV = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n{s}\t0:00:00\t{rss}\t1\t1\t1\t0\t0\t0\t{cpu}\n"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("mmasr_benchmarks_run", REPO / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_tsvs(bench_dir, jobs):
+    for rel, s, rss in jobs:
+        path = bench_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(TSV.format(s=s, rss=rss, cpu=s * 2))
+
+
+def test_stage_table_sums_shards_and_keeps_the_peak(bench, tmp_path):
+    write_tsvs(tmp_path, [("preprocess.tsv", 4.0, 1600.5), ("fuse.tsv", 0.5, 120.0), ("nbest/0-of-2.tsv", 7.0, 900.0),
+                          ("nbest/1-of-2.tsv", 5.0, 950.0)])
+    stages = bench.stage_table(tmp_path)
+    assert stages["nbest"] == {"jobs": 2, "wall_s": 12.0, "cpu_s": 24.0, "max_rss_mb": 950.0}
+    assert stages["preprocess"] == {"jobs": 1, "wall_s": 4.0, "cpu_s": 8.0, "max_rss_mb": 1600.5}
+    assert set(stages) == {"nbest", "preprocess", "fuse"} and bench.stage_table(tmp_path / "absent") == {}
+    rows = bench.stage_rows(stages)
+    assert [r[0] for r in rows] == ["nbest", "preprocess", "fuse"] and rows[0][1:] == [2, "12.0", "24.0", "950"]
+
+
+def test_rules_that_rewrote_their_benchmark_file(bench, tmp_path):
+    write_tsvs(tmp_path, [("fuse.tsv", 0.5, 1), ("split.tsv", 1, 1), ("nbest/0-of-2.tsv", 1, 1)])
+    before = bench.tsv_state(tmp_path)
+    os.utime(tmp_path / "fuse.tsv", ns=(1, before["fuse.tsv"] + 10**9))
+    write_tsvs(tmp_path, [("report.tsv", 1, 1)])
+    assert bench.rerun_rules(before, bench.tsv_state(tmp_path)) == ["fuse", "report"]
+    os.utime(tmp_path / "nbest/0-of-2.tsv", ns=(1, 1))
+    assert "nbest" in bench.rerun_rules(before, bench.tsv_state(tmp_path))
+
+
+def test_set_param_edits_one_line_as_a_user_would(bench, tmp_path):
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    original = params.read_text()
+    old = bench.set_param(params, "fusion", "tau", 50.0)
+    assert old == config.load(REPO / "params.yaml")["fusion"]["tau"]
+    changed = [(a, b) for a, b in zip(original.splitlines(), params.read_text().splitlines()) if a != b]
+    assert len(changed) == 1 and "50.0" in changed[0][1] and "# CLIP logit scale" in changed[0][1]
+    assert config.load(params)["fusion"]["tau"] == 50.0
+    params.write_text("seed: 1\nfusion:\n  alpha_step: 0.1   # coarse\nsplit:\n  dev_fraction: 0.2\n")
+    assert bench.set_param(params, "fusion", "tau", 20.0) == 100.0  # the schema default
+    assert config.load(params)["fusion"] == {**config.load(params)["fusion"], "tau": 20.0, "alpha_step": 0.1}
+    params.write_text("seed: 1\n")
+    bench.set_param(params, "fusion", "tau", 30.0)
+    assert config.load(params)["fusion"]["tau"] == 30.0
+
+
+def test_threads_span_and_throughput_from_snakemake_metadata(bench, tmp_path):
+    records = [{"rule": "preprocess", "shellcmd": "mmasr preprocess --cfg '{}' --threads 2 --ingested x",
+                "starttime": 100.0, "endtime": 110.0},
+               {"rule": "nbest", "shellcmd": "MMASR_THREADS=2 mmasr nbest --shard 0", "starttime": 110.5, "endtime": 160.0},
+               {"rule": "split", "shellcmd": None, "starttime": None, "endtime": None}]
+    assert bench.rule_threads(records, "preprocess") == 2 and bench.rule_threads(records, "nbest") == 2
+    assert bench.rule_threads(records, "split") is None and bench.metadata_span_s(records) == 60.0
+    assert bench.metadata_span_s([]) is None
+    assert bench.throughput(120.0, 10.0, 4) == 3.0 and bench.throughput(10.0, 5.0, 0) == 2.0
+    (tmp_path / ".snakemake/metadata").mkdir(parents=True)
+    for i, r in enumerate(records):
+        (tmp_path / ".snakemake/metadata" / f"r{i}").write_text(json.dumps(r))
+    (tmp_path / ".snakemake/metadata/broken").write_text("{")
+    assert bench.snakemake_records(tmp_path) == records
+
+
+def sample_result(bench) -> dict:
+    return {"nbest_batched_speedup": 6.4, "grid_vectorised_speedup": 125.4, "projector_cache_speedup": 3.6,
+         "clap_cache_speedup": 38.0, "pipeline_wall_s": 612.0, "incremental_tau_wall_s": 7.9,
+         "incremental_tau_fraction": 7.9 / 612, "incremental_tau_jobs": ["fuse", "report"],
+         "preprocess_audio_s_per_wall_s_per_core": None, "peak_rss_mb": 1663.5, "peak_rss_rule": "preprocess",
+         "device": "cpu (2 torch threads)", "devices": {"pipeline_wall_s": "cpu (snakemake --cores 2)",
+                                                        "nbest_batched_speedup": "cpu (2 threads)"},
+         "stages": {"fuse": {"jobs": 1, "wall_s": 0.7, "cpu_s": 1.2, "max_rss_mb": 119.2},
+                    "preprocess": {"jobs": 1, "wall_s": 5.3, "cpu_s": 8.3, "max_rss_mb": 1663.5}},
+         "details": {"rescoring": {"nbest_loop_s": 1.56, "grid_identical_wer": True}},
+         "targets": {k: v[2] for k, v in bench.TARGETS.items()}}
+
+
+def test_summary_table(bench):
+    text = bench.format_table(["measure", "value", "target", "device"], bench.summary_rows(sample_result(bench)))
+    lines = text.splitlines()
+    assert lines[0].split() == ["measure", "value", "target", "device"] and set(lines[1]) == {"-", " "}
+    rows = {line[:42].strip(): line for line in lines[2:]}
+    assert "6.4x" in rows["n-best: batched vs seed loop"] and "(met)" in rows["n-best: batched vs seed loop"]
+    assert "cpu (2 threads)" in rows["n-best: batched vs seed loop"]
+    assert "3.6x" in rows["projector: feature cache vs live encoder"] and "(MISSED)" in rows["projector: feature cache vs live encoder"]
+    assert "612 s (0:10:12)" in rows["full pipeline from scratch"]
+    assert "1.3% (7.9 s: fuse, report)" in rows["re-run after changing fusion.tau"]
+    assert "< 10% (met)" in rows["re-run after changing fusion.tau"]
+    assert "not measured" in rows["preprocessing (audio s / wall s / core)"]
+    assert "1664 MB (preprocess)" in rows["peak memory (max RSS)"]
+    assert bench.target_met("incremental_tau_fraction", 0.2) is False and bench.target_met("other", 1.0) is None
+
+
+def test_report_shows_targets_devices_stages_and_details(bench):
+    html = report.benchmark_tables(sample_result(bench))
+    assert "<th>target</th><th>device</th>" in html
+    assert "<td>nbest_batched_speedup</td><td class=\"num\">6.400</td><td>&gt; 1x</td><td>cpu (2 threads)</td>" in html
+    assert "<td>incremental_tau_jobs</td><td>fuse, report</td>" in html  # a list, joined
+    stages = html[html.index("Per stage"):]
+    assert stages.index("<td>preprocess</td>") < stages.index("<td>fuse</td>")  # slowest first
+    assert "<th>rule</th><th>jobs</th><th>wall_s</th><th>cpu_s</th><th>max_rss_mb</th>" in stages and "1663.500" in stages
+    assert "<summary>details: rescoring</summary>" in html and "<td>nbest_loop_s</td>" in html
+    plain = report.benchmark_tables({"nbest_batched_speedup": 6.4, "device": "cpu"})
+    assert "<th>device</th>" not in plain and "Per stage" not in plain and "<td>cpu</td>" in plain
+
+
+@pytest.mark.slow
+def test_skip_pipeline_on_the_tiny_run(bench, tiny_run, tmp_path):
+    out = tmp_path / "results" / "benchmarks.json"
+    proc = run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--skip-pipeline", "--project", str(tiny_run),
+                "--configfile", str(tiny_run / "config" / "tiny.yaml"), "--cores", "2", "--out", str(out),
+                "--nbest-utts", "4", "--projector-steps", "2", "--clap-repeats", "1"], tmp_path)
+    b = read_json(out)
+    assert set(bench.CONTRACT_KEYS) <= set(b), proc.stdout
+    for key in ("nbest_batched_speedup", "grid_vectorised_speedup", "projector_cache_speedup", "clap_cache_speedup",
+                "pipeline_wall_s", "peak_rss_mb", "preprocess_audio_s_per_wall_s_per_core"):
+        assert b[key] > 0 and b["devices"][key], key
+    assert b["incremental_tau_fraction"] is None and b["pipeline_wall_source"].startswith("Snakemake metadata")
+    assert b["ratio_results_identical"] is True and b["preprocess_threads"] == 2
+    assert {"preprocess", "nbest", "fuse", "train_projector", "report"} <= set(b["stages"])
+    assert b["peak_rss_mb"] == max(s["max_rss_mb"] for s in b["stages"].values())
+    assert set(b["details"]) == {"rescoring", "projector_cache", "clap_cache"} and b["details"]["rescoring"]["nbest_utts"] == 4
+    assert "n-best: batched vs seed loop" in proc.stdout and "stage (rule)" in proc.stdout
+    assert not (tiny_run / "results" / "benchmarks.json").exists()  # the run read is left as it was
+
+
+@pytest.mark.slow
+def test_changing_only_tau_reruns_fuse_and_report(bench, tiny_run, tmp_path):
+    work = tmp_path / "copy"
+    shutil.copytree(tiny_run, work, symlinks=True)
+    result = bench.incremental_tau(work, 2, "config/tiny.yaml", tmp_path / "tau.log")
+    assert result["incremental_tau_jobs"] == ["fuse", "report"], (tmp_path / "tau.log").read_text()[-3000:]
+    assert result["incremental_tau_wall_s"] > 0 and result["incremental_tau_change"] == "fusion.tau 100.0 -> 50.0"
+    assert read_json(work / "results/metrics/fusion.json")["tau"] == 50.0
