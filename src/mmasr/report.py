@@ -192,6 +192,14 @@ def note(text: str, cls: str = "note") -> str:
     return f'<p class="{cls}">{text}</p>'
 
 
+def plot_part(data, label: str, columns: set[str], heading: str, plot) -> str:
+    """``plot(data)`` under its heading; a note saying why when the input is missing; nothing when it
+    lacks the columns the plot needs."""
+    if missing(data):
+        return note(f"{label}: {data.html()}", "missing")
+    return f"<h3>{esc(heading)}</h3>" + plot(data) if columns <= set(data.columns) else ""
+
+
 def section(sid: str, title: str, body: str) -> str:
     return f'<section id="{esc(sid)}"><h2>{esc(title)}</h2>\n{body}\n</section>'
 
@@ -439,11 +447,8 @@ def rescoring_section(d: Mapping[str, Any], root: Path, n_examples: int, thumb_p
                        " — the picture hurts (interval above zero)" if lo > 0 else " — no clear difference (interval spans zero)")
         parts.append(note(f"<b>Fused − ASR-only test WER: {fmt(diff)}</b>{ci}{verdict}. Share of the gap between "
                           f"ASR-only and the oracle closed: {pct(_num(m, 'test_gap_closed'))}."))
-    grid = d["grid"]
-    if missing(grid):
-        parts.append(note(f"WER vs α: {grid.html()}", "missing"))
-    elif {"alpha", "split", "wer"} <= set(grid.columns):
-        parts.append("<h3>WER vs α</h3>" + grid_plot(grid, alpha))
+    parts.append(plot_part(d["grid"], "WER vs α", {"alpha", "split", "wer"}, "WER vs α",
+                           lambda grid: grid_plot(grid, alpha)))
     per = d["per_speaker"]
     if not missing(per) and {"level", "name"} <= set(per.columns):
         cols = [c for c in ("n_utts", "ref_words", "wer_asr", "wer_fused", "wer_oracle") if c in per.columns]
@@ -611,11 +616,8 @@ def probe_section(d: Mapping[str, Any]) -> str:
     if m.get("calibration_fallback"):
         parts.append(note(f"Calibration requested: {esc(m.get('calibration_requested', '?'))}; "
                           f"{esc(m['calibration_fallback'])}."))
-    rel = d["reliability"]
-    if missing(rel):
-        parts.append(note(f"Reliability diagram: {rel.html()}", "missing"))
-    elif {"calibration", "mean_predicted", "fraction_positive"} <= set(rel.columns):
-        parts.append("<h3>Reliability diagram, before and after calibration</h3>" + reliability_plot(rel))
+    parts.append(plot_part(d["reliability"], "Reliability diagram", {"calibration", "mean_predicted", "fraction_positive"},
+                           "Reliability diagram, before and after calibration", reliability_plot))
     return section(sid, title, "\n".join(parts))
 
 
