@@ -120,7 +120,7 @@ def test_summary_table(bench):
 def test_report_shows_targets_devices_stages_and_details(bench):
     html = report.benchmark_tables(sample_result(bench))
     assert "<th>target</th><th>device</th>" in html
-    assert "<td>nbest_batched_speedup</td><td class=\"num\">6.400</td><td>&gt; 1x</td><td>cpu (2 threads)</td>" in html
+    assert "<td>nbest_batched_speedup</td><td class=\"num\">6.400</td><td>&gt;= 3x</td><td>cpu (2 threads)</td>" in html
     assert "<td>incremental_tau_jobs</td><td>fuse, report</td>" in html  # a list, joined
     stages = html[html.index("Per stage"):]
     assert stages.index("<td>preprocess</td>") < stages.index("<td>fuse</td>")  # slowest first
