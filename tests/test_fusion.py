@@ -131,3 +131,14 @@ def test_to_arrays_normalises_both_sides():
     arr = to_arrays(nb, pd.Series({"u": "A Red Bear."}), TEXT)
     assert arr.texts[0].tolist() == ["a red bear", "a red pear"]
     assert arr.errors[0].tolist() == [0, 1]
+
+
+def test_an_utterance_with_only_truncated_beams_is_not_rescored():
+    nb = pd.DataFrame({"utt_id": ["u", "u", "v", "v"], "rank": [0, 1, 0, 1],
+                       "text": ["a red bear a red", "a red pear a red", "a red bear", "a red pear"],
+                       "asr_score": [-0.1, -0.2, -0.1, -0.2], "clip_cos": [0.1, 0.9, 0.1, 0.9],
+                       "complete": [False, False, True, True]})
+    arr = to_arrays(nb, pd.Series({"u": "a red pear", "v": "a red pear"}), TEXT)
+    assert np.isnan(arr.clip[0]).all() and np.isfinite(arr.clip[1]).all()
+    picks = choose(fuse(arr.asr, arr.clip, arr.valid, np.array([1.0]), tau=100.0))[0]
+    assert picks.tolist() == [0, 1]  # u keeps Whisper's best; v follows the picture

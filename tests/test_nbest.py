@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from mmasr.config import validate
-from mmasr.nbest import (length_batches, merge_shards, nbest_for_batch, nbest_metadata, read_audio, run_nbest,
-                         shard_ids, strip_prompt_and_padding, teacher_forced_logprobs)
-from mmasr.io import write_parquet
+from mmasr.nbest import (STATS_PREFIX, distinct_histogram, distinct_hypotheses, length_batches, max_new_tokens,
+                         merge_shards, merge_stats, nbest_for_batch, nbest_metadata, read_audio, run_nbest, shard_ids,
+                         strip_prompt_and_padding, summarise_stats, teacher_forced_logprobs)
+from mmasr.io import read_metadata, write_parquet
 from mmasr.models import whisper_features, whisper_prompt_ids
 from mmasr.text import normaliser
 from tests.conftest import processed_corpus
@@ -82,12 +83,17 @@ def test_sharded_and_unsharded_nbest_are_identical(whisper_bundle, tmp_path):
     for s in range(3):
         part = run_nbest(whisper_bundle, man, CFG, NORM, shard=s, num_shards=3, progress=False)
         paths.append(tmp_path / f"{s}-of-3.parquet")
-        write_parquet(paths[-1], part, metadata=nbest_metadata(whisper_bundle, CFG, shard=f"{s}/3"))
+        write_parquet(paths[-1], part, metadata={**nbest_metadata(whisper_bundle, CFG, shard=f"{s}/3"),
+                                                 **part.attrs["stats"]})
     merged = merge_shards(paths, tmp_path / "merged.parquet")
     pd.testing.assert_frame_equal(merged, whole)
     assert set(whole["utt_id"]) == set(man["utt_id"])  # dev and test
     assert list(whole.columns) == ["utt_id", "rank", "text", "n_tokens", "sum_logprob", "asr_score", "beam_score",
-                                   "token_ids"]
+                                   "token_ids", "complete"]
+    # the per-shard counts add up to the whole run's
+    merged_meta = read_metadata(tmp_path / "merged.parquet")
+    assert {k: v for k, v in merged_meta.items() if k.startswith(STATS_PREFIX)} == whole.attrs["stats"]
+    assert sum(distinct_histogram(merged_meta).values()) == len(man)
 
 
 def test_merge_refuses_shards_from_different_settings(whisper_bundle, tmp_path):
@@ -132,3 +138,70 @@ def test_beam_search_returns_distinct_beams_not_copies(whisper_bundle, tmp_path)
     for hyps in out:
         assert len(hyps) == CFG["num_return_sequences"]
         assert len({tuple(h["token_ids"]) for h in hyps}) == len(hyps)
+
+
+def hyp(text: str, score: float, complete: bool = True) -> dict:
+    return {"text": text, "asr_score": score, "complete": complete}
+
+
+def test_distinct_hypotheses_keep_the_best_spelling_and_at_most_keep():
+    beams = [hyp("A red bear.", -0.1), hyp("a red bear", -0.3), hyp("a red pear", -0.4), hyp("a bed bear", -0.5),
+             hyp("A red pear!", -0.2)]
+    kept, stats = distinct_hypotheses(beams, NORM, keep=2)
+    assert [h["text"] for h in kept] == ["A red bear.", "A red pear!"]
+    assert stats == {"distinct": 3, "truncated_dropped": 0, "all_truncated": False}
+
+
+def test_truncated_beams_are_dropped_when_a_finished_one_exists():
+    beams = [hyp("a red bear a red bear a red", -0.05, complete=False), hyp("a red bear", -0.3),
+             hyp("a red", -0.01, complete=False)]
+    kept, stats = distinct_hypotheses(beams, NORM, keep=5)
+    assert [h["text"] for h in kept] == ["a red bear"]
+    assert stats == {"distinct": 1, "truncated_dropped": 2, "all_truncated": False}
+    # none finished: they are all there is, kept and flagged (fusion leaves the utterance ASR-only)
+    kept, stats = distinct_hypotheses([b for b in beams if not b["complete"]], NORM, keep=5)
+    assert [h["complete"] for h in kept] == [False, False] and stats["all_truncated"]
+
+
+def test_stats_metadata_sum_over_shards():
+    a = summarise_stats([{"distinct": 1, "truncated_dropped": 0, "all_truncated": False},
+                         {"distinct": 3, "truncated_dropped": 2, "all_truncated": False}])
+    b = summarise_stats([{"distinct": 3, "truncated_dropped": 0, "all_truncated": True}])
+    merged = merge_stats([a, b])
+    assert distinct_histogram(merged) == {1: 1, 3: 2}
+    assert merged[f"{STATS_PREFIX}truncated_dropped"] == "2" and merged[f"{STATS_PREFIX}utts_all_truncated"] == "1"
+    assert merged[f"{STATS_PREFIX}utts"] == "3"
+
+
+def test_max_new_tokens_defaults_to_the_models_limit(whisper_bundle):
+    limit = whisper_bundle.model.config.max_target_positions
+    assert max_new_tokens(whisper_bundle, {"max_new_tokens": None}, 2) == limit - 2
+    assert max_new_tokens(whisper_bundle, {"max_new_tokens": 5}, 2) == 5
+    with pytest.raises(ValueError, match="exceeds what .* can decode"):
+        max_new_tokens(whisper_bundle, {"max_new_tokens": limit}, 2)
+
+
+def test_audio_beyond_the_window_is_refused_not_cut(whisper_bundle, tmp_path):
+    man = processed_corpus(tmp_path, n=2)
+    window = whisper_bundle.processor.feature_extractor.n_samples / 16000
+    man.loc[0, "duration_s"] = window + 0.5
+    with pytest.raises(ValueError, match=r"1 utterance\(s\) are longer than .* window .*preprocess.max_duration_s"):
+        run_nbest(whisper_bundle, man, CFG, NORM, progress=False)
+    with pytest.raises(ValueError, match="longer than .* window"):
+        nbest_for_batch(whisper_bundle, [np.zeros(int((window + 1) * 16000), np.float32)], CFG, NORM)
+
+
+def test_a_beam_cut_by_max_new_tokens_is_flagged_incomplete(whisper_bundle, tmp_path):
+    man = processed_corpus(tmp_path, n=1)
+    model = whisper_bundle.model
+    bias = torch.zeros(model.config.vocab_size)
+    bias[model.generation_config.eos_token_id] = -1e4  # no beam can end
+    handle = model.proj_out.register_forward_hook(lambda _m, _i, out: out + bias)
+    stats = []
+    try:
+        hyps = nbest_for_batch(whisper_bundle, [read_audio(man["audio_path"][0])], {**CFG, "max_new_tokens": 3},
+                               NORM, stats)[0]
+    finally:
+        handle.remove()
+    assert hyps and all(not h["complete"] and h["n_tokens"] == 3 for h in hyps)
+    assert stats[0]["all_truncated"]

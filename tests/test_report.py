@@ -312,3 +312,18 @@ def test_report_renders_in_headless_chromium(full_run, tmp_path):
         assert im.size == (1280, 4000)
         colours = im.convert("RGB").resize((64, 200)).getcolors(maxcolors=100000)
     assert colours is not None and len(colours) > 20  # something was drawn, not a blank page
+
+
+def test_nbest_depth_note_reads_the_stats_metadata():
+    from mmasr.nbest import summarise_stats
+    from mmasr.report import nbest_depth_note
+
+    meta = {"mmasr.decoding": json.dumps({"num_beams": 8, "num_return_sequences": 8, "keep": 5}),
+            **summarise_stats([{"distinct": 1, "truncated_dropped": 0, "all_truncated": False},
+                               {"distinct": 3, "truncated_dropped": 2, "all_truncated": False},
+                               {"distinct": 3, "truncated_dropped": 0, "all_truncated": True},
+                               {"distinct": 5, "truncated_dropped": 0, "all_truncated": False}])}
+    text = nbest_depth_note(meta)
+    assert "(beam 8, 8 returned, up to 5 kept)" in text and "1: 1, 3: 2, 5: 1" in text
+    assert "mean 3.00, 75% with two or more" in text and "2 dropped; 1 utterances had only such beams" in text
+    assert nbest_depth_note({}) == ""

@@ -118,7 +118,8 @@ def cmd_nbest(args) -> None:
     bundle = _model("whisper", p, args.threads)
     table = run_nbest(bundle, pd.read_parquet(args.manifest), p["nbest"], normaliser(p["text"]),
                       shard=args.shard, num_shards=args.num_shards, limit=args.limit, progress=not args.quiet)
-    write_parquet(args.out, table, metadata=nbest_metadata(bundle, p["nbest"], shard=f"{args.shard}/{args.num_shards}"))
+    write_parquet(args.out, table, metadata={**nbest_metadata(bundle, p["nbest"], shard=f"{args.shard}/{args.num_shards}"),
+                                             **table.attrs["stats"]})
     log.info("shard %d/%d: %d hypotheses for %d utterances", args.shard, args.num_shards, len(table),
              table["utt_id"].nunique())
 

@@ -75,6 +75,8 @@ def cross_field_problems(p: dict[str, Any]) -> list[str]:
                         f"{fusion['alpha_start']} (the alpha grid would be empty)")
     if p["nbest"]["num_return_sequences"] > p["nbest"]["num_beams"]:
         problems.append("key 'nbest.num_return_sequences': cannot exceed nbest.num_beams")
+    if p["nbest"]["keep"] > p["nbest"]["num_return_sequences"]:
+        problems.append("key 'nbest.keep': cannot exceed nbest.num_return_sequences (the beams returned)")
     if p["split"]["dev_fraction"] + p["split"]["test_fraction"] >= 1:
         problems.append("key 'split.test_fraction': dev_fraction + test_fraction must leave speakers for training")
     return problems

@@ -475,7 +475,7 @@ def clip_text_embeddings(bundle: ModelBundle, texts: list[str]) -> np.ndarray:
 
 def whisper_features(bundle: ModelBundle, audios: list[np.ndarray], sr: int = 16000) -> dict[str, torch.Tensor]:
     """Log-mel ``input_features`` (n, num_mel_bins, frames) for 1-D float audio at ``sr``, on the
-    model's device, padded/truncated to the model's window. No attention mask: Whisper's encoder
+    model's device, padded to the model's window (longer audio is refused). No attention mask: Whisper's encoder
     attends to the padding by design, and short-form ``generate()`` does not use one."""
     fe = bundle.processor.feature_extractor
     if sr != fe.sampling_rate:
@@ -487,9 +487,9 @@ def whisper_features(bundle: ModelBundle, audios: list[np.ndarray], sr: int = 16
         if a.ndim != 1:
             raise ValueError(f"audio {i}: expected a 1-D mono array, got shape {a.shape}")
     longest = max(len(a) for a in arrays)
-    if longest > fe.n_samples:
-        log.warning("audio of %.2f s is longer than %s's %.1f s window: the rest is cut off",
-                    longest / sr, bundle.name, fe.n_samples / sr)
+    if longest > fe.n_samples:  # Whisper would silently drop the rest
+        raise ValueError(f"audio of {longest / sr:.2f} s is longer than {bundle.name}'s {fe.n_samples / sr:.1f} s "
+                         "window; split it, or let preprocessing reject it (preprocess.max_duration_s)")
     feats = fe(arrays, sampling_rate=sr, return_tensors="pt")
     return {"input_features": feats["input_features"].to(bundle.device, dtype=bundle.model.dtype)}
 

@@ -7,12 +7,28 @@ pass); ``asr_score = sum_logprob / n_tokens ** length_penalty``, the criterion b
 transformers' beam bookkeeping has had version-specific bugs, so the tests recompute every stored
 score with an independent teacher-forced pass (:func:`teacher_forced_logprobs`) and require
 agreement; transformers' ``sequences_scores`` is kept beside it as ``beam_score``.
+
+Real models need three more things than the demo's one-token-per-word Whisper:
+- **Depth.** Returned beams often differ only in case or punctuation, so they collapse after
+  normalisation; the beam is asked for more (``num_beams``/``num_return_sequences``) than the
+  ``keep`` distinct hypotheses stored (HyPoradise: beam 50, keep 5). How many distinct hypotheses
+  each utterance had is recorded in the file metadata (``mmasr.stats.distinct``).
+- **Truncation.** A beam that reaches ``max_new_tokens`` without end-of-text is a truncated
+  hypothesis, and its score (a prefix's) is not comparable with a finished one's. It is dropped
+  when the utterance has a finished hypothesis; when none finished, the truncated ones are kept
+  with ``complete = False``, and fusion leaves that utterance ASR-only. Both are counted in the
+  metadata. ``max_new_tokens: null`` (the default) takes the model's own limit (decoder positions
+  minus the prompt), so only a looping beam ever hits it.
+- **The 30 s window.** Whisper sees at most its window (30 s for real checkpoints); longer audio
+  would be cut silently, so the stage refuses it up front, naming the utterances
+  (``preprocess.max_duration_s`` rejects them with a row in the rejects table).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,7 +45,9 @@ from .models import ModelBundle, autocast, whisper_features, whisper_prompt_ids
 
 log = logging.getLogger(__name__)
 
-NBEST_COLUMNS = ["utt_id", "rank", "text", "n_tokens", "sum_logprob", "asr_score", "beam_score", "token_ids"]
+NBEST_COLUMNS = ["utt_id", "rank", "text", "n_tokens", "sum_logprob", "asr_score", "beam_score", "token_ids",
+                 "complete"]
+STATS_PREFIX = "mmasr.stats."  # per-shard counts in the file metadata, summed by merge_shards
 
 
 def shard_ids(utt_ids: Sequence[str], shard: int, num_shards: int) -> list[str]:
@@ -85,12 +103,52 @@ def teacher_forced_logprobs(bundle: ModelBundle, encoder_states: torch.Tensor, p
     return (picked * mask).sum(dim=1).double().numpy()
 
 
+def max_new_tokens(bundle: ModelBundle, cfg: dict, prompt_len: int) -> int:
+    """``nbest.max_new_tokens``, or (null) the most the decoder can hold after the prompt."""
+    limit = int(bundle.model.config.max_target_positions) - prompt_len
+    wanted = cfg.get("max_new_tokens")
+    if wanted is None:
+        return limit
+    if wanted > limit:
+        raise ValueError(f"nbest.max_new_tokens={wanted} exceeds what {bundle.name} can decode after its "
+                         f"{prompt_len}-token prompt ({limit}: max_target_positions "
+                         f"{bundle.model.config.max_target_positions}); use null for the model's limit")
+    return int(wanted)
+
+
+def window_seconds(bundle: ModelBundle) -> float:
+    """The longest audio the Whisper encoder sees (its feature extractor's window)."""
+    fe = bundle.processor.feature_extractor
+    return fe.n_samples / fe.sampling_rate
+
+
+def distinct_hypotheses(candidates: list[dict], normalise: Callable[[str], str], keep: int) -> tuple[list[dict], dict]:
+    """One utterance's beams -> at most ``keep`` distinct hypotheses, best ``asr_score`` first, and counts.
+
+    Distinct means different after normalisation (the best-scored spelling is kept). Truncated
+    hypotheses (``complete`` false) are dropped when a finished one exists, since a prefix's score is
+    not comparable with a finished hypothesis's; when none finished, they are all there is.
+    """
+    finished = [c for c in candidates if c["complete"]]
+    pool = finished or candidates
+    best: dict[str, dict] = {}
+    for rec in pool:
+        key = normalise(rec["text"])
+        if key not in best or rec["asr_score"] > best[key]["asr_score"]:
+            best[key] = rec
+    ranked = sorted(best.values(), key=lambda r: -r["asr_score"])
+    stats = {"distinct": len(ranked), "truncated_dropped": len(candidates) - len(finished) if finished else 0,
+             "all_truncated": not finished}
+    return ranked[:keep], stats
+
+
 @torch.inference_mode()
 def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
-                    normalise: Callable[[str], str]) -> list[list[dict]]:
-    """Beam search over a batch of 16 kHz mono arrays; per utterance, de-duplicated hypotheses."""
+                    normalise: Callable[[str], str], stats: list[dict] | None = None) -> list[list[dict]]:
+    """Beam search over a batch of 16 kHz mono arrays; per utterance, up to ``cfg['keep']`` distinct
+    hypotheses (:func:`distinct_hypotheses`). ``stats``, when given, receives one count dict per utterance."""
     model, tok = bundle.model, bundle.processor.tokenizer
-    feats = whisper_features(bundle, audios)
+    feats = whisper_features(bundle, audios)  # refuses audio longer than the window
     prompt = whisper_prompt_ids(bundle, cfg["language"], cfg["task"])
     gen = model.generation_config
     R = cfg["num_return_sequences"]
@@ -103,8 +161,8 @@ def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
             model, encoder_outputs=BaseModelOutput(last_hidden_state=states),
             decoder_input_ids=torch.tensor([prompt] * len(audios), device=bundle.device),
             num_beams=cfg["num_beams"], num_return_sequences=R, length_penalty=cfg["length_penalty"],
-            max_new_tokens=cfg["max_new_tokens"], eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
-            return_dict_in_generate=True, output_scores=True, do_sample=False)
+            max_new_tokens=max_new_tokens(bundle, cfg, len(prompt)), eos_token_id=gen.eos_token_id,
+            pad_token_id=gen.pad_token_id, return_dict_in_generate=True, output_scores=True, do_sample=False)
     eos, pad = gen.eos_token_id, gen.pad_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     seqs = out.sequences.cpu().tolist()
@@ -115,18 +173,48 @@ def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
     beam = out.sequences_scores.float().cpu().numpy()
     results = []
     for u in range(len(audios)):
-        best: dict[str, dict] = {}
+        candidates = []
         for k in range(u * R, (u + 1) * R):
             n = len(hyps[k])
-            text = tok.decode(hyps[k], skip_special_tokens=True).strip()
-            rec = {"text": text, "n_tokens": n, "sum_logprob": float(sum_lp[k]),
-                   "asr_score": float(sum_lp[k]) / n ** cfg["length_penalty"], "beam_score": float(beam[k]),
-                   "token_ids": hyps[k]}
-            key = normalise(text)
-            if key not in best or rec["asr_score"] > best[key]["asr_score"]:
-                best[key] = rec
-        results.append(sorted(best.values(), key=lambda r: -r["asr_score"]))
+            candidates.append({
+                "text": tok.decode(hyps[k], skip_special_tokens=True).strip(), "n_tokens": n,
+                "sum_logprob": float(sum_lp[k]), "asr_score": float(sum_lp[k]) / max(n, 1) ** cfg["length_penalty"],
+                "beam_score": float(beam[k]), "token_ids": hyps[k], "complete": bool(hyps[k]) and hyps[k][-1] == eos})
+        kept, counts = distinct_hypotheses(candidates, normalise, cfg["keep"])
+        results.append(kept)
+        if stats is not None:
+            stats.append(counts)
     return results
+
+
+STAT_TOTALS = ("utts", "truncated_dropped", "utts_all_truncated")
+
+
+def _stats_metadata(hist: Counter, totals: Counter) -> dict[str, str]:
+    return {f"{STATS_PREFIX}distinct": json.dumps({str(k): hist[k] for k in sorted(hist)}),
+            **{f"{STATS_PREFIX}{k}": str(totals[k]) for k in STAT_TOTALS}}
+
+
+def summarise_stats(stats: Sequence[dict]) -> dict[str, str]:
+    """Per-utterance counts -> file metadata: the histogram of distinct hypotheses per utterance and the
+    truncation counts (strings, as Parquet metadata holds them)."""
+    totals = Counter(utts=len(stats), truncated_dropped=sum(s["truncated_dropped"] for s in stats),
+                     utts_all_truncated=sum(bool(s["all_truncated"]) for s in stats))
+    return _stats_metadata(Counter(s["distinct"] for s in stats), totals)
+
+
+def merge_stats(metadatas: Sequence[dict[str, str]]) -> dict[str, str]:
+    """Sum the shards' :func:`summarise_stats` metadata (histograms bin by bin)."""
+    hist, totals = Counter(), Counter()
+    for md in metadatas:
+        hist.update(distinct_histogram(md))
+        totals.update({k: int(md.get(f"{STATS_PREFIX}{k}", 0)) for k in STAT_TOTALS})
+    return _stats_metadata(hist, totals)
+
+
+def distinct_histogram(metadata: dict[str, str]) -> dict[int, int]:
+    """Utterances by number of distinct hypotheses, from an n-best file's metadata ({} when absent)."""
+    return {int(k): int(v) for k, v in json.loads(metadata.get(f"{STATS_PREFIX}distinct", "{}")).items()}
 
 
 def read_audio(path: str) -> np.ndarray:
@@ -142,22 +230,33 @@ def run_nbest(bundle: ModelBundle, manifest: pd.DataFrame, cfg: dict, normalise:
     pool = manifest[manifest["split"].isin(cfg["splits"])]
     ids = shard_ids(pool["utt_id"].tolist(), shard, num_shards)[:limit]
     part = pool.set_index("utt_id").loc[ids].reset_index()
-    rows = []
+    window = window_seconds(bundle)
+    too_long = part[part["duration_s"] > window]
+    if len(too_long):
+        raise ValueError(f"{len(too_long)} utterance(s) are longer than {bundle.name}'s {window:.0f} s window "
+                         f"(e.g. {too_long['utt_id'].iloc[0]}: {too_long['duration_s'].iloc[0]:.1f} s) and would be "
+                         f"cut off silently; set preprocess.max_duration_s to at most {window:g} so preprocessing "
+                         "rejects them (a row each in data/processed/rejects.parquet)")
+    rows, stats = [], []
     batches = length_batches(part["duration_s"].to_numpy(), cfg["batch_size"])
     for idx in tqdm(batches, desc=f"n-best shard {shard + 1}/{num_shards}", unit="batch", disable=not progress,
                     mininterval=1.0):
         recs = part.iloc[idx]
         audios = [read_audio(p) for p in recs["audio_path"]]
-        for utt_id, hyps in zip(recs["utt_id"], nbest_for_batch(bundle, audios, cfg, normalise)):
+        for utt_id, hyps in zip(recs["utt_id"], nbest_for_batch(bundle, audios, cfg, normalise, stats)):
             rows.extend({"utt_id": utt_id, "rank": r, **h} for r, h in enumerate(hyps))
+        log.info("n-best shard %d/%d: %d of %d utterances", shard + 1, num_shards, len(stats), len(part))
     df = pd.DataFrame(rows, columns=NBEST_COLUMNS)
-    return df.sort_values(["utt_id", "rank"]).reset_index(drop=True).astype(
-        {"rank": "int64", "n_tokens": "int64", "sum_logprob": "float64", "asr_score": "float64", "beam_score": "float64"})
+    df = df.sort_values(["utt_id", "rank"]).reset_index(drop=True).astype(
+        {"rank": "int64", "n_tokens": "int64", "sum_logprob": "float64", "asr_score": "float64", "beam_score": "float64",
+         "complete": "bool"})
+    df.attrs["stats"] = summarise_stats(stats)
+    return df
 
 
 def nbest_metadata(bundle: ModelBundle, cfg: dict, **extra) -> dict[str, str]:
     """Parquet file metadata: which model and decoding settings produced the lists."""
-    keys = ("num_beams", "num_return_sequences", "length_penalty", "max_new_tokens", "language", "task")
+    keys = ("num_beams", "num_return_sequences", "keep", "length_penalty", "max_new_tokens", "language", "task")
     return {"mmasr.model": bundle.name, "mmasr.revision": bundle.revision,
             "mmasr.decoding": json.dumps({k: cfg[k] for k in keys}, sort_keys=True),
             **{f"mmasr.{k}": str(v) for k, v in extra.items()}}
@@ -165,10 +264,11 @@ def nbest_metadata(bundle: ModelBundle, cfg: dict, **extra) -> dict[str, str]:
 
 def merge_shards(paths: Sequence[str | Path], out: str | Path) -> pd.DataFrame:
     """Gather shard files into one table; refuse shards made with different models or settings."""
-    tables, meta = [], None
+    tables, meta, shard_stats = [], None, []
     for p in paths:
         md = read_metadata(p)
         md.pop("mmasr.shard", None)
+        shard_stats.append({k: md.pop(k) for k in [k for k in md if k.startswith(STATS_PREFIX)]})
         if meta is not None and md != meta:
             raise ValueError(f"{p}: made with other settings than {paths[0]} ({md} vs {meta}); re-run the n-best shards")
         meta = md
@@ -176,5 +276,5 @@ def merge_shards(paths: Sequence[str | Path], out: str | Path) -> pd.DataFrame:
     df = pd.concat(tables, ignore_index=True).sort_values(["utt_id", "rank"]).reset_index(drop=True)
     if df.duplicated(["utt_id", "rank"]).any():
         raise ValueError("n-best shards overlap: an utterance appears in two shards")
-    write_parquet(out, df, metadata=meta)
+    write_parquet(out, df, metadata={**meta, **merge_stats(shard_stats)})
     return df

@@ -420,6 +420,26 @@ def examples_table(examples: pd.DataFrame, d: Mapping[str, Any], root: Path, thu
                  rows, cls="examples", raw_cols=range(6))
 
 
+def nbest_depth_note(meta: Mapping[str, str]) -> str:
+    """How deep the n-best lists are: utterances by number of distinct hypotheses, and truncated beams."""
+    from .nbest import STATS_PREFIX, distinct_histogram
+
+    hist = distinct_histogram(meta)
+    if not hist:
+        return ""
+    n = sum(hist.values())
+    mean = sum(k * v for k, v in hist.items()) / n
+    decoding = json.loads(meta.get("mmasr.decoding", "{}"))
+    asked = (f" (beam {decoding['num_beams']}, {decoding['num_return_sequences']} returned, up to "
+             f"{decoding['keep']} kept)" if {"num_beams", "num_return_sequences", "keep"} <= set(decoding) else "")
+    bins = ", ".join(f"{k}: {v}" for k, v in sorted(hist.items()))
+    return (f"n-best depth{asked}: distinct hypotheses per utterance after normalisation — {bins} "
+            f"(utterances; mean {mean:.2f}, {sum(v for k, v in hist.items() if k >= 2) / n:.0%} with two or more). "
+            f"Beams cut by max_new_tokens before end-of-text: {meta.get(STATS_PREFIX + 'truncated_dropped', '0')} "
+            f"dropped; {meta.get(STATS_PREFIX + 'utts_all_truncated', '0')} utterances had only such beams "
+            "(kept ASR-only).")
+
+
 def rescoring_section(d: Mapping[str, Any], root: Path, n_examples: int, thumb_px: int) -> str:
     sid, title = "rescoring", "Rescoring with the picture"
     m = d["fusion_metrics"]
@@ -447,6 +467,9 @@ def rescoring_section(d: Mapping[str, Any], root: Path, n_examples: int, thumb_p
                        " — the picture hurts (interval above zero)" if lo > 0 else " — no clear difference (interval spans zero)")
         parts.append(note(f"<b>Fused − ASR-only test WER: {fmt(diff)}</b>{ci}{verdict}. Share of the gap between "
                           f"ASR-only and the oracle closed: {pct(_num(m, 'test_gap_closed'))}."))
+    depth = nbest_depth_note(d.get("nbest_meta") or {})
+    if depth:
+        parts.append(note(depth))
     parts.append(plot_part(d["grid"], "WER vs α", {"alpha", "split", "wer"}, "WER vs α",
                            lambda grid: grid_plot(grid, alpha)))
     per = d["per_speaker"]
@@ -802,7 +825,8 @@ def model_rows(d: Mapping[str, Any]) -> list[list[str]]:
                 if k.startswith("model_") or k.endswith("_revision") or k in ("params_hash", "mmasr_version"):
                     add(path.name, k, v)
     for k, v in sorted((d.get("nbest_meta") or {}).items()):
-        add(Path(DEFAULT_INPUTS["nbest"]).name, k.removeprefix("mmasr."), v)
+        if not k.startswith("mmasr.stats."):  # counts, shown in the rescoring section
+            add(Path(DEFAULT_INPUTS["nbest"]).name, k.removeprefix("mmasr."), v)
     emb = d.get("embeddings_meta")
     if emb is not None and not missing(emb):
         for k in ("model", "revision", "dimension", "count"):
