@@ -358,6 +358,7 @@ def test_cache_from_real_encoders_and_phase2_with_resume(tmp_path, demo_model_di
     assert cache.utts["text_row"].tolist() == [0, 1] * 4
     meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
     assert meta["audio_layers"] == [1, 1, 2, 2] and meta["text_pooling"] == "cls" and meta["audio_revision"].startswith("sha256:")
+    assert meta["n_rejected_empty_transcript"] == 0 and len(pd.read_parquet(tmp_path / "cache" / "rejects.parquet")) == 0
 
     cfg = clap_cfg(hidden_dim=8, embed_dim=8, epochs=2, batch_size=4, warmup=1, phase2_epochs=2, phase2_layers=1,
                    checkpoint_every=1, eval_every=1)
@@ -400,3 +401,17 @@ def test_cli_names_a_missing_cache(tmp_path, caplog):
     code = main(["eval-retrieval", "--cache", str(tmp_path / "nope"), "--checkpoint", str(tmp_path), "--quiet"])
     assert code == 2
     assert f"{tmp_path / 'nope'}/embeddings.safetensors: no CLAP embedding cache" in caplog.text
+
+
+def test_empty_transcripts_get_a_rejects_row():
+    from mmasr.clap import cache_items, empty_transcript_rejects
+
+    manifest = pd.DataFrame({"utt_id": ["u1", "u2", "u3"], "text": ["a red bear", "um, uh...", None],
+                             "audio_path": ["a.wav", "b.wav", "c.wav"], "speaker": "s", "group": "control",
+                             "split": "train", "duration_s": 1.0})
+    utts, _ = cache_items(manifest, validate({})["text"])
+    rejects = empty_transcript_rejects(manifest, utts)
+    assert utts["utt_id"].tolist() == ["u1"]
+    assert rejects[["id", "path", "kind", "stage", "reason"]].values.tolist() == [
+        ["u2", "b.wav", "utterance", "clap_embeddings", "empty_transcript"],
+        ["u3", "c.wav", "utterance", "clap_embeddings", "empty_transcript"]]

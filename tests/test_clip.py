@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from mmasr import clip as clip_mod
-from mmasr.clip import add_clip_scores, cache_images, load_embeddings, save_embeddings
+from mmasr.clip import (add_clip_scores, cache_images, clip_scores, load_embeddings, load_text_embeddings,
+                        save_embeddings, save_text_embeddings)
 from mmasr.config import validate
 from mmasr.text import caption, clip_text, normalise
 from tests.conftest import write_picture
@@ -58,3 +59,30 @@ def test_clip_scores_encode_each_text_once_and_leave_nan_without_picture(clip_bu
     assert out["clip_cos"].isna().tolist() == [False, False, False, False, True]
     assert out.loc[0, "clip_cos"] == pytest.approx(out.loc[2, "clip_cos"])
     assert out.loc[3, "clip_text"] == "an image showing bear"
+
+
+def test_text_embedding_cache_round_trips_free_text_and_is_byte_stable(tmp_path):
+    texts = ["a red bear", "an image showing a/b", "", "café ünïcode"]
+    vecs = np.random.default_rng(1).standard_normal((4, 3)).astype(np.float32)
+    save_text_embeddings(tmp_path / "t1.npz", texts, vecs)
+    save_text_embeddings(tmp_path / "t2.npz", texts[::-1], vecs[::-1])
+    assert (tmp_path / "t1.npz").read_bytes() == (tmp_path / "t2.npz").read_bytes()  # order-independent
+    loaded = load_text_embeddings(tmp_path / "t1.npz")
+    assert sorted(loaded) == sorted(texts)
+    for text, vec in zip(texts, vecs):
+        np.testing.assert_array_equal(loaded[text], vec)
+    save_text_embeddings(tmp_path / "empty.npz", [], np.zeros((0, 0), np.float32))
+    assert load_text_embeddings(tmp_path / "empty.npz") == {}
+
+
+def test_stored_text_embeddings_reproduce_clip_cos(clip_bundle):
+    """What fuse needs for the picture-swap control: text vector . picture vector == clip_cos."""
+    nbest = pd.DataFrame({"utt_id": ["u1", "u1", "u2"], "rank": [0, 1, 0], "text": ["a red bear", "bear", "a pear"]})
+    manifest = pd.DataFrame({"utt_id": ["u1", "u2"], "image_id": ["img", None]})
+    dim = clip_bundle.model.config.projection_dim
+    img = np.ones(dim, np.float32) / np.sqrt(dim)
+    out, texts, vecs = clip_scores(nbest, manifest, {"img": img}, clip_bundle, TEXT, progress=False)
+    assert texts == ["a red bear", "an image showing bear"]  # only texts scored against a picture
+    by_text = dict(zip(texts, vecs))
+    for text, cos in zip(out["clip_text"][:2], out["clip_cos"][:2]):
+        assert float(by_text[text] @ img) == pytest.approx(cos, abs=1e-6)

@@ -5,7 +5,8 @@ import pytest
 
 from mmasr.config import validate
 from mmasr.fusion import (alpha_grid, best_alpha_index, choose, count_errors, fuse, gap_closed, masked_softmax,
-                          oracle_choice, paired_bootstrap_ci, pooled_wer, run_fusion, to_arrays)
+                          oracle_choice, other_scorings, paired_bootstrap_ci, picture_derangement, pooled_cer,
+                          pooled_wer, run_fusion, speaker_bootstrap_ci, to_arrays, wer_diff_interval)
 
 P = validate({})
 FUSION, TEXT = P["fusion"], P["text"]
@@ -76,13 +77,13 @@ def test_paired_bootstrap_interval_brackets_a_clear_improvement():
     assert paired_bootstrap_ci(base, base, words, 500, seed=1) == (0.0, 0.0)
 
 
-def _toy(n_per_split=6):
+def _toy(n_per_split=6, n_speakers=2):
     """dev and test utterances where the ASR top choice is the wrong noun and CLIP knows better."""
     man, nb = [], []
     for split in ("dev", "test"):
         for i in range(n_per_split):
             utt = f"{split}{i}"
-            man.append({"utt_id": utt, "split": split, "text": "a red bear", "speaker": f"{split}-s{i % 2}",
+            man.append({"utt_id": utt, "split": split, "text": "a red bear", "speaker": f"{split}-s{i % n_speakers}",
                         "group": "impaired" if i % 2 else "control", "image_id": "img"})
             wrong_first = i % 3 != 0
             hyps = [("a red pear", -0.10, 0.20), ("a red bear", -0.15, 0.30)] if wrong_first else \
@@ -90,6 +91,32 @@ def _toy(n_per_split=6):
             for rank, (text, asr, cos) in enumerate(hyps):
                 nb.append({"utt_id": utt, "rank": rank, "text": text, "asr_score": asr, "clip_cos": cos})
     return pd.DataFrame(nb), pd.DataFrame(man)
+
+
+NOUNS = ("bear", "pear", "goat", "boat")
+
+
+def _pictured_toy(n_per_split=12, n_speakers=4, no_picture=()):
+    """Each utterance describes one of four pictures ("a red <noun>"); Whisper prefers a wrong noun on
+    two utterances in three, CLIP embeddings are one-hot per noun, so the right picture fixes every
+    error and another picture can only mislead. Returns (nbest, manifest, (images, texts))."""
+    eye = np.eye(len(NOUNS), dtype=np.float32)
+    images = {noun: eye[k] for k, noun in enumerate(NOUNS)}
+    texts = {f"a red {noun}": eye[k] for k, noun in enumerate(NOUNS)}
+    man, nb = [], []
+    for split in ("dev", "test"):
+        for i in range(n_per_split):
+            utt, noun = f"{split}{i:02d}", NOUNS[i % len(NOUNS)]
+            other = NOUNS[(i + 1) % len(NOUNS)]
+            pic = None if utt in no_picture else noun
+            man.append({"utt_id": utt, "split": split, "text": f"a red {noun}", "speaker": f"{split}-s{i % n_speakers}",
+                        "group": "impaired" if i % 2 else "control", "image_id": pic})
+            order = [other, noun] if i % 3 else [noun, other]
+            for rank, word in enumerate(order):
+                text = f"a red {word}"
+                nb.append({"utt_id": utt, "rank": rank, "text": text, "asr_score": -0.10 - 0.05 * rank,
+                           "clip_text": text, "clip_cos": float(texts[text] @ images[pic]) if pic else np.nan})
+    return pd.DataFrame(nb), pd.DataFrame(man), (images, texts)
 
 
 def test_run_fusion_tunes_on_dev_and_reports_test():
@@ -142,3 +169,156 @@ def test_an_utterance_with_only_truncated_beams_is_not_rescored():
     assert np.isnan(arr.clip[0]).all() and np.isfinite(arr.clip[1]).all()
     picks = choose(fuse(arr.asr, arr.clip, arr.valid, np.array([1.0]), tau=100.0))[0]
     assert picks.tolist() == [0, 1]  # u keeps Whisper's best; v follows the picture
+
+
+# ---------------------------------------------------------------- speaker-level intervals
+
+def _one_speaker_gain(n_speakers_per_group=3, n_utts=20):
+    """Six speakers in two groups, five words an utterance; one impaired speaker carries the whole gain
+    (3 errors to 0 on every utterance), everyone else has the same errors either way."""
+    speakers, groups, asr, fused = [], [], [], []
+    for g in ("control", "impaired"):
+        for k in range(n_speakers_per_group):
+            for _ in range(n_utts):
+                speakers.append(f"{g}{k}")
+                groups.append(g)
+                winner = g == "impaired" and k == 0
+                asr.append(3 if winner else 1)
+                fused.append(0 if winner else 1)
+    return (np.array(asr), np.array(fused), np.full(len(asr), 5), np.array(speakers), np.array(groups))
+
+
+def test_one_speakers_gain_is_not_significant_at_speaker_level():
+    asr, fused, words, speakers, groups = _one_speaker_gain()
+    utt_low, utt_high = paired_bootstrap_ci(asr, fused, words, 2000, seed=0)
+    spk_low, spk_high = speaker_bootstrap_ci(asr, fused, words, speakers, groups, 2000, seed=0)
+    assert utt_low < utt_high < 0  # resampling utterances: a clear gain
+    assert spk_low < 0 <= spk_high  # resampling speakers: the one speaker may be left out, so 0 is inside
+    ci = wer_diff_interval(asr, fused, words, speakers, groups, 2000, seed=0)
+    assert ci["level"] == "speaker" and (ci["low"], ci["high"]) == (spk_low, spk_high)
+    assert (ci["low_utt"], ci["high_utt"]) == (utt_low, utt_high)
+
+
+def test_speaker_level_needs_two_speakers_in_every_group():
+    asr, fused, words, speakers, groups = _one_speaker_gain(n_speakers_per_group=1)
+    ci = wer_diff_interval(asr, fused, words, speakers, groups, 500, seed=0)
+    assert ci["level"] == "utterance" and (ci["low"], ci["high"]) == (ci["low_utt"], ci["high_utt"])
+
+
+def test_speaker_bootstrap_matches_a_naive_two_stage_resampling():
+    """The multinomial-weight shortcut against drawing speakers, then utterances, one resample at a time."""
+    rng = np.random.default_rng(3)
+    speakers = np.repeat(["a", "b", "c", "d", "e"], [3, 8, 5, 12, 2])
+    groups = np.where(np.isin(speakers, ["a", "b"]), "g1", "g2")
+    words = rng.integers(2, 9, len(speakers))
+    err_a, err_b = rng.integers(0, 4, len(speakers)), rng.integers(0, 4, len(speakers))
+    fast = speaker_bootstrap_ci(err_a, err_b, words, speakers, groups, 4000, seed=0)
+    diffs = []
+    for _ in range(4000):
+        idx = []
+        for g in ("g1", "g2"):
+            members = np.unique(speakers[groups == g])
+            for spk in rng.choice(members, len(members)):
+                own = np.flatnonzero(speakers == spk)
+                idx.extend(rng.choice(own, len(own)))
+        diffs.append((err_b[idx].sum() - err_a[idx].sum()) / words[idx].sum())
+    naive = np.percentile(diffs, [2.5, 97.5])
+    np.testing.assert_allclose(fast, naive, atol=0.03)
+    assert speaker_bootstrap_ci(err_a, err_b, words, speakers, groups, 500, seed=7) == \
+        speaker_bootstrap_ci(err_a, err_b, words, speakers, groups, 500, seed=7)
+    assert speaker_bootstrap_ci(err_a, err_a, words, speakers, None, 500, seed=7) == (0.0, 0.0)
+
+
+def test_run_fusion_reports_the_speaker_level_interval_with_enough_speakers():
+    nb, man = _toy(n_per_split=12, n_speakers=4)  # 2 speakers per group on test
+    _, m, _, _ = run_fusion(nb, man, FUSION, TEXT, seed=0)
+    assert m["test_wer_diff_ci_level"] == "speaker"
+    assert {"test_wer_diff_ci_low_utt", "test_wer_diff_ci_high_utt"} <= set(m)
+    assert m["test_wer_diff_ci_level_impaired"] == "speaker"
+    assert m["test_wer_diff_ci_low_impaired"] <= m["test_wer_diff_impaired"] <= m["test_wer_diff_ci_high_impaired"]
+    _, m1, _, _ = run_fusion(*_toy(), FUSION, TEXT, seed=0)  # one test speaker per group
+    assert m1["test_wer_diff_ci_level"] == "utterance"
+    assert (m1["test_wer_diff_ci_low"], m1["test_wer_diff_ci_high"]) == \
+        (m1["test_wer_diff_ci_low_utt"], m1["test_wer_diff_ci_high_utt"])
+
+
+# ---------------------------------------------------------------- ASR-only and oracle off the grid
+
+def test_asr_only_and_oracle_do_not_depend_on_the_grid():
+    nb, man = _toy()
+    _, full, _, _ = run_fusion(nb, man, FUSION, TEXT, seed=0)
+    grid, late, _, _ = run_fusion(nb, man, {**FUSION, "alpha_start": 0.3}, TEXT, seed=0)
+    assert grid["alpha"].min() == pytest.approx(0.3)
+    # at α = 0.3 the picture already fixes every error, so the grid's first α is not "ASR only"
+    assert grid.loc[(grid["split"] == "test") & np.isclose(grid["alpha"], 0.3), "wer"].item() == 0.0
+    for key in ("test_wer_asr", "dev_wer_asr", "test_wer_oracle", "dev_wer_oracle", "test_S_asr", "test_wer_alpha1"):
+        assert late[key] == full[key], key
+    assert late["test_wer_asr"] == pytest.approx(4 / 18) and late["test_wer_alpha1"] == 0.0
+
+
+# ---------------------------------------------------------------- the picture-swap control
+
+def test_picture_derangement_never_gives_an_utterance_its_own_picture():
+    rng = np.random.default_rng(0)
+    for ids in (np.array(list("aabbccdd")), np.array(list("aaaabbcd")), np.array(["x", "y"]), np.arange(7)):
+        for _ in range(50):
+            perm = picture_derangement(ids, rng)
+            assert sorted(perm) == list(range(len(ids))) and not np.any(ids[perm] == ids)
+    assert picture_derangement(np.array(list("aaab")), rng) is None  # one picture for more than half
+    assert picture_derangement(np.array(["a"]), rng) is None
+
+
+def test_swapped_pictures_undo_the_gain():
+    nb, man, emb = _pictured_toy()
+    _, m, _, per = run_fusion(nb, man, {**FUSION, "swap_permutations": 3}, TEXT, seed=0, embeddings=emb)
+    assert m["test_wer_fused"] == 0.0 < m["test_wer_asr"] < m["test_wer_fused_swapped"]
+    assert m["test_swap_permutations"] == 3
+    swap_diff = m["test_wer_fused_swapped"] - m["test_wer_asr"]
+    assert m["test_wer_fused_swapped_ci_low"] <= swap_diff <= m["test_wer_fused_swapped_ci_high"]
+    assert m["test_wer_fused_swapped_ci_high"] > 0 and m["test_wer_diff_ci_high"] < 0
+    assert {"test_wer_fused_swapped_impaired", "test_wer_fused_swapped_ci_low_control"} <= set(m)
+    assert "wer_fused_swapped" in per.columns
+    _, again, _, _ = run_fusion(nb, man, {**FUSION, "swap_permutations": 3}, TEXT, seed=0, embeddings=emb)
+    assert again == m  # seeded
+
+
+def test_utterances_without_a_picture_stay_asr_only_in_the_swap():
+    nb, man, emb = _pictured_toy(no_picture={f"test{i:02d}" for i in range(1, 12, 3)})
+    _, m, _, _ = run_fusion(nb, man, FUSION, TEXT, seed=0, embeddings=emb)
+    # the picture-less test utterances are exactly the ones Whisper gets wrong and nothing can fix
+    assert m["n_no_image"] == 4 and m["test_wer_fused"] == m["test_wer_asr"] * 4 / 8
+    assert m["test_wer_fused_swapped"] >= m["test_wer_fused"]
+
+
+def test_swap_is_reported_as_none_when_impossible_and_refuses_stale_caches():
+    nb, man, emb = _pictured_toy()
+    one_picture = man.assign(image_id="bear")
+    nb_one = nb.assign(clip_cos=[float(emb[1][t] @ emb[0]["bear"]) for t in nb["clip_text"]])
+    _, m, _, _ = run_fusion(nb_one, one_picture, FUSION, TEXT, seed=0, embeddings=emb)
+    assert m["test_wer_fused_swapped"] is None and m["test_swap_permutations"] == 0
+    _, m, _, _ = run_fusion(nb, man, FUSION, TEXT, seed=0)  # no caches given
+    assert m["test_wer_fused_swapped"] is None
+    stale = ({**emb[0], "bear": emb[0]["pear"]}, emb[1])
+    with pytest.raises(ValueError, match="stale"):
+        run_fusion(nb, man, FUSION, TEXT, seed=0, embeddings=stale)
+
+
+# ---------------------------------------------------------------- CER and unnormalised WER
+
+def test_cer_and_raw_wer():
+    assert pooled_cer(["abcd", ""], ["abxd", "zz"]) == pytest.approx(3 / 4)
+    assert pooled_cer(["a red bear"], ["a red pear"]) == pytest.approx(jiwer.cer("a red bear", "a red pear"))
+    nb = to_arrays(pd.DataFrame({"utt_id": ["u", "u"], "rank": [0, 1], "text": ["Well a red pear", "well, a red bear."],
+                                 "asr_score": [-0.1, -0.2]}), pd.Series({"u": "Well, a red bear."}), TEXT)
+    out = other_scorings(nb, ["Well, a red bear."], {"asr": np.array([0]), "fused": np.array([1])}, TEXT)
+    assert out["test_cer_fused"] == 0.0 and out["test_cer_asr"] == pytest.approx(1 / len("a red bear"))
+    assert out["test_wer_fused_raw"] == 0.0  # lower-cased only: punctuation and "well" are words here
+    assert out["test_wer_asr_raw"] == pytest.approx(2 / 4)  # "well" vs "well,", "pear" vs "bear."
+
+
+def test_fusion_json_has_the_issue_15_keys():
+    nb, man, emb = _pictured_toy()
+    _, m, _, _ = run_fusion(nb, man, FUSION, TEXT, seed=0, embeddings=emb)
+    assert {"test_wer_alpha1", "test_wer_fused_swapped", "test_wer_fused_swapped_ci_low",
+            "test_wer_fused_swapped_ci_high", "test_wer_diff_ci_low_utt", "test_wer_diff_ci_high_utt",
+            "test_cer_asr", "test_cer_fused", "test_wer_asr_raw", "test_wer_fused_raw"} <= set(m)

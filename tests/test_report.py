@@ -327,3 +327,30 @@ def test_nbest_depth_note_reads_the_stats_metadata():
     assert "(beam 8, 8 returned, up to 5 kept)" in text and "1: 1, 3: 2, 5: 1" in text
     assert "mean 3.00, 75% with two or more" in text and "2 dropped; 1 utterances had only such beams" in text
     assert nbest_depth_note({}) == ""
+
+
+def test_swap_control_and_interval_level_are_shown_beside_the_fused_wer(full_run):
+    path = full_run / "results/metrics/fusion.json"
+    m = json.loads(path.read_text())
+    m.update({"test_wer_diff_ci_level": "speaker", "test_wer_fused_swapped": 0.5123, "test_wer_fused_swapped_ci_low": 0.01,
+              "test_wer_fused_swapped_ci_high": 0.15, "test_swap_permutations": 5, "test_wer_alpha1": 0.6789,
+              "test_wer_fused_swapped_impaired": 0.7, "test_wer_fused_swapped_control": 0.25})
+    write_json(path, m)
+    resc = section_html(report.build_report(full_run, params(), "test"), "rescoring")
+    assert "pictures swapped (control" in resc and "0.512" in resc and "[0.010, 0.150]" in resc
+    assert "a wrong picture hurts" in resc and "5 seeded permutations" in resc
+    assert "speaker-level bootstrap" in resc and "picture alone (α = 1)" in resc and "0.679" in resc
+    m["test_wer_fused_swapped"] = None
+    write_json(path, m)
+    resc = section_html(report.build_report(full_run, params(), "test"), "rescoring")
+    assert "Picture-swap control: not possible" in resc
+
+
+def test_corrupt_pretrain_metrics_are_called_unreadable(full_run):
+    (full_run / "results/metrics/pretrain_whisper.json").write_text("{not json")
+    pre = section_html(report.build_report(full_run, params(), "test"), "pretraining")
+    assert "Unreadable pre-training metrics" in pre and "pretrain_whisper.json" in pre
+    assert "No demo model pre-trained" not in pre
+    write_json(full_run / "results/metrics/pretrain_clip.json", {"clip_n_params": 660000, "clip_steps": 10})
+    pre = section_html(report.build_report(full_run, params(), "test"), "pretraining")
+    assert "Unreadable pre-training metrics" in pre and "660,000" in pre

@@ -134,7 +134,10 @@ def test_lint_is_clean(tmp_path):
 
 FUSION_KEYS = ("best_alpha", "tau", "dev_wer_asr", "dev_wer_fused", "test_wer_asr", "test_wer_fused", "test_wer_oracle",
                "test_wer_diff_ci_low", "test_wer_diff_ci_high", "test_gap_closed", "n_test_utts", "n_no_image",
-               "test_wer_asr_impaired", "test_wer_fused_impaired", "test_wer_asr_control", "test_wer_fused_control")
+               "test_wer_asr_impaired", "test_wer_fused_impaired", "test_wer_asr_control", "test_wer_fused_control",
+               "test_wer_alpha1", "test_wer_fused_swapped", "test_wer_fused_swapped_ci_low",
+               "test_wer_fused_swapped_ci_high", "test_wer_diff_ci_low_utt", "test_wer_diff_ci_high_utt",
+               "test_wer_diff_ci_level", "test_cer_asr", "test_cer_fused", "test_wer_asr_raw", "test_wer_fused_raw")
 
 
 def test_rescoring_outputs_follow_the_contracts(tiny_run):
@@ -154,6 +157,14 @@ def test_rescoring_outputs_follow_the_contracts(tiny_run):
     assert b"mmasr.model" in meta and b"mmasr.decoding" in meta
     emb_meta = read_json(tiny_run / "data/cache/clip_image_embeddings.npz.json")
     assert emb_meta["count"] == manifest["image_id"].nunique() and emb_meta["dimension"] > 0
+    # the picture-swap control ran: the hypothesis-text cache covers every text scored against a picture
+    from mmasr.clip import load_text_embeddings
+
+    texts = load_text_embeddings(tiny_run / "data/cache/clip_text_embeddings.npz")
+    assert set(nbest.loc[nbest["clip_cos"].notna(), "clip_text"]) == set(texts)
+    assert metrics["test_wer_diff_ci_level"] in ("speaker", "utterance")
+    assert metrics["test_wer_fused_swapped"] is not None and metrics["test_swap_permutations"] == 5
+    assert metrics["test_wer_fused_swapped_ci_low"] <= metrics["test_wer_fused_swapped_ci_high"]
 
 
 def test_projector_outputs_follow_the_contracts(tiny_run):

@@ -48,7 +48,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .io import atomic_dir, atomic_path, write_json, write_parquet
+from .io import atomic_dir, atomic_path, reject, rejects_frame, write_json, write_parquet
 from .pretrain import (LN_100, CsvLog, _adamw, _progress, batch_indices, code_digest, end_of_step, fingerprint,
                        optimise, resume_checkpoint, set_determinism, set_lr, soft_targets, symmetric_infonce)
 
@@ -220,6 +220,15 @@ def cache_items(manifest: pd.DataFrame, text_cfg: dict) -> tuple[pd.DataFrame, l
     return utts[UTT_COLUMNS], texts
 
 
+def empty_transcript_rejects(manifest: pd.DataFrame, utts: pd.DataFrame) -> pd.DataFrame:
+    """A rejects row (as the other stages write them) for each manifest utterance that
+    :func:`cache_items` left out because its normalised transcript is empty."""
+    dropped = manifest[~manifest["utt_id"].isin(utts["utt_id"])].sort_values("utt_id")
+    return rejects_frame([reject(r["utt_id"], r.get("audio_path"), "utterance", "clap_embeddings", "empty_transcript",
+                                 f"transcript {str(r.get('text', ''))!r} is empty after normalisation")
+                          for r in dropped.to_dict("records")])
+
+
 def encoder_meta(bundle, layers: list[int], kind: str, pooling: str) -> dict:
     from .layers import encoder_depth
 
@@ -237,6 +246,10 @@ def build_cache(manifest: pd.DataFrame, audio_bundle, text_bundle, cfg: dict, te
     from .nbest import read_audio
 
     utts, texts = cache_items(manifest, text_cfg)
+    rejects = empty_transcript_rejects(manifest, utts)
+    if len(rejects):
+        log.warning("CLAP cache: %d utterance(s) with an empty normalised transcript left out (rejects.parquet)",
+                    len(rejects))
     a_layers = select_layers(cfg["layers"], encoder_depth(audio_bundle.model))
     t_layers = select_layers(cfg["layers"], encoder_depth(text_bundle.model))
     log.info("CLAP cache: %d utterances (audio layers %s), %d distinct texts (text layers %s, %s pooling)",
@@ -247,13 +260,16 @@ def build_cache(manifest: pd.DataFrame, audio_bundle, text_bundle, cfg: dict, te
     meta = {**encoder_meta(audio_bundle, a_layers, "audio", "mean"),
             **encoder_meta(text_bundle, t_layers, "text", cfg["text_pooling"]),
             "layers": cfg["layers"], "audio_dim": int(audio.shape[1]), "text_dim": int(text.shape[1]),
-            "n_utts": len(utts), "n_texts": len(texts), "device": str(audio_bundle.device)}
-    return write_cache(out_dir, audio, text, utts, texts, meta)
+            "n_utts": len(utts), "n_texts": len(texts), "n_rejected_empty_transcript": len(rejects),
+            "device": str(audio_bundle.device)}
+    return write_cache(out_dir, audio, text, utts, texts, meta, rejects)
 
 
 def write_cache(out_dir: str | Path, audio: np.ndarray, text: np.ndarray, utts: pd.DataFrame, texts: list[str],
-                meta: dict) -> ClapCache:
-    """Write a cache folder atomically (see :func:`build_cache`) and load it back."""
+                meta: dict, rejects: pd.DataFrame | None = None) -> ClapCache:
+    """Write a cache folder atomically (see :func:`build_cache`; ``rejects.parquet``: the utterances left
+    out) and load it back."""
+
     from safetensors.numpy import save_file
 
     if len(audio) != len(utts) or len(text) != len(texts) or not set(utts["text_row"]) <= set(range(len(texts))):
@@ -264,6 +280,7 @@ def write_cache(out_dir: str | Path, audio: np.ndarray, text: np.ndarray, utts: 
         write_parquet(tmp / "utterances.parquet", utts[UTT_COLUMNS].reset_index(drop=True))
         write_parquet(tmp / "texts.parquet", pd.DataFrame({"text_row": range(len(texts)), "text": texts}))
         write_json(tmp / "meta.json", meta)
+        write_parquet(tmp / "rejects.parquet", rejects_frame([]) if rejects is None else rejects)
     return load_cache(out_dir)
 
 
@@ -635,6 +652,7 @@ def evaluate_retrieval(cache: ClapCache, checkpoint: str | Path, split: str = "t
                     "fine_tuned_encoders": bool(encoder_state)})
     metrics.update({k: v for k, v in config["summary"].items()})
     metrics["clap_fingerprint"] = config["fingerprint"]
+    metrics["n_rejected_empty_transcript"] = int(cache.meta.get("n_rejected_empty_transcript", 0))
     for kind in ("audio", "text"):
         for key in ("encoder", "revision", "layers", "pooling"):
             metrics[f"clap_{kind}_{key}"] = cache.meta[f"{kind}_{key}"]

@@ -132,26 +132,34 @@ def cmd_nbest_merge(args) -> None:
 
 
 def cmd_clip_scores(args) -> None:
-    from .clip import add_clip_scores, load_embeddings
+    from .clip import clip_scores, load_embeddings, save_text_embeddings
 
     p = _params(args)
     nbest = pd.read_parquet(args.nbest)
     meta = read_metadata(args.nbest)
     bundle = _model("clip", p, args.threads)
-    scored = add_clip_scores(nbest, pd.read_parquet(args.manifest), load_embeddings(args.embeddings), bundle,
-                             p["text"], progress=not args.quiet)
+    scored, texts, vectors = clip_scores(nbest, pd.read_parquet(args.manifest), load_embeddings(args.embeddings),
+                                         bundle, p["text"], progress=not args.quiet)
     meta.update({"mmasr.clip_model": bundle.name, "mmasr.clip_revision": bundle.revision})
+    save_text_embeddings(args.text_embeddings, texts, vectors)
     write_parquet(args.out, scored, metadata=meta)
     log.info("clip_cos for %d of %d hypotheses (%d distinct texts)", int(scored["clip_cos"].notna().sum()),
              len(scored), scored["clip_text"].nunique())
 
 
 def cmd_fuse(args) -> None:
+    from .clip import load_embeddings, load_text_embeddings
     from .fusion import run_fusion
 
     p = _params(args)
+    embeddings = None
+    if args.image_embeddings.is_file() and args.text_embeddings.is_file():
+        embeddings = (load_embeddings(args.image_embeddings), load_text_embeddings(args.text_embeddings))
+    else:
+        log.warning("no CLIP embedding caches (%s, %s): no picture-swap control", args.image_embeddings,
+                    args.text_embeddings)
     grid, metrics, changed, per_speaker = run_fusion(pd.read_parquet(args.nbest), pd.read_parquet(args.manifest),
-                                                     p["fusion"], p["text"], p["seed"])
+                                                     p["fusion"], p["text"], p["seed"], embeddings=embeddings)
     metrics.update(provenance(p, ("fusion", "text", "seed", "nbest", "models.whisper", "models.clip")))
     write_csv(args.grid, grid)
     write_csv(args.per_speaker, per_speaker)
@@ -160,6 +168,8 @@ def cmd_fuse(args) -> None:
     log.info("alpha=%.2f (dev); test WER asr-only %.4f, fused %.4f [%.4f, %.4f], oracle %.4f",
              metrics["best_alpha"], metrics["test_wer_asr"], metrics["test_wer_fused"],
              metrics["test_wer_diff_ci_low"], metrics["test_wer_diff_ci_high"], metrics["test_wer_oracle"])
+    log.info("interval level: %s; picture-swap control (%d permutations): fused WER %s", metrics["test_wer_diff_ci_level"],
+             metrics["test_swap_permutations"], metrics["test_wer_fused_swapped"])
 
 
 def cmd_transcribe(args) -> None:
@@ -536,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
     sp.add_argument("--embeddings", type=Path, default=Path("data/cache/clip_image_embeddings.npz"))
     sp.add_argument("--out", type=Path, default=Path("data/nbest/nbest.parquet"))
+    sp.add_argument("--text-embeddings", type=Path, default=Path("data/cache/clip_text_embeddings.npz"),
+                    help="where the distinct hypothesis texts' CLIP embeddings go (for fuse's picture-swap control)")
 
     sp = stage("fuse", cmd_fuse, "Grid-search alpha on dev; test WER, oracle, bootstrap interval.")
     sp.add_argument("--nbest", type=Path, default=Path("data/nbest/nbest.parquet"))
@@ -544,6 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--per-speaker", type=Path, default=Path("results/fusion/per_speaker.csv"))
     sp.add_argument("--changed", type=Path, default=Path("results/fusion/changed.parquet"))
     sp.add_argument("--metrics", type=Path, default=Path("results/metrics/fusion.json"))
+    sp.add_argument("--image-embeddings", type=Path, default=Path("data/cache/clip_image_embeddings.npz"),
+                    help="picture cache (cache-images), for the picture-swap control")
+    sp.add_argument("--text-embeddings", type=Path, default=Path("data/cache/clip_text_embeddings.npz"),
+                    help="hypothesis-text cache (clip-scores), for the picture-swap control")
 
     sp = stage("encode-audio", cmd_encode_audio,
                "Run the frozen Whisper encoder once per utterance; cache its trimmed outputs (float16 shards).")

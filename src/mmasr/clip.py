@@ -22,14 +22,35 @@ from .text import clip_text
 _FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed entry times: the same embeddings give the same bytes
 
 
+def _write_npz(path: str | Path, arrays: list[tuple[str, np.ndarray]]) -> None:
+    """An np.load-compatible .npz whose bytes depend only on the arrays (stored, fixed entry times)."""
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key, arr in arrays:
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=_FIXED_ZIP_TIME), buf.getvalue())
+
+
 def save_embeddings(path: str | Path, ids: list[str], vectors: np.ndarray, meta: dict) -> None:
     """An .npz keyed by id (np.load-compatible, byte-stable) plus a JSON sidecar ``<path>.json``."""
-    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-        for key, vec in sorted(zip(ids, vectors), key=lambda kv: kv[0]):
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.ascontiguousarray(vec, dtype=np.float32), allow_pickle=False)
-            zf.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=_FIXED_ZIP_TIME), buf.getvalue())
+    _write_npz(path, [(key, np.asarray(vec, dtype=np.float32))
+                      for key, vec in sorted(zip(ids, vectors), key=lambda kv: kv[0])])
     write_json(f"{path}.json", {**meta, "dimension": int(vectors.shape[1]) if len(vectors) else 0, "count": len(ids)})
+
+
+def save_text_embeddings(path: str | Path, texts: list[str], vectors: np.ndarray) -> None:
+    """The hypothesis-text cache of ``clip-scores``: arrays ``texts`` (sorted, unicode) and ``vectors``
+    (float32, one row per text). Texts are free-form, so they are data here, not npz keys."""
+    order = np.argsort(np.asarray(texts, dtype=str), kind="stable")
+    dim = vectors.shape[1] if len(texts) else 0
+    _write_npz(path, [("texts", np.asarray(texts, dtype=str)[order]),
+                      ("vectors", np.asarray(vectors, dtype=np.float32).reshape(len(texts), dim)[order])])
+
+
+def load_text_embeddings(path: str | Path) -> dict[str, np.ndarray]:
+    """clip_text -> its CLIP text embedding (as written by :func:`save_text_embeddings`)."""
+    with np.load(path, allow_pickle=False) as data:
+        return dict(zip(data["texts"].tolist(), data["vectors"]))
 
 
 def load_embeddings(path: str | Path) -> dict[str, np.ndarray]:
@@ -62,6 +83,18 @@ def cache_images(bundle: ModelBundle, images: pd.DataFrame, batch_size: int, pro
 def add_clip_scores(nbest: pd.DataFrame, manifest: pd.DataFrame, embeddings: dict[str, np.ndarray],
                     bundle: ModelBundle, text_cfg: dict, batch_size: int = 256, progress: bool = True) -> pd.DataFrame:
     """Add ``clip_text`` and ``clip_cos`` (cosine with the utterance's picture; NaN without one)."""
+    return clip_scores(nbest, manifest, embeddings, bundle, text_cfg, batch_size, progress)[0]
+
+
+def clip_scores(nbest: pd.DataFrame, manifest: pd.DataFrame, embeddings: dict[str, np.ndarray], bundle: ModelBundle,
+                text_cfg: dict, batch_size: int = 256,
+                progress: bool = True) -> tuple[pd.DataFrame, list[str], np.ndarray]:
+    """:func:`add_clip_scores`'s table, and the distinct texts it embedded with their vectors.
+
+    The vectors are kept (``data/cache/clip_text_embeddings.npz``) so that ``fuse`` can score each
+    hypothesis against *another* utterance's picture (the picture-swap control) without a model: the
+    Parquet table keeps its columns, and the (hypothesis x picture) cosines for any permutation are one
+    dot product of the two caches."""
     out = nbest.copy()
     image_of = manifest.set_index("utt_id")["image_id"]
     out["clip_text"] = [clip_text(t, text_cfg) for t in out["text"].fillna("")]
@@ -79,7 +112,7 @@ def add_clip_scores(nbest: pd.DataFrame, manifest: pd.DataFrame, embeddings: dic
         image_vecs = np.stack([embeddings[i] for i in image_ids.to_numpy()[rows]])
         cos[rows] = np.einsum("ij,ij->i", image_vecs, text_vecs[text_idx])
     out["clip_cos"] = cos
-    return out
+    return out, texts, text_vecs.reshape(len(texts), -1) if len(texts) else np.zeros((0, 0), np.float32)
 
 
 def cache_metadata(bundle: ModelBundle) -> dict:

@@ -15,7 +15,7 @@ import jiwer
 import numpy as np
 import pandas as pd
 
-from .text import normaliser
+from .text import normalise, normaliser
 
 
 # ---------------------------------------------------------------- pure maths
@@ -93,6 +93,111 @@ def paired_bootstrap_ci(errors_a: np.ndarray, errors_b: np.ndarray, ref_words: n
     return float(low), float(high)
 
 
+def speaker_bootstrap_ci(errors_a: np.ndarray, errors_b: np.ndarray, ref_words: np.ndarray, speakers: np.ndarray,
+                         strata: np.ndarray | None, n_resamples: int, seed: int,
+                         level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of pooled WER(b) - WER(a) from a two-stage (cluster) bootstrap: each resample
+    draws, within every stratum, as many speakers as it has, with replacement, then each drawn speaker's
+    utterances with replacement; errors and reference words are summed over the resample (corpus WER).
+
+    Drawing a speaker ``c`` times and then ``m`` of its ``m`` utterances each time gives its utterances
+    multinomial(c·m, uniform) weights, so the statistic is computed from weights, vectorised over
+    resamples (one pass per speaker). ``strata`` (e.g. the speaker's group; None: one stratum) keeps each
+    resample's make-up fixed, as the test split was drawn stratified by group.
+    """
+    if len(ref_words) == 0:
+        return 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    speakers = np.asarray(speakers)
+    strata = np.zeros(len(speakers), np.int64) if strata is None else np.asarray(strata)
+    spk_ids, spk_of_utt = np.unique(speakers, return_inverse=True)
+    stratum_of_spk = np.empty(len(spk_ids), dtype=strata.dtype)
+    stratum_of_spk[spk_of_utt] = strata
+    times = np.zeros((n_resamples, len(spk_ids)), np.int64)  # how often each speaker is drawn
+    for stratum in np.unique(stratum_of_spk):
+        members = np.flatnonzero(stratum_of_spk == stratum)
+        draws = members[rng.integers(0, len(members), size=(n_resamples, len(members)))]
+        np.add.at(times, (np.arange(n_resamples)[:, None], draws), 1)
+    diff_err = np.asarray(errors_b, np.float64) - np.asarray(errors_a, np.float64)
+    num, den = np.zeros(n_resamples), np.zeros(n_resamples)
+    for s in range(len(spk_ids)):
+        own = np.flatnonzero(spk_of_utt == s)
+        weights = rng.multinomial(times[:, s] * len(own), np.full(len(own), 1 / len(own)))  # (R, m)
+        num += weights @ diff_err[own]
+        den += weights @ ref_words[own].astype(np.float64)
+    diff = num / np.maximum(den, 1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(diff, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def min_speakers_per_group(speakers: np.ndarray, groups: np.ndarray) -> int:
+    """The fewest distinct speakers any group has (0 when there are no utterances)."""
+    if len(speakers) == 0:
+        return 0
+    return int(pd.DataFrame({"s": speakers, "g": groups}).groupby("g")["s"].nunique().min())
+
+
+def wer_diff_interval(errors_a: np.ndarray, errors_b: np.ndarray, ref_words: np.ndarray, speakers: np.ndarray,
+                      groups: np.ndarray, n_resamples: int, seed: int) -> dict:
+    """The interval of WER(b) - WER(a) to report: speaker-level (stratified by group) when every group
+    has at least 2 speakers, else utterance-level; both, and which one is the reported one."""
+    utt = paired_bootstrap_ci(errors_a, errors_b, ref_words, n_resamples, seed)
+    level = "speaker" if min_speakers_per_group(speakers, groups) >= 2 else "utterance"
+    spk = speaker_bootstrap_ci(errors_a, errors_b, ref_words, speakers, groups, n_resamples, seed) \
+        if level == "speaker" else utt
+    return {"low": spk[0], "high": spk[1], "level": level, "low_utt": utt[0], "high_utt": utt[1]}
+
+
+def picture_derangement(image_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    """A random permutation ``perm`` with ``image_ids[perm[i]] != image_ids[i]`` for every i: each
+    utterance gets another utterance's picture, never one showing its own picture (utterances can share
+    a picture). None when impossible (fewer than 2 items, or one picture held by more than half).
+
+    A uniform permutation is repaired one fixed point at a time by swapping targets with a position j
+    where neither side then keeps its own picture; with no picture above half such a j always exists and
+    a swap creates no new fixed point, so one pass suffices.
+    """
+    image_ids = np.asarray(image_ids)
+    n = len(image_ids)
+    if n < 2 or pd.Series(image_ids).value_counts().iloc[0] * 2 > n:
+        return None
+    perm = rng.permutation(n)
+    for i in np.flatnonzero(image_ids[perm] == image_ids):
+        if image_ids[perm[i]] != image_ids[i]:
+            continue  # freed by an earlier swap
+        ok = (image_ids[perm] != image_ids[i]) & (image_ids != image_ids[perm[i]])
+        j = rng.choice(np.flatnonzero(ok))
+        perm[i], perm[j] = perm[j], perm[i]
+    assert not np.any(image_ids[perm] == image_ids)
+    return perm
+
+
+def swapped_cosines(text_vecs: np.ndarray, has_text: np.ndarray, image_vecs: np.ndarray) -> np.ndarray:
+    """Cosine of each hypothesis (text_vecs (U, H, D), L2-normalised) with a picture per utterance
+    (image_vecs (U, D)); NaN where ``has_text`` is false."""
+    return np.where(has_text, np.einsum("uhd,ud->uh", text_vecs, image_vecs), np.nan)
+
+
+def pooled_cer(refs: list[str], hyps: list[str]) -> float:
+    """Corpus CER (jiwer's character alignment, spaces included): all character errors over all reference
+    characters; a hypothesis against an empty reference counts its characters as insertions."""
+    scored = [i for i in range(len(refs)) if refs[i]]  # jiwer refuses empty references
+    errors = sum(len(hyps[i]) for i in range(len(refs)) if not refs[i])
+    chars = 0
+    if scored:
+        out = jiwer.process_characters([refs[i] for i in scored], [hyps[i] for i in scored])
+        errors += out.substitutions + out.deletions + out.insertions
+        chars = out.hits + out.substitutions + out.deletions
+    return pooled_wer(np.array([errors]), np.array([chars]))
+
+
+def raw_text(text: str) -> str:
+    """Scoring with normalisation off: lower-cased (and NFC, one apostrophe), punctuation, repeats and
+    fillers kept."""
+    return normalise(text, remove_punctuation=False, collapse_repeats=False, remove_fillers=False)
+
+
 def gap_closed(wer_asr: float, wer_fused: float, wer_oracle: float) -> float | None:
     """Share of the ASR-to-oracle gap that fusion closes (None when there is no gap)."""
     gap = wer_asr - wer_oracle
@@ -113,6 +218,8 @@ class NBest:
     dele: np.ndarray
     ins: np.ndarray
     ref_words: np.ndarray   # (U,)
+    raw: np.ndarray | None = None         # (U, H) object: the hypothesis text as decoded
+    clip_texts: np.ndarray | None = None  # (U, H) object: what CLIP read (``clip_text``), None without it
 
     @property
     def errors(self) -> np.ndarray:
@@ -168,11 +275,18 @@ def to_arrays(nbest: pd.DataFrame, references: pd.Series, text_cfg: dict) -> NBe
         finished[row, slot] = nb["complete"].to_numpy(bool)
         clip[~finished.any(axis=1)] = np.nan
     valid[row, slot] = True
+    raw = np.full((U, H), "", dtype=object)
+    raw[row, slot] = nb["text"].fillna("").astype(str).to_numpy()
+    clip_texts = None
+    if "clip_text" in nb:
+        clip_texts = np.full((U, H), None, dtype=object)
+        clip_texts[row, slot] = nb["clip_text"].to_numpy()
     refs_norm = [norm(str(references[u])) for u in utt_ids]
     s, d, i, words = count_errors([refs_norm[r] for r in row], hyp_norm)
     sub, dele, ins = (np.zeros((U, H), np.int64) for _ in range(3))
     sub[row, slot], dele[row, slot], ins[row, slot] = s, d, i
-    return NBest(utt_ids, texts, asr, clip, valid, sub, dele, ins, np.array([len(r.split()) for r in refs_norm]))
+    return NBest(utt_ids, texts, asr, clip, valid, sub, dele, ins, np.array([len(r.split()) for r in refs_norm]),
+                 raw, clip_texts)
 
 
 # ---------------------------------------------------------------- the stage
@@ -183,8 +297,95 @@ def alpha_grid(cfg: dict) -> np.ndarray:
     return np.round(cfg["alpha_start"] + cfg["alpha_step"] * np.arange(n), 6)
 
 
-def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg: dict, seed: int):
-    """Grid-search α on dev, report on test. Returns (grid table, metrics dict, changed table, per-speaker table)."""
+def group_intervals(group: str, idx: np.ndarray, err_asr: np.ndarray, err_fused: np.ndarray,
+                    err_swapped: np.ndarray | None, ref_words: np.ndarray, speakers: np.ndarray, n_resamples: int,
+                    seed: int) -> dict:
+    """One group's fused − ASR-only difference and its interval (speaker-level with ≥ 2 speakers in the
+    group, else utterance-level), and the swap control's interval."""
+    words, spk, one = ref_words[idx], speakers[idx], np.zeros(len(idx), np.int64)
+    ci = wer_diff_interval(err_asr[idx], err_fused[idx], words, spk, one, n_resamples, seed)
+    out = {f"test_wer_diff_{group}": pooled_wer(err_fused[idx], words) - pooled_wer(err_asr[idx], words),
+           f"test_wer_diff_ci_low_{group}": ci["low"], f"test_wer_diff_ci_high_{group}": ci["high"],
+           f"test_wer_diff_ci_level_{group}": ci["level"]}
+    if err_swapped is not None:
+        sw = wer_diff_interval(err_asr[idx], err_swapped[idx], words, spk, one, n_resamples, seed)
+        out[f"test_wer_fused_swapped_ci_low_{group}"] = sw["low"]
+        out[f"test_wer_fused_swapped_ci_high_{group}"] = sw["high"]
+    return out
+
+
+def other_scorings(nb: NBest, references: list[str], picks: dict[str, np.ndarray], text_cfg: dict) -> dict:
+    """CER (normalised text) and WER with normalisation off (lower-cased only) of each system's picks,
+    for comparison with papers that score differently."""
+    norm = normaliser(text_cfg)
+    refs_norm = [norm(r) for r in references]
+    refs_raw = [raw_text(r) for r in references]
+    out = {}
+    for name, pick in picks.items():
+        out[f"test_cer_{name}"] = pooled_cer(refs_norm, list(take(nb.texts, pick)))
+        sub, dele, ins, words = count_errors(refs_raw, [raw_text(t) for t in take(nb.raw, pick)])
+        out[f"test_wer_{name}_raw"] = pooled_wer(sub + dele + ins, words)
+    return out
+
+
+def fixed_alpha_choice(nb: NBest, alpha: float, tau: float, clip: np.ndarray | None = None) -> np.ndarray:
+    """Choices (U,) at one α, independent of the grid: α = 0 is Whisper's own pick (ASR-only), α = 1 the
+    picture alone."""
+    return choose(fuse(nb.asr, nb.clip if clip is None else clip, nb.valid, np.array([alpha]), tau))[0]
+
+
+def swap_choices(nb: NBest, image_ids: np.ndarray, images: dict[str, np.ndarray], texts: dict[str, np.ndarray],
+                 alpha: float, tau: float, n_permutations: int, seed: int) -> np.ndarray | None:
+    """The picture-swap control: choices (K, U) at ``alpha`` when every utterance with a picture is scored
+    against another utterance's picture (K seeded derangements over the pictured utterances, never one
+    showing its own picture); utterances without a picture stay ASR-only. None when no derangement
+    exists (fewer than 2 pictured utterances, or one picture held by more than half of them).
+
+    The swapped cosines come from the CLIP embeddings ``clip-scores`` already computed: ``images`` is the
+    picture cache (image_id -> vector), ``texts`` the hypothesis-text cache (clip_text -> vector). They
+    must reproduce each hypothesis's stored ``clip_cos`` with its own picture, else the caches are stale.
+    """
+    pictured = np.flatnonzero(np.isfinite(nb.clip).any(axis=1))
+    if len(pictured) < 2:
+        return None
+    if nb.clip_texts is None:
+        raise ValueError("the n-best table has no clip_text column: the picture-swap control needs clip-scores' output")
+    pics = np.asarray(image_ids, dtype=object)[pictured]
+    absent = sorted({str(i) for i in pics if i not in images})
+    if absent:
+        raise ValueError(f"{len(absent)} picture(s) with CLIP cosines are not in the picture-embedding cache "
+                         f"(e.g. {absent[0]}): re-run cache-images and clip-scores")
+    has_text = np.isfinite(nb.clip[pictured])
+    keys = nb.clip_texts[pictured][has_text]
+    distinct = sorted(set(keys))
+    unknown = [k for k in distinct if k not in texts]
+    if unknown:
+        raise ValueError(f"{len(unknown)} hypothesis text(s) with a CLIP cosine have no stored text embedding "
+                         f"(e.g. {unknown[0]!r}): re-run clip-scores")
+    table = np.stack([texts[k] for k in distinct]).astype(np.float32)
+    text_vecs = np.zeros((len(pictured), nb.clip.shape[1], table.shape[1]), np.float32)
+    text_vecs[has_text] = table[pd.Index(distinct).get_indexer(keys)]
+    own = np.stack([images[i] for i in pics]).astype(np.float32)
+    if not np.allclose(swapped_cosines(text_vecs, has_text, own)[has_text], nb.clip[pictured][has_text], atol=1e-4):
+        raise ValueError("the stored CLIP embeddings do not reproduce clip_cos: the caches are stale (re-run clip-scores)")
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_permutations):
+        perm = picture_derangement(pics, rng)
+        if perm is None:
+            return None
+        clip = nb.clip.copy()
+        clip[pictured] = swapped_cosines(text_vecs, has_text, own[perm])
+        out.append(fixed_alpha_choice(nb, alpha, tau, clip))
+    return np.stack(out)
+
+
+def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg: dict, seed: int,
+               embeddings: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None):
+    """Grid-search α on dev, report on test. Returns (grid table, metrics dict, changed table, per-speaker table).
+
+    ``embeddings`` (picture cache, hypothesis-text cache) enable the picture-swap control; without them
+    its keys are None."""
     alphas = alpha_grid(cfg)
     meta = manifest.set_index("utt_id")
     arrays = {}
@@ -206,20 +407,40 @@ def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg:
     best = best_alpha_index(dev_wers)
 
     nb, choice = arrays["test"]
-    asr_pick, fused_pick, oracle_pick = choice[0], choice[best], oracle_choice(nb.errors, nb.valid)
-    err_asr, err_fused, err_oracle = (take(nb.errors, c) for c in (asr_pick, fused_pick, oracle_pick))
+    dev_nb = arrays["dev"][0]
+    tau, n_boot = cfg["tau"], cfg["bootstrap_resamples"]
+    # ASR-only and the oracle do not depend on the grid (which need not start at α = 0).
+    asr_pick, fused_pick, oracle_pick = fixed_alpha_choice(nb, 0.0, tau), choice[best], oracle_choice(nb.errors, nb.valid)
+    alpha1_pick = fixed_alpha_choice(nb, 1.0, tau)
+    err_asr, err_fused, err_oracle, err_alpha1 = (take(nb.errors, c) for c in (asr_pick, fused_pick, oracle_pick,
+                                                                                alpha1_pick))
     wer_asr, wer_fused, wer_oracle = (pooled_wer(e, nb.ref_words) for e in (err_asr, err_fused, err_oracle))
-    low, high = paired_bootstrap_ci(err_asr, err_fused, nb.ref_words, cfg["bootstrap_resamples"], seed)
     test_meta = meta.loc[nb.utt_ids]
+    speakers, groups = test_meta["speaker"].astype(str).to_numpy(), test_meta["group"].astype(str).to_numpy()
+    ci = wer_diff_interval(err_asr, err_fused, nb.ref_words, speakers, groups, n_boot, seed)
+    swap = None if embeddings is None else swap_choices(
+        nb, test_meta["image_id"].to_numpy(), embeddings[0], embeddings[1], float(alphas[best]), tau,
+        cfg["swap_permutations"], seed)
+    err_swapped = None if swap is None else take(nb.errors, swap).mean(axis=0)  # mean errors over permutations
+    swap_ci = None if swap is None else wer_diff_interval(err_asr, err_swapped, nb.ref_words, speakers, groups,
+                                                          n_boot, seed)
     no_image = ~np.isfinite(nb.clip).any(axis=1)
 
     metrics = {
         "best_alpha": float(alphas[best]), "tau": float(cfg["tau"]),
-        "dev_wer_asr": float(dev_wers[0]), "dev_wer_fused": float(dev_wers[best]),
+        "dev_wer_asr": pooled_wer(take(dev_nb.errors, fixed_alpha_choice(dev_nb, 0.0, tau)), dev_nb.ref_words),
+        "dev_wer_fused": float(dev_wers[best]),
         "dev_wer_oracle": pooled_wer(take(arrays["dev"][0].errors, oracle_choice(arrays["dev"][0].errors, arrays["dev"][0].valid)),
                                      arrays["dev"][0].ref_words),
         "test_wer_asr": wer_asr, "test_wer_fused": wer_fused, "test_wer_oracle": wer_oracle,
-        "test_wer_diff": wer_fused - wer_asr, "test_wer_diff_ci_low": low, "test_wer_diff_ci_high": high,
+        "test_wer_diff": wer_fused - wer_asr, "test_wer_diff_ci_low": ci["low"], "test_wer_diff_ci_high": ci["high"],
+        "test_wer_diff_ci_level": ci["level"],
+        "test_wer_diff_ci_low_utt": ci["low_utt"], "test_wer_diff_ci_high_utt": ci["high_utt"],
+        "test_wer_alpha1": pooled_wer(err_alpha1, nb.ref_words),
+        "test_wer_fused_swapped": None if swap is None else pooled_wer(err_swapped, nb.ref_words),
+        "test_wer_fused_swapped_ci_low": None if swap is None else swap_ci["low"],
+        "test_wer_fused_swapped_ci_high": None if swap is None else swap_ci["high"],
+        "test_swap_permutations": 0 if swap is None else len(swap),
         "test_gap_closed": gap_closed(wer_asr, wer_fused, wer_oracle),
         "n_dev_utts": int(len(arrays["dev"][0].utt_ids)), "n_test_utts": int(len(nb.utt_ids)),
         "n_no_image": int(no_image.sum()), "n_empty_hypotheses": int(((nb.texts == "") & nb.valid).sum()),
@@ -229,18 +450,24 @@ def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg:
         metrics[f"test_S_{name}"] = int(take(nb.sub, pick).sum())
         metrics[f"test_D_{name}"] = int(take(nb.dele, pick).sum())
         metrics[f"test_I_{name}"] = int(take(nb.ins, pick).sum())
+    metrics.update(other_scorings(nb, [str(meta.at[u, "text"]) for u in nb.utt_ids],
+                                  {"asr": asr_pick, "fused": fused_pick}, text_cfg))
 
     per_speaker = []
+    per_utt = {"asr": err_asr, "fused": err_fused, "oracle": err_oracle, "alpha1": err_alpha1}
+    if swap is not None:
+        per_utt["fused_swapped"] = err_swapped
     for key in ("group", "speaker"):
         for value, idx in test_meta.reset_index().groupby(key).indices.items():
             words = nb.ref_words[idx]
             rec = {"level": key, "name": value, "n_utts": len(idx), "ref_words": int(words.sum()),
-                   "wer_asr": pooled_wer(err_asr[idx], words), "wer_fused": pooled_wer(err_fused[idx], words),
-                   "wer_oracle": pooled_wer(err_oracle[idx], words)}
+                   **{f"wer_{name}": pooled_wer(err[idx], words) for name, err in per_utt.items()}}
             per_speaker.append(rec)
             if key == "group":
-                for name in ("asr", "fused", "oracle"):
+                for name in per_utt:
                     metrics[f"test_wer_{name}_{value}"] = rec[f"wer_{name}"]
+                metrics.update(group_intervals(str(value), idx, err_asr, err_fused, err_swapped, nb.ref_words,
+                                               speakers, n_boot, seed))
 
     changed = np.flatnonzero(asr_pick != fused_pick)
     changed_df = pd.DataFrame({

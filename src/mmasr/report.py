@@ -440,6 +440,32 @@ def nbest_depth_note(meta: Mapping[str, str]) -> str:
             "(kept ASR-only).")
 
 
+def _verdict(lo: float | None, hi: float | None, subject: str = "the picture") -> str:
+    if lo is None or hi is None:
+        return ""
+    return (f" — {subject} helps (interval below zero)" if hi < 0 else
+            f" — {subject} hurts (interval above zero)" if lo > 0 else " — no clear difference (interval spans zero)")
+
+
+def swap_note(m: Mapping[str, Any], kind: str) -> str:
+    """The picture-swap control beside the fused WER: the same α with every test picture given to
+    another utterance. A gain that survives the swap comes from the fusion, not from the picture."""
+    if "test_wer_fused_swapped" not in m:
+        return ""
+    swapped, asr = _num(m, "test_wer_fused_swapped"), _num(m, "test_wer_asr")
+    if swapped is None:
+        return note("Picture-swap control: not possible on this test split (fewer than two utterances with a "
+                    "picture, or one picture shown to more than half of them).", "missing")
+    lo, hi = _num(m, "test_wer_fused_swapped_ci_low"), _num(m, "test_wer_fused_swapped_ci_high")
+    ci = f", {kind} 95% interval [{fmt(lo)}, {fmt(hi)}]" if lo is not None and hi is not None else ""
+    diff = swapped - asr if asr is not None else None
+    return note(f"<b>Picture-swap control</b> (same α, each test picture given to another utterance, "
+                f"{fmt(m.get('test_swap_permutations'))} seeded permutations averaged): test WER {fmt(swapped)} "
+                f"against fused {fmt(_num(m, 'test_wer_fused'))}; swapped − ASR-only {fmt(diff)}{ci}"
+                f"{_verdict(lo, hi, 'a wrong picture')}. A real picture effect shows as a fused gain that vanishes "
+                "or reverses here.")
+
+
 def rescoring_section(d: Mapping[str, Any], root: Path, n_examples: int, thumb_px: int) -> str:
     sid, title = "rescoring", "Rescoring with the picture"
     m = d["fusion_metrics"]
@@ -452,21 +478,25 @@ def rescoring_section(d: Mapping[str, Any], root: Path, n_examples: int, thumb_p
         f"on dev, τ = {fmt(_num(m, 'tau'), 1)}. Test: {fmt(m.get('n_test_utts'))} utterances "
         f"({fmt(m.get('test_ref_words'))} reference words), {fmt(m.get('n_no_image'))} without a picture "
         f"(scored ASR-only). Corpus WER from pooled errors."))
-    rows = [_wer_row("ASR only (Whisper 1-best)", m, "asr"), _wer_row(f"fused (α = {fmt(alpha, 2)})", m, "fused"),
-            _wer_row("n-best oracle (lower bound)", m, "oracle")]
+    rows = [_wer_row("ASR only (Whisper 1-best)", m, "asr"), _wer_row(f"fused (α = {fmt(alpha, 2)})", m, "fused")]
+    if "test_wer_fused_swapped" in m:
+        rows.append(_wer_row(f"fused, pictures swapped (control, α = {fmt(alpha, 2)})", m, "fused_swapped"))
+    if "test_wer_alpha1" in m:
+        rows.append(_wer_row("picture alone (α = 1)", m, "alpha1"))
+    rows.append(_wer_row("n-best oracle (lower bound)", m, "oracle"))
     parts.append(table(["system", "dev WER", "test WER", "test WER impaired", "test WER control",
                         "S", "D", "I"], rows))
     diff, lo, hi = _num(m, "test_wer_diff"), _num(m, "test_wer_diff_ci_low"), _num(m, "test_wer_diff_ci_high")
     if diff is None and None not in (_num(m, "test_wer_fused"), _num(m, "test_wer_asr")):
         diff = m["test_wer_fused"] - m["test_wer_asr"]
+    kind = {"speaker": "speaker-level bootstrap (speakers within group, then their utterances)",
+            "utterance": "utterance-level bootstrap (too few speakers per group for a speaker-level one)"}.get(
+        m.get("test_wer_diff_ci_level"), "paired bootstrap")
     if diff is not None:
-        ci = f", paired bootstrap 95% interval [{fmt(lo)}, {fmt(hi)}]" if lo is not None and hi is not None else ""
-        verdict = ""
-        if lo is not None and hi is not None:
-            verdict = (" — the picture helps (interval below zero)" if hi < 0 else
-                       " — the picture hurts (interval above zero)" if lo > 0 else " — no clear difference (interval spans zero)")
-        parts.append(note(f"<b>Fused − ASR-only test WER: {fmt(diff)}</b>{ci}{verdict}. Share of the gap between "
-                          f"ASR-only and the oracle closed: {pct(_num(m, 'test_gap_closed'))}."))
+        ci = f", {kind} 95% interval [{fmt(lo)}, {fmt(hi)}]" if lo is not None and hi is not None else ""
+        parts.append(note(f"<b>Fused − ASR-only test WER: {fmt(diff)}</b>{ci}{_verdict(lo, hi)}. Share of the gap "
+                          f"between ASR-only and the oracle closed: {pct(_num(m, 'test_gap_closed'))}."))
+    parts.append(swap_note(m, kind))
     depth = nbest_depth_note(d.get("nbest_meta") or {})
     if depth:
         parts.append(note(depth))
@@ -474,9 +504,10 @@ def rescoring_section(d: Mapping[str, Any], root: Path, n_examples: int, thumb_p
                            lambda grid: grid_plot(grid, alpha)))
     per = d["per_speaker"]
     if not missing(per) and {"level", "name"} <= set(per.columns):
-        cols = [c for c in ("n_utts", "ref_words", "wer_asr", "wer_fused", "wer_oracle") if c in per.columns]
+        cols = [c for c in ("n_utts", "ref_words", "wer_asr", "wer_fused", "wer_fused_swapped", "wer_oracle")
+                if c in per.columns]
         heads = {"n_utts": "utterances", "ref_words": "words", "wer_asr": "WER ASR only", "wer_fused": "WER fused",
-                 "wer_oracle": "WER oracle"}
+                 "wer_fused_swapped": "WER fused, pictures swapped", "wer_oracle": "WER oracle"}
         groups = per[per["level"] == "group"]
         if len(groups):
             parts.append("<h3>Per group (test)</h3>" + table(["group"] + [heads[c] for c in cols],
@@ -647,15 +678,21 @@ def probe_section(d: Mapping[str, Any]) -> str:
 def pretrain_section(d: Mapping[str, Any]) -> str:
     sid, title = "pretraining", "Demo model pre-training"
     metrics_dir, log_dir = d["metrics_dir"], d["pretrain_dir"]
-    found = {}
+    found, unreadable = {}, {}
     if not missing(metrics_dir):
         for kind in PRETRAINED:
             path = Path(metrics_dir) / f"pretrain_{kind}.json"
             if path.is_file():
                 try:
                     found[kind] = json.loads(path.read_text())
-                except ValueError as exc:
+                except (ValueError, OSError) as exc:
                     log.warning("report: cannot read %s: %s", path, exc)
+                    unreadable[path] = f"{type(exc).__name__}: {exc}"
+    bad = note("Unreadable pre-training metrics: " + "; ".join(
+        f"<code>{esc(str(path))}</code> ({esc(err)})" for path, err in unreadable.items()) + ".", "missing") \
+        if unreadable else ""
+    if not found and unreadable:
+        return section(sid, title, bad)
     if not found:
         where = metrics_dir.path if missing(metrics_dir) else str(metrics_dir)
         return section(sid, title, note("No demo model pre-trained in this run: the models named by params are not "
@@ -668,6 +705,8 @@ def pretrain_section(d: Mapping[str, Any]) -> str:
         rows.append([kind, m.get(f"{kind}_n_params"), m.get(f"{kind}_steps"), m.get(f"{kind}_final_loss"),
                      m.get(f"{kind}_train_seconds"), f"{extra[0]} {fmt(extra[1])}" if extra[0] else ""])
     parts = [table(["model", "parameters", "steps", "final train loss", "train seconds", "held-out check"], rows)]
+    if bad:
+        parts.append(bad)
     if not missing(log_dir):
         plt = _plt()
         logs = {k: Path(log_dir) / f"{k}_loss.csv" for k in found if (Path(log_dir) / f"{k}_loss.csv").is_file()}
@@ -932,8 +971,10 @@ def key_results(d: Mapping[str, Any]) -> str:
         kpis += [(fmt(_num(f, "test_wer_asr")), "test WER, Whisper alone"),
                  (fmt(_num(f, "test_wer_fused")), f"test WER, with the picture (α = {fmt(_num(f, 'best_alpha'), 2)})"),
                  (f"[{fmt(_num(f, 'test_wer_diff_ci_low'))}, {fmt(_num(f, 'test_wer_diff_ci_high'))}]",
-                  "95% interval, fused − ASR-only"),
+                  f"95% interval, fused − ASR-only ({f.get('test_wer_diff_ci_level', 'utterance')}-level)"),
                  (fmt(_num(f, "test_wer_oracle")), "test WER, n-best oracle")]
+        if _num(f, "test_wer_fused_swapped") is not None:
+            kpis.append((fmt(_num(f, "test_wer_fused_swapped")), "test WER, pictures swapped (control)"))
     if not missing(p):
         kpis.append((fmt(_num(p, "test_wer")), "test WER, projector + LM"))
     if not missing(r):

@@ -57,7 +57,10 @@ rule clip_text_scores:
         embeddings="data/cache/clip_image_embeddings.npz",
         model=model_input("clip"),
     output:
-        "data/nbest/nbest.parquet",
+        nbest="data/nbest/nbest.parquet",
+        # The distinct hypothesis texts' CLIP embeddings: fuse scores them against other utterances'
+        # pictures for the picture-swap control (no model in fuse, no new column in nbest.parquet).
+        text_embeddings="data/cache/clip_text_embeddings.npz",
     params:
         cfg=cfg_json("text", *model_cfg("clip")),
     log:
@@ -73,4 +76,5 @@ rule clip_text_scores:
         gpu=1,
     shell:
         "MMASR_THREADS={threads} mmasr clip-scores --cfg {params.cfg:q} --nbest {input.nbest} --manifest {input.manifest}"
-        " --embeddings {input.embeddings} --out {output} --quiet > {log} 2>&1"
+        " --embeddings {input.embeddings} --out {output.nbest} --text-embeddings {output.text_embeddings}"
+        " --quiet > {log} 2>&1"

@@ -5,6 +5,8 @@ rule fuse:
     input:
         nbest="data/nbest/nbest.parquet",
         manifest="data/processed/manifest.parquet",
+        image_embeddings="data/cache/clip_image_embeddings.npz",  # picture-swap control
+        text_embeddings="data/cache/clip_text_embeddings.npz",
     output:
         grid="results/fusion/grid.csv",
         per_speaker="results/fusion/per_speaker.csv",
@@ -25,4 +27,5 @@ rule fuse:
     shell:
         "mmasr fuse --cfg {params.cfg:q} --nbest {input.nbest} --manifest {input.manifest}"
         " --grid {output.grid} --per-speaker {output.per_speaker} --changed {output.changed}"
-        " --metrics {output.metrics} > {log} 2>&1"
+        " --metrics {output.metrics} --image-embeddings {input.image_embeddings}"
+        " --text-embeddings {input.text_embeddings} > {log} 2>&1"
