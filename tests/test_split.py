@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -94,3 +96,196 @@ def test_summary_counts():
     s = split_summary(out)
     assert s["train_n_utts"] + s["dev_n_utts"] + s["test_n_utts"] == len(out)
     assert s["test_n_speakers_impaired"] == 2 and len(s["test_speakers"]) == 4
+
+
+# ------------------------------------------------------------------ prompt-disjoint splits (split.disjoint_text)
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from mmasr.cli import main  # noqa: E402
+from mmasr.split import EXCLUDED_COLUMNS, exclusion_summary, make_splits  # noqa: E402
+from mmasr.text import normaliser  # noqa: E402
+
+NORM = normaliser(validate({})["text"])
+ON = {**CFG, "disjoint_text": True}
+
+
+def demo_shaped(n_prompts=400, utts=12, seed=0):
+    """Like the demo: every utterance draws one of many prompts, each with exactly one picture; speakers
+    say it with their own case, punctuation and fillers, which the normaliser removes."""
+    rng = np.random.default_rng(seed)
+    styles = ["{}", "{}.", "Um, {}", "The the {}", "{}!"]
+    rows = []
+    for group, prefix in (("impaired", "F"), ("control", "FC")):
+        for i in range(8):
+            for j in range(utts):
+                k = int(rng.integers(n_prompts))
+                prompt = f"the {k % 7} red ball number {k}"
+                text = styles[int(rng.integers(len(styles)))].format(prompt.capitalize())
+                rows.append({"utt_id": f"{prefix}{i:02d}_{j}", "speaker": f"{prefix}{i:02d}", "group": group,
+                             "text": text,
+                             "image_id": f"pic{k:03d}", "duration_s": 1.0, "split": None})
+    return pd.DataFrame(rows)
+
+
+def torgo_shaped():
+    """Like TORGO: every speaker reads the same word and sentence prompts (no pictures), plus a few
+    prompts of their own."""
+    shared = ["yes", "no", "The quick brown fox jumps.", "Up", "pat", "tap", "Except in the winter"]
+    rows = []
+    for group, prefix in (("impaired", "F"), ("control", "FC")):
+        for i in range(6):
+            spk = f"{prefix}{i:02d}"
+            for j, text in enumerate(shared + [f"{spk} own sentence {n}" for n in range(3)]):
+                rows.append({"utt_id": f"{spk}_{j:03d}", "speaker": spk, "group": group,
+                             "text": text.upper() if i % 2 else text, "image_id": None, "duration_s": 1.0,
+                             "split": None})
+    return pd.DataFrame(rows)
+
+
+def manifest_shaped():
+    """Like a user manifest: splits given in the manifest, pictures shared by different descriptions
+    (image overlap without text overlap), utterances without a picture, one empty transcript."""
+    rows = []
+    spec = {"A": ("train", "impaired"), "B": ("train", "control"), "C": ("dev", "impaired"),
+            "D": ("dev", "control"), "E": ("test", "impaired"), "G": ("test", "control")}
+    for spk, (split, group) in spec.items():
+        for j in range(6):
+            image = f"scene{j}" if j < 3 else None
+            text = f"{spk.lower()} describes scene {j}" if j != 4 else "a cat on a mat"  # j=4: a shared prompt
+            rows.append({"utt_id": f"{spk}{j}", "speaker": spk, "group": group, "text": text, "image_id": image,
+                         "duration_s": 1.0, "split": split})
+    rows.append({"utt_id": "E9", "speaker": "E", "group": "impaired", "text": "", "image_id": None,
+                 "duration_s": 1.0, "split": "test"})
+    rows.append({"utt_id": "A9", "speaker": "A", "group": "impaired", "text": "um", "image_id": None,
+                 "duration_s": 1.0, "split": "train"})
+    return pd.DataFrame(rows)
+
+
+def assert_disjoint(utts, manifest, excluded, cfg=ON, seed=13):
+    """The contract of disjoint_text on one input."""
+    full = assign_splits(utts, cfg, seed)
+    assert list(excluded.columns) == EXCLUDED_COLUMNS
+    assert len(manifest) + len(excluded) == len(utts)  # kept + excluded = input
+    assert set(manifest["utt_id"]).isdisjoint(excluded["utt_id"])
+    assert set(manifest["utt_id"]) | set(excluded["utt_id"]) == set(utts["utt_id"])
+    train_before = full[full["split"] == "train"].reset_index(drop=True)
+    assert manifest[manifest["split"] == "train"].reset_index(drop=True).equals(train_before)  # train intact
+    assert set(excluded["split"]) <= {"dev", "test"}
+    train_texts = {NORM(t) for t in train_before["text"]} - {""}
+    train_images = set(train_before["image_id"].dropna())
+    held = manifest[manifest["split"].isin(["dev", "test"])]
+    assert not {NORM(t) for t in held["text"]} & train_texts
+    assert not set(held["image_id"].dropna()) & train_images
+    assert held.groupby("speaker")["split"].nunique().max() == 1
+    assert not set(held["speaker"]) & set(train_before["speaker"])  # still speaker-disjoint
+    by_id = full.set_index("utt_id")
+    for row in excluded.itertuples():
+        src = by_id.loc[row.utt_id]
+        assert (row.speaker, row.group, row.split) == (src["speaker"], src["group"], src["split"])
+        if row.reason == "text_in_train":
+            assert row.match == NORM(src["text"]) and row.match in train_texts
+        else:
+            assert row.reason == "image_in_train"
+            assert row.match == src["image_id"] in train_images and NORM(src["text"]) not in train_texts
+
+
+def test_disjoint_text_on_a_demo_shaped_corpus():
+    utts = demo_shaped()
+    manifest, excluded = make_splits(utts, ON, NORM, 13)
+    assert_disjoint(utts, manifest, excluded)
+    assert len(excluded) and set(excluded["reason"]) == {"text_in_train"}  # one picture per prompt: text first
+    assert (manifest["split"] == "test").sum() >= 10 and (manifest["split"] == "dev").sum() >= 5
+    # normalisation matters: some excluded utterances match a train transcript only after normalising
+    train_raw = set(manifest.loc[manifest["split"] == "train", "text"])
+    assert (~excluded["utt_id"].map(utts.set_index("utt_id")["text"]).isin(train_raw)).any()
+    s = exclusion_summary(manifest, excluded, NORM, True)
+    assert s["n_excluded"] == s["n_excluded_text_overlap"] == len(excluded) == s["dev_n_excluded"] + s["test_n_excluded"]
+    assert s["n_excluded_image_overlap"] == 0
+    assert s["dev_n_text_in_train"] == s["test_n_text_in_train"] == s["test_n_image_in_train"] == 0
+
+
+def test_disjoint_text_on_a_torgo_shaped_corpus():
+    utts = torgo_shaped()
+    manifest, excluded = make_splits(utts, ON, NORM, 13)
+    assert_disjoint(utts, manifest, excluded)
+    held = manifest[manifest["split"] != "train"]
+    assert held["text"].str.contains("own sentence", case=False).all()  # only the speakers' own prompts survive
+    n_held_speakers = utts.shape[0] // 10 - manifest.loc[manifest["split"] == "train", "speaker"].nunique()
+    assert len(excluded) == 7 * n_held_speakers and set(excluded["reason"]) == {"text_in_train"}
+    assert set(excluded["match"]) == {NORM(t) for t in ("yes", "no", "The quick brown fox jumps.", "Up", "pat", "tap",
+                                                        "Except in the winter")}
+
+
+def test_disjoint_text_on_a_manifest_shaped_corpus():
+    utts = manifest_shaped()
+    manifest, excluded = make_splits(utts, ON, NORM, 13)
+    assert_disjoint(utts, manifest, excluded)
+    reasons = excluded.set_index("utt_id")["reason"].to_dict()
+    for spk in "CDEG":
+        assert reasons[f"{spk}0"] == reasons[f"{spk}2"] == "image_in_train"  # another description of a train picture
+        assert reasons[f"{spk}4"] == "text_in_train"  # the shared prompt
+        assert f"{spk}3" not in reasons and f"{spk}5" not in reasons  # own text, no picture: kept
+    assert "E9" not in reasons  # an empty transcript matches nothing (train has one too: "um")
+    s = exclusion_summary(manifest, excluded, NORM, True)
+    assert (s["n_excluded_text_overlap"], s["n_excluded_image_overlap"]) == (4, 12)
+    assert (s["dev_n_excluded_text_overlap"], s["test_n_excluded_image_overlap"]) == (2, 6)
+    assert s["n_excluded"] + len(manifest) == len(utts)
+
+
+def test_disjoint_text_that_empties_test_fails_with_the_remedy():
+    utts = corpus(3, 3, utts=2)
+    utts["text"] = ["a red ball", "a blue cup"] * (len(utts) // 2)
+    utts["image_id"] = None
+    with pytest.raises(ValueError, match=r"leaves the (dev|test) split empty: all \d+ .* \(\d+ text_in_train\); "
+                                         r".*held out.*split.disjoint_text: false"):
+        make_splits(utts, ON, NORM, 0)
+    make_splits(utts, CFG, NORM, 0)  # off: the same corpus splits as before
+    utts = manifest_shaped()
+    utts.loc[utts["split"] == "test", "text"] = "a cat on a mat"  # every test utterance reads a train prompt
+    utts.loc[utts["split"] == "test", "image_id"] = None
+    with pytest.raises(ValueError, match=r"leaves the test split empty: all 13 test utterances .* \(13 text_in_train\); "
+                                         r"use a corpus whose dev/test prompts .* or set split.disjoint_text: false"):
+        make_splits(utts, ON, NORM, 13)
+
+
+def test_disjoint_text_that_empties_a_group_of_test_fails():
+    utts = manifest_shaped()
+    utts.loc[(utts["speaker"] == "G"), "text"] = "a cat on a mat"  # every control test utterance is a train prompt
+    with pytest.raises(ValueError, match="leaves no test utterance of group 'control'.*split.disjoint_text: false"):
+        make_splits(utts, ON, NORM, 13)
+
+
+def test_disjoint_text_off_changes_nothing():
+    for utts in (demo_shaped(), torgo_shaped(), manifest_shaped(), corpus()):
+        manifest, excluded = make_splits(utts, CFG, NORM, 13)
+        assert manifest.equals(assign_splits(utts, CFG, 13))
+        assert excluded.empty and list(excluded.columns) == EXCLUDED_COLUMNS
+    assert CFG["disjoint_text"] is False  # the default, until the demo corpus holds prompts out of train
+    utts = demo_shaped()
+    manifest, excluded = make_splits(utts, CFG, NORM, 13)
+    s = exclusion_summary(manifest, excluded, NORM, False)
+    assert s["disjoint_text"] is False and s["n_excluded"] == s["n_excluded_text_overlap"] == 0
+    assert s["test_n_text_in_train"] > 0  # the overlap is still counted, for the reader to discount
+
+
+def test_cli_split_writes_the_split_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    utts = manifest_shaped()
+    (tmp_path / "data/processed").mkdir(parents=True)
+    utts.to_parquet(tmp_path / "data/processed/utterances.parquet", index=False)
+    assert main(["split", "--cfg", json.dumps({})]) == 0
+    off = pd.read_parquet("results/split/excluded.parquet")
+    assert off.empty and list(off.columns) == EXCLUDED_COLUMNS
+    assert len(pd.read_parquet("data/processed/manifest.parquet")) == len(utts)
+    summary = json.loads(Path("results/metrics/split.json").read_text())
+    assert summary["disjoint_text"] is False and summary["n_excluded_text_overlap"] == 0
+    assert main(["split", "--cfg", json.dumps({"split": {"disjoint_text": True}})]) == 0
+    excluded = pd.read_parquet("results/split/excluded.parquet")
+    manifest = pd.read_parquet("data/processed/manifest.parquet")
+    summary = json.loads(Path("results/metrics/split.json").read_text())
+    assert len(manifest) + len(excluded) == len(utts) and len(excluded) == 16
+    assert summary["n_excluded_text_overlap"] == 4 and summary["n_excluded_image_overlap"] == 12
+    assert summary["test_n_utts"] == int((manifest["split"] == "test").sum())

@@ -64,15 +64,24 @@ def cmd_preprocess(args) -> None:
 
 
 def cmd_split(args) -> None:
-    from .split import assign_splits, split_summary
+    from .split import exclusion_summary, make_splits, split_summary
+    from .text import normaliser
 
     p = _params(args)
-    manifest = assign_splits(pd.read_parquet(args.utterances), p["split"], p["seed"])
+    norm = normaliser(p["text"])
+    manifest, excluded = make_splits(pd.read_parquet(args.utterances), p["split"], norm, p["seed"])
+    summary = {**split_summary(manifest), **exclusion_summary(manifest, excluded, norm, p["split"]["disjoint_text"])}
+    write_parquet(args.excluded, excluded)
     write_parquet(args.out, manifest)
-    summary = split_summary(manifest)
     write_json(args.summary, summary)
     for name in ("train", "dev", "test"):
         log.info("%-5s %3d utterances, speakers: %s", name, summary[f"{name}_n_utts"], " ".join(summary[f"{name}_speakers"]))
+    if p["split"]["disjoint_text"]:
+        log.info("disjoint_text: %d dev/test utterances moved out (%d transcript, %d picture also in train)",
+                 summary["n_excluded"], summary["n_excluded_text_overlap"], summary["n_excluded_image_overlap"])
+    else:
+        log.info("disjoint_text off: %d dev and %d test utterances share a normalised transcript with train",
+                 summary["dev_n_text_in_train"], summary["test_n_text_in_train"])
 
 
 def _model(kind: str, p: dict, threads: int | None = None):
@@ -481,10 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rejects", type=Path, default=Path("data/processed/rejects.parquet"))
     sp.add_argument("--metrics", type=Path, default=Path("results/metrics/preprocess.json"))
 
-    sp = stage("split", cmd_split, "Assign speaker-disjoint train/dev/test splits; write the manifest.")
+    sp = stage("split", cmd_split, "Assign speaker-disjoint (with split.disjoint_text also prompt-disjoint) train/dev/test splits; write the manifest.")
     sp.add_argument("--utterances", type=Path, default=Path("data/processed/utterances.parquet"))
     sp.add_argument("--out", type=Path, default=Path("data/processed/manifest.parquet"))
     sp.add_argument("--summary", type=Path, default=Path("results/metrics/split.json"))
+    sp.add_argument("--excluded", type=Path, default=Path("results/split/excluded.parquet"),
+                    help="dev/test utterances moved out by split.disjoint_text, with the reason (empty when off)")
 
     sp = stage("build-demo-models", cmd_build_demo_models, "Build the small demo Whisper and CLIP models (HF format).")
     sp.add_argument("--out", type=Path, default=Path("results/checkpoints/demo"))

@@ -44,6 +44,7 @@ DEFAULT_INPUTS: dict[str, str] = {
     "images_dir": "data/processed/images",
     "preprocess_metrics": "results/metrics/preprocess.json",
     "split_metrics": "results/metrics/split.json",
+    "split_excluded": "results/split/excluded.parquet",
     "nbest": "data/nbest/nbest.parquet",
     "embeddings": "data/cache/clip_image_embeddings.npz",
     "embeddings_meta": "data/cache/clip_image_embeddings.npz.json",
@@ -70,7 +71,7 @@ DEFAULT_INPUTS: dict[str, str] = {
 PATH_INPUTS = {"nbest", "embeddings", "images_dir", "benchmarks_dir", "pretrain_dir", "metrics_dir"}
 
 # Files whose sha256 goes into the provenance table (when they exist).
-HASHED_INPUTS = ("manifest", "rejects", "images", "nbest", "embeddings", "grid", "per_speaker", "changed",
+HASHED_INPUTS = ("manifest", "rejects", "split_excluded", "images", "nbest", "embeddings", "grid", "per_speaker", "changed",
                  "projector_hyps", "recall_at_k", "reliability")
 
 PACKAGES = ("mmasr", "torch", "torchaudio", "transformers", "safetensors", "snakemake", "dvc", "numpy", "scipy",
@@ -316,6 +317,7 @@ def data_section(d: Mapping[str, Any]) -> str:
         spk = manifest.groupby("split", observed=True)["speaker"].unique()
         parts.append(table(["split", "speakers"], [[s, " ".join(sorted(map(str, spk[s])))]
                                                    for s in SPLITS if s in spk.index], cls="compact"))
+    parts.append(excluded_part(d.get("split_metrics"), d.get("split_excluded")))
     if "duration_s" in manifest.columns and len(manifest):
         plt = _plt()
         fig, ax = plt.subplots(figsize=(6.4, 2.8))
@@ -345,6 +347,33 @@ def data_section(d: Mapping[str, Any]) -> str:
         rows.sort(key=lambda r: (-r[len(cols)], r[:len(cols)]))
         parts.append(table([*cols, "count", "example"], rows))
     return section(sid, title, "\n".join(parts))
+
+
+def excluded_part(metrics: Any, excluded: Any) -> str:
+    """What split.disjoint_text moved out of dev/test (split.json's counts, excluded.parquet's rows by split
+    and reason with an example match), or, with it off, how many dev/test utterances share a transcript
+    with train. Nothing when split.json is absent or predates these keys."""
+    if not isinstance(metrics, Mapping) or "disjoint_text" not in metrics:
+        return ""
+    if not metrics["disjoint_text"]:
+        shared = [f"{fmt(metrics.get(f'{s}_n_text_in_train'))} {s}" for s in ("dev", "test")
+                  if f"{s}_n_text_in_train" in metrics]
+        return note("Prompt-disjoint splits are off (<code>split.disjoint_text: false</code>)"
+                    + (f": {', '.join(shared)} utterances share a normalised transcript with train." if shared else "."))
+    out = ["<h3>Moved out of dev/test (prompt-disjoint splits)</h3>", note(
+        f"{fmt(metrics.get('n_excluded'))} dev/test utterances left out of the manifest: "
+        f"{fmt(metrics.get('n_excluded_text_overlap'))} whose normalised transcript and "
+        f"{fmt(metrics.get('n_excluded_image_overlap'))} whose picture also occurs in train "
+        f"(dev {fmt(metrics.get('dev_n_excluded'))}, test {fmt(metrics.get('test_n_excluded'))}).")]
+    if missing(excluded):
+        out.append(note(excluded.html(), "missing"))
+    elif len(excluded) and {"split", "reason"} <= set(excluded.columns):
+        rows = []
+        for (split, reason), sub in excluded.fillna("").groupby(["split", "reason"], sort=True):
+            example = sub["match"].iloc[0] if "match" in sub else ""
+            rows.append([split, reason, len(sub), sub["speaker"].nunique() if "speaker" in sub else None, example])
+        out.append(table(["split", "reason", "utterances", "speakers", "example match"], rows))
+    return "\n".join(out)
 
 
 def _wer_row(name: str, m: Mapping[str, Any], suffix: str) -> list[Any]:

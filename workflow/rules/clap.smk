@@ -10,8 +10,6 @@
 CLAP_EMBED_KEYS = ["clap.layers", "clap.text_pooling", "clap.encode_batch_size"]
 CLAP_EVAL_KEYS = ["clap.eval_split", "clap.plot_max_k"]
 CLAP_TRAIN_KEYS = [f"clap.{k}" for k in config["clap"] if f"clap.{k}" not in CLAP_EMBED_KEYS + CLAP_EVAL_KEYS]
-TEXT_NORM_KEYS = ["text.lowercase", "text.remove_punctuation", "text.collapse_repeats", "text.remove_fillers",
-                  "text.fillers"]
 CLAP_MODELS = model_cfg("audio_encoder", "text_encoder")
 CLAP_OUT = "results/checkpoints/clap"
 # Phase 2 re-encodes audio with the (fine-tuned) encoders, in training and in evaluation.

@@ -27,6 +27,11 @@ def model_cfg(*kinds):
     return keys
 
 
+# The params `text` keys the normaliser reads (not the caption keys).
+TEXT_NORM_KEYS = ["text.lowercase", "text.remove_punctuation", "text.collapse_repeats", "text.remove_fillers",
+                  "text.fillers"]
+
+
 def corpus_input(wildcards):
     """What `ingest` reads: the generated demo folder, the user's manifest, or the TORGO root."""
     source = config["data"]["source"]

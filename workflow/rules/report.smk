@@ -9,6 +9,7 @@ rule report:
     input:
         FINAL_OUTPUTS,
         rejects="data/processed/rejects.parquet",  # the table of unused inputs and their reasons
+        excluded="results/split/excluded.parquet",  # dev/test utterances moved out by split.disjoint_text
     output:
         REPORT,
     params:

@@ -1,4 +1,7 @@
-# Phase 1c: speaker-disjoint train/dev/test splits -> the manifest every later stage reads.
+# Phase 1c: speaker-disjoint train/dev/test splits -> the manifest every later stage reads. With
+# split.disjoint_text, dev/test utterances whose normalised transcript (the normaliser's text keys) or
+# picture occurs in train are moved out of the manifest into the split report, excluded.parquet (which
+# exists, empty, when it is off).
 
 
 rule split:
@@ -7,8 +10,9 @@ rule split:
     output:
         manifest="data/processed/manifest.parquet",
         summary="results/metrics/split.json",
+        excluded="results/split/excluded.parquet",
     params:
-        cfg=cfg_json("split", "seed"),
+        cfg=cfg_json("split", "seed", *TEXT_NORM_KEYS),
     log:
         "results/logs/split.log",
     benchmark:
@@ -21,4 +25,4 @@ rule split:
         runtime=5,
     shell:
         "mmasr split --cfg {params.cfg:q} --utterances {input} --out {output.manifest}"
-        " --summary {output.summary} > {log} 2>&1"
+        " --summary {output.summary} --excluded {output.excluded} > {log} 2>&1"
