@@ -354,3 +354,27 @@ def test_corrupt_pretrain_metrics_are_called_unreadable(full_run):
     write_json(full_run / "results/metrics/pretrain_clip.json", {"clip_n_params": 660000, "clip_steps": 10})
     pre = section_html(report.build_report(full_run, params(), "test"), "pretraining")
     assert "Unreadable pre-training metrics" in pre and "660,000" in pre
+
+
+def test_data_section_shows_what_disjoint_text_moved_out():
+    from mmasr.split import EXCLUDED_COLUMNS
+
+    excluded = pd.DataFrame([
+        {"utt_id": "FC01_0001", "speaker": "FC01", "group": "control", "split": "test", "reason": "text_in_train",
+         "match": "a <red> bear"},
+        {"utt_id": "M03_0001", "speaker": "M03", "group": "impaired", "split": "test", "reason": "text_in_train",
+         "match": "a <red> bear"},
+        {"utt_id": "F02_0002", "speaker": "F02", "group": "impaired", "split": "dev", "reason": "image_in_train",
+         "match": "img1"}], columns=EXCLUDED_COLUMNS)
+    on = {"disjoint_text": True, "n_excluded": 3, "n_excluded_text_overlap": 2, "n_excluded_image_overlap": 1,
+          "dev_n_excluded": 1, "test_n_excluded": 2}
+    part = report.excluded_part(on, excluded)
+    assert "3 dev/test utterances left out of the manifest: 2 whose normalised transcript and 1 whose picture" in part
+    assert "<td>test</td><td>text_in_train</td><td class=\"num\">2</td><td class=\"num\">2</td>" in part
+    assert "a &lt;red&gt; bear" in part and "<red>" not in part  # escaped
+    assert "could not read" in report.excluded_part(on, report.Missing("x.parquet", "bad"))
+    off = report.excluded_part({"disjoint_text": False, "dev_n_text_in_train": 4, "test_n_text_in_train": 9},
+                               excluded.iloc[:0])
+    assert "off" in off and "4 dev, 9 test utterances share a normalised transcript with train" in off
+    assert report.excluded_part({"train_n_utts": 3}, excluded) == ""  # a split.json from before the key
+    assert report.excluded_part(report.Missing("split.json"), excluded) == ""
