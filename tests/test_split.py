@@ -110,6 +110,7 @@ from mmasr.text import normaliser  # noqa: E402
 
 NORM = normaliser(validate({})["text"])
 ON = {**CFG, "disjoint_text": True}
+OFF = {**CFG, "disjoint_text": False}
 
 
 def demo_shaped(n_prompts=400, utts=12, seed=0):
@@ -242,7 +243,7 @@ def test_disjoint_text_that_empties_test_fails_with_the_remedy():
     with pytest.raises(ValueError, match=r"leaves the (dev|test) split empty: all \d+ .* \(\d+ text_in_train\); "
                                          r".*held out.*split.disjoint_text: false"):
         make_splits(utts, ON, NORM, 0)
-    make_splits(utts, CFG, NORM, 0)  # off: the same corpus splits as before
+    make_splits(utts, OFF, NORM, 0)  # off: the same corpus splits as before
     utts = manifest_shaped()
     utts.loc[utts["split"] == "test", "text"] = "a cat on a mat"  # every test utterance reads a train prompt
     utts.loc[utts["split"] == "test", "image_id"] = None
@@ -260,12 +261,11 @@ def test_disjoint_text_that_empties_a_group_of_test_fails():
 
 def test_disjoint_text_off_changes_nothing():
     for utts in (demo_shaped(), torgo_shaped(), manifest_shaped(), corpus()):
-        manifest, excluded = make_splits(utts, CFG, NORM, 13)
-        assert manifest.equals(assign_splits(utts, CFG, 13))
+        manifest, excluded = make_splits(utts, OFF, NORM, 13)
+        assert manifest.equals(assign_splits(utts, OFF, 13))
         assert excluded.empty and list(excluded.columns) == EXCLUDED_COLUMNS
-    assert CFG["disjoint_text"] is False  # the default, until the demo corpus holds prompts out of train
     utts = demo_shaped()
-    manifest, excluded = make_splits(utts, CFG, NORM, 13)
+    manifest, excluded = make_splits(utts, OFF, NORM, 13)
     s = exclusion_summary(manifest, excluded, NORM, False)
     assert s["disjoint_text"] is False and s["n_excluded"] == s["n_excluded_text_overlap"] == 0
     assert s["test_n_text_in_train"] > 0  # the overlap is still counted, for the reader to discount
@@ -276,7 +276,7 @@ def test_cli_split_writes_the_split_report(tmp_path, monkeypatch):
     utts = manifest_shaped()
     (tmp_path / "data/processed").mkdir(parents=True)
     utts.to_parquet(tmp_path / "data/processed/utterances.parquet", index=False)
-    assert main(["split", "--cfg", json.dumps({})]) == 0
+    assert main(["split", "--cfg", json.dumps({"split": {"disjoint_text": False}})]) == 0
     off = pd.read_parquet("results/split/excluded.parquet")
     assert off.empty and list(off.columns) == EXCLUDED_COLUMNS
     assert len(pd.read_parquet("data/processed/manifest.parquet")) == len(utts)
