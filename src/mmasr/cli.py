@@ -490,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rejects", type=Path, default=Path("data/processed/rejects.parquet"))
     sp.add_argument("--metrics", type=Path, default=Path("results/metrics/preprocess.json"))
 
-    sp = stage("split", cmd_split, "Assign speaker-disjoint (with split.disjoint_text also prompt-disjoint) train/dev/test splits; write the manifest.")
+    sp = stage("split", cmd_split, "Assign speaker-disjoint (with split.disjoint_text also prompt-disjoint) "
+               "train/dev/test splits; write the manifest.")
     sp.add_argument("--utterances", type=Path, default=Path("data/processed/utterances.parquet"))
     sp.add_argument("--out", type=Path, default=Path("data/processed/manifest.parquet"))
     sp.add_argument("--summary", type=Path, default=Path("results/metrics/split.json"))

@@ -71,8 +71,8 @@ DEFAULT_INPUTS: dict[str, str] = {
 PATH_INPUTS = {"nbest", "embeddings", "images_dir", "benchmarks_dir", "pretrain_dir", "metrics_dir"}
 
 # Files whose sha256 goes into the provenance table (when they exist).
-HASHED_INPUTS = ("manifest", "rejects", "split_excluded", "images", "nbest", "embeddings", "grid", "per_speaker", "changed",
-                 "projector_hyps", "recall_at_k", "reliability")
+HASHED_INPUTS = ("manifest", "rejects", "split_excluded", "images", "nbest", "embeddings", "grid", "per_speaker",
+                 "changed", "projector_hyps", "recall_at_k", "reliability")
 
 PACKAGES = ("mmasr", "torch", "torchaudio", "transformers", "safetensors", "snakemake", "dvc", "numpy", "scipy",
             "pandas", "pyarrow", "jiwer", "scikit-learn", "soundfile", "pillow", "matplotlib")

@@ -129,7 +129,8 @@ def _images(manifest: pd.DataFrame) -> pd.Series:
     return manifest["image_id"].map(lambda i: str(i) if isinstance(i, str) and i else None)
 
 
-def overlap_masks(manifest: pd.DataFrame, norm: Callable[[str], str]) -> tuple[pd.Series, pd.Series, pd.Series, pd.Series]:
+def overlap_masks(manifest: pd.DataFrame, norm: Callable[[str], str]
+                  ) -> tuple[pd.Series, pd.Series, pd.Series, pd.Series]:
     """(texts, images, text_hit, image_hit): each utterance's normalised transcript and picture, and whether
     it is a dev/test utterance whose transcript (resp. picture) is also a train utterance's. Empty
     transcripts and utterances without a picture never match."""
@@ -178,9 +179,9 @@ def check_held_out(before: pd.DataFrame, after: pd.DataFrame, excluded: pd.DataF
     for name in HELD_OUT:
         had, has = before[before["split"] == name], after[after["split"] == name]
         if len(had) and not len(has):
+            reasons = why(excluded[excluded["split"] == name])
             raise ValueError(f"split.disjoint_text leaves the {name} split empty: all {len(had)} {name} utterances "
-                             f"share a normalised transcript or picture with train ({why(excluded[excluded['split'] == name])}); "
-                             f"{remedy}")
+                             f"share a normalised transcript or picture with train ({reasons}); {remedy}")
     if "group" in before:
         had = before[before["split"] == "test"]
         has = set(after.loc[after["split"] == "test", "group"].dropna())
