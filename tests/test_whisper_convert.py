@@ -212,6 +212,26 @@ def test_ctranslate2s_own_converter_round_trips_exactly(tmp_path, converted):
         assert torch.equal(a[name], b[name]), name
     assert (back.config.decoder_attention_heads, back.config.encoder_ffn_dim, back.config.decoder_ffn_dim) == (4, 32, 24)
 
+    # The same file with one thing changed: every CTranslate2 variable must be understood and consumed.
+    ct2 = read_ct2_model(tmp_path / "ct2" / "model.bin")
+    v = ct2.variables
+    quantized = {**v, "encoder/conv1/weight": v["encoder/conv1/weight"].astype(np.int8),
+                 "encoder/conv1/weight_scale": np.ones(16, np.float32)}
+    variants = {
+        "extra": ({**v, "decoder/extra/weight": np.ones(2, np.float32)}, "1 variables were not converted: ['decoder/extra/weight']"),
+        "missing": ({k: x for k, x in v.items() if k != "decoder/layer_1/attention/linear_2/bias"},
+                    "variable decoder/layer_1/attention/linear_2/bias is missing"),
+        "relu": ({**v, "decoder/activation": np.array(0, np.int8)}, "decoder/activation = 0, but Whisper needs 3"),
+        "quantized": (quantized, "encoder/conv1/weight is int8, not a float (a quantized model"),
+    }
+    for name, (variables, message) in variants.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.bin").write_bytes(ct2_bytes(variables, aliases=ct2.aliases))
+        with pytest.raises(CT2FormatError) as err:
+            convert_ct2_whisper(tmp_path / name, tmp_path / f"{name}-out")
+        assert f"{name}/model.bin" in str(err.value) and message in str(err.value), (name, str(err.value))
+        assert not (tmp_path / f"{name}-out").exists()
+
 
 def test_tokenizer_special_tokens_and_prompt(bundle, tiny_en_dir):
     tok, gen = bundle.processor.tokenizer, bundle.model.generation_config
