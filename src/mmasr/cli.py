@@ -238,6 +238,10 @@ def cmd_pretrain_clip(args) -> None:
                             "clip_test_n_pictures": r["n_pictures"]})
     summary.update(provenance(p, ("seed", "pretrain.clip", "models.device", "text")))
     write_json(args.metrics, summary)
+    if summary["clip_skipped"]:
+        log.info("CLIP pre-training skipped (%s); the random-init CLIP is written to %s",
+                 summary["clip_skip_reason"], args.out)
+        return
     log.info("CLIP pre-trained: %d steps in %.0f s, final loss %.3f; test caption->picture R@1 %.3f "
              "(init %.3f, chance %.3f); written to %s", summary["clip_steps"], summary["clip_train_seconds"],
              summary["clip_final_loss"], summary["clip_test_r1"] or 0.0, summary["clip_test_r1_init"] or 0.0,
