@@ -102,6 +102,18 @@ def cmd_cache_images(args) -> None:
     manifest = pd.read_parquet(args.manifest)
     images = pd.read_parquet(args.images)
     wanted = images[images["image_id"].isin(manifest["image_id"].dropna())]
+    if wanted.empty:  # a corpus without pictures (TORGO): an empty cache, without loading CLIP at all
+        import numpy as np
+
+        from .clip import NO_PICTURES
+        from .io import rejects_frame
+
+        reason = f"{NO_PICTURES}: the picture-embedding cache is empty (CLIP was not loaded)"
+        save_embeddings(args.out, [], np.zeros((0, 0), np.float32),
+                        {"model": p["models"]["clip"], "revision": None, "skipped": True, "skip_reason": reason})
+        write_parquet(args.rejects, rejects_frame([]))
+        log.warning("picture embeddings skipped: %s", reason)
+        return
     bundle = _model("clip", p, args.threads)
     ids, vectors, rejects = cache_images(bundle, wanted, p["images"]["batch_size"], progress=not args.quiet)
     save_embeddings(args.out, ids, vectors, cache_metadata(bundle))
@@ -131,15 +143,22 @@ def cmd_nbest_merge(args) -> None:
 
 
 def cmd_clip_scores(args) -> None:
-    from .clip import add_clip_scores, load_embeddings
+    from .clip import add_clip_scores, load_embeddings, rows_with_picture
 
     p = _params(args)
     nbest = pd.read_parquet(args.nbest)
     meta = read_metadata(args.nbest)
-    bundle = _model("clip", p, args.threads)
-    scored = add_clip_scores(nbest, pd.read_parquet(args.manifest), load_embeddings(args.embeddings), bundle,
-                             p["text"], progress=not args.quiet)
-    meta.update({"mmasr.clip_model": bundle.name, "mmasr.clip_revision": bundle.revision})
+    manifest, embeddings = pd.read_parquet(args.manifest), load_embeddings(args.embeddings)
+    if rows_with_picture(nbest, manifest, embeddings).any():
+        bundle = _model("clip", p, args.threads)
+        meta.update({"mmasr.clip_model": bundle.name, "mmasr.clip_revision": bundle.revision})
+    else:  # no dev/test utterance has a picture: every clip_cos is missing, CLIP is not loaded
+        bundle = None
+        reason = ("no dev or test utterance has a picture (with a cached embedding): clip_cos is missing "
+                  "for every hypothesis, and fusion is ASR-only (CLIP was not loaded)")
+        meta.update({"mmasr.clip_model": p["models"]["clip"], "mmasr.clip_skip_reason": reason})
+        log.warning("CLIP scores skipped: %s", reason)
+    scored = add_clip_scores(nbest, manifest, embeddings, bundle, p["text"], progress=not args.quiet)
     write_parquet(args.out, scored, metadata=meta)
     log.info("clip_cos for %d of %d hypotheses (%d distinct texts)", int(scored["clip_cos"].notna().sum()),
              len(scored), scored["clip_text"].nunique())
@@ -159,6 +178,8 @@ def cmd_fuse(args) -> None:
     log.info("alpha=%.2f (dev); test WER asr-only %.4f, fused %.4f [%.4f, %.4f], oracle %.4f",
              metrics["best_alpha"], metrics["test_wer_asr"], metrics["test_wer_fused"],
              metrics["test_wer_diff_ci_low"], metrics["test_wer_diff_ci_high"], metrics["test_wer_oracle"])
+    if metrics["fusion_skipped"]:
+        log.warning("rescoring with the picture skipped: %s", metrics["fusion_skip_reason"])
 
 
 def cmd_transcribe(args) -> None:

@@ -59,14 +59,29 @@ def cache_images(bundle: ModelBundle, images: pd.DataFrame, batch_size: int, pro
     return ids, (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), rejects_frame(rejects)
 
 
+NO_PICTURES = "no utterance of the manifest has a picture"
+
+
+def rows_with_picture(nbest: pd.DataFrame, manifest: pd.DataFrame, embeddings: dict[str, np.ndarray]) -> np.ndarray:
+    """Which n-best rows belong to an utterance whose picture has a cached embedding (bool per row)."""
+    image_of = manifest.set_index("utt_id")["image_id"]
+    return np.array([isinstance(i, str) and i in embeddings for i in nbest["utt_id"].map(image_of)], dtype=bool)
+
+
 def add_clip_scores(nbest: pd.DataFrame, manifest: pd.DataFrame, embeddings: dict[str, np.ndarray],
-                    bundle: ModelBundle, text_cfg: dict, batch_size: int = 256, progress: bool = True) -> pd.DataFrame:
-    """Add ``clip_text`` and ``clip_cos`` (cosine with the utterance's picture; NaN without one)."""
+                    bundle: ModelBundle | None, text_cfg: dict, batch_size: int = 256,
+                    progress: bool = True) -> pd.DataFrame:
+    """Add ``clip_text`` and ``clip_cos`` (cosine with the utterance's picture; NaN without one).
+
+    ``bundle`` may be None when no row has a picture (a corpus without pictures): nothing is encoded then
+    and every ``clip_cos`` is NaN."""
     out = nbest.copy()
     image_of = manifest.set_index("utt_id")["image_id"]
     out["clip_text"] = [clip_text(t, text_cfg) for t in out["text"].fillna("")]
     image_ids = out["utt_id"].map(image_of)
-    has_image = image_ids.map(lambda i: isinstance(i, str) and i in embeddings).to_numpy(bool)
+    has_image = rows_with_picture(out, manifest, embeddings)
+    if bundle is None and has_image.any():
+        raise ValueError(f"{int(has_image.sum())} hypotheses have a picture embedding: scoring them needs the CLIP model")
     texts = sorted(set(out.loc[has_image, "clip_text"]))
     chunks = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
     vectors = [clip_text_embeddings(bundle, chunk) for chunk in tqdm(chunks, desc="CLIP text embeddings", unit="batch",

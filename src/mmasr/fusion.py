@@ -177,8 +177,23 @@ def alpha_grid(cfg: dict) -> np.ndarray:
     return np.round(cfg["alpha_start"] + cfg["alpha_step"] * np.arange(n), 6)
 
 
+def no_picture_reason(n_dev_with_image: int, n_test_with_image: int, alpha: float) -> str | None:
+    """Why the picture changes no test transcript (a corpus without pictures, or without them in test, or in
+    dev so that α stays 0), or None when it can. Utterances without a picture are always scored ASR-only."""
+    if n_test_with_image == 0:
+        return ("no test utterance has a picture (or a CLIP score): every test utterance is scored ASR-only, "
+                "so the fused WER equals the ASR-only WER and the α grid is flat")
+    if n_dev_with_image == 0 and alpha == 0:
+        return ("no dev utterance has a picture (or a CLIP score): α cannot be tuned on dev (the dev grid is flat) "
+                "and stays 0, so the fused WER equals the ASR-only WER")
+    return None
+
+
 def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg: dict, seed: int):
-    """Grid-search α on dev, report on test. Returns (grid table, metrics dict, changed table, per-speaker table)."""
+    """Grid-search α on dev, report on test. Returns (grid table, metrics dict, changed table, per-speaker table).
+
+    A corpus without pictures runs too: every utterance keeps its ASR scores, fused = ASR-only, and the
+    metrics say so (``n_no_image``, ``fusion_skipped``, ``fusion_skip_reason``)."""
     alphas = alpha_grid(cfg)
     meta = manifest.set_index("utt_id")
     arrays = {}
@@ -205,7 +220,10 @@ def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg:
     wer_asr, wer_fused, wer_oracle = (pooled_wer(e, nb.ref_words) for e in (err_asr, err_fused, err_oracle))
     low, high = paired_bootstrap_ci(err_asr, err_fused, nb.ref_words, cfg["bootstrap_resamples"], seed)
     test_meta = meta.loc[nb.utt_ids]
-    no_image = ~np.isfinite(nb.clip).any(axis=1)
+    no_image = ~np.isfinite(np.where(nb.valid, nb.clip, np.nan)).any(axis=1)
+    dev_nb = arrays["dev"][0]
+    n_dev_no_image = int((~np.isfinite(np.where(dev_nb.valid, dev_nb.clip, np.nan)).any(axis=1)).sum())
+    skip_reason = no_picture_reason(len(dev_nb.utt_ids) - n_dev_no_image, int((~no_image).sum()), float(alphas[best]))
 
     metrics = {
         "best_alpha": float(alphas[best]), "tau": float(cfg["tau"]),
@@ -216,7 +234,9 @@ def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg:
         "test_wer_diff": wer_fused - wer_asr, "test_wer_diff_ci_low": low, "test_wer_diff_ci_high": high,
         "test_gap_closed": gap_closed(wer_asr, wer_fused, wer_oracle),
         "n_dev_utts": int(len(arrays["dev"][0].utt_ids)), "n_test_utts": int(len(nb.utt_ids)),
-        "n_no_image": int(no_image.sum()), "n_empty_hypotheses": int(((nb.texts == "") & nb.valid).sum()),
+        "n_no_image": int(no_image.sum()), "n_dev_no_image": n_dev_no_image,
+        "fusion_skipped": skip_reason is not None, "fusion_skip_reason": skip_reason,
+        "n_empty_hypotheses": int(((nb.texts == "") & nb.valid).sum()),
         "test_ref_words": int(nb.ref_words.sum()),
     }
     for name, pick in (("asr", asr_pick), ("fused", fused_pick), ("oracle", oracle_pick)):
