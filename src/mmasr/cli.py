@@ -55,6 +55,13 @@ def cmd_preprocess(args) -> None:
     utts, images, rejects, metrics = preprocess(
         ingested, ingest_rejects, args.audio_dir, args.image_dir, p["preprocess"],
         require_image=p["data"]["require_image"], workers=args.threads, progress=not args.quiet)
+    if metrics["n_kept"] == 0:
+        reasons = metrics["rejected_by_reason"] or {}
+        hint = ("; data.require_image is true and no utterance has a usable picture (TORGO has none): "
+                "set data.require_image: false to run ASR-only" if p["data"]["require_image"]
+                and reasons.get("missing_image") else "")
+        raise ValueError(f"no utterance is left after preprocessing: all {metrics['n_input']} were rejected "
+                         f"({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items())) or 'no input'}){hint}")
     write_parquet(args.out, utts)
     write_parquet(args.images, images)
     write_parquet(args.rejects, rejects)
