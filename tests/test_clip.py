@@ -86,3 +86,35 @@ def test_stored_text_embeddings_reproduce_clip_cos(clip_bundle):
     by_text = dict(zip(texts, vecs))
     for text, cos in zip(out["clip_text"][:2], out["clip_cos"][:2]):
         assert float(by_text[text] @ img) == pytest.approx(cos, abs=1e-6)
+
+
+def test_clip_scores_without_any_picture_embedding_need_no_model():
+    """A corpus without pictures: an empty embedding cache, no CLIP model loaded, every clip_cos missing."""
+    nbest = pd.DataFrame({"utt_id": ["u1", "u1", "u2"], "rank": [0, 1, 0], "text": ["a red bear", "bear", "pear"]})
+    manifest = pd.DataFrame({"utt_id": ["u1", "u2"], "image_id": pd.array([None, None], dtype="string")})
+    assert not clip_mod.rows_with_picture(nbest, manifest, {}).any()
+    out = add_clip_scores(nbest, manifest, {}, None, TEXT, progress=False)
+    assert out["clip_cos"].isna().all() and out["clip_text"].tolist()[1] == "an image showing bear"
+    with pytest.raises(ValueError, match="needs the CLIP model"):
+        add_clip_scores(nbest, manifest.assign(image_id=["img", None]), {"img": np.ones(4, np.float32)}, None, TEXT,
+                        progress=False)
+
+
+def test_cache_images_without_pictures_writes_an_empty_cache_without_loading_clip(tmp_path):
+    """mmasr cache-images on a manifest without pictures: an empty .npz that loads, a sidecar saying why; the
+    CLIP named in params does not exist, which proves it is never loaded."""
+    import json
+
+    from mmasr.cli import main
+
+    manifest, images = tmp_path / "m.parquet", tmp_path / "i.parquet"
+    pd.DataFrame({"utt_id": ["u1"], "image_id": pd.array([None], dtype="string")}).to_parquet(manifest)
+    pd.DataFrame({"image_id": pd.array([], dtype="string"), "path": pd.array([], dtype="string")}).to_parquet(images)
+    cfg = json.dumps({"models": {"clip": str(tmp_path / "no-such-clip"), "device": "cpu"}})
+    out = tmp_path / "emb.npz"
+    assert main(["cache-images", "--cfg", cfg, "--manifest", str(manifest), "--images", str(images), "--out", str(out),
+                 "--rejects", str(tmp_path / "rej.parquet"), "--quiet"]) == 0
+    assert load_embeddings(out) == {}
+    meta = json.loads((tmp_path / "emb.npz.json").read_text())
+    assert meta["count"] == 0 and meta["skipped"] and "no utterance of the manifest has a picture" in meta["skip_reason"]
+    assert pd.read_parquet(tmp_path / "rej.parquet").empty

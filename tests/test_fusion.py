@@ -322,3 +322,38 @@ def test_fusion_json_has_the_issue_15_keys():
     assert {"test_wer_alpha1", "test_wer_fused_swapped", "test_wer_fused_swapped_ci_low",
             "test_wer_fused_swapped_ci_high", "test_wer_diff_ci_low_utt", "test_wer_diff_ci_high_utt",
             "test_cer_asr", "test_cer_fused", "test_wer_asr_raw", "test_wer_fused_raw"} <= set(m)
+
+
+def test_a_corpus_without_pictures_fuses_to_asr_only_and_says_so():
+    """TORGO has no pictures: every clip_cos is missing; fusion is ASR-only, the grid flat, nothing divides by zero."""
+    nb, man = _toy()
+    nb["clip_cos"] = np.nan
+    man["image_id"] = None
+    grid, metrics, changed, per_speaker = run_fusion(nb, man, FUSION, TEXT, seed=0)
+    assert metrics["n_no_image"] == metrics["n_test_utts"] == 6 and metrics["n_dev_no_image"] == 6
+    assert metrics["test_wer_fused"] == metrics["test_wer_asr"] == pytest.approx(4 / 18)
+    assert metrics["best_alpha"] == 0.0 and metrics["test_wer_diff"] == 0.0
+    assert (metrics["test_wer_diff_ci_low"], metrics["test_wer_diff_ci_high"]) == (0.0, 0.0)
+    assert metrics["fusion_skipped"] and "no test utterance has a picture" in metrics["fusion_skip_reason"]
+    for split in ("dev", "test"):
+        assert grid.loc[grid["split"] == split, "wer"].nunique() == 1  # the α grid is flat
+    assert np.isfinite(grid["wer"]).all() and changed.empty
+    assert np.isfinite(per_speaker[["wer_asr", "wer_fused", "wer_oracle"]].to_numpy(float)).all()
+
+
+def test_pictures_in_test_only_keep_alpha_at_zero_and_say_why():
+    nb, man = _toy()
+    nb.loc[nb["utt_id"].str.startswith("dev"), "clip_cos"] = np.nan
+    _, metrics, _, _ = run_fusion(nb, man, FUSION, TEXT, seed=0)
+    assert metrics["n_no_image"] == 0 and metrics["n_dev_no_image"] == 6 and metrics["best_alpha"] == 0.0
+    assert metrics["fusion_skipped"] and "no dev utterance has a picture" in metrics["fusion_skip_reason"]
+    assert metrics["test_wer_fused"] == metrics["test_wer_asr"]
+
+
+def test_a_mixed_corpus_is_not_marked_skipped():
+    nb, man = _toy()
+    nb.loc[nb["utt_id"].isin(["test0", "dev1"]), "clip_cos"] = np.nan
+    _, metrics, _, _ = run_fusion(nb, man, FUSION, TEXT, seed=0)
+    assert metrics["n_no_image"] == 1 and metrics["n_dev_no_image"] == 1
+    assert not metrics["fusion_skipped"] and metrics["fusion_skip_reason"] is None
+    assert metrics["best_alpha"] > 0

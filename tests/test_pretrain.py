@@ -292,3 +292,44 @@ def test_cli_smoke_run_writes_model_log_and_metrics(corpus, tmp_path):
     assert w["whisper_steps"] == 2 and w["whisper_train_seconds"] > 0
     assert c["clip_steps"] == 2 and c["clip_test_n_captions"] == 3 and c["clip_test_chance_r1"] == pytest.approx(1 / 3)
     assert len(pd.read_csv(tmp_path / "w.csv")) == 2 and (tmp_path / "c" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("pictures", ["none", "held_out_only"])
+def test_clip_without_train_pictures_keeps_the_random_init_and_says_why(corpus, tmp_path, pictures):
+    """TORGO has no pictures (every image_id missing); a user's corpus may have them for held-out speakers
+    only. Neither can train CLIP contrastively: the init is published unchanged, with the reason."""
+    manifest = corpus["manifest"].copy()
+    manifest.loc[manifest["split"] == "train" if pictures == "held_out_only" else slice(None), "image_id"] = None
+    init = corpus["root"] / "init" / "clip"
+    summary = pretrain.train_clip(init, manifest, corpus["root"] / "images", tmp_path / "model", tmp_path / "loss.csv",
+                                  tmp_path / "state", tiny_cfg("clip"), seed=3, text_cfg=corpus["text"], device="cpu",
+                                  progress=False)
+    assert summary["clip_skipped"] and summary["clip_steps"] == 0 and summary["clip_n_train_pairs"] == 0
+    reason = summary["clip_skip_reason"]
+    assert "no train-split (picture, caption) pairs" in reason
+    assert ("no dev or test utterance has a picture" in reason) == (pictures == "none")
+    assert ("3 test" in reason) == (pictures == "held_out_only")
+    assert json.loads(json.dumps(summary)) == summary  # JSON-ready
+    saved, original = (load_file(p / "model.safetensors") for p in (tmp_path / "model", init))
+    assert all(torch.equal(saved[k], original[k]) for k in original)
+    assert json.loads((tmp_path / "model" / "training.json").read_text())["skipped"] is True
+    log = pd.read_csv(tmp_path / "loss.csv")
+    assert log.empty and list(log.columns) == pretrain.CLIP_LOG_COLUMNS
+    for split in ("train", "dev", "test"):
+        assert pretrain.caption_picture_pairs(manifest.assign(image_id=None), split, corpus["root"] / "images",
+                                              corpus["text"]).columns.tolist() == ["caption", "image_id", "path"]
+
+
+def test_cli_pretrain_clip_without_pictures_writes_a_skipped_summary(corpus, tmp_path):
+    from mmasr.cli import main
+
+    manifest = tmp_path / "manifest.parquet"
+    corpus["manifest"].assign(image_id=None).to_parquet(manifest)
+    cfg = json.dumps({"seed": 3, "models": {"device": "cpu"}, "pretrain": {"clip": tiny_cfg("clip")}})
+    assert main(["pretrain-clip", "--cfg", cfg, "--manifest", str(manifest), "--quiet",
+                 "--init", str(corpus["root"] / "init" / "clip"), "--images-dir", str(corpus["root"] / "images"),
+                 "--out", str(tmp_path / "c"), "--log-csv", str(tmp_path / "c.csv"), "--metrics", str(tmp_path / "c.json"),
+                 "--checkpoint-dir", str(tmp_path / "cs")]) == 0
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["clip_skipped"] and c["clip_test_r1"] is None and c["clip_test_n_pictures"] == 0
+    assert (tmp_path / "c" / "config.json").is_file()

@@ -205,6 +205,39 @@ def test_missing_stages_say_so_instead_of_failing(tmp_path):
     assert "missing <code>" in section_html(empty, "data")
 
 
+def test_skipped_picture_stages_are_listed_with_their_reasons(full_run):
+    """A corpus without pictures (TORGO): the report says which picture stages were skipped and why."""
+    fusion = json.loads((full_run / "results/metrics/fusion.json").read_text())
+    fusion.update(n_no_image=6, test_wer_fused=fusion["test_wer_asr"], best_alpha=0.0, fusion_skipped=True,
+                  fusion_skip_reason="no test utterance has a picture <x>")
+    write_json(full_run / "results/metrics/fusion.json", fusion)
+    write_parquet(full_run / "results/fusion/changed.parquet", pd.DataFrame(columns=["utt_id", "before", "after"]))
+    write_json(full_run / "results/metrics/pretrain_clip.json", {"clip_steps": 0, "clip_skipped": True,
+                                                                 "clip_skip_reason": "no train-split pairs"})
+    write_json(full_run / "data/cache/clip_image_embeddings.npz.json",
+               {"model": "org/clip", "revision": None, "dimension": 0, "count": 0, "skipped": True,
+                "skip_reason": "the picture-embedding cache is empty"})
+    write_parquet(full_run / "data/nbest/nbest.parquet", pd.DataFrame({"utt_id": ["M03_0000"], "rank": [0]}),
+                  metadata={"mmasr.model": "m", "mmasr.clip_skip_reason": "clip_cos is missing for every hypothesis"})
+    page = report.build_report(full_run, params(), "test")
+    summary = section_html(page, "summary")
+    assert "Skipped picture stages" in summary and "fused = ASR-only" in summary
+    for stage, reason in (("pretrain_demo_clip", "no train-split pairs"),
+                          ("cache_image_embeddings", "the picture-embedding cache is empty"),
+                          ("clip_text_scores", "clip_cos is missing for every hypothesis"),
+                          ("fuse (rescoring with the picture)", "no test utterance has a picture &lt;x&gt;")):
+        assert f"<li><b>{stage}</b>: {reason}</li>" in summary, stage
+    rescoring = section_html(page, "rescoring")
+    assert "Rescoring with the picture skipped" in rescoring and "none could change" in rescoring
+    assert "skipped: no train-split pairs" in section_html(page, "pretraining")
+    # a run with pictures lists nothing
+    make_fusion(full_run)
+    (full_run / "results/metrics/pretrain_clip.json").unlink()
+    (full_run / "data/nbest/nbest.parquet").unlink()
+    (full_run / "data/cache/clip_image_embeddings.npz.json").unlink()
+    assert "Skipped picture stages" not in report.build_report(full_run, params(), "test")
+
+
 def test_unreadable_input_is_reported_in_its_section(full_run):
     (full_run / "results/metrics/probe.json").write_text("{not json")
     (full_run / "results/clap/recall_at_k.csv").unlink()

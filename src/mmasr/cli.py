@@ -55,6 +55,13 @@ def cmd_preprocess(args) -> None:
     utts, images, rejects, metrics = preprocess(
         ingested, ingest_rejects, args.audio_dir, args.image_dir, p["preprocess"],
         require_image=p["data"]["require_image"], workers=args.threads, progress=not args.quiet)
+    if metrics["n_kept"] == 0:
+        reasons = metrics["rejected_by_reason"] or {}
+        hint = ("; data.require_image is true and no utterance has a usable picture (TORGO has none): "
+                "set data.require_image: false to run ASR-only" if p["data"]["require_image"]
+                and reasons.get("missing_image") else "")
+        raise ValueError(f"no utterance is left after preprocessing: all {metrics['n_input']} were rejected "
+                         f"({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items())) or 'no input'}){hint}")
     write_parquet(args.out, utts)
     write_parquet(args.images, images)
     write_parquet(args.rejects, rejects)
@@ -125,6 +132,18 @@ def cmd_cache_images(args) -> None:
     manifest = pd.read_parquet(args.manifest)
     images = pd.read_parquet(args.images)
     wanted = images[images["image_id"].isin(manifest["image_id"].dropna())]
+    if wanted.empty:  # a corpus without pictures (TORGO): an empty cache, without loading CLIP at all
+        import numpy as np
+
+        from .clip import NO_PICTURES
+        from .io import rejects_frame
+
+        reason = f"{NO_PICTURES}: the picture-embedding cache is empty (CLIP was not loaded)"
+        save_embeddings(args.out, [], np.zeros((0, 0), np.float32),
+                        {"model": p["models"]["clip"], "revision": None, "skipped": True, "skip_reason": reason})
+        write_parquet(args.rejects, rejects_frame([]))
+        log.warning("picture embeddings skipped: %s", reason)
+        return
     bundle = _model("clip", p, args.threads)
     ids, vectors, rejects = cache_images(bundle, wanted, p["images"]["batch_size"], progress=not args.quiet)
     save_embeddings(args.out, ids, vectors, cache_metadata(bundle))
@@ -155,15 +174,22 @@ def cmd_nbest_merge(args) -> None:
 
 
 def cmd_clip_scores(args) -> None:
-    from .clip import clip_scores, load_embeddings, save_text_embeddings
+    from .clip import clip_scores, load_embeddings, rows_with_picture, save_text_embeddings
 
     p = _params(args)
     nbest = pd.read_parquet(args.nbest)
     meta = read_metadata(args.nbest)
-    bundle = _model("clip", p, args.threads)
-    scored, texts, vectors = clip_scores(nbest, pd.read_parquet(args.manifest), load_embeddings(args.embeddings),
-                                         bundle, p["text"], progress=not args.quiet)
-    meta.update({"mmasr.clip_model": bundle.name, "mmasr.clip_revision": bundle.revision})
+    manifest, embeddings = pd.read_parquet(args.manifest), load_embeddings(args.embeddings)
+    if rows_with_picture(nbest, manifest, embeddings).any():
+        bundle = _model("clip", p, args.threads)
+        meta.update({"mmasr.clip_model": bundle.name, "mmasr.clip_revision": bundle.revision})
+    else:  # no dev/test utterance has a picture: every clip_cos is missing, CLIP is not loaded
+        bundle = None
+        reason = ("no dev or test utterance has a picture (with a cached embedding): clip_cos is missing "
+                  "for every hypothesis, and fusion is ASR-only (CLIP was not loaded)")
+        meta.update({"mmasr.clip_model": p["models"]["clip"], "mmasr.clip_skip_reason": reason})
+        log.warning("CLIP scores skipped: %s", reason)
+    scored, texts, vectors = clip_scores(nbest, manifest, embeddings, bundle, p["text"], progress=not args.quiet)
     save_text_embeddings(args.text_embeddings, texts, vectors)
     write_parquet(args.out, scored, metadata=meta)
     log.info("clip_cos for %d of %d hypotheses (%d distinct texts)", int(scored["clip_cos"].notna().sum()),
@@ -193,6 +219,8 @@ def cmd_fuse(args) -> None:
              metrics["test_wer_diff_ci_low"], metrics["test_wer_diff_ci_high"], metrics["test_wer_oracle"])
     log.info("interval level: %s; picture-swap control (%d permutations): fused WER %s", metrics["test_wer_diff_ci_level"],
              metrics["test_swap_permutations"], metrics["test_wer_fused_swapped"])
+    if metrics["fusion_skipped"]:
+        log.warning("rescoring with the picture skipped: %s", metrics["fusion_skip_reason"])
 
 
 def cmd_transcribe(args) -> None:
@@ -272,6 +300,10 @@ def cmd_pretrain_clip(args) -> None:
                             "clip_test_n_pictures": r["n_pictures"]})
     summary.update(provenance(p, ("seed", "pretrain.clip", "models.device", "text")))
     write_json(args.metrics, summary)
+    if summary["clip_skipped"]:
+        log.info("CLIP pre-training skipped (%s); the random-init CLIP is written to %s",
+                 summary["clip_skip_reason"], args.out)
+        return
     log.info("CLIP pre-trained: %d steps in %.0f s, final loss %.3f; test caption->picture R@1 %.3f "
              "(init %.3f, chance %.3f); written to %s", summary["clip_steps"], summary["clip_train_seconds"],
              summary["clip_final_loss"], summary["clip_test_r1"] or 0.0, summary["clip_test_r1_init"] or 0.0,

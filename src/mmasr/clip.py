@@ -80,26 +80,41 @@ def cache_images(bundle: ModelBundle, images: pd.DataFrame, batch_size: int, pro
     return ids, (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), rejects_frame(rejects)
 
 
+NO_PICTURES = "no utterance of the manifest has a picture"
+
+
+def rows_with_picture(nbest: pd.DataFrame, manifest: pd.DataFrame, embeddings: dict[str, np.ndarray]) -> np.ndarray:
+    """Which n-best rows belong to an utterance whose picture has a cached embedding (bool per row)."""
+    image_of = manifest.set_index("utt_id")["image_id"]
+    return np.array([isinstance(i, str) and i in embeddings for i in nbest["utt_id"].map(image_of)], dtype=bool)
+
+
 def add_clip_scores(nbest: pd.DataFrame, manifest: pd.DataFrame, embeddings: dict[str, np.ndarray],
-                    bundle: ModelBundle, text_cfg: dict, batch_size: int = 256, progress: bool = True) -> pd.DataFrame:
+                    bundle: ModelBundle | None, text_cfg: dict, batch_size: int = 256,
+                    progress: bool = True) -> pd.DataFrame:
     """Add ``clip_text`` and ``clip_cos`` (cosine with the utterance's picture; NaN without one)."""
     return clip_scores(nbest, manifest, embeddings, bundle, text_cfg, batch_size, progress)[0]
 
 
-def clip_scores(nbest: pd.DataFrame, manifest: pd.DataFrame, embeddings: dict[str, np.ndarray], bundle: ModelBundle,
-                text_cfg: dict, batch_size: int = 256,
+def clip_scores(nbest: pd.DataFrame, manifest: pd.DataFrame, embeddings: dict[str, np.ndarray],
+                bundle: ModelBundle | None, text_cfg: dict, batch_size: int = 256,
                 progress: bool = True) -> tuple[pd.DataFrame, list[str], np.ndarray]:
     """:func:`add_clip_scores`'s table, and the distinct texts it embedded with their vectors.
 
     The vectors are kept (``data/cache/clip_text_embeddings.npz``) so that ``fuse`` can score each
     hypothesis against *another* utterance's picture (the picture-swap control) without a model: the
     Parquet table keeps its columns, and the (hypothesis x picture) cosines for any permutation are one
-    dot product of the two caches."""
+    dot product of the two caches.
+
+    ``bundle`` may be None when no row has a picture (a corpus without pictures): nothing is encoded then
+    and every ``clip_cos`` is NaN."""
     out = nbest.copy()
     image_of = manifest.set_index("utt_id")["image_id"]
     out["clip_text"] = [clip_text(t, text_cfg) for t in out["text"].fillna("")]
     image_ids = out["utt_id"].map(image_of)
-    has_image = image_ids.map(lambda i: isinstance(i, str) and i in embeddings).to_numpy(bool)
+    has_image = rows_with_picture(out, manifest, embeddings)
+    if bundle is None and has_image.any():
+        raise ValueError(f"{int(has_image.sum())} hypotheses have a picture embedding: scoring them needs the CLIP model")
     texts = sorted(set(out.loc[has_image, "clip_text"]))
     chunks = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
     vectors = [clip_text_embeddings(bundle, chunk) for chunk in tqdm(chunks, desc="CLIP text embeddings", unit="batch",

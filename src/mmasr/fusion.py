@@ -380,12 +380,25 @@ def swap_choices(nb: NBest, image_ids: np.ndarray, images: dict[str, np.ndarray]
     return np.stack(out)
 
 
+def no_picture_reason(n_dev_with_image: int, n_test_with_image: int, alpha: float) -> str | None:
+    """Why the picture changes no test transcript (a corpus without pictures, or without them in test, or in
+    dev so that α stays 0), or None when it can. Utterances without a picture are always scored ASR-only."""
+    if n_test_with_image == 0:
+        return ("no test utterance has a picture (or a CLIP score): every test utterance is scored ASR-only, "
+                "so the fused WER equals the ASR-only WER and the α grid is flat")
+    if n_dev_with_image == 0 and alpha == 0:
+        return ("no dev utterance has a picture (or a CLIP score): α cannot be tuned on dev (the dev grid is flat) "
+                "and stays 0, so the fused WER equals the ASR-only WER")
+    return None
+
+
 def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg: dict, seed: int,
                embeddings: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None):
     """Grid-search α on dev, report on test. Returns (grid table, metrics dict, changed table, per-speaker table).
 
     ``embeddings`` (picture cache, hypothesis-text cache) enable the picture-swap control; without them
-    its keys are None."""
+    its keys are None. A corpus without pictures runs too: every utterance keeps its ASR scores, fused =
+    ASR-only, and the metrics say so (``n_no_image``, ``fusion_skipped``, ``fusion_skip_reason``)."""
     alphas = alpha_grid(cfg)
     meta = manifest.set_index("utt_id")
     arrays = {}
@@ -424,7 +437,9 @@ def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg:
     err_swapped = None if swap is None else take(nb.errors, swap).mean(axis=0)  # mean errors over permutations
     swap_ci = None if swap is None else wer_diff_interval(err_asr, err_swapped, nb.ref_words, speakers, groups,
                                                           n_boot, seed)
-    no_image = ~np.isfinite(nb.clip).any(axis=1)
+    no_image = ~np.isfinite(np.where(nb.valid, nb.clip, np.nan)).any(axis=1)
+    n_dev_no_image = int((~np.isfinite(np.where(dev_nb.valid, dev_nb.clip, np.nan)).any(axis=1)).sum())
+    skip_reason = no_picture_reason(len(dev_nb.utt_ids) - n_dev_no_image, int((~no_image).sum()), float(alphas[best]))
 
     metrics = {
         "best_alpha": float(alphas[best]), "tau": float(cfg["tau"]),
@@ -443,7 +458,9 @@ def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg:
         "test_swap_permutations": 0 if swap is None else len(swap),
         "test_gap_closed": gap_closed(wer_asr, wer_fused, wer_oracle),
         "n_dev_utts": int(len(arrays["dev"][0].utt_ids)), "n_test_utts": int(len(nb.utt_ids)),
-        "n_no_image": int(no_image.sum()), "n_empty_hypotheses": int(((nb.texts == "") & nb.valid).sum()),
+        "n_no_image": int(no_image.sum()), "n_dev_no_image": n_dev_no_image,
+        "fusion_skipped": skip_reason is not None, "fusion_skip_reason": skip_reason,
+        "n_empty_hypotheses": int(((nb.texts == "") & nb.valid).sum()),
         "test_ref_words": int(nb.ref_words.sum()),
     }
     for name, pick in (("asr", asr_pick), ("fused", fused_pick), ("oracle", oracle_pick)):

@@ -320,11 +320,13 @@ def caption_picture_pairs(manifest: pd.DataFrame, split: str, images_dir: str | 
     from .text import clip_text
 
     part = manifest[(manifest["split"] == split) & manifest["image_id"].notna()]
+    # Built as Python strings, so a split without any picture gives an empty table with the same columns.
     pairs = pd.DataFrame({"caption": [clip_text(str(t), text_cfg) for t in part["text"].fillna("")],
-                          "image_id": part["image_id"].astype(str).to_numpy()})
-    pairs = pairs[pairs["caption"].str.strip().astype(bool)].drop_duplicates()
-    pairs["path"] = [str(Path(images_dir) / f"{i}.png") for i in pairs["image_id"]]
-    exists = pairs["path"].map(lambda p: Path(p).is_file())
+                          "image_id": [str(i) for i in part["image_id"]]}, columns=["caption", "image_id"], dtype=object)
+    pairs = pairs[np.array([bool(c.strip()) for c in pairs["caption"]], dtype=bool)].drop_duplicates()
+    pairs["path"] = pd.Series([str(Path(images_dir) / f"{i}.png") for i in pairs["image_id"]], index=pairs.index,
+                              dtype=object)
+    exists = np.array([Path(p).is_file() for p in pairs["path"]], dtype=bool)
     if (~exists).any():
         log.warning("%d %s pictures missing under %s (left out)", int((~exists).sum()), split, images_dir)
     return pairs[exists].sort_values(["image_id", "caption"]).reset_index(drop=True)
@@ -738,6 +740,11 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
 
     ``cfg`` is ``pretrain.clip``; ``text_cfg`` the ``text`` section (captions are what CLIP reads at
     scoring time). ``max_steps``/``stop_after`` as in :func:`train_whisper`.
+
+    With fewer than two train pairs (a corpus without pictures, such as TORGO, or pictures for held-out
+    speakers only) nothing can be learnt contrastively: the random-init CLIP is written unchanged to
+    ``out_dir``, ``log_csv`` gets its header only, and the summary has ``clip_skipped`` true and
+    ``clip_skip_reason`` (also logged).
     """
     from .models import load_clip, pick_device
 
@@ -748,7 +755,9 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
     bundle = load_clip(str(init_dir), device=dev)
     model = bundle.model
 
-    pairs = clip_training_pairs(manifest, images_dir, text_cfg)
+    pairs = caption_picture_pairs(manifest, "train", images_dir, text_cfg)
+    if len(pairs) < 2:
+        return _skip_clip(bundle, init_dir, out_dir, log_csv, manifest, images_dir, text_cfg, pairs, cfg, seed, t0)
     neighbours = one_word_neighbours(pairs["caption"].tolist())
     log.info("CLIP pre-training on %d train picture/caption pairs (%d pictures), %d steps; %.1f one-word "
              "neighbours per caption", len(pairs), pairs["image_id"].nunique(), steps,
@@ -772,7 +781,7 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
                      _data_digest(pairs, ["caption", "image_id", "path"]), str(dev))
     ckpt_dir = Path(checkpoint_dir)
     start = resume_checkpoint(ckpt_dir, model, optimizer, fp)
-    csv_log = CsvLog(ckpt_dir / "log.csv", ["step", "lr", "loss", "logit_scale", "pool", "train_r1", "dev_r1"], start)
+    csv_log = CsvLog(ckpt_dir / "log.csv", CLIP_LOG_COLUMNS, start)
 
     bar = _progress(steps, start, "pretrain clip", progress)
     for step in range(start, steps):
@@ -812,7 +821,7 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
         "clip_n_train_pairs": len(pairs), "clip_n_train_pictures": int(pairs["image_id"].nunique()),
         "clip_mean_hard_negatives": float(np.mean([len(n) for n in neighbours])),
         "clip_n_params": int(sum(p.numel() for p in model.parameters())),
-        "clip_init_revision": bundle.revision,
+        "clip_init_revision": bundle.revision, "clip_skipped": False, "clip_skip_reason": None,
     }
     _save_hf(bundle, init_dir, out_dir, {"seed": seed, "config": cfg, "steps": steps, "init": str(init_dir),
                                          "init_revision": bundle.revision, "train_pairs": len(pairs),
@@ -820,6 +829,41 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
     csv_log.publish(log_csv)
     summary["clip_train_seconds"] = round(time.perf_counter() - t0, 1)
     return summary
+
+
+CLIP_LOG_COLUMNS = ["step", "lr", "loss", "logit_scale", "pool", "train_r1", "dev_r1"]
+
+
+def clip_skip_reason(manifest: pd.DataFrame, images_dir: str | Path, text_cfg: dict, n_train_pairs: int) -> str:
+    """Why the demo CLIP cannot be pre-trained on this corpus, and what follows from it (one sentence)."""
+    held_out = {split: len(caption_picture_pairs(manifest, split, images_dir, text_cfg)) for split in ("dev", "test")}
+    why = (f"{'no' if n_train_pairs == 0 else 'only ' + str(n_train_pairs)} train-split (picture, caption) "
+           f"pair{'' if n_train_pairs == 1 else 's'} (contrastive training needs at least 2)")
+    if not any(held_out.values()):
+        return (f"{why}, and no dev or test utterance has a picture either: the demo CLIP keeps its random "
+                f"initialisation, and fusion is ASR-only")
+    return (f"{why}: the demo CLIP keeps its random initialisation, so the CLIP scores of the "
+            f"{held_out['dev']} dev and {held_out['test']} test (picture, caption) pairs come from an untrained "
+            f"model; give the train speakers pictures, or name a trained CLIP in models.clip")
+
+
+def _skip_clip(bundle, init_dir, out_dir, log_csv, manifest, images_dir, text_cfg, pairs, cfg, seed, t0) -> dict:
+    """No contrastive pre-training without at least two train pairs: publish the random-init CLIP unchanged
+    (the pipeline's later stages load it as usual), an empty loss log and a summary that says why."""
+    reason = clip_skip_reason(manifest, images_dir, text_cfg, len(pairs))
+    log.warning("CLIP pre-training skipped: %s", reason)
+    _save_hf(bundle, init_dir, out_dir, {"seed": seed, "config": cfg, "steps": 0, "init": str(init_dir),
+                                         "init_revision": bundle.revision, "train_pairs": len(pairs),
+                                         "skipped": True, "skip_reason": reason})
+    with atomic_path(log_csv) as tmp:
+        pd.DataFrame(columns=CLIP_LOG_COLUMNS).to_csv(tmp, index=False)
+    model = bundle.model
+    return {"clip_steps": 0, "clip_final_loss": None, "clip_logit_scale": float(model.logit_scale.detach().exp()),
+            "clip_train_r1": None, "clip_dev_r1": None, "clip_n_train_pairs": len(pairs),
+            "clip_n_train_pictures": int(pairs["image_id"].nunique()), "clip_mean_hard_negatives": None,
+            "clip_n_params": int(sum(p.numel() for p in model.parameters())), "clip_init_revision": bundle.revision,
+            "clip_skipped": True, "clip_skip_reason": reason,
+            "clip_train_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def clip_caption_to_picture_r1(bundle, manifest: pd.DataFrame, split: str, images_dir: str | Path,

@@ -501,6 +501,9 @@ def rescoring_section(d: Mapping[str, Any], root: Path, n_examples: int, thumb_p
     if missing(m):
         return not_run(sid, title, m)
     parts = []
+    if m.get("fusion_skipped"):
+        parts.append(note(f"<b>Rescoring with the picture skipped</b>: {esc(m.get('fusion_skip_reason') or '')}. "
+                          "The fused row below is the ASR-only result.", "missing"))
     alpha = _num(m, "best_alpha")
     parts.append(note(
         f"fused = (1 − α) · softmax(ASR score) + α · softmax(τ · CLIP cosine), α = <b>{fmt(alpha, 2)}</b> chosen "
@@ -557,7 +560,8 @@ def rescoring_section(d: Mapping[str, Any], root: Path, n_examples: int, thumb_p
     if missing(changed):
         parts.append(note(changed.html(), "missing"))
     elif len(changed) == 0:
-        parts.append(note("The picture changed no test transcript."))
+        parts.append(note("No test utterance has a picture, so none could change." if m.get("n_no_image") is not None
+                          and m.get("n_no_image") == m.get("n_test_utts") else "The picture changed no test transcript."))
     else:
         summary = f"{len(changed)} test transcripts changed"
         if {"before_errors", "after_errors"} <= set(changed.columns):
@@ -704,11 +708,12 @@ def probe_section(d: Mapping[str, Any]) -> str:
     return section(sid, title, "\n".join(parts))
 
 
-def pretrain_section(d: Mapping[str, Any]) -> str:
-    sid, title = "pretraining", "Demo model pre-training"
-    metrics_dir, log_dir = d["metrics_dir"], d["pretrain_dir"]
+def pretrain_metrics(d: Mapping[str, Any]) -> tuple[dict[str, dict], dict[Path, str]]:
+    """``results/metrics/pretrain_<kind>.json`` of each demo model pre-trained in this run, and the files
+    among them that could not be read (path -> error)."""
+    metrics_dir = d.get("metrics_dir")
     found, unreadable = {}, {}
-    if not missing(metrics_dir):
+    if metrics_dir is not None and not missing(metrics_dir):
         for kind in PRETRAINED:
             path = Path(metrics_dir) / f"pretrain_{kind}.json"
             if path.is_file():
@@ -717,6 +722,40 @@ def pretrain_section(d: Mapping[str, Any]) -> str:
                 except (ValueError, OSError) as exc:
                     log.warning("report: cannot read %s: %s", path, exc)
                     unreadable[path] = f"{type(exc).__name__}: {exc}"
+    return found, unreadable
+
+
+def skipped_stages(d: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(stage, reason) for each picture stage that had nothing to work on (a corpus without pictures, such as
+    TORGO) and said so in its output: CLIP pre-training, the picture cache, the CLIP scores, the fusion."""
+    out = []
+    clip = pretrain_metrics(d)[0].get("clip", {})
+    if clip.get("clip_skipped"):
+        out.append(("pretrain_demo_clip", str(clip.get("clip_skip_reason") or "")))
+    emb = d.get("embeddings_meta")
+    if emb is not None and not missing(emb) and emb.get("skipped"):
+        out.append(("cache_image_embeddings", str(emb.get("skip_reason") or "")))
+    reason = (d.get("nbest_meta") or {}).get("mmasr.clip_skip_reason")
+    if reason:
+        out.append(("clip_text_scores", reason))
+    fusion = d.get("fusion_metrics")
+    if fusion is not None and not missing(fusion) and fusion.get("fusion_skipped"):
+        out.append(("fuse (rescoring with the picture)", str(fusion.get("fusion_skip_reason") or "")))
+    return out
+
+
+def skipped_note(skipped: list[tuple[str, str]]) -> str:
+    if not skipped:
+        return ""
+    items = "".join(f"<li><b>{esc(stage)}</b>: {esc(reason)}</li>" for stage, reason in skipped)
+    return (f'<div class="note missing skipped"><b>Skipped picture stages</b> (this corpus lacks the pictures they need; '
+            f"everything else ran):<ul>{items}</ul></div>")
+
+
+def pretrain_section(d: Mapping[str, Any]) -> str:
+    sid, title = "pretraining", "Demo model pre-training"
+    metrics_dir, log_dir = d["metrics_dir"], d["pretrain_dir"]
+    found, unreadable = pretrain_metrics(d)
     bad = note("Unreadable pre-training metrics: " + "; ".join(
         f"<code>{esc(str(path))}</code> ({esc(err)})" for path, err in unreadable.items()) + ".", "missing") \
         if unreadable else ""
@@ -731,14 +770,18 @@ def pretrain_section(d: Mapping[str, Any]) -> str:
     for kind, m in found.items():
         extra = {"whisper": ("dev loss", m.get("whisper_final_dev_loss")),
                  "clip": ("test caption→picture R@1", m.get("clip_test_r1"))}.get(kind, ("", None))
+        check = f"{extra[0]} {fmt(extra[1])}" if extra[0] else ""
+        if m.get(f"{kind}_skipped"):
+            check = f"skipped: {m.get(f'{kind}_skip_reason') or 'no reason recorded'}"
         rows.append([kind, m.get(f"{kind}_n_params"), m.get(f"{kind}_steps"), m.get(f"{kind}_final_loss"),
-                     m.get(f"{kind}_train_seconds"), f"{extra[0]} {fmt(extra[1])}" if extra[0] else ""])
+                     m.get(f"{kind}_train_seconds"), check])
     parts = [table(["model", "parameters", "steps", "final train loss", "train seconds", "held-out check"], rows)]
     if bad:
         parts.append(bad)
     if not missing(log_dir):
         plt = _plt()
-        logs = {k: Path(log_dir) / f"{k}_loss.csv" for k in found if (Path(log_dir) / f"{k}_loss.csv").is_file()}
+        logs = {k: Path(log_dir) / f"{k}_loss.csv" for k in found
+                if (Path(log_dir) / f"{k}_loss.csv").is_file() and not found[k].get(f"{k}_skipped")}
         if logs:
             fig, axes = plt.subplots(1, len(logs), figsize=(2.6 * len(logs), 2.4), squeeze=False)
             for ax, (kind, path) in zip(axes[0], logs.items()):
@@ -998,7 +1041,9 @@ def key_results(d: Mapping[str, Any]) -> str:
     f, p, r, pr = d["fusion_metrics"], d["projector_metrics"], d["retrieval_metrics"], d["probe_metrics"]
     if not missing(f):
         kpis += [(fmt(_num(f, "test_wer_asr")), "test WER, Whisper alone"),
-                 (fmt(_num(f, "test_wer_fused")), f"test WER, with the picture (α = {fmt(_num(f, 'best_alpha'), 2)})"),
+                 (fmt(_num(f, "test_wer_fused")),
+                  "test WER, fused = ASR-only (picture rescoring skipped)" if f.get("fusion_skipped") else
+                  f"test WER, with the picture (α = {fmt(_num(f, 'best_alpha'), 2)})"),
                  (f"[{fmt(_num(f, 'test_wer_diff_ci_low'))}, {fmt(_num(f, 'test_wer_diff_ci_high'))}]",
                   f"95% interval, fused − ASR-only ({f.get('test_wer_diff_ci_level', 'utterance')}-level)"),
                  (fmt(_num(f, "test_wer_oracle")), "test WER, n-best oracle")]
@@ -1011,9 +1056,10 @@ def key_results(d: Mapping[str, Any]) -> str:
     if not missing(pr):
         kpis.append((fmt(_num(pr, "auc")), f"probe AUC (ECE {fmt(_num(pr, 'ece_calibrated'))} calibrated)"))
     if not kpis:
-        return note("No results yet: no stage after the data preparation has run.", "missing")
+        return note("No results yet: no stage after the data preparation has run.", "missing") + skipped_note(
+            skipped_stages(d))
     return '<div class="kpis">' + "".join(f'<div class="kpi"><b>{esc(v)}</b><span>{esc(t)}</span></div>'
-                                          for v, t in kpis) + "</div>"
+                                          for v, t in kpis) + "</div>" + skipped_note(skipped_stages(d))
 
 
 def render_report(d: Mapping[str, Any], info: Mapping[str, Any], root: Path, n_examples: int = 8,
