@@ -177,6 +177,11 @@ def test_max_new_tokens_defaults_to_the_models_limit(whisper_bundle):
     limit = whisper_bundle.model.config.max_target_positions
     assert max_new_tokens(whisper_bundle, {"max_new_tokens": None}, 2) == limit - 2
     assert max_new_tokens(whisper_bundle, {"max_new_tokens": 5}, 2) == 5
+    # capped by the audio's length: 8 + ceil(rate * seconds), never above the limit
+    capped = {"max_new_tokens": None, "max_tokens_per_second": 4}
+    assert max_new_tokens(whisper_bundle, capped, 2, seconds=1.2) == 8 + 5
+    assert max_new_tokens(whisper_bundle, capped, 2, seconds=100.0) == limit - 2
+    assert max_new_tokens(whisper_bundle, {**capped, "max_tokens_per_second": None}, 2, seconds=1.2) == limit - 2
     with pytest.raises(ValueError, match="exceeds what .* can decode"):
         max_new_tokens(whisper_bundle, {"max_new_tokens": limit}, 2)
 

@@ -18,7 +18,8 @@ Real models need three more things than the demo's one-token-per-word Whisper:
   when the utterance has a finished hypothesis; when none finished, the truncated ones are kept
   with ``complete = False``, and fusion leaves that utterance ASR-only. Both are counted in the
   metadata. ``max_new_tokens: null`` (the default) takes the model's own limit (decoder positions
-  minus the prompt), so only a looping beam ever hits it.
+  minus the prompt), and ``max_tokens_per_second`` caps it by the audio's length, so only a
+  looping beam ever hits the budget (:func:`max_new_tokens`).
 - **The 30 s window.** Whisper sees at most its window (30 s for real checkpoints); longer audio
   would be cut silently, so the stage refuses it up front, naming the utterances
   (``preprocess.max_duration_s`` rejects them with a row in the rejects table).
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -103,17 +105,28 @@ def teacher_forced_logprobs(bundle: ModelBundle, encoder_states: torch.Tensor, p
     return (picked * mask).sum(dim=1).double().numpy()
 
 
-def max_new_tokens(bundle: ModelBundle, cfg: dict, prompt_len: int) -> int:
-    """``nbest.max_new_tokens``, or (null) the most the decoder can hold after the prompt."""
+def max_new_tokens(bundle: ModelBundle, cfg: dict, prompt_len: int, seconds: float | None = None) -> int:
+    """The token budget of a beam: ``nbest.max_new_tokens``, or (null) the most the decoder can hold
+    after the prompt; with ``nbest.max_tokens_per_second`` and the batch's longest audio (``seconds``),
+    at most ``8 + ceil(rate * seconds)``.
+
+    Why the duration cap: beam search ranks by length-normalised score, and a looping beam ("the the
+    the ...", a hallucination on noise) keeps a high per-token score, so without a cap such a batch
+    decodes to the model's limit (446 tokens for real Whisper) at great cost. Read speech carries
+    about 3-5 Whisper tokens a second; a beam past the cap is cut there, flagged ``complete = False``,
+    and dropped when a finished hypothesis exists (:func:`distinct_hypotheses`).
+    """
     limit = int(bundle.model.config.max_target_positions) - prompt_len
     wanted = cfg.get("max_new_tokens")
-    if wanted is None:
-        return limit
-    if wanted > limit:
+    if wanted is not None and wanted > limit:
         raise ValueError(f"nbest.max_new_tokens={wanted} exceeds what {bundle.name} can decode after its "
                          f"{prompt_len}-token prompt ({limit}: max_target_positions "
                          f"{bundle.model.config.max_target_positions}); use null for the model's limit")
-    return int(wanted)
+    budget = limit if wanted is None else int(wanted)
+    rate = cfg.get("max_tokens_per_second")
+    if rate and seconds is not None:
+        budget = min(budget, 8 + math.ceil(rate * seconds))
+    return budget
 
 
 def window_seconds(bundle: ModelBundle) -> float:
@@ -161,7 +174,8 @@ def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
             model, encoder_outputs=BaseModelOutput(last_hidden_state=states),
             decoder_input_ids=torch.tensor([prompt] * len(audios), device=bundle.device),
             num_beams=cfg["num_beams"], num_return_sequences=R, length_penalty=cfg["length_penalty"],
-            max_new_tokens=max_new_tokens(bundle, cfg, len(prompt)), eos_token_id=gen.eos_token_id,
+            max_new_tokens=max_new_tokens(bundle, cfg, len(prompt), max(len(a) for a in audios) / 16000),
+            eos_token_id=gen.eos_token_id,
             pad_token_id=gen.pad_token_id, return_dict_in_generate=True, output_scores=True, do_sample=False)
     eos, pad = gen.eos_token_id, gen.pad_token_id
     eos = eos[0] if isinstance(eos, list) else eos
@@ -256,7 +270,8 @@ def run_nbest(bundle: ModelBundle, manifest: pd.DataFrame, cfg: dict, normalise:
 
 def nbest_metadata(bundle: ModelBundle, cfg: dict, **extra) -> dict[str, str]:
     """Parquet file metadata: which model and decoding settings produced the lists."""
-    keys = ("num_beams", "num_return_sequences", "keep", "length_penalty", "max_new_tokens", "language", "task")
+    keys = ("num_beams", "num_return_sequences", "keep", "length_penalty", "max_new_tokens", "max_tokens_per_second",
+            "language", "task")
     return {"mmasr.model": bundle.name, "mmasr.revision": bundle.revision,
             "mmasr.decoding": json.dumps({k: cfg[k] for k in keys}, sort_keys=True),
             **{f"mmasr.{k}": str(v) for k, v in extra.items()}}
