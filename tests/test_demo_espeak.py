@@ -142,13 +142,17 @@ def test_control_audio_is_the_speakers_espeak_voice(corpora):
 
 
 def test_speakers_get_distinct_voices_of_their_sex():
+    spk = build_speakers({**TINY, "n_impaired_speakers": 6, "n_control_speakers": 6}, 0)
+    assert len({s.espeak.voice for s in spk}) == 12
+    assert all(("+f" in s.espeak.voice) == (s.sex == "F") for s in spk)
+    # 16 speakers, 8 of them female, 6 female voices: two women borrow a man's voice, with a raised pitch
     spk = build_speakers({**TINY, "n_impaired_speakers": 8, "n_control_speakers": 8}, 0)
-    voices = [s.espeak.voice for s in spk]
-    assert len(set(voices)) == 16 == len(tts.ESPEAK_VOICES)
-    female = [s for s in spk if s.sex == "F"]
-    assert sum("+f" in s.espeak.voice for s in female) == 7  # all 7 female voices; the 8th borrows a male one
-    borrowed = next(s for s in female if "+f" not in s.espeak.voice)
-    assert borrowed.espeak.pitch > 60  # ... raised in pitch
+    assert len({(s.espeak.voice, s.espeak.pitch) for s in spk}) == 16
+    borrowed = [s for s in spk if s.sex == "F" and "+f" not in s.espeak.voice]
+    assert len(borrowed) == 2
+    for b in borrowed:
+        man = next(s for s in spk if s.sex == "M" and s.espeak.voice == b.espeak.voice)
+        assert b.espeak.pitch >= man.espeak.pitch + 6
     for s in spk:
         e = s.espeak
         if s.group == "control":
@@ -156,7 +160,7 @@ def test_speakers_get_distinct_voices_of_their_sex():
             assert (e.tremor, e.breath, e.lowpass_hz, e.word_gap_ms) == (0.0, 0.0, None, 0)
         else:
             assert 150 / 1.3 - 1 <= e.rate_wpm <= 180 / 1.3 + 1 and e.noise_db == DEFAULT_CONFIG["impaired_noise_db"]
-            assert e.tremor > 0 and e.breath > 0 and 3000 <= e.lowpass_hz <= 4500 and e.word_gap_ms > 0
+            assert e.tremor > 0 and e.breath > 0 and 3000 <= e.lowpass_hz <= 4000 and e.word_gap_ms > 0
             assert e.pitch_range < 45
     # a speaker's voice does not depend on how many other speakers there are
     few = build_speakers({**TINY, "n_impaired_speakers": 1, "n_control_speakers": 1}, 0)
@@ -166,57 +170,66 @@ def test_speakers_get_distinct_voices_of_their_sex():
     assert all(f.espeak is None and dataclasses.replace(e, espeak=None) == f for f, e in zip(formant, spk))
 
 
-def test_voice_slots_are_distinct_for_every_mix_up_to_sixteen_speakers():
-    assert sorted(demo._FEMALE_VOICES + demo._MALE_VOICES) == sorted(tts.ESPEAK_VOICES)
-    for n_imp in range(17):
-        for n_ctl in range(17 - n_imp):
+def test_voice_slots_are_distinct_for_every_mix_up_to_fourteen_speakers():
+    used = demo._FEMALE_VOICES + demo._MALE_VOICES
+    assert sorted(used + demo._UNUSED_VOICES) == sorted(tts.ESPEAK_VOICES)
+    for n_imp in range(15):
+        for n_ctl in range(15 - n_imp):
             slots = [espeak_voice_slot(demo.speaker_name(g, i)[0], g, i)
                      for g, n in (("impaired", n_imp), ("control", n_ctl)) for i in range(n)]
             assert len({v for v, _, _ in slots}) == len(slots), (n_imp, n_ctl)
             assert all(cycle == 0 for _, _, cycle in slots)
 
 
-def test_beyond_sixteen_speakers_voices_repeat_with_another_pitch_or_rate():
+def test_beyond_fourteen_speakers_voices_repeat_with_another_pitch_or_rate():
     spk = build_speakers({**TINY, "n_impaired_speakers": 12, "n_control_speakers": 12}, 0)
     keys = [(s.espeak.voice, s.espeak.pitch, s.espeak.rate_wpm) for s in spk]
     assert len(set(keys)) == len(keys)
-    assert len({s.espeak.voice for s in spk}) == 16
+    assert len({s.espeak.voice for s in spk}) == 14
 
 
 # ------------------------------------------------------------------ impaired speech
 
 
-def test_impaired_speech_is_slower_noisier_and_band_limited():
+def test_impaired_speech_is_slower_and_band_limited():
     spk = build_speakers({**TINY, "n_impaired_speakers": 2, "n_control_speakers": 2}, 3)
-    impaired = [s for s in spk if s.group == "impaired"]
-    control = [s for s in spk if s.group == "control"]
     for text in ("two green goats", "a red bear"):
-        stats: dict[str, list[tuple[float, float, float]]] = {"impaired": [], "control": []}
-        for s in impaired + control:
+        stats: dict[str, list[tuple[float, float]]] = {"impaired": [], "control": []}
+        for s in spk:
             x = espeak_utterance(text, s, SR, np.random.default_rng(5))
-            frames = _active(x, SR)
-            dynamic_range = 10 * np.log10(np.percentile(frames, 95) / np.percentile(frames, 10))
             hi_lo = _band_energy(x, SR, 5000, 10000) / _band_energy(x, SR, 100, 3000)
-            stats[s.group].append((len(frames) / 100, dynamic_range, hi_lo))
+            stats[s.group].append((len(_active(x, SR)) / 100, hi_lo))
         imp, ctl = (np.array(stats[g]) for g in ("impaired", "control"))
-        assert imp[:, 0].mean() > 1.2 * ctl[:, 0].mean()  # slower (rate / 1.3, gaps between words)
-        assert imp[:, 1].max() < ctl[:, 1].min() - 6  # noise fills the quiet frames: lower SNR
-        assert imp[:, 2].max() < 0.1 * ctl[:, 2].min()  # little left above the band limit
+        assert imp[:, 0].mean() > 1.2 * ctl[:, 0].mean()  # slower (rate / 1.3, pauses between words)
+        assert imp[:, 1].max() < 0.1 * ctl[:, 1].min()  # little left above the band limit
 
 
 def test_each_degradation_against_the_same_voice_undegraded():
     s = build_speakers({**TINY, "n_impaired_speakers": 1, "n_control_speakers": 0}, 0)[0]
-    clean = _clean(s)
-    x = espeak_utterance("three yellow cups", clean, SR, np.random.default_rng(0))
-    for change, check in [
-        ({"word_gap_ms": 120}, lambda y: len(_active(y, SR)) > len(_active(x, SR)) + 15),
-        ({"lowpass_hz": 3500.0}, lambda y: _band_energy(y, SR, 5000, 10000) / _band_energy(y, SR, 100, 3000)
-         < 0.05 * _band_energy(x, SR, 5000, 10000) / _band_energy(x, SR, 100, 3000)),
-        ({"noise_db": -20.0}, lambda y: np.percentile(_active(y, SR), 10) > 10 * np.percentile(_active(x, SR), 10)),
-    ]:
-        y = espeak_utterance("three yellow cups", dataclasses.replace(
-            clean, espeak=dataclasses.replace(clean.espeak, **change)), SR, np.random.default_rng(0))
-        assert check(y), change
+    text = "three yellow cups"
+
+    def speak(**change) -> np.ndarray:
+        voice = dataclasses.replace(_clean(s).espeak, **change)
+        return espeak_utterance(text, dataclasses.replace(s, espeak=voice), SR, np.random.default_rng(0))
+
+    def quiet_level(y: np.ndarray) -> float:
+        """The quietest frames (the pauses between words) re. the loudest, dB."""
+        frames = _active(y, SR, floor_db=50)
+        return 10 * np.log10(np.percentile(frames, 10) / frames.max())
+
+    def hi_lo(y: np.ndarray) -> float:
+        return _band_energy(y, SR, 5000, 10000) / _band_energy(y, SR, 100, 3000)
+
+    x = speak()
+    assert len(_active(speak(word_gap_ms=120), SR)) > len(_active(x, SR)) + 15  # pauses between words
+    assert hi_lo(speak(lowpass_hz=3500.0)) < 0.05 * hi_lo(x)  # band limit
+    # noise at 20 dB SNR fills the pauses, which are far quieter with the control's 45 dB SNR room noise
+    gaps = {"word_gap_ms": 120}
+    assert quiet_level(speak(**gaps, noise_db=-20.0)) > quiet_level(speak(**gaps)) + 15
+    # the breath noise and the warp are checked on synthetic signals below; here: they are applied
+    for change in ({"breath": 0.25}, {"tremor": 0.03}):
+        y = speak(**change)
+        assert y.shape != x.shape or not np.allclose(y, x, atol=1e-3), change
 
 
 def test_tremor_warp_wobbles_pitch_and_keeps_the_duration():
