@@ -358,7 +358,7 @@ def test_default_config_keys():
     assert set(DEFAULT_CONFIG) == {
         "n_impaired_speakers", "n_control_speakers", "utts_per_speaker", "image_size",
         "sample_rates", "stereo_fraction", "flac_fraction", "impaired_rate",
-        "impaired_voicing_blur", "impaired_noise_db", "defects"}
+        "impaired_voicing_blur", "impaired_noise_db", "defects", "synthesiser"}
     assert validate_config({}) == DEFAULT_CONFIG
     assert validate_config({"utts_per_speaker": 3})["utts_per_speaker"] == 3
 
