@@ -159,9 +159,11 @@ def test_whisper_special_tokens_follow_whispers_layout(whisper):
 
 
 def test_whisper_features_shape_and_rate_check(whisper):
-    feats = models.whisper_features(whisper, [noise(1.0, 0), noise(2.5, 1), noise(4.0, 2)])
+    feats = models.whisper_features(whisper, [noise(1.0, 0), noise(2.5, 1), noise(3.0, 2)])
     assert set(feats) == {"input_features"}
     assert tuple(feats["input_features"].shape) == (3, 80, 300)
+    with pytest.raises(ValueError, match="longer than .* 3.0 s window"):  # refused, never cut off
+        models.whisper_features(whisper, [noise(1.0, 0), noise(4.0, 2)])
     assert feats["input_features"].dtype == torch.float32
     with pytest.raises(ValueError, match="expects 16000 Hz"):
         models.whisper_features(whisper, [noise(1.0, 0)], sr=22050)
