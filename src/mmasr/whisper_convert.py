@@ -338,6 +338,23 @@ def _dims(ct2: Ct2Model) -> _Dims:
     )
 
 
+def _transformer_layer(ct2, take, src: str, dst: str, d: int, ffn: int, out: dict,
+                       cross_attention: bool = False) -> None:
+    """One encoder (or, with ``cross_attention``, decoder) layer: self-attention with fused q/k/v, the
+    decoder's cross-attention (q alone, k/v fused), then the feed-forward block; each with its layer norm."""
+    _split_fused(ct2, take, f"{src}/self_attention/linear_0", f"{dst}.self_attn", ("q", "k", "v"), d, out)
+    _linear(take, f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj", (d, d), out)
+    _layer_norm(take, f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm", d, out)
+    if cross_attention:
+        _linear(take, f"{src}/attention/linear_0", f"{dst}.encoder_attn.q_proj", (d, d), out)
+        _split_fused(ct2, take, f"{src}/attention/linear_1", f"{dst}.encoder_attn", ("k", "v"), d, out)
+        _linear(take, f"{src}/attention/linear_2", f"{dst}.encoder_attn.out_proj", (d, d), out)
+        _layer_norm(take, f"{src}/attention/layer_norm", f"{dst}.encoder_attn_layer_norm", d, out)
+    _linear(take, f"{src}/ffn/linear_0", f"{dst}.fc1", (ffn, d), out)
+    _linear(take, f"{src}/ffn/linear_1", f"{dst}.fc2", (d, ffn), out)
+    _layer_norm(take, f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm", d, out)
+
+
 def _layer_norm(take: _Variables, src: str, dst: str, d: int, out: dict) -> None:
     out[f"{dst}.weight"] = take.weight(f"{src}/gamma", (d,))
     out[f"{dst}.bias"] = take.weight(f"{src}/beta", (d,))
@@ -397,13 +414,7 @@ def ct2_to_hf_state_dict(ct2: Ct2Model) -> tuple[_Dims, dict[str, np.ndarray]]:
                                                               (dims.source_positions, d))
     _layer_norm(take, "encoder/layer_norm", "model.encoder.layer_norm", d, out)
     for i in range(dims.encoder_layers):
-        src, dst = f"encoder/layer_{i}", f"model.encoder.layers.{i}"
-        _split_fused(ct2, take, f"{src}/self_attention/linear_0", f"{dst}.self_attn", ("q", "k", "v"), d, out)
-        _linear(take, f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj", (d, d), out)
-        _layer_norm(take, f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm", d, out)
-        _linear(take, f"{src}/ffn/linear_0", f"{dst}.fc1", (dims.encoder_ffn, d), out)
-        _linear(take, f"{src}/ffn/linear_1", f"{dst}.fc2", (d, dims.encoder_ffn), out)
-        _layer_norm(take, f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm", d, out)
+        _transformer_layer(ct2, take, f"encoder/layer_{i}", f"model.encoder.layers.{i}", d, dims.encoder_ffn, out)
 
     embeddings = take.weight("decoder/embeddings/weight", (dims.vocab, d))
     out["model.decoder.embed_tokens.weight"] = embeddings
@@ -419,17 +430,8 @@ def ct2_to_hf_state_dict(ct2: Ct2Model) -> tuple[_Dims, dict[str, np.ndarray]]:
                                                               (dims.target_positions, d))
     _layer_norm(take, "decoder/layer_norm", "model.decoder.layer_norm", d, out)
     for i in range(dims.decoder_layers):
-        src, dst = f"decoder/layer_{i}", f"model.decoder.layers.{i}"
-        _split_fused(ct2, take, f"{src}/self_attention/linear_0", f"{dst}.self_attn", ("q", "k", "v"), d, out)
-        _linear(take, f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj", (d, d), out)
-        _layer_norm(take, f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm", d, out)
-        _linear(take, f"{src}/attention/linear_0", f"{dst}.encoder_attn.q_proj", (d, d), out)
-        _split_fused(ct2, take, f"{src}/attention/linear_1", f"{dst}.encoder_attn", ("k", "v"), d, out)
-        _linear(take, f"{src}/attention/linear_2", f"{dst}.encoder_attn.out_proj", (d, d), out)
-        _layer_norm(take, f"{src}/attention/layer_norm", f"{dst}.encoder_attn_layer_norm", d, out)
-        _linear(take, f"{src}/ffn/linear_0", f"{dst}.fc1", (dims.decoder_ffn, d), out)
-        _linear(take, f"{src}/ffn/linear_1", f"{dst}.fc2", (d, dims.decoder_ffn), out)
-        _layer_norm(take, f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm", d, out)
+        _transformer_layer(ct2, take, f"decoder/layer_{i}", f"model.decoder.layers.{i}", d, dims.decoder_ffn, out,
+                           cross_attention=True)
     take.finish()
     return dims, out
 
