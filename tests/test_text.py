@@ -29,3 +29,17 @@ def test_clean_text_and_has_words():
     assert clean_text(" a\u00a0red\n\tbe\u0301ar  ") == "a red béar"
     assert [has_words(t) for t in ("", "  ", "?!", "\U0001F642", "你好", "a", "7")] == [
         False, False, False, False, True, True, True]
+
+
+def test_numerals_are_spelled_out_as_references_spell_them():
+    from mmasr.text import normalise, number_words
+
+    assert [number_words(n) for n in (0, 2, 13, 20, 21, 99, 100, 305, 999)] == [
+        "zero", "two", "thirteen", "twenty", "twenty one", "ninety nine", "one hundred", "three hundred five",
+        "nine hundred ninety nine"]
+    assert normalise("2 red pears.") == normalise("Two red pears") == "two red pears"
+    assert normalise("3, 3, 3...") == "three"  # spelled, then repeats collapsed
+    assert normalise("2-0 in 2024, the 1st") == "2-0 in 2024 the 1st"  # not whole numerals 0-999: kept
+    assert normalise("2 red pears", numbers_as_words=False) == "2 red pears"
+    with pytest.raises(ValueError):
+        number_words(1000)

@@ -195,7 +195,8 @@ def pooled_cer(refs: list[str], hyps: list[str]) -> float:
 def raw_text(text: str) -> str:
     """Scoring with normalisation off: lower-cased (and NFC, one apostrophe), punctuation, repeats and
     fillers kept."""
-    return normalise(text, remove_punctuation=False, collapse_repeats=False, remove_fillers=False)
+    return normalise(text, remove_punctuation=False, collapse_repeats=False, remove_fillers=False,
+                     numbers_as_words=False)
 
 
 def gap_closed(wer_asr: float, wer_fused: float, wer_oracle: float) -> float | None:

@@ -29,7 +29,7 @@ def model_cfg(*kinds):
 
 # The params `text` keys the normaliser reads (not the caption keys).
 TEXT_NORM_KEYS = ["text.lowercase", "text.remove_punctuation", "text.collapse_repeats", "text.remove_fillers",
-                  "text.fillers"]
+                  "text.fillers", "text.numbers_as_words"]
 
 
 def corpus_input(wildcards):
