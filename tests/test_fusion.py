@@ -357,3 +357,11 @@ def test_a_mixed_corpus_is_not_marked_skipped():
     assert metrics["n_no_image"] == 1 and metrics["n_dev_no_image"] == 1
     assert not metrics["fusion_skipped"] and metrics["fusion_skip_reason"] is None
     assert metrics["best_alpha"] > 0
+
+
+def test_a_hypothesis_that_normalises_to_nothing_scores_as_deletions():
+    nb = pd.DataFrame({"utt_id": ["u", "u"], "rank": [0, 1], "text": ["Um...", "a red bear"],
+                       "asr_score": [-0.1, -0.2], "clip_cos": [0.2, 0.3]})
+    arr = to_arrays(nb, pd.Series({"u": "A red bear."}), TEXT)
+    assert arr.texts[0].tolist() == ["", "a red bear"] and arr.valid[0].all()
+    assert (arr.sub[0, 0], arr.dele[0, 0], arr.ins[0, 0]) == (0, 3, 0) and arr.errors[0, 1] == 0
