@@ -160,15 +160,17 @@ def test_to_arrays_normalises_both_sides():
     assert arr.errors[0].tolist() == [0, 1]
 
 
-def test_an_utterance_with_only_truncated_beams_is_not_rescored():
+def test_truncated_beams_are_compared_only_with_each_other():
+    """mmasr.nbest never stores a truncated beam beside a finished one; an utterance whose beams were all
+    cut at the same budget is re-ranked like any other (prefixes of one length, compared with each other)."""
     nb = pd.DataFrame({"utt_id": ["u", "u", "v", "v"], "rank": [0, 1, 0, 1],
                        "text": ["a red bear a red", "a red pear a red", "a red bear", "a red pear"],
                        "asr_score": [-0.1, -0.2, -0.1, -0.2], "clip_cos": [0.1, 0.9, 0.1, 0.9],
                        "complete": [False, False, True, True]})
     arr = to_arrays(nb, pd.Series({"u": "a red pear", "v": "a red pear"}), TEXT)
-    assert np.isnan(arr.clip[0]).all() and np.isfinite(arr.clip[1]).all()
-    picks = choose(fuse(arr.asr, arr.clip, arr.valid, np.array([1.0]), tau=100.0))[0]
-    assert picks.tolist() == [0, 1]  # u keeps Whisper's best; v follows the picture
+    assert np.isfinite(arr.clip).all()
+    picks = choose(fuse(arr.asr, arr.clip, arr.valid, np.array([0.0, 1.0]), tau=100.0))
+    assert picks.tolist() == [[0, 0], [1, 1]]
 
 
 # ---------------------------------------------------------------- speaker-level intervals

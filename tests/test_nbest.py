@@ -177,9 +177,9 @@ def test_max_new_tokens_defaults_to_the_models_limit(whisper_bundle):
     limit = whisper_bundle.model.config.max_target_positions
     assert max_new_tokens(whisper_bundle, {"max_new_tokens": None}, 2) == limit - 2
     assert max_new_tokens(whisper_bundle, {"max_new_tokens": 5}, 2) == 5
-    # capped by the audio's length: 8 + ceil(rate * seconds), never above the limit
+    # capped by the audio's length: 8 + rate * whole seconds, never above the limit
     capped = {"max_new_tokens": None, "max_tokens_per_second": 4}
-    assert max_new_tokens(whisper_bundle, capped, 2, seconds=1.2) == 8 + 5
+    assert max_new_tokens(whisper_bundle, capped, 2, seconds=1.2) == 8 + 8  # 1.2 s counts as 2 whole seconds
     assert max_new_tokens(whisper_bundle, capped, 2, seconds=100.0) == limit - 2
     assert max_new_tokens(whisper_bundle, {**capped, "max_tokens_per_second": None}, 2, seconds=1.2) == limit - 2
     with pytest.raises(ValueError, match="exceeds what .* can decode"):
@@ -210,3 +210,17 @@ def test_a_beam_cut_by_max_new_tokens_is_flagged_incomplete(whisper_bundle, tmp_
         handle.remove()
     assert hyps and all(not h["complete"] and h["n_tokens"] == 3 for h in hyps)
     assert stats[0]["all_truncated"]
+
+
+def test_budgets_follow_each_utterance_so_batching_changes_nothing(whisper_bundle, tmp_path):
+    from tests.conftest import tone, write_wav
+
+    paths = [write_wav(tmp_path / f"{i}.wav", tone(s, freq=150 + 60 * i, lead=0.05, tail=0.05))
+             for i, s in enumerate((0.6, 1.7, 2.6))]
+    audios = [read_audio(str(p)) for p in paths]
+    cfg = {**CFG, "max_new_tokens": None, "max_tokens_per_second": 2}  # budgets 10, 12, 14: three calls
+    batched = nbest_for_batch(whisper_bundle, audios, cfg, NORM)
+    alone = [nbest_for_batch(whisper_bundle, [a], cfg, NORM)[0] for a in audios]
+    for b, a in zip(batched, alone):
+        assert [h["token_ids"] for h in b] == [h["token_ids"] for h in a]
+        np.testing.assert_allclose([h["asr_score"] for h in b], [h["asr_score"] for h in a], atol=1e-4)

@@ -358,7 +358,7 @@ def test_nbest_depth_note_reads_the_stats_metadata():
                                {"distinct": 5, "truncated_dropped": 0, "all_truncated": False}])}
     text = nbest_depth_note(meta)
     assert "(beam 8, 8 returned, up to 5 kept)" in text and "1: 1, 3: 2, 5: 1" in text
-    assert "mean 3.00, 75% with two or more" in text and "2 dropped; 1 utterances had only such beams" in text
+    assert "mean 3.00, 75% with two or more" in text and "2 dropped; 1 utterances had only such beams (kept, flagged" in text
     assert nbest_depth_note({}) == ""
 
 

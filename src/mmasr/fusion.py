@@ -269,12 +269,6 @@ def to_arrays(nbest: pd.DataFrame, references: pd.Series, text_cfg: dict) -> NBe
     asr[row, slot] = nb["asr_score"].to_numpy(float)
     if "clip_cos" in nb:
         clip[row, slot] = pd.to_numeric(nb["clip_cos"], errors="coerce").to_numpy(float)
-    if "complete" in nb:
-        # Only truncated beams (none reached end-of-text): their scores are prefixes', so the picture
-        # does not re-rank them; the utterance stays ASR-only (mmasr.nbest keeps them only in this case).
-        finished = np.zeros((U, H), bool)
-        finished[row, slot] = nb["complete"].to_numpy(bool)
-        clip[~finished.any(axis=1)] = np.nan
     valid[row, slot] = True
     raw = np.full((U, H), "", dtype=object)
     raw[row, slot] = nb["text"].fillna("").astype(str).to_numpy()

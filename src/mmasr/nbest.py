@@ -15,9 +15,9 @@ Real models need three more things than the demo's one-token-per-word Whisper:
   each utterance had is recorded in the file metadata (``mmasr.stats.distinct``).
 - **Truncation.** A beam that reaches ``max_new_tokens`` without end-of-text is a truncated
   hypothesis, and its score (a prefix's) is not comparable with a finished one's. It is dropped
-  when the utterance has a finished hypothesis; when none finished, the truncated ones are kept
-  with ``complete = False``, and fusion leaves that utterance ASR-only. Both are counted in the
-  metadata. ``max_new_tokens: null`` (the default) takes the model's own limit (decoder positions
+  when the utterance has a finished hypothesis; when none finished, the truncated ones (all cut at the
+  same budget) are kept with ``complete = False`` and compared only with each other. Both are
+  counted in the metadata. ``max_new_tokens: null`` (the default) takes the model's own limit (decoder positions
   minus the prompt), and ``max_tokens_per_second`` caps it by the audio's length, so only a
   looping beam ever hits the budget (:func:`max_new_tokens`).
 - **The 30 s window.** Whisper sees at most its window (30 s for real checkpoints); longer audio
@@ -107,8 +107,8 @@ def teacher_forced_logprobs(bundle: ModelBundle, encoder_states: torch.Tensor, p
 
 def max_new_tokens(bundle: ModelBundle, cfg: dict, prompt_len: int, seconds: float | None = None) -> int:
     """The token budget of a beam: ``nbest.max_new_tokens``, or (null) the most the decoder can hold
-    after the prompt; with ``nbest.max_tokens_per_second`` and the batch's longest audio (``seconds``),
-    at most ``8 + ceil(rate * seconds)``.
+    after the prompt; with ``nbest.max_tokens_per_second`` and the utterance's length (``seconds``,
+    rounded up to whole seconds), at most ``8 + ceil(rate * seconds)``.
 
     Why the duration cap: beam search ranks by length-normalised score, and a looping beam ("the the
     the ...", a hallucination on noise) keeps a high per-token score, so without a cap such a batch
@@ -124,8 +124,8 @@ def max_new_tokens(bundle: ModelBundle, cfg: dict, prompt_len: int, seconds: flo
                          f"{bundle.model.config.max_target_positions}); use null for the model's limit")
     budget = limit if wanted is None else int(wanted)
     rate = cfg.get("max_tokens_per_second")
-    if rate and seconds is not None:
-        budget = min(budget, 8 + math.ceil(rate * seconds))
+    if rate and seconds is not None:  # whole seconds: utterances of similar length share a budget (and a batch)
+        budget = min(budget, 8 + math.ceil(rate * math.ceil(seconds)))
     return budget
 
 
@@ -159,10 +159,32 @@ def distinct_hypotheses(candidates: list[dict], normalise: Callable[[str], str],
 def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
                     normalise: Callable[[str], str], stats: list[dict] | None = None) -> list[list[dict]]:
     """Beam search over a batch of 16 kHz mono arrays; per utterance, up to ``cfg['keep']`` distinct
-    hypotheses (:func:`distinct_hypotheses`). ``stats``, when given, receives one count dict per utterance."""
+    hypotheses (:func:`distinct_hypotheses`). ``stats``, when given, receives one count dict per utterance.
+
+    Each utterance's token budget comes from its own length (:func:`max_new_tokens`), and utterances
+    with different budgets are decoded in separate generate() calls: a budget shared across a batch
+    would make the lists depend on which utterances happen to be batched together."""
+    prompt = whisper_prompt_ids(bundle, cfg["language"], cfg["task"])
+    budgets = [max_new_tokens(bundle, cfg, len(prompt), len(a) / 16000) for a in audios]
+    candidates: list[list[dict]] = [[] for _ in audios]
+    for budget in sorted(set(budgets)):
+        idx = [i for i, b in enumerate(budgets) if b == budget]
+        for i, cands in zip(idx, beam_candidates(bundle, [audios[i] for i in idx], cfg, prompt, budget)):
+            candidates[i] = cands
+    results = []
+    for cands in candidates:
+        kept, counts = distinct_hypotheses(cands, normalise, cfg["keep"])
+        results.append(kept)
+        if stats is not None:
+            stats.append(counts)
+    return results
+
+
+def beam_candidates(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict, prompt: list[int],
+                    budget: int) -> list[list[dict]]:
+    """One batched beam search: every returned beam of every utterance, scored, with ``complete``."""
     model, tok = bundle.model, bundle.processor.tokenizer
     feats = whisper_features(bundle, audios)  # refuses audio longer than the window
-    prompt = whisper_prompt_ids(bundle, cfg["language"], cfg["task"])
     gen = model.generation_config
     R = cfg["num_return_sequences"]
     # Whisper's own generate() repeats each input num_return_sequences times and keeps the best beam
@@ -174,9 +196,8 @@ def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
             model, encoder_outputs=BaseModelOutput(last_hidden_state=states),
             decoder_input_ids=torch.tensor([prompt] * len(audios), device=bundle.device),
             num_beams=cfg["num_beams"], num_return_sequences=R, length_penalty=cfg["length_penalty"],
-            max_new_tokens=max_new_tokens(bundle, cfg, len(prompt), max(len(a) for a in audios) / 16000),
-            eos_token_id=gen.eos_token_id,
-            pad_token_id=gen.pad_token_id, return_dict_in_generate=True, output_scores=True, do_sample=False)
+            max_new_tokens=budget, eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
+            return_dict_in_generate=True, output_scores=True, do_sample=False)
     eos, pad = gen.eos_token_id, gen.pad_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     seqs = out.sequences.cpu().tolist()
@@ -185,20 +206,12 @@ def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
     steps = model.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)
     sum_lp = np.array([float(steps[k, : len(h)].double().sum()) for k, h in enumerate(hyps)])
     beam = out.sequences_scores.float().cpu().numpy()
-    results = []
-    for u in range(len(audios)):
-        candidates = []
-        for k in range(u * R, (u + 1) * R):
-            n = len(hyps[k])
-            candidates.append({
-                "text": tok.decode(hyps[k], skip_special_tokens=True).strip(), "n_tokens": n,
-                "sum_logprob": float(sum_lp[k]), "asr_score": float(sum_lp[k]) / max(n, 1) ** cfg["length_penalty"],
-                "beam_score": float(beam[k]), "token_ids": hyps[k], "complete": bool(hyps[k]) and hyps[k][-1] == eos})
-        kept, counts = distinct_hypotheses(candidates, normalise, cfg["keep"])
-        results.append(kept)
-        if stats is not None:
-            stats.append(counts)
-    return results
+    return [[{"text": tok.decode(hyps[k], skip_special_tokens=True).strip(), "n_tokens": len(hyps[k]),
+              "sum_logprob": float(sum_lp[k]),
+              "asr_score": float(sum_lp[k]) / max(len(hyps[k]), 1) ** cfg["length_penalty"],
+              "beam_score": float(beam[k]), "token_ids": hyps[k], "complete": bool(hyps[k]) and hyps[k][-1] == eos}
+             for k in range(u * R, (u + 1) * R)]
+            for u in range(len(audios))]
 
 
 STAT_TOTALS = ("utts", "truncated_dropped", "utts_all_truncated")

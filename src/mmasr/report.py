@@ -466,7 +466,7 @@ def nbest_depth_note(meta: Mapping[str, str]) -> str:
             f"(utterances; mean {mean:.2f}, {sum(v for k, v in hist.items() if k >= 2) / n:.0%} with two or more). "
             f"Beams cut by max_new_tokens before end-of-text: {meta.get(STATS_PREFIX + 'truncated_dropped', '0')} "
             f"dropped; {meta.get(STATS_PREFIX + 'utts_all_truncated', '0')} utterances had only such beams "
-            "(kept ASR-only).")
+            "(kept, flagged incomplete, compared only with each other).")
 
 
 def _verdict(lo: float | None, hi: float | None, subject: str = "the picture") -> str:
