@@ -9,9 +9,24 @@ a directory in the same shape a user would hand one over (audio files, pictures,
 
 Design
 ------
-* Prompts are "<count> <colour> <noun>" (3 x 4 x 12 = 144). The 12 nouns form 6 voicing minimal
-  pairs (bear/pear, goat/coat, bee/pea, bin/pin, dart/tart, cub/cup), so the only acoustic
-  difference inside a pair is the voicing of one stop consonant.
+The task is modelled on picture-description corpora (a speaker looks at a picture and says what
+they see): the picture helps the recogniser without dictating the answer.
+
+* Every utterance describes a **scene of its own** (its own picture): ``demo.scene_objects`` rows
+  of object groups, each ``count`` copies of one noun's glyph in one colour. The speaker names one
+  row, "<count> <colour> <noun>", after an optional intro ("i see", "we got", "i caught", ...;
+  :data:`INTROS`). A picture shows more than is said, and the intro says things no picture shows.
+* The 12 nouns form 6 voicing minimal pairs (bear/pear, goat/coat, bee/pea, bin/pin, dart/tart,
+  cub/cup); the intro verbs got/caught are a seventh pair that no picture can decide.
+* With probability ``demo.partner_in_scene`` the picture also shows the named noun's partner (then
+  the noun alone does not tell the pair apart; only its count and colour might), and with
+  probability ``demo.wrong_description_rate`` the speaker gets the picture wrong (names the partner
+  or another colour than it shows; the transcript is what was said). ``scenes.csv`` records each
+  picture's rows, the described one, and whether the description agrees with it.
+* **What is said is disjoint across speakers** (:func:`phrase_pools`): the 72 count x colour x
+  pair units are dealt to speakers, so a speaker-disjoint split is also disjoint in transcripts
+  and pictures (``split.disjoint_text`` then excludes nothing), and test speakers say both members
+  of their minimal pairs in phrases no train speaker said.
 * Speech is made by a small formant synthesiser (numpy/scipy only) at the file's own sample
   rate: a Rosenberg glottal pulse train with per-cycle jitter/shimmer and f0 declination drives
   a cascade of three time-varying 2nd-order resonators (formants interpolated sample by sample
@@ -27,10 +42,9 @@ Design
 * ``demo.synthesiser: espeak`` replaces the formant synthesiser by real English speech from eSpeak NG
   (:mod:`mmasr.tts`, the ``speech`` extra): a voice per speaker (:func:`espeak_voice_slot`), controls at
   150-180 words per minute, impaired speakers slower, flatter and degraded as documented in
-  :func:`espeak_utterance` (tremor, breathiness, band-limiting, noise). Everything else (prompts,
+  :func:`espeak_utterance` (tremor, breathiness, band-limiting, noise). Everything else (descriptions,
   pictures, formats, defects, manifest) is planned before synthesis and so is identical for both.
-* Pictures are drawn procedurally with PIL (one glyph per noun, ``count`` copies, in the colour):
-  the picture always disambiguates the minimal pair.
+* Pictures are drawn procedurally with PIL (:func:`draw_scene`: a glyph per noun, in the colour).
 * A handful of deliberately defective rows (one per kind in :data:`DEFECT_KINDS`) are appended;
   ``defects.csv`` lists them so the preprocessing's rejection reasons can be checked.
 
@@ -45,6 +59,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
 import multiprocessing
 import os
@@ -80,7 +95,15 @@ __all__ = [
     "VoicingCues",
     "generate_demo_corpus",
     "validate_config",
-    "all_prompts",
+    "all_phrases",
+    "ObjectPhrase",
+    "Scene",
+    "INTROS",
+    "PARTNER",
+    "describe",
+    "phrase_pools",
+    "plan_scene",
+    "draw_scene",
     "build_speakers",
     "stop_voicing_cues",
     "voicing_cue",
@@ -106,6 +129,7 @@ CONTROL_NOISE_DB = -45.0  # controls are recorded much cleaner than impaired spe
 FLOAT_WAV_FRACTION = 0.2  # share of the WAV files written as 32-bit float (rest PCM_16)
 MAX_UTTS_PER_SPEAKER = 8999  # ids 9001.. are reserved for the defective rows
 SYNTHESISERS = ("formant", "espeak")  # demo.synthesiser
+MAX_SCENE_OBJECTS = 4  # rows of a picture (each still readable by the demo CLIP)
 
 
 def _is_int(x: Any) -> bool:
@@ -158,16 +182,24 @@ def validate_config(cfg: dict | None) -> dict[str, Any]:
                                        "with synthesiser espeak re. the speech's RMS, i.e. minus the SNR)")
     if not isinstance(merged["defects"], bool):
         raise bad("defects", "must be true or false")
+    objects = merged["scene_objects"]
+    if (not isinstance(objects, (list, tuple)) or len(objects) != 2 or not all(_is_int(k) for k in objects)
+            or not 1 <= objects[0] <= objects[1] <= MAX_SCENE_OBJECTS):
+        raise bad("scene_objects", f"must be [min, max] with 1 <= min <= max <= {MAX_SCENE_OBJECTS}")
+    for key in ("partner_in_scene", "wrong_description_rate"):
+        if not _is_number(merged[key]) or not 0.0 <= merged[key] <= 1.0:
+            raise bad(key, "must be a number in [0, 1]")
     if merged["synthesiser"] not in SYNTHESISERS:
         raise bad("synthesiser", f"must be one of {', '.join(SYNTHESISERS)} "
                                  "(espeak = real English speech, needs pip install 'mmasr[speech]')")
     merged["sample_rates"] = [int(r) for r in rates]
     merged["impaired_voicing_blur"] = [float(b) for b in blur]
+    merged["scene_objects"] = [int(k) for k in objects]
     return merged
 
 
 # --------------------------------------------------------------------------------------------
-# Vocabulary, lexicon, prompts
+# Vocabulary, lexicon, descriptions
 # --------------------------------------------------------------------------------------------
 
 # Singular nouns -> phones. Each minimal pair differs only in the voicing of one stop.
@@ -184,9 +216,22 @@ MINIMAL_PAIRS: list[tuple[str, str]] = [
     ("bin", "pin"), ("dart", "tart"), ("cub", "cup"),
 ]
 NOUNS: tuple[str, ...] = tuple(n for pair in MINIMAL_PAIRS for n in pair)
+PARTNER: dict[str, str] = {**{a: b for a, b in MINIMAL_PAIRS}, **{b: a for a, b in MINIMAL_PAIRS}}
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 COUNTS: tuple[str, ...] = ("a", "two", "three")
 COUNT_VALUE: dict[str, int] = {"a": 1, "two": 2, "three": 3}
+
+# What a speaker says before naming the object, with its share of the descriptions. No picture can
+# decide these words, and the verbs "got"/"caught" are themselves a voicing minimal pair (G/K), so
+# impaired speech confuses them as it confuses the nouns: there the picture has nothing to add.
+INTROS: tuple[tuple[str, float], ...] = (
+    ("", 0.30), ("i see", 0.15), ("we see", 0.15),
+    ("i got", 0.10), ("we got", 0.10), ("i caught", 0.10), ("we caught", 0.10),
+)
+_INTRO_PHONES: dict[str, tuple[str, ...]] = {
+    "i": ("AY",), "we": ("W", "IY"), "see": ("S", "IY"),
+    "got": ("G", "AA", "T"), "caught": ("K", "AA", "T"),  # cot-caught merger: /K AA T/
+}
 
 _VOICELESS_PHONES = frozenset({"P", "T", "K", "S", "F", "TH"})
 
@@ -206,13 +251,15 @@ LEXICON: dict[str, tuple[str, ...]] = {
     "blue": ("B", "L", "UW"), "yellow": ("Y", "EH", "L", "OW"),
     **_NOUN_PHONES,
     **{plural(n): plural_phones(p) for n, p in _NOUN_PHONES.items()},
+    **_INTRO_PHONES,
 }
 _NOUN_FORMS = frozenset(NOUNS) | frozenset(plural(n) for n in NOUNS)
 
 
 @dataclass(frozen=True)
-class Prompt:
-    prompt_id: str  # "p000".."p143"
+class ObjectPhrase:
+    """One object group of a scene, and the words that name it: "<count> <colour> <noun>"."""
+
     count: str
     colour: str
     noun: str  # singular
@@ -223,14 +270,87 @@ class Prompt:
         return f"{self.count} {self.colour} {noun}"
 
 
-def all_prompts() -> list[Prompt]:
-    """All 144 prompts in a fixed order (count-major, then colour, then noun)."""
-    out = []
-    for c in COUNTS:
-        for col in COLOURS:
-            for n in NOUNS:
-                out.append(Prompt(f"p{len(out):03d}", c, col, n))
-    return out
+def all_phrases() -> list[ObjectPhrase]:
+    """All 144 object phrases in a fixed order (count-major, then colour, then noun)."""
+    return [ObjectPhrase(c, col, n) for c in COUNTS for col in COLOURS for n in NOUNS]
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A picture: rows of object groups, top to bottom. ``described`` is the row the speaker talks
+    about; ``agrees`` is False when the speaker got that row wrong (the description names the noun's
+    minimal-pair partner or another colour than the picture shows)."""
+
+    objects: tuple[ObjectPhrase, ...]
+    described: int
+    agrees: bool
+
+    @property
+    def summary(self) -> str:
+        return "; ".join(o.text for o in self.objects)
+
+
+def describe(intro: str, said: ObjectPhrase) -> str:
+    """The transcript of a description: the optional intro, then the object phrase."""
+    return f"{intro} {said.text}".strip()
+
+
+# A minimal-pair unit: both nouns of a pair with one count and colour ("two red bears", "two red pears").
+_MIN_UNITS_PER_POOL = 2
+
+
+def phrase_pools(speakers: Sequence["Speaker"], seed: int) -> dict[str, list[ObjectPhrase]]:
+    """Which object phrases each speaker describes, such that speakers do not share phrases.
+
+    The 72 minimal-pair units (count x colour x pair) are dealt out, seeded, to pools of at least
+    ``_MIN_UNITS_PER_POOL`` units; speakers take the pools in turn, impaired and control speakers
+    alternating. With up to 36 speakers every speaker has a pool of its own, so *any*
+    speaker-disjoint split is also disjoint in what is said and pictured (``split.disjoint_text``
+    excludes nothing), and every speaker still says both members of the minimal pairs in the same
+    frame. With more speakers, pools are shared and ``split.disjoint_text`` moves the overlap out.
+    """
+    units = [(c, col, pair) for c in COUNTS for col in COLOURS for pair in MINIMAL_PAIRS]
+    order = np.random.default_rng([seed, _TAG_POOL]).permutation(len(units))
+    impaired = [s for s in speakers if s.group == "impaired"]
+    control = [s for s in speakers if s.group == "control"]
+    turn = [s for pair in itertools.zip_longest(impaired, control) for s in pair if s is not None]
+    n_pools = max(1, min(len(turn), len(units) // _MIN_UNITS_PER_POOL))
+    pools: list[list[ObjectPhrase]] = [[] for _ in range(n_pools)]
+    for k, j in enumerate(order):
+        count, colour, pair = units[int(j)]
+        pools[k % n_pools].extend(ObjectPhrase(count, colour, noun) for noun in pair)
+    return {s.name: pools[k % n_pools] for k, s in enumerate(turn)}
+
+
+def plan_scene(said: ObjectPhrase, cfg: dict, rng: np.random.Generator) -> Scene:
+    """The picture a speaker describes with ``said``: ``demo.scene_objects`` rows of distinct nouns.
+
+    * The described row shows ``said``, except with probability ``demo.wrong_description_rate``:
+      then it shows the noun's minimal-pair partner or another colour (the speaker got it wrong).
+    * With probability ``demo.partner_in_scene`` another row shows the said noun's partner (any count
+      and colour): then the picture cannot tell the pair apart by the noun alone.
+    * The other rows show random other nouns, counts and colours, in random order.
+    """
+    lo, hi = cfg["scene_objects"]
+    n_objects = int(rng.integers(lo, hi + 1))
+    agrees = bool(rng.random() >= cfg["wrong_description_rate"])
+    shown = said
+    if not agrees:
+        if rng.random() < 0.5:
+            shown = ObjectPhrase(said.count, said.colour, PARTNER[said.noun])
+        else:
+            others = [c for c in COLOURS if c != said.colour]
+            shown = ObjectPhrase(said.count, others[int(rng.integers(len(others)))], said.noun)
+    rows = [shown]
+    partner = PARTNER[said.noun]
+    if n_objects > 1 and shown.noun != partner and rng.random() < cfg["partner_in_scene"]:
+        rows.append(ObjectPhrase(COUNTS[int(rng.integers(3))], COLOURS[int(rng.integers(4))], partner))
+    free = [n for n in NOUNS if n not in {said.noun, partner}]
+    for noun in rng.permutation(free)[: n_objects - len(rows)]:
+        rows.append(ObjectPhrase(COUNTS[int(rng.integers(3))], COLOURS[int(rng.integers(4))], str(noun)))
+    order = rng.permutation(len(rows))
+    objects = tuple(rows[int(i)] for i in order)
+    return Scene(objects, described=int(np.flatnonzero(order == 0)[0]), agrees=agrees)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,9 +368,10 @@ _VOWELS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float] 
     "AH": ((620, 1200, 2550), None),
     "OW": ((560, 1000, 2400), (420, 830, 2350)),
     "UW": ((320, 900, 2250), None),
+    "AY": ((710, 1100, 2540), (300, 2150, 2850)),  # diphthong: open to front
 }
 _VOWEL_DUR = {"IY": 0.10, "IH": 0.075, "EH": 0.09, "AE": 0.11, "AA": 0.115, "AH": 0.065,
-              "OW": 0.13, "UW": 0.11}
+              "OW": 0.13, "UW": 0.11, "AY": 0.16}
 
 # Sonorants: formant target, voicing amplitude (re. vowel), duration, nasal mix.
 _SONORANTS: dict[str, tuple[tuple[float, float, float], float, float, float]] = {
@@ -335,6 +456,7 @@ def fricative_voicing(phone: str, blur: float = 0.0) -> tuple[float, float, floa
 
 _TAG_SPEAKER, _TAG_UTT, _TAG_SYNTH, _TAG_FORMAT, _TAG_PICTURE, _TAG_DEFECT = 11, 12, 13, 14, 15, 16
 _TAG_ESPEAK = 17
+_TAG_POOL, _TAG_SCENE = 18, 19
 _GROUP_CODE = {"impaired": 0, "control": 1}
 
 
@@ -1147,29 +1269,45 @@ def _paint_glyph(img: Image.Image, pen: _Pen, rgb: tuple[int, int, int], outline
             draw.line(geom, fill=col, width=max(1, int(kw["width"] * pen.w)), joint="curve")
 
 
-def draw_picture(noun: str, colour: str, count: int, size: int, rng: np.random.Generator) -> Image.Image:
-    """``count`` copies of ``noun``'s glyph in ``colour`` on a light neutral background (RGB)."""
+def _glyph_box(pen_canvas: int, cu: float, cv: float, box: float) -> tuple[float, float, float, float]:
+    half = box * pen_canvas / 2
+    return (cu * pen_canvas - half, cv * pen_canvas - half, cu * pen_canvas + half, cv * pen_canvas + half)
+
+
+def draw_scene(objects: Sequence[ObjectPhrase], size: int, rng: np.random.Generator) -> Image.Image:
+    """A scene on a light neutral background (RGB): one row per object group, top to bottom, each
+    ``count`` copies of the noun's glyph in the colour. A one-object scene fills the picture."""
     canvas = size * max(2, math.ceil(256 / size))  # supersample, then downscale = antialiasing
     # light neutral background: random brightness, only a faint tint (colour is the glyph's job)
     bg = tuple(int(v) for v in np.array([236, 234, 229]) + rng.integers(-6, 7) + rng.integers(-2, 3, size=3))
     img = Image.new("RGB", (canvas, canvas), bg)  # type: ignore[arg-type]
     outline_px = 2 * max(1, canvas // 110) + 1
-    for cu, cv, box in _LAYOUT[count]:
-        cu += rng.uniform(-0.03, 0.03)
-        cv += rng.uniform(-0.03, 0.03)
-        box *= rng.uniform(0.9, 1.04)
-        half = box * canvas / 2
-        pen = _Pen((cu * canvas - half, cv * canvas - half, cu * canvas + half, cv * canvas + half),
-                   canvas)
-        _GLYPHS[noun](pen)
-        _paint_glyph(img, pen, _RGB[colour], outline_px)
+    n = len(objects)
+    for row, obj in enumerate(objects):
+        k = COUNT_VALUE[obj.count]
+        if n == 1:
+            slots = _LAYOUT[k]
+        else:  # copies side by side, centred in the row
+            box = min(0.88 / n, 0.31)
+            slots = [(0.5 + (i - (k - 1) / 2) * 1.08 * box, (row + 0.5) / n, box) for i in range(k)]
+        for cu, cv, box in slots:
+            cu += rng.uniform(-0.03, 0.03) / n
+            cv += rng.uniform(-0.03, 0.03) / n
+            box *= rng.uniform(0.9, 1.04)
+            pen = _Pen(_glyph_box(canvas, cu, cv, box), canvas)
+            _GLYPHS[obj.noun](pen)
+            _paint_glyph(img, pen, _RGB[obj.colour], outline_px)
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def picture_png_bytes(prompt: Prompt, size: int, seed: int) -> bytes:
-    """The prompt's picture as PNG bytes (no metadata, so byte-stable)."""
-    rng = np.random.default_rng([seed, _TAG_PICTURE, int(prompt.prompt_id[1:])])
-    img = draw_picture(prompt.noun, prompt.colour, COUNT_VALUE[prompt.count], size, rng)
+def draw_picture(noun: str, colour: str, count: int, size: int, rng: np.random.Generator) -> Image.Image:
+    """``count`` copies of ``noun``'s glyph in ``colour``: a one-object scene."""
+    count_word = {v: w for w, v in COUNT_VALUE.items()}[count]
+    return draw_scene([ObjectPhrase(count_word, colour, noun)], size, rng)
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """PNG bytes without metadata (byte-stable)."""
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False, compress_level=9)
     return buf.getvalue()
@@ -1183,16 +1321,20 @@ DEFECT_KINDS: tuple[str, ...] = ("empty_file", "corrupt_header", "silent", "nonf
                                  "empty_transcript", "missing_image", "duplicate_id")
 MANIFEST_COLUMNS = ("utt_id", "speaker", "group", "audio_path", "text", "image_path")
 DEFECTS_COLUMNS = ("utt_id", "audio_path", "defect")
+# scenes.csv: what each picture shows (object phrases top to bottom, "; "-separated), which row the
+# description is about, and whether the description agrees with the picture
+SCENES_COLUMNS = ("utt_id", "image_path", "objects", "described", "picture_agrees")
 
 
 @dataclass(frozen=True)
 class AudioJob:
-    """Everything needed to write one audio file, independent of every other job."""
+    """Everything needed to write one audio file (and its picture), independent of every other job."""
 
     utt_id: str
     speaker: Speaker
-    prompt: Prompt
+    spoken: str  # what the audio says
     text: str  # manifest text (empty for the empty-transcript defect)
+    scene: Scene  # the picture the speaker describes
     audio_path: str  # relative to the corpus root
     image_path: str
     sample_rate: int
@@ -1200,6 +1342,7 @@ class AudioJob:
     subtype: str  # soundfile subtype: PCM_16 | FLOAT
     level: float  # output peak
     seed_key: tuple[int, ...]  # seeds the synthesis generator
+    picture_key: tuple[int, ...] = ()  # seeds the picture's drawing
     defect: str | None = None
 
     @property
@@ -1215,19 +1358,28 @@ def _exact_share(rng: np.random.Generator, n: int, fraction: float) -> np.ndarra
 
 
 def plan_corpus(cfg: dict, seed: int) -> list[AudioJob]:
-    """All audio jobs (regular utterances, then defective rows) for ``(cfg, seed)``."""
+    """All audio jobs (regular utterances, then defective rows) for ``(cfg, seed)``.
+
+    Each utterance describes a scene of its own (its own picture): the speaker picks an object phrase
+    from their pool (:func:`phrase_pools`) and an intro (:data:`INTROS`), and the scene is planned
+    around the phrase (:func:`plan_scene`)."""
     cfg = validate_config(cfg)
-    prompts = all_prompts()
     speakers = build_speakers(cfg, seed)
+    pools = phrase_pools(speakers, seed)
+    intros = [i for i, _ in INTROS]
+    weights = np.array([w for _, w in INTROS])
     jobs: list[AudioJob] = []
     draws = []
     for spk in speakers:
+        pool = pools[spk.name]
         for u in range(cfg["utts_per_speaker"]):
             rng = np.random.default_rng([seed, _TAG_UTT, *spk.key, u])
-            prompt = prompts[int(rng.integers(len(prompts)))]
+            said = pool[int(rng.integers(len(pool)))]
+            intro = intros[int(rng.choice(len(intros), p=weights / weights.sum()))]
             sr = int(cfg["sample_rates"][int(rng.integers(len(cfg["sample_rates"])))])
             level = float(rng.uniform(0.2, 0.9))
-            draws.append((spk, u, prompt, sr, level))
+            scene = plan_scene(said, cfg, np.random.default_rng([seed, _TAG_SCENE, *spk.key, u]))
+            draws.append((spk, u, describe(intro, said), scene, sr, level))
     # file formats: exact shares (so small corpora still contain every format)
     fmt_rng = np.random.default_rng([seed, _TAG_FORMAT])
     n = len(draws)
@@ -1236,14 +1388,14 @@ def plan_corpus(cfg: dict, seed: int) -> list[AudioJob]:
     wav_idx = np.flatnonzero(~flac)
     is_float = np.zeros(n, dtype=bool)
     is_float[wav_idx[_exact_share(fmt_rng, len(wav_idx), FLOAT_WAV_FRACTION)]] = True
-    for i, (spk, u, prompt, sr, level) in enumerate(draws):
+    for i, (spk, u, text, scene, sr, level) in enumerate(draws):
         utt_id = f"{spk.name}_{u + 1:04d}"
         jobs.append(AudioJob(
-            utt_id=utt_id, speaker=spk, prompt=prompt, text=prompt.text,
+            utt_id=utt_id, speaker=spk, spoken=text, text=text, scene=scene,
             audio_path=f"audio/{utt_id}.{'flac' if flac[i] else 'wav'}",
-            image_path=f"images/{prompt.prompt_id}.png", sample_rate=sr, stereo=bool(stereo[i]),
+            image_path=f"images/{utt_id}.png", sample_rate=sr, stereo=bool(stereo[i]),
             subtype="FLOAT" if is_float[i] else "PCM_16", level=level,
-            seed_key=(seed, _TAG_SYNTH, *spk.key, u)))
+            seed_key=(seed, _TAG_SYNTH, *spk.key, u), picture_key=(seed, _TAG_PICTURE, *spk.key, u)))
     if cfg["defects"]:
         jobs.extend(plan_defects(jobs, speakers, cfg, seed))
     return jobs
@@ -1251,25 +1403,30 @@ def plan_corpus(cfg: dict, seed: int) -> list[AudioJob]:
 
 def plan_defects(regular: Sequence[AudioJob], speakers: Sequence[Speaker], cfg: dict, seed: int
                  ) -> list[AudioJob]:
-    """One defective row per kind, with ids of real speakers and prompts already pictured."""
+    """One defective row per kind, with ids of real speakers, each saying one of its speaker's
+    descriptions about that utterance's picture (so no picture or text crosses speakers)."""
     rng = np.random.default_rng([seed, _TAG_DEFECT])
     first = int(rng.integers(len(speakers)))
+    by_speaker: dict[str, list[AudioJob]] = {}
+    for job in regular:
+        by_speaker.setdefault(job.speaker.name, []).append(job)
     out = []
     for i, kind in enumerate(DEFECT_KINDS):
-        base = regular[int(rng.integers(len(regular)))]  # borrow a pictured prompt
+        spk = speakers[(first + i) % len(speakers)]
+        own = by_speaker[spk.name]
+        base = own[int(rng.integers(len(own)))]  # borrow a pictured description of the same speaker
         sr = int(cfg["sample_rates"][int(rng.integers(len(cfg["sample_rates"])))])
         level = float(rng.uniform(0.2, 0.9))
         if kind == "duplicate_id":
-            spk, utt_id = base.speaker, base.utt_id
+            utt_id = base.utt_id
             audio_path = f"audio/{utt_id}_take2.wav"
         else:
-            spk = speakers[(first + i) % len(speakers)]
             utt_id = f"{spk.name}_{9001 + i}"
             audio_path = f"audio/{utt_id}.wav"
-        text = "" if kind == "empty_transcript" else base.prompt.text
+        text = "" if kind == "empty_transcript" else base.text
         image_path = f"images/{utt_id}.png" if kind == "missing_image" else base.image_path
         out.append(AudioJob(
-            utt_id=utt_id, speaker=spk, prompt=base.prompt, text=text, audio_path=audio_path,
+            utt_id=utt_id, speaker=spk, spoken=base.text, text=text, scene=base.scene, audio_path=audio_path,
             image_path=image_path, sample_rate=sr, stereo=False,
             subtype="FLOAT" if kind == "nonfinite" else "PCM_16", level=level,
             seed_key=(seed, _TAG_DEFECT, i), defect=kind))
@@ -1315,7 +1472,7 @@ def render_audio_bytes(job: AudioJob) -> bytes:
     if job.defect == "silent":
         return _encode(np.zeros(int(rng.uniform(1.0, 1.5) * sr)), sr, "WAV", "PCM_16")
     synthesise = synthesize_utterance if job.speaker.espeak is None else espeak_utterance
-    mono = synthesise(job.prompt.text, job.speaker, sr, rng)
+    mono = synthesise(job.spoken, job.speaker, sr, rng)
     if job.defect == "too_short":
         # ~50 ms around the loudest point: speech-like, but far too short to be an utterance
         m = int(0.05 * sr)
@@ -1346,9 +1503,11 @@ def _write_audio(job: AudioJob, root: str) -> str:
     return job.utt_id
 
 
-def _write_picture(prompt: Prompt, size: int, seed: int, root: str) -> str:
-    (Path(root) / "images" / f"{prompt.prompt_id}.png").write_bytes(picture_png_bytes(prompt, size, seed))
-    return prompt.prompt_id
+def _write_picture(job: AudioJob, size: int, root: str) -> str:
+    """Worker: draw and write the picture of a regular job; returns the utt_id (for progress only)."""
+    img = draw_scene(job.scene.objects, size, np.random.default_rng(list(job.picture_key)))
+    (Path(root) / job.image_path).write_bytes(png_bytes(img))
+    return job.utt_id
 
 
 def _require_espeak() -> None:
@@ -1398,7 +1557,7 @@ def generate_demo_corpus(out_dir: str | Path, cfg: dict, seed: int, progress: bo
     """Write out_dir/manifest.csv, out_dir/audio/*, out_dir/images/*.png; return the manifest path.
 
     Also writes out_dir/defects.csv (utt_id, audio_path, defect) listing the deliberately
-    defective rows. Writes into a temporary sibling directory and renames it into place at the
+    defective rows, and out_dir/scenes.csv (:data:`SCENES_COLUMNS`) saying what each picture shows. Writes into a temporary sibling directory and renames it into place at the
     end (atomic: a killed run leaves no complete-looking out_dir). If out_dir exists it is replaced.
     ``workers``: processes for synthesis (default: 1 for small corpora, else the usable CPUs, <= 8);
     the files do not depend on it. Pools use the "spawn" start method (safe when the caller has
@@ -1412,8 +1571,7 @@ def generate_demo_corpus(out_dir: str | Path, cfg: dict, seed: int, progress: bo
         _require_espeak()  # one clear error here, not one per worker
     out_dir = Path(out_dir).resolve()
     jobs = plan_corpus(cfg, seed)
-    by_id = {p.prompt_id: p for p in all_prompts()}
-    pictured = sorted({j.prompt.prompt_id for j in jobs if j.defect is None})
+    pictured = [j for j in jobs if j.defect is None]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
@@ -1426,8 +1584,8 @@ def generate_demo_corpus(out_dir: str | Path, cfg: dict, seed: int, progress: bo
         bar = tqdm(total=len(jobs) + len(pictured), desc="demo corpus", unit="file",
                    disable=not progress)
         if workers == 1:
-            for pid in pictured:
-                _write_picture(by_id[pid], cfg["image_size"], seed, str(tmp))
+            for job in pictured:
+                _write_picture(job, cfg["image_size"], str(tmp))
                 bar.update()
             for job in jobs:
                 _write_audio(job, str(tmp))
@@ -1437,8 +1595,7 @@ def generate_demo_corpus(out_dir: str | Path, cfg: dict, seed: int, progress: bo
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
                 futures = [pool.submit(_write_audio, job, str(tmp)) for job in jobs]
-                futures += [pool.submit(_write_picture, by_id[pid], cfg["image_size"], seed, str(tmp))
-                            for pid in pictured]
+                futures += [pool.submit(_write_picture, job, cfg["image_size"], str(tmp)) for job in pictured]
                 for fut in as_completed(futures):
                     fut.result()
                     bar.update()
@@ -1449,6 +1606,9 @@ def generate_demo_corpus(out_dir: str | Path, cfg: dict, seed: int, progress: bo
         _write_csv(tmp / "manifest.csv", MANIFEST_COLUMNS, rows)
         _write_csv(tmp / "defects.csv", DEFECTS_COLUMNS,
                    [[j.utt_id, j.audio_path, j.defect] for j in jobs if j.defect is not None])
+        _write_csv(tmp / "scenes.csv", SCENES_COLUMNS,
+                   [[j.utt_id, j.image_path, j.scene.summary, str(j.scene.described),
+                     str(j.scene.agrees).lower()] for j in pictured])
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
