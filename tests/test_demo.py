@@ -20,9 +20,13 @@ from mmasr.demo import (
     LEXICON,
     MINIMAL_PAIRS,
     NOUNS,
-    all_prompts,
+    PARTNER,
+    all_phrases,
     build_speakers,
     draw_picture,
+    draw_scene,
+    phrase_pools,
+    plan_scene,
     generate_demo_corpus,
     stop_voicing_cues,
     synthesize_utterance,
@@ -119,14 +123,18 @@ def test_manifest_layout(corpus, rows):
         assert (corpus / r["audio_path"]).is_file()
 
 
-def test_manifest_text_is_a_caption_in_the_lexicon(corpus, rows, defects):
-    captions = {p.text for p in all_prompts()}
+def _descriptions() -> set[str]:
+    return {demo.describe(intro, p) for intro, _ in demo.INTROS for p in all_phrases()}
+
+
+def test_manifest_text_is_a_description_in_the_lexicon(corpus, rows, defects):
+    descriptions = _descriptions()
     special = {defects["empty_transcript"]["audio_path"]}
     for r in rows:
         if r["audio_path"] in special:
             assert r["text"] == ""
             continue
-        assert r["text"] in captions
+        assert r["text"] in descriptions
         assert r["text"] == r["text"].lower()
         assert all(w in LEXICON for w in r["text"].split())
     # regular rows: one utterance per (speaker, index), 6 per speaker
@@ -135,18 +143,91 @@ def test_manifest_text_is_a_caption_in_the_lexicon(corpus, rows, defects):
     assert {f"{s}_{i:04d}" for s in ("F01", "M01", "FC01", "MC01") for i in range(1, 7)} == regular_ids
 
 
-def test_pictures_exist_and_only_used_ones_are_written(corpus, rows, defects):
+def test_each_utterance_has_its_own_picture_and_scenes_csv_describes_it(corpus, rows, defects):
     missing = defects["missing_image"]["audio_path"]
     used = {r["image_path"] for r in rows if r["audio_path"] != missing}
     written = {f"images/{p.name}" for p in (corpus / "images").iterdir()}
     assert used == written
-    prompt_of = {p.prompt_id: p for p in all_prompts()}
+    scenes = {s["image_path"]: s for s in read_csv(corpus / "scenes.csv")}
+    assert set(scenes) == written and len(written) == N_REGULAR  # defective rows borrow a picture
+    regular = [r for r in rows if not r["utt_id"].split("_")[1].startswith("9")]
+    assert all(r["image_path"] == f"images/{r['utt_id']}.png" for r in regular)
+    speaker_of = {r["image_path"]: r["speaker"] for r in regular}
     for r in rows:
         if r["audio_path"] == missing or not r["text"]:
             continue
+        assert speaker_of[r["image_path"]] == r["speaker"]  # no picture crosses speakers
         img = Image.open(corpus / r["image_path"])
         assert img.size == (64, 64) and img.mode == "RGB"
-        assert prompt_of[Path(r["image_path"]).stem].text == r["text"]
+        scene = scenes[r["image_path"]]
+        objects = scene["objects"].split("; ")
+        assert 2 <= len(objects) <= 3
+        nouns = [o.split()[-1] for o in objects]
+        assert len(set(nouns)) == len(nouns)
+        described = objects[int(scene["described"])]
+        said = " ".join(r["text"].split()[-3:])
+        assert (described == said) == (scene["picture_agrees"] == "true")
+
+
+def test_speakers_describe_disjoint_phrases_in_minimal_pair_units():
+    speakers = build_speakers(validate_config({"n_impaired_speakers": 12, "n_control_speakers": 12}), 3)
+    pools = phrase_pools(speakers, 3)
+    assert set(pools) == {s.name for s in speakers}
+    seen: dict[str, str] = {}
+    for name, pool in pools.items():
+        assert len(pool) == 6  # 72 units / 24 speakers, two phrases a unit
+        texts = {p.text for p in pool}
+        for p in pool:  # both members of the minimal pair, same count and colour
+            assert demo.ObjectPhrase(p.count, p.colour, PARTNER[p.noun]).text in texts
+            assert seen.setdefault(p.text, name) == name
+    assert len(seen) == 144  # every phrase is somebody's
+    # beyond 36 speakers the pools are shared (two units each), evenly
+    many = build_speakers(validate_config({"n_impaired_speakers": 30, "n_control_speakers": 30}), 3)
+    shared = phrase_pools(many, 3)
+    assert {len(p) for p in shared.values()} == {4}
+    assert len({tuple(p.text for p in pool) for pool in shared.values()}) == 36
+
+
+def test_scene_plan_shares_and_rules():
+    cfg = validate_config({"scene_objects": [1, 4], "partner_in_scene": 0.5, "wrong_description_rate": 0.2})
+    said = demo.ObjectPhrase("two", "red", "bear")
+    n_rows, wrong, partner = [], 0, 0
+    for i in range(2000):
+        scene = plan_scene(said, cfg, np.random.default_rng(i))
+        nouns = [o.noun for o in scene.objects]
+        assert len(set(nouns)) == len(nouns) and 1 <= len(nouns) <= 4
+        shown = scene.objects[scene.described]
+        if scene.agrees:
+            assert shown == said
+            partner += "pear" in nouns
+        else:
+            wrong += 1
+            diff = [(a, b) for a, b in zip((shown.count, shown.colour, shown.noun), ("two", "red", "bear")) if a != b]
+            assert diff in ([("pear", "bear")], [(shown.colour, "red")])
+        n_rows.append(len(nouns))
+    assert 0.17 < wrong / 2000 < 0.23
+    multi = sum(1 for k in n_rows if k > 1)
+    assert set(n_rows) == {1, 2, 3, 4}
+    assert 0.3 < partner / multi < 0.5  # 0.5 of the agreeing multi-object scenes, less the wrong ones
+    with pytest.raises(ValueError, match="scene_objects"):
+        validate_config({"scene_objects": [3, 2]})
+    with pytest.raises(ValueError, match="wrong_description_rate"):
+        validate_config({"wrong_description_rate": 1.5})
+
+
+def test_scene_rows_show_each_object_in_its_colour():
+    objects = [demo.ObjectPhrase("a", "red", "bear"), demo.ObjectPhrase("three", "blue", "cup")]
+    img = np.asarray(draw_scene(objects, 64, np.random.default_rng(1)), dtype=float)
+    top, bottom = img[:32], img[32:]
+    red, blue = np.array([205, 45, 45]), np.array([45, 90, 205])
+
+    def share(part, rgb):
+        return float((np.abs(part - rgb).sum(axis=2) < 60).mean())
+
+    assert share(top, red) > 0.02 and share(top, blue) < 0.002
+    assert share(bottom, blue) > 0.02 and share(bottom, red) < 0.002
+    swapped = np.asarray(draw_scene(objects[::-1], 64, np.random.default_rng(1)), dtype=float)
+    assert np.abs(swapped - img).mean() > 10
 
 
 # ------------------------------------------------------------------ audio files
@@ -163,7 +244,7 @@ def test_audio_decodes_with_requested_rates_channels_and_formats(corpus, rows, d
         assert sr in DEFAULT_CONFIG["sample_rates"] and sr == info.samplerate
         assert np.isfinite(x).all()
         assert 0.19 <= np.abs(x).max() <= 0.91  # per-utterance peak level 0.2..0.9
-        assert 0.8 < len(x) / sr < 3.0
+        assert 0.8 < len(x) / sr < 3.5
         if x.shape[1] == 2:  # a second, slightly different microphone
             assert not np.array_equal(x[:, 0], x[:, 1])
             assert np.corrcoef(x[:, 0], x[:, 1])[0, 1] > 0.8
@@ -236,12 +317,13 @@ def test_minimal_pairs_differ_in_exactly_one_voicing_phone():
         assert w in LEXICON
 
 
-def test_prompts_cover_all_combinations():
-    prompts = all_prompts()
-    assert len(prompts) == 144 and len({p.text for p in prompts}) == 144
-    assert {p.prompt_id for p in prompts} == {f"p{i:03d}" for i in range(144)}
-    texts = {p.text for p in prompts}
+def test_phrases_cover_all_combinations():
+    phrases = all_phrases()
+    assert len(phrases) == 144 and len({p.text for p in phrases}) == 144
+    texts = {p.text for p in phrases}
     assert {"a red bear", "two green goats", "three blue cups"} <= texts
+    assert LEXICON["got"][1:] == LEXICON["caught"][1:] and (LEXICON["got"][0], LEXICON["caught"][0]) == ("G", "K")
+    assert sum(w for _, w in demo.INTROS) == pytest.approx(1.0)
 
 
 def _foreground(img: Image.Image) -> np.ndarray:
@@ -286,7 +368,7 @@ def test_voicing_cue_gap_shrinks_by_blur():
 
 
 def test_speakers():
-    cfg = validate_config({})
+    cfg = validate_config({"n_impaired_speakers": 8, "n_control_speakers": 8})
     spk = build_speakers(cfg, 0)
     assert [s.name for s in spk] == ["F01", "M01", "F02", "M02", "F03", "M03", "F04", "M04",
                                      "FC01", "MC01", "FC02", "MC02", "FC03", "MC03", "FC04", "MC04"]
@@ -358,7 +440,8 @@ def test_default_config_keys():
     assert set(DEFAULT_CONFIG) == {
         "n_impaired_speakers", "n_control_speakers", "utts_per_speaker", "image_size",
         "sample_rates", "stereo_fraction", "flac_fraction", "impaired_rate",
-        "impaired_voicing_blur", "impaired_noise_db", "defects", "synthesiser"}
+        "impaired_voicing_blur", "impaired_noise_db", "defects", "synthesiser", "scene_objects",
+        "partner_in_scene", "wrong_description_rate"}
     assert validate_config({}) == DEFAULT_CONFIG
     assert validate_config({"utts_per_speaker": 3})["utts_per_speaker"] == 3
 

@@ -131,10 +131,11 @@ def test_load_whisper_bundle(whisper, built):
 
 def test_whisper_tokenizer_round_trips_captions_with_one_token_per_word(whisper):
     tok = whisper.processor.tokenizer
-    for prompt in demo.all_prompts():
-        ids = tok(prompt.text).input_ids
-        assert tok.decode(ids, skip_special_tokens=True) == prompt.text
-        assert len(tok.tokenize(prompt.text)) == len(prompt.text.split())
+    for phrase in demo.all_phrases():
+        text = demo.describe("we caught", phrase)
+        ids = tok(text).input_ids
+        assert tok.decode(ids, skip_special_tokens=True) == text
+        assert len(tok.tokenize(text)) == len(text.split())
     for word in demo_models.demo_vocabulary():
         assert len(tok.tokenize(word)) == 1 and len(tok.tokenize(" " + word)) == 1, word
     assert tok.decode(tok("a red bear").input_ids, skip_special_tokens=True) == "a red bear"
@@ -243,8 +244,8 @@ def test_clip_tokenizer_and_processor(clip):
     for word in demo_models.demo_vocabulary():
         assert len(tok.tokenize(word)) == 1, word
     assert tok("Two GREEN Goats").input_ids == tok("two green goats").input_ids  # lower-cased like CLIP
-    for prompt in demo.all_prompts()[::7]:
-        assert tok.decode(tok(prompt.text).input_ids, skip_special_tokens=True) == prompt.text
+    for phrase in demo.all_phrases()[::7]:
+        assert tok.decode(tok(phrase.text).input_ids, skip_special_tokens=True) == phrase.text
     batch = clip.processor(text=["a red bear", "an image showing two blue cups"], padding=True, return_tensors="pt")
     ids = batch["input_ids"]
     assert ids[0, 0] == tok.bos_token_id and ids[1, -1] == tok.eos_token_id

@@ -23,10 +23,10 @@ they see): the picture helps the recogniser without dictating the answer.
   probability ``demo.wrong_description_rate`` the speaker gets the picture wrong (names the partner
   or another colour than it shows; the transcript is what was said). ``scenes.csv`` records each
   picture's rows, the described one, and whether the description agrees with it.
-* **What is said is disjoint across speakers** (:func:`phrase_pools`): the 72 count x colour x
-  pair units are dealt to speakers, so a speaker-disjoint split is also disjoint in transcripts
-  and pictures (``split.disjoint_text`` then excludes nothing), and test speakers say both members
-  of their minimal pairs in phrases no train speaker said.
+* **What is said is disjoint across speakers** (:func:`description_pools`): the intro x count x
+  colour x pair units are dealt to speakers, so a speaker-disjoint split is also disjoint in
+  transcripts and pictures (``split.disjoint_text`` then excludes nothing), while every object
+  phrase is still said by several speakers (with different intros).
 * Speech is made by a small formant synthesiser (numpy/scipy only) at the file's own sample
   rate: a Rosenberg glottal pulse train with per-cycle jitter/shimmer and f0 declination drives
   a cascade of three time-varying 2nd-order resonators (formants interpolated sample by sample
@@ -101,7 +101,8 @@ __all__ = [
     "INTROS",
     "PARTNER",
     "describe",
-    "phrase_pools",
+    "parse_phrase",
+    "description_pools",
     "plan_scene",
     "draw_scene",
     "build_speakers",
@@ -221,13 +222,10 @@ COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 COUNTS: tuple[str, ...] = ("a", "two", "three")
 COUNT_VALUE: dict[str, int] = {"a": 1, "two": 2, "three": 3}
 
-# What a speaker says before naming the object, with its share of the descriptions. No picture can
-# decide these words, and the verbs "got"/"caught" are themselves a voicing minimal pair (G/K), so
-# impaired speech confuses them as it confuses the nouns: there the picture has nothing to add.
-INTROS: tuple[tuple[str, float], ...] = (
-    ("", 0.30), ("i see", 0.15), ("we see", 0.15),
-    ("i got", 0.10), ("we got", 0.10), ("i caught", 0.10), ("we caught", 0.10),
-)
+# What a speaker says before naming the object (each as often). No picture can decide these words,
+# and the verbs "got"/"caught" are themselves a voicing minimal pair (G/K), so impaired speech
+# confuses them as it confuses the nouns: there the picture has nothing to add.
+INTROS: tuple[str, ...] = ("", "i see", "we see", "i got", "we got", "i caught", "we caught")
 _INTRO_PHONES: dict[str, tuple[str, ...]] = {
     "i": ("AY",), "we": ("W", "IY"), "see": ("S", "IY"),
     "got": ("G", "AA", "T"), "caught": ("K", "AA", "T"),  # cot-caught merger: /K AA T/
@@ -290,35 +288,49 @@ class Scene:
         return "; ".join(o.text for o in self.objects)
 
 
+def parse_phrase(text: str) -> ObjectPhrase | None:
+    """The object phrase a description ends with ("... two red bears"), or None if it names none."""
+    words = text.split()
+    if len(words) < 3 or words[-3] not in COUNT_VALUE or words[-2] not in COLOURS:
+        return None
+    count, colour, noun = words[-3:]
+    singular = noun if count == "a" else (noun[:-1] if noun.endswith("s") else "")
+    return ObjectPhrase(count, colour, singular) if singular in PARTNER else None
+
+
 def describe(intro: str, said: ObjectPhrase) -> str:
     """The transcript of a description: the optional intro, then the object phrase."""
     return f"{intro} {said.text}".strip()
 
 
-# A minimal-pair unit: both nouns of a pair with one count and colour ("two red bears", "two red pears").
+# A unit: one intro with both nouns of a minimal pair, one count and colour ("we got two red bears",
+# "we got two red pears").
 _MIN_UNITS_PER_POOL = 2
 
 
-def phrase_pools(speakers: Sequence["Speaker"], seed: int) -> dict[str, list[ObjectPhrase]]:
-    """Which object phrases each speaker describes, such that speakers do not share phrases.
+def description_pools(speakers: Sequence["Speaker"], seed: int) -> dict[str, list[tuple[str, ObjectPhrase]]]:
+    """The (intro, object phrase) descriptions each speaker chooses from, such that no two speakers
+    share a description.
 
-    The 72 minimal-pair units (count x colour x pair) are dealt out, seeded, to pools of at least
+    The 504 units (intro x count x colour x minimal pair) are dealt out, seeded, to pools of at least
     ``_MIN_UNITS_PER_POOL`` units; speakers take the pools in turn, impaired and control speakers
-    alternating. With up to 36 speakers every speaker has a pool of its own, so *any*
-    speaker-disjoint split is also disjoint in what is said and pictured (``split.disjoint_text``
-    excludes nothing), and every speaker still says both members of the minimal pairs in the same
-    frame. With more speakers, pools are shared and ``split.disjoint_text`` moves the overlap out.
+    alternating. With up to 252 speakers every speaker has a pool of its own, so *any*
+    speaker-disjoint split is also disjoint in transcripts (and pictures: each utterance has its own),
+    and ``split.disjoint_text`` excludes nothing; every speaker says both members of the minimal
+    pairs in the same frame, and every object phrase is said by several speakers with different
+    intros (a recogniser can learn every word and combination from the train speakers). With more
+    speakers, pools are shared and ``split.disjoint_text`` moves the overlap out.
     """
-    units = [(c, col, pair) for c in COUNTS for col in COLOURS for pair in MINIMAL_PAIRS]
+    units = [(intro, c, col, pair) for intro in INTROS for c in COUNTS for col in COLOURS for pair in MINIMAL_PAIRS]
     order = np.random.default_rng([seed, _TAG_POOL]).permutation(len(units))
     impaired = [s for s in speakers if s.group == "impaired"]
     control = [s for s in speakers if s.group == "control"]
     turn = [s for pair in itertools.zip_longest(impaired, control) for s in pair if s is not None]
     n_pools = max(1, min(len(turn), len(units) // _MIN_UNITS_PER_POOL))
-    pools: list[list[ObjectPhrase]] = [[] for _ in range(n_pools)]
+    pools: list[list[tuple[str, ObjectPhrase]]] = [[] for _ in range(n_pools)]
     for k, j in enumerate(order):
-        count, colour, pair = units[int(j)]
-        pools[k % n_pools].extend(ObjectPhrase(count, colour, noun) for noun in pair)
+        intro, count, colour, pair = units[int(j)]
+        pools[k % n_pools].extend((intro, ObjectPhrase(count, colour, noun)) for noun in pair)
     return {s.name: pools[k % n_pools] for k, s in enumerate(turn)}
 
 
@@ -1361,21 +1373,18 @@ def plan_corpus(cfg: dict, seed: int) -> list[AudioJob]:
     """All audio jobs (regular utterances, then defective rows) for ``(cfg, seed)``.
 
     Each utterance describes a scene of its own (its own picture): the speaker picks an object phrase
-    from their pool (:func:`phrase_pools`) and an intro (:data:`INTROS`), and the scene is planned
+    and intro from their pool (:func:`description_pools`), and the scene is planned
     around the phrase (:func:`plan_scene`)."""
     cfg = validate_config(cfg)
     speakers = build_speakers(cfg, seed)
-    pools = phrase_pools(speakers, seed)
-    intros = [i for i, _ in INTROS]
-    weights = np.array([w for _, w in INTROS])
+    pools = description_pools(speakers, seed)
     jobs: list[AudioJob] = []
     draws = []
     for spk in speakers:
         pool = pools[spk.name]
         for u in range(cfg["utts_per_speaker"]):
             rng = np.random.default_rng([seed, _TAG_UTT, *spk.key, u])
-            said = pool[int(rng.integers(len(pool)))]
-            intro = intros[int(rng.choice(len(intros), p=weights / weights.sum()))]
+            intro, said = pool[int(rng.integers(len(pool)))]
             sr = int(cfg["sample_rates"][int(rng.integers(len(cfg["sample_rates"])))])
             level = float(rng.uniform(0.2, 0.9))
             scene = plan_scene(said, cfg, np.random.default_rng([seed, _TAG_SCENE, *spk.key, u]))

@@ -80,6 +80,7 @@ LN_100 = math.log(100.0)  # CLIP's cap on the logit scale
 IGNORE = -100  # label of positions without loss (the prompt, the padding)
 # Tags that separate the random streams of one seed (numpy.random.default_rng([seed, tag, step])).
 _TAG_WHISPER_ORDER, _TAG_WHISPER_AUG, _TAG_CLIP_ORDER, _TAG_CLIP_AUG = 101, 102, 103, 104
+_TAG_CLIP_FRESH = 109
 
 
 # --------------------------------------------------------------------------------------------
@@ -688,6 +689,36 @@ def _pixels(bundle, paths: Sequence[str], chunk: int = 64) -> torch.Tensor:
     return torch.cat(out)
 
 
+# Scenes a fresh picture is drawn from: 1-4 objects, the caption's object always shown as said.
+FRESH_SCENE_CONFIG = {"scene_objects": [1, 4], "partner_in_scene": 0.3, "wrong_description_rate": 0.0}
+
+
+def fresh_scene_views(bundle, captions: Sequence[str], per_caption: int, seed: int, size: int = 128) -> torch.Tensor:
+    """``per_caption`` new pictures for every caption that names a demo object (:func:`mmasr.demo.parse_phrase`),
+    drawn by the demo's generator around that object, as CLIP pixel values of shape (captions, per_caption, C, H, W).
+
+    The demo CLIP's stand-in for web-scale pre-training: it sees each train caption with many
+    pictures, never one of the corpus's dev/test pictures, and so has to learn what the words look
+    like instead of memorising one picture per caption. A caption that names no demo object gets
+    blank views (``None`` rows are filled with zeros and never drawn; see :func:`train_clip`)."""
+    from PIL import Image
+
+    from .demo import draw_scene, parse_phrase, plan_scene
+
+    views = []
+    for i, caption in enumerate(captions):
+        phrase = parse_phrase(caption)
+        images = []
+        for k in range(per_caption):
+            rng = np.random.default_rng([seed, _TAG_CLIP_FRESH, i, k])
+            if phrase is None:
+                images.append(Image.new("RGB", (size, size)))
+                continue
+            images.append(draw_scene(plan_scene(phrase, FRESH_SCENE_CONFIG, rng).objects, size, rng))
+        views.append(bundle.processor.image_processor(images=images, return_tensors="pt")["pixel_values"])
+    return torch.stack(views)
+
+
 def _tokens(bundle, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     max_len = int(bundle.model.config.text_config.max_position_embeddings)
     enc = bundle.processor.tokenizer(list(captions), padding=True, truncation=True, max_length=max_len,
@@ -764,6 +795,16 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
              float(np.mean([len(n) for n in neighbours])))
     pixels = _pixels(bundle, pairs["path"].tolist())
     ids, mask = _tokens(bundle, pairs["caption"].tolist())
+    # views[i]: the pair's own picture, then cfg["fresh_scenes"] fresh ones (only for captions naming a demo object)
+    views = pixels[:, None]
+    n_views = np.ones(len(pairs), dtype=np.int64)
+    if cfg["fresh_scenes"]:
+        from .demo import parse_phrase
+
+        views = torch.cat([views, fresh_scene_views(bundle, pairs["caption"].tolist(), cfg["fresh_scenes"], seed)], 1)
+        n_views += cfg["fresh_scenes"] * np.array([parse_phrase(c) is not None for c in pairs["caption"]])
+        log.info("CLIP sees %d fresh demo scenes besides the %d train pictures", int(n_views.sum() - len(pairs)),
+                 len(pairs))
 
     eval_sets = {}
     if cfg["eval_every"] > 0:
@@ -789,13 +830,15 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
         anchors = batch_indices(len(pairs), min(cfg["batch_size"], len(pairs)), step, seed, _TAG_CLIP_ORDER)
         pool = clip_pool(anchors, neighbours, cfg["hard_negatives"])
         rng = np.random.default_rng([seed, _TAG_CLIP_AUG, step])
-        px = pixels[pool]
+        view = (rng.random(len(pool)) * n_views[pool]).astype(np.int64)  # uniform over each pair's views
+        px = views[torch.as_tensor(pool), torch.as_tensor(view)]
         if cfg["hflip"]:
             flip = torch.as_tensor(rng.random(len(pool)) < 0.5)
             px = torch.where(flip[:, None, None, None], px.flip(-1), px)
         img = _clip_embed(model, pixel_values=px.to(dev))
         txt = _clip_embed(model, input_ids=ids[pool].to(dev), attention_mask=mask[pool].to(dev))
-        targets = soft_targets(pairs["image_id"].to_numpy()[pool], pairs["caption"].to_numpy()[pool]).to(dev)
+        pictures = [f"{i}#{v}" for i, v in zip(pairs["image_id"].to_numpy()[pool], view)]
+        targets = soft_targets(pictures, pairs["caption"].to_numpy()[pool]).to(dev)
         loss = symmetric_infonce(img, txt, model.logit_scale, targets)  # (pictures, captions)
         optimise(loss, model, optimizer, cfg["grad_clip"])
         with torch.no_grad():
