@@ -25,7 +25,6 @@ from mmasr.demo import (
     build_speakers,
     draw_picture,
     draw_scene,
-    phrase_pools,
     plan_scene,
     generate_demo_corpus,
     stop_voicing_cues,
@@ -169,23 +168,26 @@ def test_each_utterance_has_its_own_picture_and_scenes_csv_describes_it(corpus, 
         assert (described == said) == (scene["picture_agrees"] == "true")
 
 
-def test_speakers_describe_disjoint_phrases_in_minimal_pair_units():
+def test_speakers_say_disjoint_descriptions_in_minimal_pair_units():
     speakers = build_speakers(validate_config({"n_impaired_speakers": 12, "n_control_speakers": 12}), 3)
-    pools = phrase_pools(speakers, 3)
+    pools = demo.description_pools(speakers, 3)
     assert set(pools) == {s.name for s in speakers}
-    seen: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    phrase_speakers: dict[str, set[str]] = {}
     for name, pool in pools.items():
-        assert len(pool) == 6  # 72 units / 24 speakers, two phrases a unit
-        texts = {p.text for p in pool}
-        for p in pool:  # both members of the minimal pair, same count and colour
-            assert demo.ObjectPhrase(p.count, p.colour, PARTNER[p.noun]).text in texts
-            assert seen.setdefault(p.text, name) == name
-    assert len(seen) == 144  # every phrase is somebody's
-    # beyond 36 speakers the pools are shared (two units each), evenly
-    many = build_speakers(validate_config({"n_impaired_speakers": 30, "n_control_speakers": 30}), 3)
-    shared = phrase_pools(many, 3)
+        assert len(pool) == 42  # 504 units / 24 speakers, two descriptions a unit
+        texts = {demo.describe(intro, p) for intro, p in pool}
+        for intro, p in pool:  # both members of the minimal pair, same intro, count and colour
+            assert demo.describe(intro, demo.ObjectPhrase(p.count, p.colour, PARTNER[p.noun])) in texts
+            assert owner.setdefault(demo.describe(intro, p), name) == name  # nobody else says it
+            phrase_speakers.setdefault(p.text, set()).add(name)
+    assert len(owner) == 144 * 7  # every description is somebody's
+    assert min(len(v) for v in phrase_speakers.values()) >= 2  # every object phrase by several speakers
+    # beyond 252 speakers the pools are shared (two units each)
+    many = build_speakers(validate_config({"n_impaired_speakers": 130, "n_control_speakers": 130}), 3)
+    shared = demo.description_pools(many, 3)
     assert {len(p) for p in shared.values()} == {4}
-    assert len({tuple(p.text for p in pool) for pool in shared.values()}) == 36
+    assert len({tuple(map(str, pool)) for pool in shared.values()}) == 252
 
 
 def test_scene_plan_shares_and_rules():
@@ -323,7 +325,11 @@ def test_phrases_cover_all_combinations():
     texts = {p.text for p in phrases}
     assert {"a red bear", "two green goats", "three blue cups"} <= texts
     assert LEXICON["got"][1:] == LEXICON["caught"][1:] and (LEXICON["got"][0], LEXICON["caught"][0]) == ("G", "K")
-    assert sum(w for _, w in demo.INTROS) == pytest.approx(1.0)
+    assert "" in demo.INTROS and len(set(demo.INTROS)) == 7
+    assert demo.parse_phrase("we caught two red bears") == demo.ObjectPhrase("two", "red", "bear")
+    assert demo.parse_phrase("a red bear") == demo.ObjectPhrase("a", "red", "bear")
+    for text in ("a red bears", "two red bear", "red bear", "", "two purple bears", "the dog"):
+        assert demo.parse_phrase(text) is None, text
 
 
 def _foreground(img: Image.Image) -> np.ndarray:

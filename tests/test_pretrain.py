@@ -229,12 +229,30 @@ def test_clip_resume_equals_uninterrupted_and_loss_decreases(corpus, tmp_path):
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert (tmp_path / "full" / "loss.csv").read_text() == (tmp_path / "cut" / "loss.csv").read_text()
 
-    longer = tiny_cfg("clip", steps=40, warmup=4, eval_every=20, checkpoint_every=40)
+    # fresh_scenes off: the fixture's pictures are not drawn like the demo's, so fresh demo scenes would not teach them
+    longer = tiny_cfg("clip", steps=40, warmup=4, eval_every=20, checkpoint_every=40, fresh_scenes=0)
     summary = run_clip(corpus, tmp_path / "long", longer)
     log = pd.read_csv(tmp_path / "long" / "loss.csv")
     assert log["loss"].tail(5).mean() < 0.6 * log["loss"].head(5).mean()
     assert (log["logit_scale"] <= 100.0 + 1e-4).all()
     assert summary["clip_train_r1"] > 0.5
+
+
+def test_fresh_scenes_are_new_seeded_pictures_of_the_captions_object(corpus):
+    from mmasr import demo
+    from mmasr.models import load_clip
+
+    bundle = load_clip(str(corpus["root"] / "init" / "clip"), device="cpu")
+    captions = ["we got two red bears", "the dog"]
+    views = pretrain.fresh_scene_views(bundle, captions, 3, seed=5)
+    assert views.shape[:2] == (2, 3) and views.shape[2:] == (3, 16, 16)
+    assert not torch.equal(views[0, 0], views[0, 1])  # new pictures, not copies
+    assert torch.equal(views[1, 0], views[1, 2])  # a blank picture: names no demo object (never sampled)
+    assert torch.equal(views, pretrain.fresh_scene_views(bundle, captions, 3, seed=5))  # seeded
+    # what is drawn: the caption's object as said, among 1-4 objects
+    rng = np.random.default_rng([5, pretrain._TAG_CLIP_FRESH, 0, 0])
+    scene = demo.plan_scene(demo.parse_phrase(captions[0]), pretrain.FRESH_SCENE_CONFIG, rng)
+    assert scene.agrees and scene.objects[scene.described] == demo.ObjectPhrase("two", "red", "bear")
 
 
 def test_a_checkpoint_of_another_config_is_not_resumed(corpus, tmp_path):

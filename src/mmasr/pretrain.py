@@ -700,7 +700,7 @@ def fresh_scene_views(bundle, captions: Sequence[str], per_caption: int, seed: i
     The demo CLIP's stand-in for web-scale pre-training: it sees each train caption with many
     pictures, never one of the corpus's dev/test pictures, and so has to learn what the words look
     like instead of memorising one picture per caption. A caption that names no demo object gets
-    blank views (``None`` rows are filled with zeros and never drawn; see :func:`train_clip`)."""
+    black placeholder pictures, which :func:`train_clip` never samples."""
     from PIL import Image
 
     from .demo import draw_scene, parse_phrase, plan_scene
