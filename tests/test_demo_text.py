@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmasr import demo_text
-from mmasr.demo import all_prompts
+from mmasr.demo import INTROS, all_phrases, describe
 from mmasr.demo_models import demo_vocabulary
 
 LM = {"hidden_size": 32, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate_size": 64,
@@ -101,7 +101,7 @@ def test_tokenizers_round_trip_and_keep_words_whole(inits):
     assert len({lm_tok.eos_token_id, lm_tok.pad_token_id, lm_tok.bos_token_id}) == 3
     assert lm_tok("a red bear").input_ids == lm_tok("a red bear", add_special_tokens=False).input_ids  # no auto bos
 
-    captions = [p.text for p in all_prompts()]
+    captions = [describe(intro, p) for p in all_phrases() for intro in INTROS[::3]]
     for caption in captions:
         ids = lm_tok(caption).input_ids
         assert len(ids) == len(caption.split())

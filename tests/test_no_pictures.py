@@ -59,7 +59,10 @@ def write_torgo(root: Path, real_speech: bool = True) -> Path:
 
 def torgo_config(work: Path, corpus: Path, **data) -> Path:
     path = work / "config" / "torgo.yaml"
-    path.write_text(json.dumps({"data": {"source": "torgo", "torgo_root": str(corpus), **data}}))
+    # Every speaker reads the same prompts, as in TORGO, so prompt-disjoint splits would leave no dev or
+    # test utterance (tests/test_split.py checks that error): these tests compare speakers on shared prompts.
+    path.write_text(json.dumps({"data": {"source": "torgo", "torgo_root": str(corpus), **data},
+                                "split": {"disjoint_text": False}}))
     return path
 
 

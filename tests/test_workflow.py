@@ -247,7 +247,10 @@ def test_changing_evaluation_params_reruns_only_evaluation(tiny_run):
 
 def test_small_config_shows_the_effect_the_picture_fixes_impaired_speech(tmp_path):
     """The whole chain on models that learn: a regression anywhere (image ids, normalisation,
-    softmax, alpha selection, splits) that removes the benefit of the picture fails here."""
+    softmax, alpha selection, splits) that removes the benefit of the picture fails here. And the
+    structural checks any realistic picture-description task passes: the picture helps without
+    dictating (alone, alpha = 1, it is clearly worse than speech and than the fusion), and it cannot
+    recover what the speaker got wrong or the picture cannot show (fused above the oracle)."""
     work = project_copy(tmp_path / "small")
     run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/small.yaml"], work)
     m = read_json(work / "results/metrics/fusion.json")
@@ -256,6 +259,11 @@ def test_small_config_shows_the_effect_the_picture_fixes_impaired_speech(tmp_pat
     assert m["test_wer_fused_impaired"] < m["test_wer_asr_impaired"], summary
     assert m["test_wer_oracle"] < m["test_wer_asr"], summary
     assert m["best_alpha"] > 0, summary
+    assert m["test_wer_alpha1"] > m["test_wer_asr"] + 0.05, summary
+    assert m["test_wer_alpha1"] > m["test_wer_fused"] + 0.05, summary
+    assert m["test_wer_fused_impaired"] > m["test_wer_oracle_impaired"], summary
+    split = read_json(work / "results/metrics/split.json")
+    assert split["disjoint_text"] and split["test_n_text_in_train"] == split["test_n_image_in_train"] == 0
     manifest = pd.read_parquet(work / "data/processed/manifest.parquet")
     trained_on = pd.read_csv(work / "results/pretrain/whisper_loss.csv")  # the run finished and logged
     assert len(trained_on) == 500
