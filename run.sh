@@ -6,12 +6,13 @@
 #
 # Needs only Python 3.11 (or 3.12) on PATH. Creates .venv/ and installs the pinned dependencies
 # (pyproject.toml, with every transitive version fixed by requirements.lock) once; later calls
-# reinstall only when either file changes. Set MMASR_VENV to put the environment elsewhere and
-# PYTHON to choose the interpreter.
+# reinstall only when either file changes. Set MMASR_VENV to put the environment elsewhere (an absolute
+# path, or one relative to the project folder) and PYTHON to choose the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 venv=${MMASR_VENV:-.venv}
+case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac  # relative to the project, absolute as given
 python=${PYTHON:-python3}
 if [ $# -eq 0 ]; then
     echo "usage: ./run.sh COMMAND [ARGS...]   e.g. ./run.sh snakemake --cores 8  or  ./run.sh pytest" >&2
@@ -36,5 +37,5 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 
-export PATH="$PWD/$venv/bin:$PATH" VIRTUAL_ENV="$PWD/$venv"
+export PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv"
 exec "$@"
