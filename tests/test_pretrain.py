@@ -151,8 +151,28 @@ def test_hard_negatives_are_one_word_neighbours():
     assert nb[0] == [1, 3] and nb[1] == [0] and nb[2] == [] and nb[4] == []
     assert pretrain.clip_pool([0], nb, True).tolist() == [0, 1, 3]
     assert pretrain.clip_pool([0], nb, False).tolist() == [0]
+    # per_anchor: that many neighbours per anchor, drawn with the step's generator
+    many = [[1, 2, 3, 4, 5], [0], [0], [0], [0], [0]]
+    drawn = pretrain.clip_pool([0], many, True, 2, np.random.default_rng(0))
+    assert len(drawn) == 3 and drawn[0] == 0 and set(drawn[1:].tolist()) <= {1, 2, 3, 4, 5}
+    assert drawn.tolist() == pretrain.clip_pool([0], many, True, 2, np.random.default_rng(0)).tolist()
+    assert pretrain.clip_pool([1], many, True, 2, np.random.default_rng(0)).tolist() == [0, 1]  # fewer: all
+    with pytest.raises(ValueError, match="rng"):
+        pretrain.clip_pool([0], many, True, 2)
     t = pretrain.soft_targets(["p1", "p1", "p2"], ["x", "y", "z"])  # pairs 0 and 1 show the same picture
     assert torch.allclose(t, torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]))
+
+
+def test_intro_words_make_neither_hard_negatives_nor_negatives():
+    from mmasr.demo import INTRO_WORDS
+
+    caps = ["i see two red bears", "we got two red bears", "two red bears", "i caught two red pears"]
+    content = [pretrain.picture_words(c, INTRO_WORDS) for c in caps]
+    assert content == ["two red bears", "two red bears", "two red bears", "two red pears"]
+    nb = pretrain.one_word_neighbours(content)
+    assert nb == [[3], [3], [3], [0, 1, 2]]  # only the noun makes a hard negative
+    t = pretrain.soft_targets(["p0", "p1", "p2", "p3"], content)
+    assert torch.allclose(t[0], torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0]))  # same picture words: positives
 
 
 def test_retrieval_r1_and_chance():

@@ -99,6 +99,7 @@ __all__ = [
     "ObjectPhrase",
     "Scene",
     "INTROS",
+    "INTRO_WORDS",
     "PARTNER",
     "describe",
     "parse_phrase",
@@ -226,6 +227,7 @@ COUNT_VALUE: dict[str, int] = {"a": 1, "two": 2, "three": 3}
 # and the verbs "got"/"caught" are themselves a voicing minimal pair (G/K), so impaired speech
 # confuses them as it confuses the nouns: there the picture has nothing to add.
 INTROS: tuple[str, ...] = ("", "i see", "we see", "i got", "we got", "i caught", "we caught")
+INTRO_WORDS: frozenset[str] = frozenset(w for intro in INTROS for w in intro.split())
 _INTRO_PHONES: dict[str, tuple[str, ...]] = {
     "i": ("AY",), "we": ("W", "IY"), "see": ("S", "IY"),
     "got": ("G", "AA", "T"), "caught": ("K", "AA", "T"),  # cot-caught merger: /K AA T/

@@ -14,10 +14,13 @@ load them exactly like real checkpoints.
   extractor; every step augments them for speaker generalisation (:func:`augment_features`).
 * CLIP: symmetric InfoNCE over picture/caption pairs with a learnable logit scale (CLIP's own
   parameter, initialised at ln(1/0.07) by the model config, clamped at ln(100)). Each batch holds
-  ``batch_size`` anchor pairs *plus every train pair whose caption differs from an anchor's in exactly
-  one word* (:func:`one_word_neighbours`): for the demo, the same picture with another noun (the
-  minimal-pair partner among them: "a red bear" vs "a red pear"), another colour or another count,
-  so the model must separate exactly what the n-best lists confuse.
+  ``batch_size`` anchor pairs *plus train pairs whose caption differs from an anchor's in exactly
+  one word the picture can show* (:func:`one_word_neighbours` over :func:`picture_words`;
+  ``hard_negatives_per_anchor`` of them per anchor): for the demo another noun (the minimal-pair
+  partner among them: "a red bear" vs "a red pear"), another colour or another count, so the model
+  must separate what the n-best lists confuse; captions that differ only in the intro ("i see ...",
+  "we got ...") say the same about the picture and are positives of one another. Besides each train
+  picture it sees ``fresh_scenes`` new pictures of the caption's object (:func:`fresh_scene_views`).
 
 How it is written (nanoGPT style)
 ---------------------------------
@@ -66,6 +69,7 @@ __all__ = [
     "teacher_forcing_arrays",
     "one_word_neighbours",
     "clip_pool",
+    "picture_words",
     "soft_targets",
     "retrieval_r1",
     "whisper_training_items",
@@ -80,7 +84,7 @@ LN_100 = math.log(100.0)  # CLIP's cap on the logit scale
 IGNORE = -100  # label of positions without loss (the prompt, the padding)
 # Tags that separate the random streams of one seed (numpy.random.default_rng([seed, tag, step])).
 _TAG_WHISPER_ORDER, _TAG_WHISPER_AUG, _TAG_CLIP_ORDER, _TAG_CLIP_AUG = 101, 102, 103, 104
-_TAG_CLIP_FRESH = 109
+_TAG_CLIP_FRESH, _TAG_CLIP_POOL = 109, 110
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,13 +270,26 @@ def one_word_neighbours(captions: Sequence[str]) -> list[list[int]]:
     return [sorted(n) for n in out]
 
 
-def clip_pool(anchors: Sequence[int], neighbours: Sequence[Sequence[int]], hard_negatives: bool) -> np.ndarray:
-    """A CLIP batch: the anchor pairs plus (``hard_negatives``) all their one-word neighbours,
-    de-duplicated and sorted."""
+def picture_words(caption: str, ignore: frozenset[str] | set[str]) -> str:
+    """The caption without the words no picture can show (``ignore``; for the demo its intro words):
+    what the caption says about the picture. Two captions with the same picture words describe the
+    same thing, so contrastive training treats them as positives, never as (hard) negatives."""
+    return " ".join(w for w in caption.split() if w not in ignore)
+
+
+def clip_pool(anchors: Sequence[int], neighbours: Sequence[Sequence[int]], hard_negatives: bool,
+              per_anchor: int | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
+    """A CLIP batch: the anchor pairs plus (``hard_negatives``) their one-word neighbours, all of them
+    or ``per_anchor`` drawn (without replacement, with ``rng``) for each anchor; de-duplicated and sorted."""
     pool = set(int(a) for a in anchors)
     if hard_negatives:
         for a in anchors:
-            pool.update(neighbours[int(a)])
+            near = neighbours[int(a)]
+            if per_anchor is not None and len(near) > per_anchor:
+                if rng is None:
+                    raise ValueError("clip_pool: per_anchor needs an rng")
+                near = [near[int(i)] for i in rng.choice(len(near), per_anchor, replace=False)]
+            pool.update(int(n) for n in near)
     return np.asarray(sorted(pool), dtype=np.int64)
 
 
@@ -789,7 +806,11 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
     pairs = caption_picture_pairs(manifest, "train", images_dir, text_cfg)
     if len(pairs) < 2:
         return _skip_clip(bundle, init_dir, out_dir, log_csv, manifest, images_dir, text_cfg, pairs, cfg, seed, t0)
-    neighbours = one_word_neighbours(pairs["caption"].tolist())
+    from .demo import INTRO_WORDS
+
+    # what each caption says about its picture: hard negatives differ there, never in an intro word
+    content = np.asarray([picture_words(c, INTRO_WORDS) for c in pairs["caption"]], dtype=object)
+    neighbours = one_word_neighbours(content.tolist())
     log.info("CLIP pre-training on %d train picture/caption pairs (%d pictures), %d steps; %.1f one-word "
              "neighbours per caption", len(pairs), pairs["image_id"].nunique(), steps,
              float(np.mean([len(n) for n in neighbours])))
@@ -828,7 +849,8 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
     for step in range(start, steps):
         lr = set_lr(optimizer, step, cfg, steps)
         anchors = batch_indices(len(pairs), min(cfg["batch_size"], len(pairs)), step, seed, _TAG_CLIP_ORDER)
-        pool = clip_pool(anchors, neighbours, cfg["hard_negatives"])
+        pool = clip_pool(anchors, neighbours, cfg["hard_negatives"], cfg["hard_negatives_per_anchor"],
+                         np.random.default_rng([seed, _TAG_CLIP_POOL, step]))
         rng = np.random.default_rng([seed, _TAG_CLIP_AUG, step])
         view = (rng.random(len(pool)) * n_views[pool]).astype(np.int64)  # uniform over each pair's views
         px = views[torch.as_tensor(pool), torch.as_tensor(view)]
@@ -838,7 +860,7 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
         img = _clip_embed(model, pixel_values=px.to(dev))
         txt = _clip_embed(model, input_ids=ids[pool].to(dev), attention_mask=mask[pool].to(dev))
         pictures = [f"{i}#{v}" for i, v in zip(pairs["image_id"].to_numpy()[pool], view)]
-        targets = soft_targets(pictures, pairs["caption"].to_numpy()[pool]).to(dev)
+        targets = soft_targets(pictures, content[pool]).to(dev)
         loss = symmetric_infonce(img, txt, model.logit_scale, targets)  # (pictures, captions)
         optimise(loss, model, optimizer, cfg["grad_clip"])
         with torch.no_grad():
