@@ -251,7 +251,7 @@ def test_clip_tokenizer_and_processor(clip):
     assert ids[0, 0] == tok.bos_token_id and ids[1, -1] == tok.eos_token_id
     assert batch["attention_mask"][0].sum() == 5  # bos + 3 words + eos
     pixels = clip.processor(images=[Image.new("RGB", (100, 80)), Image.new("RGB", (30, 60))], return_tensors="pt")
-    assert tuple(pixels["pixel_values"].shape) == (2, 3, 64, 64)
+    assert tuple(pixels["pixel_values"].shape) == (2, 3, 96, 96)
 
 
 def test_clip_embeddings_are_unit_norm(clip, built):
