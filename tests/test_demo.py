@@ -123,7 +123,7 @@ def test_manifest_layout(corpus, rows):
 
 
 def _descriptions() -> set[str]:
-    return {demo.describe(intro, p) for intro, _ in demo.INTROS for p in all_phrases()}
+    return {demo.describe(intro, p) for intro in demo.INTROS for p in all_phrases()}
 
 
 def test_manifest_text_is_a_description_in_the_lexicon(corpus, rows, defects):
