@@ -52,7 +52,8 @@ def bad_run(tmp_path_factory):
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        _run(["split", "--cfg", "{}", "--quiet", "--utterances", "p/utterances.parquet", "--out", "p/manifest.parquet",
+        # the bad corpus's speakers say the same few texts: prompt-disjoint splits would leave no dev utterance
+        _run(["split", "--cfg", json.dumps({"split": {"disjoint_text": False}}), "--quiet", "--utterances", "p/utterances.parquet", "--out", "p/manifest.parquet",
               "--summary", "p/split.json"])
     p = base / "p"
     return SimpleNamespace(
