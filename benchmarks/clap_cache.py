@@ -23,12 +23,12 @@ import numpy as np
 import torch
 
 from mmasr import config
-from mmasr.clap import heads_from_cache, heads_step, load_cache, load_encoders, phase1_batch, steps_per_epoch
+from mmasr.clap.train import heads_from_cache, heads_step, load_cache, load_encoders, phase1_batch, steps_per_epoch
 from mmasr.io import write_json
-from mmasr.layers import audio_forward, audio_inputs, text_forward, text_inputs
-from mmasr.models import autocast, pick_device
-from mmasr.nbest import read_audio
-from mmasr.pretrain import _adamw
+from mmasr.models.layers import audio_forward, audio_inputs, text_forward, text_inputs
+from mmasr.models.loading import autocast, pick_device
+from mmasr.rescoring.nbest import read_audio
+from mmasr.demo.pretrain import _adamw
 
 
 def epoch(heads, cfg: dict, seed: int, n: int, bs: int, batch_inputs) -> tuple[list[float], float]:
@@ -66,7 +66,7 @@ def measure(p: dict, cache_dir: Path, repeats: int = 5) -> dict:
     @torch.no_grad()
     def encode(audios, texts):
         """Seed 003: the frozen encoders on every batch (one utterance at a time where batching is inexact)."""
-        from mmasr.layers import _batchable
+        from mmasr.models.layers import _batchable
 
         groups = [audios] if _batchable(audio_bundle) else [[a] for a in audios]
         with autocast(device):

@@ -1,8 +1,8 @@
 """Benchmark: projector training over cached encoder features vs running the frozen encoder every step.
 
-Both runs use the same training function (:func:`mmasr.projector.train_projector`), seed, batches and
+Both runs use the same training function (:func:`mmasr.projector.speech_lm.train_projector`), seed, batches and
 steps; only the source of the encoder frames differs: the cache written by ``mmasr encode-audio``
-(float16 shards, read back) or :class:`mmasr.encode_audio.LiveEncoder`, which reads each batch's
+(float16 shards, read back) or :class:`mmasr.projector.encoder_cache.LiveEncoder`, which reads each batch's
 audio and runs the frozen Whisper encoder again (then rounds to float16 like the cache, so the two
 loss curves must agree to float tolerance). The ratio of wall times is the cache's speed-up.
 
@@ -31,10 +31,10 @@ import pandas as pd
 import torch
 
 from mmasr import config
-from mmasr.encode_audio import FeatureCache, LiveEncoder
+from mmasr.projector.encoder_cache import FeatureCache, LiveEncoder
 from mmasr.io import write_json
-from mmasr.models import load_from_params
-from mmasr.projector import build_speech_lm, train_projector
+from mmasr.models.loading import load_from_params
+from mmasr.projector.speech_lm import build_speech_lm, train_projector
 
 
 class StepClock:

@@ -26,12 +26,12 @@ import pandas as pd
 import torch
 
 from mmasr import config
-from mmasr.clip import add_clip_scores, load_embeddings
-from mmasr.fusion import alpha_grid, choose, fuse, grid_wer, masked_softmax, to_arrays
+from mmasr.rescoring.clip import add_clip_scores, load_embeddings
+from mmasr.rescoring.fusion import alpha_grid, choose, fuse, grid_wer, masked_softmax, to_arrays
 from mmasr.io import write_json
-from mmasr.models import clip_text_embeddings, load_from_params, whisper_generate_kwargs
-from mmasr.nbest import nbest_for_batch, read_audio
-from mmasr.text import clip_text, normaliser
+from mmasr.models.loading import clip_text_embeddings, load_from_params, whisper_generate_kwargs
+from mmasr.rescoring.nbest import nbest_for_batch, read_audio
+from mmasr.data.text import clip_text, normaliser
 
 
 def timed(fn, repeats: int = 1):

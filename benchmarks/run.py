@@ -51,8 +51,8 @@ import yaml  # noqa: E402
 
 from mmasr import config  # noqa: E402
 from mmasr.io import write_json  # noqa: E402
-from mmasr.models import pick_device  # noqa: E402
-from mmasr.report import _hms, benchmark_table, per_rule_times  # noqa: E402
+from mmasr.models.loading import pick_device  # noqa: E402
+from mmasr.report.build import _hms, benchmark_table, per_rule_times  # noqa: E402
 
 # What a user's clone holds that a pipeline run needs (the copy gets nothing else: no data, no results).
 PROJECT_FILES = ("Snakefile", "params.yaml", "dvc.yaml", ".dvcignore")

@@ -53,7 +53,7 @@ class BadCorpus:
     rows: list[Row]
 
     def image_id(self, row: Row) -> str:
-        from mmasr.ingest import image_id_for
+        from mmasr.data.ingest import image_id_for
 
         return image_id_for((self.root / row.image).resolve(), self.root)
 

@@ -56,21 +56,21 @@ def preprocess_cfg() -> dict:
 @pytest.fixture(scope="session")
 def demo_model_dirs(tmp_path_factory) -> dict[str, Path]:
     """Random-init demo Whisper and CLIP in HF format (built once per test session)."""
-    from mmasr.demo_models import build_demo_models
+    from mmasr.demo.models import build_demo_models
 
     return build_demo_models(tmp_path_factory.mktemp("demo_models") / "demo", {}, seed=0)
 
 
 @pytest.fixture(scope="session")
 def whisper_bundle(demo_model_dirs):
-    from mmasr.models import load_whisper
+    from mmasr.models.loading import load_whisper
 
     return load_whisper(str(demo_model_dirs["whisper"]), device="cpu")
 
 
 @pytest.fixture(scope="session")
 def clip_bundle(demo_model_dirs):
-    from mmasr.models import load_clip
+    from mmasr.models.loading import load_clip
 
     return load_clip(str(demo_model_dirs["clip"]), device="cpu")
 

@@ -21,7 +21,7 @@ from PIL import Image
 from mmasr import cli
 from mmasr.config import ParamsError, validate
 from mmasr.io import read_json
-from mmasr.preprocess import Rejected, load_and_clean, preprocess
+from mmasr.data.preprocess import Rejected, load_and_clean, preprocess
 from tests.badcorpus import KEPT, bad_manifests, build_bad_corpus
 
 MB = 1 << 20

@@ -12,7 +12,9 @@ import sys
 
 import pytest
 
-from mmasr import config, report
+from mmasr import config
+
+from mmasr.report import build as report
 from mmasr.io import read_json
 from tests.conftest import REPO, run
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmasr.clap import (LOGIT_SCALE_INIT, ClapHeads, build_cache, chance_recall, clap_loss, evaluate_retrieval,
+from mmasr.clap.train import (LOGIT_SCALE_INIT, ClapHeads, build_cache, chance_recall, clap_loss, evaluate_retrieval,
                         first_relevant_rank, load_cache, recall_curve, retrieval_metrics, train_clap, write_cache)
 from mmasr.config import validate
-from mmasr.layers import embed_audio, embed_text, quartile_layers, select_layers
-from mmasr.models import ModelLoadError, load_audio_encoder, load_text_encoder
-from mmasr.pretrain import LN_100, soft_targets
+from mmasr.models.layers import embed_audio, embed_text, quartile_layers, select_layers
+from mmasr.models.loading import ModelLoadError, load_audio_encoder, load_text_encoder
+from mmasr.demo.pretrain import LN_100, soft_targets
 from tests.conftest import tone, write_wav
 
 RETRIEVAL_KEYS = [f"{p}{d}_{m}" for p in ("", "zeroshot_") for d in ("a2t", "t2a")
@@ -228,8 +228,8 @@ def test_whisper_encoder_path_pools_only_the_audio_frames(demo_model_dirs):
 def save_tiny_bert(folder: Path) -> Path:
     from transformers import BertConfig, BertModel
 
-    from mmasr.demo_models import demo_vocabulary
-    from mmasr.demo_text import build_bert_tokenizer
+    from mmasr.demo.models import demo_vocabulary
+    from mmasr.demo.text_models import build_bert_tokenizer
 
     tok = build_bert_tokenizer(demo_vocabulary(), 32)
     torch.manual_seed(0)
@@ -404,7 +404,7 @@ def test_cli_names_a_missing_cache(tmp_path, caplog):
 
 
 def test_empty_transcripts_get_a_rejects_row():
-    from mmasr.clap import cache_items, empty_transcript_rejects
+    from mmasr.clap.train import cache_items, empty_transcript_rejects
 
     manifest = pd.DataFrame({"utt_id": ["u1", "u2", "u3"], "text": ["a red bear", "um, uh...", None],
                              "audio_path": ["a.wav", "b.wav", "c.wav"], "speaker": "s", "group": "control",

@@ -4,11 +4,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmasr import clip as clip_mod
-from mmasr.clip import (add_clip_scores, cache_images, clip_scores, load_embeddings, load_text_embeddings,
+from mmasr.rescoring import clip as clip_mod
+from mmasr.rescoring.clip import (add_clip_scores, cache_images, clip_scores, load_embeddings, load_text_embeddings,
                         save_embeddings, save_text_embeddings)
 from mmasr.config import validate
-from mmasr.text import caption, clip_text, normalise
+from mmasr.data.text import caption, clip_text, normalise
 from tests.conftest import write_picture
 
 TEXT = validate({})["text"]

@@ -1,4 +1,4 @@
-"""Tests of the synthetic demo corpus generator (mmasr.demo)."""
+"""Tests of the synthetic demo corpus generator (mmasr.demo.corpus)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import soundfile as sf
 from PIL import Image
 from scipy.signal import butter, sosfilt
 
-from mmasr import demo
-from mmasr.demo import (
+from mmasr.demo import corpus as demo
+from mmasr.demo.corpus import (
     DEFAULT_CONFIG,
     DEFECT_KINDS,
     LEXICON,

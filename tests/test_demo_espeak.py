@@ -1,5 +1,5 @@
 """The demo corpus with real English speech (demo.synthesiser: espeak) and the degradations of its
-impaired speakers (mmasr.demo.espeak_utterance); eSpeak NG's repeatability (mmasr.tts)."""
+impaired speakers (mmasr.demo.corpus.espeak_utterance); eSpeak NG's repeatability (mmasr.demo.tts)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,12 @@ import pytest
 import soundfile as sf
 from scipy.signal import correlate, resample_poly
 
-from mmasr import config, demo, tts
-from mmasr.demo import (
+from mmasr import config
+
+from mmasr.demo import corpus as demo
+
+from mmasr.demo import tts as tts
+from mmasr.demo.corpus import (
     DEFAULT_CONFIG,
     add_breath_noise,
     band_limit,

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmasr import demo_text
-from mmasr.demo import INTROS, all_phrases, describe
-from mmasr.demo_models import demo_vocabulary
+from mmasr.demo import text_models as demo_text
+from mmasr.demo.corpus import INTROS, all_phrases, describe
+from mmasr.demo.models import demo_vocabulary
 
 LM = {"hidden_size": 32, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate_size": 64,
       "max_position_embeddings": 32, "steps": 150, "batch_size": 16, "lr": 5e-3, "warmup": 10,

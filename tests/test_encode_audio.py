@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from mmasr.encode_audio import FeatureCache, encode_batch, n_encoder_frames, write_index, write_shard
-from mmasr.models import whisper_features
+from mmasr.projector.encoder_cache import FeatureCache, encode_batch, n_encoder_frames, write_index, write_shard
+from mmasr.models.loading import whisper_features
 from tests.conftest import tone
 
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from mmasr.config import validate
-from mmasr.fusion import (alpha_grid, best_alpha_index, choose, count_errors, fuse, gap_closed, masked_softmax,
+from mmasr.rescoring.fusion import (alpha_grid, best_alpha_index, choose, count_errors, fuse, gap_closed, masked_softmax,
                           oracle_choice, other_scorings, paired_bootstrap_ci, picture_derangement, pooled_cer,
                           pooled_wer, run_fusion, speaker_bootstrap_ci, to_arrays, wer_diff_interval)
 
@@ -161,7 +161,7 @@ def test_to_arrays_normalises_both_sides():
 
 
 def test_truncated_beams_are_compared_only_with_each_other():
-    """mmasr.nbest never stores a truncated beam beside a finished one; an utterance whose beams were all
+    """mmasr.rescoring.nbest never stores a truncated beam beside a finished one; an utterance whose beams were all
     cut at the same budget is re-ranked like any other (prefixes of one length, compared with each other)."""
     nb = pd.DataFrame({"utt_id": ["u", "u", "v", "v"], "rank": [0, 1, 0, 1],
                        "text": ["a red bear a red", "a red pear a red", "a red bear", "a red pear"],

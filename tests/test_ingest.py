@@ -3,7 +3,7 @@ import os
 import pandas as pd
 import pytest
 
-from mmasr.ingest import ingest_manifest, ingest_torgo, resolve_inside, slug, torgo_group, torgo_prompt_problem
+from mmasr.data.ingest import ingest_manifest, ingest_torgo, resolve_inside, slug, torgo_group, torgo_prompt_problem
 from tests.conftest import tone, write_picture, write_wav
 
 

@@ -1,4 +1,4 @@
-"""Model loading (mmasr.models) and the small demo models (mmasr.demo_models).
+"""Model loading (mmasr.models.loading) and the small demo models (mmasr.demo.models).
 
 The demo models are built once per module into a temporary folder (a fraction of a second) and
 loaded through the same functions the pipeline uses. Nothing is downloaded: hub ids are looked up
@@ -16,8 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mmasr import demo, demo_models, models
-from mmasr.models import ModelBundle, ModelLoadError
+from mmasr.demo import corpus as demo
+
+from mmasr.demo import models as demo_models
+
+from mmasr.models import loading as models
+from mmasr.models.loading import ModelBundle, ModelLoadError
 
 SR = 16000
 

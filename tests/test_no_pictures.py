@@ -32,7 +32,7 @@ def impaired(speaker: str) -> bool:
 
 def speech(text: str, speaker: str, seed: int) -> tuple[np.ndarray, int]:
     """eSpeak NG speech of ``text``: controls at a normal rate; dysarthric speakers slower, with noise."""
-    from mmasr.tts import espeak_synthesise
+    from mmasr.demo.tts import espeak_synthesise
 
     audio, sr = espeak_synthesise(text, SPEAKERS[speaker], rate_wpm=110 if impaired(speaker) else 170)
     if impaired(speaker):

@@ -4,9 +4,9 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from mmasr.ingest import ingest_manifest
+from mmasr.data.ingest import ingest_manifest
 from mmasr.io import rejects_frame
-from mmasr.preprocess import (Rejected, audio_file_name, clean_image, load_and_clean, peak_normalise, preprocess,
+from mmasr.data.preprocess import (Rejected, audio_file_name, clean_image, load_and_clean, peak_normalise, preprocess,
                               resample, speech_bounds, to_mono, trim_silence)
 from tests.conftest import tone, write_picture, write_wav
 
@@ -173,7 +173,7 @@ def test_require_image_rejects_utterances_without_a_usable_picture(tmp_path, mon
 
 
 def test_empty_input_gives_empty_tables(tmp_path, preprocess_cfg):
-    from mmasr.ingest import _frame
+    from mmasr.data.ingest import _frame
 
     utts, images, rejects, metrics = preprocess(_frame([]), rejects_frame([]), tmp_path / "a", tmp_path / "i",
                                                 preprocess_cfg, progress=False)
@@ -185,7 +185,7 @@ def _wav_bytes(tmp_path, seconds=1.0):
 
 
 def test_truncation_is_read_from_the_wav_header(tmp_path, preprocess_cfg):
-    from mmasr.preprocess import wav_data_shortfall
+    from mmasr.data.preprocess import wav_data_shortfall
 
     full = _wav_bytes(tmp_path)
     data_at = full.index(b"data")
@@ -209,7 +209,7 @@ def test_truncation_is_read_from_the_wav_header(tmp_path, preprocess_cfg):
 
 
 def test_many_channels_are_mixed_down_block_by_block(tmp_path, preprocess_cfg, monkeypatch):
-    import mmasr.preprocess as pp
+    import mmasr.data.preprocess as pp
 
     x = tone(1.0, 48000, channels=6)
     path = write_wav(tmp_path / "6ch.wav", x, sr=48000)
@@ -223,7 +223,7 @@ def test_many_channels_are_mixed_down_block_by_block(tmp_path, preprocess_cfg, m
 
 
 def test_high_bit_depth_grey_pictures_keep_their_tones():
-    from mmasr.preprocess import to_8bit
+    from mmasr.data.preprocess import to_8bit
 
     ramp16 = Image.fromarray(np.array([[0, 257 * 128, 65535]], dtype=np.uint16))
     assert np.asarray(to_8bit(ramp16)).tolist() == [[0, 128, 255]]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmasr import pretrain
+from mmasr.demo import pretrain as pretrain
 from mmasr.config import validate
 from tests.conftest import tone, write_wav
 
@@ -64,7 +64,7 @@ def _picture(path, caption: str) -> None:
 def corpus(tmp_path_factory):
     """Tiny demo models plus a manifest of 16 utterances: 10 train, 3 dev, 3 test (other speakers);
     dev/test rows have their own audio files and picture ids, so any read of them can be told apart."""
-    from mmasr.demo_models import build_demo_models
+    from mmasr.demo.models import build_demo_models
 
     root = tmp_path_factory.mktemp("pretrain")
     build_demo_models(root / "init", TINY_MODELS, seed=0)
@@ -164,7 +164,7 @@ def test_hard_negatives_are_one_word_neighbours():
 
 
 def test_intro_words_make_neither_hard_negatives_nor_negatives():
-    from mmasr.demo import INTRO_WORDS
+    from mmasr.demo.corpus import INTRO_WORDS
 
     caps = ["i see two red bears", "we got two red bears", "two red bears", "i caught two red pears"]
     content = [pretrain.picture_words(c, INTRO_WORDS) for c in caps]
@@ -192,10 +192,10 @@ def test_training_reads_only_the_train_split(corpus, tmp_path, monkeypatch):
     train_images = set(manifest.loc[manifest["split"] == "train", "image_id"])
     assert set(pairs["image_id"]) <= train_images
 
-    import mmasr.nbest
+    import mmasr.rescoring.nbest
 
-    read, original = [], mmasr.nbest.read_audio
-    monkeypatch.setattr(mmasr.nbest, "read_audio", lambda p: read.append(p) or original(p))
+    read, original = [], mmasr.rescoring.nbest.read_audio
+    monkeypatch.setattr(mmasr.rescoring.nbest, "read_audio", lambda p: read.append(p) or original(p))
     opened, original_pixels = [], pretrain._pixels
     monkeypatch.setattr(pretrain, "_pixels", lambda b, paths, **k: opened.extend(paths) or original_pixels(b, paths, **k))
     # With the held-out monitoring off, nothing but train files may be read.
@@ -259,8 +259,8 @@ def test_clip_resume_equals_uninterrupted_and_loss_decreases(corpus, tmp_path):
 
 
 def test_fresh_scenes_are_new_seeded_pictures_of_the_captions_object(corpus):
-    from mmasr import demo
-    from mmasr.models import load_clip
+    from mmasr.demo import corpus as demo
+    from mmasr.models.loading import load_clip
 
     bundle = load_clip(str(corpus["root"] / "init" / "clip"), device="cpu")
     captions = ["we got two red bears", "the dog"]
@@ -289,7 +289,7 @@ def test_a_checkpoint_of_another_config_is_not_resumed(corpus, tmp_path):
 
 
 def test_trained_models_load_through_the_pipeline_loaders(corpus, tmp_path):
-    from mmasr import models
+    from mmasr.models import loading as models
 
     run_whisper(corpus, tmp_path / "w", tiny_cfg("whisper", steps=2, eval_every=0))
     run_clip(corpus, tmp_path / "c", tiny_cfg("clip", steps=2, eval_every=0))

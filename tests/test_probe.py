@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from mmasr.config import validate
-from mmasr.probe import (ProbeModel, choose_calibration, expected_calibration_error, reliability_table, speaker_folds,
+from mmasr.probe.train import (ProbeModel, choose_calibration, expected_calibration_error, reliability_table, speaker_folds,
                          train_probe)
 
 
@@ -153,7 +153,7 @@ def test_probe_refuses_unusable_labels_and_splits():
 
 def test_train_probe_command_writes_json_only(tmp_path):
     from mmasr.cli import main
-    from mmasr.clip import save_embeddings
+    from mmasr.rescoring.clip import save_embeddings
 
     emb, manifest = synthetic()
     ids = sorted(emb)
@@ -166,5 +166,5 @@ def test_train_probe_command_writes_json_only(tmp_path):
     metrics = json.loads(out["metrics"].read_text())
     assert metrics["probe_audio_layers"] == [1, 2] and "params_hash" in metrics
     model = json.loads(out["model"].read_text())
-    assert model["format"] == "mmasr.probe/1" and model["uncalibrated"]["kind"] == "logreg"
+    assert model["format"] == "mmasr.probe.train/1" and model["uncalibrated"]["kind"] == "logreg"
     assert pd.read_csv(out["reliability"])["calibration"].unique().tolist() == ["uncalibrated", "calibrated"]

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mmasr.projector import IGNORE, Projector, assemble, n_trainable, stack_frames
+from mmasr.projector.speech_lm import IGNORE, Projector, assemble, n_trainable, stack_frames
 
 
 def test_stack_frames_drops_the_tail_and_concatenates_k_frames():
@@ -62,12 +62,12 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mmasr import demo_text  # noqa: E402
+from mmasr.demo import text_models as demo_text  # noqa: E402
 from mmasr.config import validate  # noqa: E402
-from mmasr.encode_audio import FeatureCache, write_index, write_shard  # noqa: E402
-from mmasr.models import load_lm  # noqa: E402
-from mmasr.pretrain import lr_at  # noqa: E402
-from mmasr.projector import (build_speech_lm, decode, epoch_batches, load_trained, micro_batch,  # noqa: E402
+from mmasr.projector.encoder_cache import FeatureCache, write_index, write_shard  # noqa: E402
+from mmasr.models.loading import load_lm  # noqa: E402
+from mmasr.demo.pretrain import lr_at  # noqa: E402
+from mmasr.projector.speech_lm import (build_speech_lm, decode, epoch_batches, load_trained, micro_batch,  # noqa: E402
                              token_loss_sum, train_projector, wer_table)
 
 TINY_LM = {"hidden_size": 16, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate_size": 32,
@@ -204,7 +204,7 @@ def test_batched_decoding_equals_one_at_a_time(speech_setup, tmp_path):
     trained = load_trained(tmp_path / "m", load_lm(str(setup["lm"]), device="cpu"))
     ids = [f"test_{i:02d}" for i in range(4)]
     frames = [setup["cache"][u] for u in ids]
-    from mmasr.projector import pad_frames
+    from mmasr.projector.speech_lm import pad_frames
 
     batch = decode(trained, *pad_frames(frames), max_new_tokens=5)
     single = [decode(trained, *pad_frames([f]), max_new_tokens=5)[0] for f in frames]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mmasr.io import read_metadata
-from mmasr.nbest import STATS_PREFIX, distinct_histogram, teacher_forced_logprobs
+from mmasr.rescoring.nbest import STATS_PREFIX, distinct_histogram, teacher_forced_logprobs
 from tests.conftest import project_copy, run
 
 pytestmark = [pytest.mark.real_whisper, pytest.mark.slow]
@@ -50,8 +50,8 @@ def test_the_run_used_the_converted_real_whisper_and_espeak_speech(real_run):
 
 
 def test_stored_scores_agree_with_a_teacher_forced_pass(real_run):
-    from mmasr.models import load_whisper, whisper_features, whisper_prompt_ids
-    from mmasr.nbest import read_audio
+    from mmasr.models.loading import load_whisper, whisper_features, whisper_prompt_ids
+    from mmasr.rescoring.nbest import read_audio
 
     nbest = pd.read_parquet(real_run / "data/nbest/nbest.parquet")
     manifest = pd.read_parquet(real_run / "data/processed/manifest.parquet").set_index("utt_id")

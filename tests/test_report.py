@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mmasr import report
+from mmasr.report import build as report
 from mmasr.cli import main
 from mmasr.config import validate
 from mmasr.io import write_json, write_parquet
@@ -348,8 +348,8 @@ def test_report_renders_in_headless_chromium(full_run, tmp_path):
 
 
 def test_nbest_depth_note_reads_the_stats_metadata():
-    from mmasr.nbest import summarise_stats
-    from mmasr.report import nbest_depth_note
+    from mmasr.rescoring.nbest import summarise_stats
+    from mmasr.report.build import nbest_depth_note
 
     meta = {"mmasr.decoding": json.dumps({"num_beams": 8, "num_return_sequences": 8, "keep": 5}),
             **summarise_stats([{"distinct": 1, "truncated_dropped": 0, "all_truncated": False},
@@ -390,7 +390,7 @@ def test_corrupt_pretrain_metrics_are_called_unreadable(full_run):
 
 
 def test_data_section_shows_what_disjoint_text_moved_out():
-    from mmasr.split import EXCLUDED_COLUMNS
+    from mmasr.data.split import EXCLUDED_COLUMNS
 
     excluded = pd.DataFrame([
         {"utt_id": "FC01_0001", "speaker": "FC01", "group": "control", "split": "test", "reason": "text_in_train",

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from mmasr.config import validate
-from mmasr.split import assign_splits, n_for, random_speaker_splits, split_summary
+from mmasr.data.split import assign_splits, n_for, random_speaker_splits, split_summary
 
 
 def corpus(n_impaired=8, n_control=8, utts=3, preset=None):
@@ -105,8 +105,8 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mmasr.cli import main  # noqa: E402
-from mmasr.split import EXCLUDED_COLUMNS, exclusion_summary, make_splits  # noqa: E402
-from mmasr.text import normaliser  # noqa: E402
+from mmasr.data.split import EXCLUDED_COLUMNS, exclusion_summary, make_splits  # noqa: E402
+from mmasr.data.text import normaliser  # noqa: E402
 
 NORM = normaliser(validate({})["text"])
 ON = {**CFG, "disjoint_text": True}

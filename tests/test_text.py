@@ -1,7 +1,7 @@
 import pytest
 
-from mmasr.ingest import clean_text, has_words
-from mmasr.text import normalise, strip_punctuation
+from mmasr.data.ingest import clean_text, has_words
+from mmasr.data.text import normalise, strip_punctuation
 
 
 @pytest.mark.parametrize("raw, norm", [
@@ -32,7 +32,7 @@ def test_clean_text_and_has_words():
 
 
 def test_numerals_are_spelled_out_as_references_spell_them():
-    from mmasr.text import normalise, number_words
+    from mmasr.data.text import normalise, number_words
 
     assert [number_words(n) for n in (0, 2, 13, 20, 21, 99, 100, 305, 999)] == [
         "zero", "two", "thirteen", "twenty", "twenty one", "ninety nine", "one hundred", "three hundred five",

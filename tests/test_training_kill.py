@@ -21,11 +21,11 @@ import pytest
 import torch
 import yaml
 
-from mmasr.clap import load_cache, steps_per_epoch
+from mmasr.clap.train import load_cache, steps_per_epoch
 from mmasr.config import deep_merge
 from mmasr.io import read_json
-from mmasr.pretrain import _step_dirs
-from mmasr.projector import _saved_step
+from mmasr.demo.pretrain import _step_dirs
+from mmasr.projector.speech_lm import _saved_step
 from tests.conftest import file_digest, kill_when, litter, run, tiny_params
 from tests.test_workflow import without_timing
 

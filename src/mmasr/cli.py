@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import __version__
-from . import config as params_mod
-from .io import atomic_path, read_metadata, write_csv, write_json, write_parquet
+from mmasr import __version__
+from mmasr import config as params_mod
+from mmasr.io import atomic_path, read_metadata, write_csv, write_json, write_parquet
 
 log = logging.getLogger("mmasr")
 
@@ -29,7 +29,7 @@ def _params(args) -> dict:
 
 
 def cmd_make_demo(args) -> None:
-    from .demo import generate_demo_corpus
+    from mmasr.demo.corpus import generate_demo_corpus
 
     p = _params(args)
     manifest = generate_demo_corpus(args.out, p["demo"], p["seed"], progress=not args.quiet)
@@ -37,7 +37,7 @@ def cmd_make_demo(args) -> None:
 
 
 def cmd_ingest(args) -> None:
-    from .ingest import ingest
+    from mmasr.data.ingest import ingest
 
     p = _params(args)
     ingested, rejects = ingest(p["data"], demo_dir=args.demo_dir)
@@ -47,7 +47,7 @@ def cmd_ingest(args) -> None:
 
 
 def cmd_preprocess(args) -> None:
-    from .preprocess import preprocess
+    from mmasr.data.preprocess import preprocess
 
     p = _params(args)
     ingested = pd.read_parquet(args.ingested)
@@ -71,8 +71,8 @@ def cmd_preprocess(args) -> None:
 
 
 def cmd_split(args) -> None:
-    from .split import exclusion_summary, make_splits, split_summary
-    from .text import normaliser
+    from mmasr.data.split import exclusion_summary, make_splits, split_summary
+    from mmasr.data.text import normaliser
 
     p = _params(args)
     norm = normaliser(p["text"])
@@ -96,7 +96,7 @@ def _model(kind: str, p: dict, threads: int | None = None):
     Snakemake rules set it), torch uses that many: the same count under Snakemake and DVC gives the same floats."""
     import torch
 
-    from .models import load_from_params
+    from mmasr.models.loading import load_from_params
 
     if threads is not None:
         torch.set_num_threads(max(1, threads))
@@ -104,7 +104,7 @@ def _model(kind: str, p: dict, threads: int | None = None):
 
 
 def cmd_convert_whisper(args) -> None:
-    from .whisper_convert import PACKAGED_TINY_EN_SHA256, convert_ct2_whisper, packaged_tiny_en_dir
+    from mmasr.models.whisper_convert import PACKAGED_TINY_EN_SHA256, convert_ct2_whisper, packaged_tiny_en_dir
 
     if args.source is None:  # the wheel's tiny.en, checked against the sha256 of the pinned version
         src = packaged_tiny_en_dir()
@@ -118,7 +118,7 @@ def cmd_convert_whisper(args) -> None:
 
 
 def cmd_build_demo_models(args) -> None:
-    from .demo_models import build_demo_models
+    from mmasr.demo.models import build_demo_models
 
     p = _params(args)
     paths = build_demo_models(args.out, p["demo_models"], p["seed"])
@@ -126,7 +126,7 @@ def cmd_build_demo_models(args) -> None:
 
 
 def cmd_cache_images(args) -> None:
-    from .clip import cache_images, cache_metadata, save_embeddings
+    from mmasr.rescoring.clip import cache_images, cache_metadata, save_embeddings
 
     p = _params(args)
     manifest = pd.read_parquet(args.manifest)
@@ -135,8 +135,8 @@ def cmd_cache_images(args) -> None:
     if wanted.empty:  # a corpus without pictures (TORGO): an empty cache, without loading CLIP at all
         import numpy as np
 
-        from .clip import NO_PICTURES
-        from .io import rejects_frame
+        from mmasr.rescoring.clip import NO_PICTURES
+        from mmasr.io import rejects_frame
 
         reason = f"{NO_PICTURES}: the picture-embedding cache is empty (CLIP was not loaded)"
         save_embeddings(args.out, [], np.zeros((0, 0), np.float32),
@@ -153,8 +153,8 @@ def cmd_cache_images(args) -> None:
 
 
 def cmd_nbest(args) -> None:
-    from .nbest import nbest_metadata, run_nbest
-    from .text import normaliser
+    from mmasr.rescoring.nbest import nbest_metadata, run_nbest
+    from mmasr.data.text import normaliser
 
     p = _params(args)
     bundle = _model("whisper", p, args.threads)
@@ -167,14 +167,14 @@ def cmd_nbest(args) -> None:
 
 
 def cmd_nbest_merge(args) -> None:
-    from .nbest import merge_shards
+    from mmasr.rescoring.nbest import merge_shards
 
     table = merge_shards(args.shards, args.out)
     log.info("merged %d shards: %d hypotheses, %d utterances", len(args.shards), len(table), table["utt_id"].nunique())
 
 
 def cmd_clip_scores(args) -> None:
-    from .clip import clip_scores, load_embeddings, rows_with_picture, save_text_embeddings
+    from mmasr.rescoring.clip import clip_scores, load_embeddings, rows_with_picture, save_text_embeddings
 
     p = _params(args)
     nbest = pd.read_parquet(args.nbest)
@@ -197,8 +197,8 @@ def cmd_clip_scores(args) -> None:
 
 
 def cmd_fuse(args) -> None:
-    from .clip import load_embeddings, load_text_embeddings
-    from .fusion import run_fusion
+    from mmasr.rescoring.clip import load_embeddings, load_text_embeddings
+    from mmasr.rescoring.fusion import run_fusion
 
     p = _params(args)
     embeddings = None
@@ -224,7 +224,7 @@ def cmd_fuse(args) -> None:
 
 
 def cmd_transcribe(args) -> None:
-    from .transcribe import transcribe
+    from mmasr.rescoring.transcribe import transcribe
 
     if args.params is None and args.cfg is None and Path("params.yaml").is_file():
         args.params = Path("params.yaml")  # a user in the project folder means the project's params
@@ -235,7 +235,7 @@ def cmd_transcribe(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import build_report
+    from mmasr.report.build import build_report
 
     if args.params is None and args.cfg is None and (args.root / "params.yaml").is_file():
         args.params = args.root / "params.yaml"  # by hand in a project folder: that project's params
@@ -266,7 +266,7 @@ def _pretrain_setup(args, kind: str) -> dict:
 
 
 def cmd_pretrain_whisper(args) -> None:
-    from .pretrain import train_whisper
+    from mmasr.demo.pretrain import train_whisper
 
     p = _pretrain_setup(args, "whisper")
     summary = train_whisper(args.init, pd.read_parquet(args.manifest), args.out, args.log_csv, args.checkpoint_dir,
@@ -281,8 +281,8 @@ def cmd_pretrain_whisper(args) -> None:
 
 
 def cmd_pretrain_clip(args) -> None:
-    from .models import load_clip
-    from .pretrain import clip_caption_to_picture_r1, train_clip
+    from mmasr.models.loading import load_clip
+    from mmasr.demo.pretrain import clip_caption_to_picture_r1, train_clip
 
     p = _pretrain_setup(args, "clip")
     manifest = pd.read_parquet(args.manifest)
@@ -312,7 +312,7 @@ def cmd_pretrain_clip(args) -> None:
 
 def cmd_pretrain_text_model(args) -> None:
     """Build the random init (inside the resumable state folder) and train the demo LM or text encoder."""
-    from . import demo_text
+    from mmasr.demo import text_models as demo_text
 
     kind = args.kind
     p = _pretrain_setup(args, kind)
@@ -328,7 +328,7 @@ def cmd_pretrain_text_model(args) -> None:
 
 
 def cmd_encode_audio(args) -> None:
-    from .encode_audio import encode_manifest
+    from mmasr.projector.encoder_cache import encode_manifest
 
     p = _params(args)
     cfg = p["projector"]
@@ -342,13 +342,13 @@ def cmd_encode_audio(args) -> None:
 
 def _speech_lm_setup(args, p: dict):
     """The feature cache and the frozen LM, with torch threads set."""
-    from .encode_audio import FeatureCache
+    from mmasr.projector.encoder_cache import FeatureCache
 
     return FeatureCache(args.features), _model("lm", p, args.threads)
 
 
 def cmd_train_projector(args) -> None:
-    from .projector import build_speech_lm, train_projector
+    from mmasr.projector.speech_lm import build_speech_lm, train_projector
 
     p = _params(args)
     cache, lm = _speech_lm_setup(args, p)
@@ -364,8 +364,8 @@ def cmd_train_projector(args) -> None:
 
 
 def cmd_eval_projector(args) -> None:
-    from .io import read_json
-    from .projector import load_trained, transcribe_split, wer_table
+    from mmasr.io import read_json
+    from mmasr.projector.speech_lm import load_trained, transcribe_split, wer_table
 
     p = _params(args)
     cache, lm = _speech_lm_setup(args, p)
@@ -379,7 +379,7 @@ def cmd_eval_projector(args) -> None:
                                              "n_trainable_params", "final_train_loss", "train_seconds")})
     metrics.update({"num_beams": p["projector"]["num_beams"], "k": config["k"], "hidden": config["hidden"]})
     if args.nbest and Path(args.nbest).is_file():  # the n-best route on the same utterances, for comparison
-        from .fusion import asr_only_wers
+        from mmasr.rescoring.fusion import asr_only_wers
 
         whisper = asr_only_wers(pd.read_parquet(args.nbest), manifest, "test", p["text"])
         metrics.update({f"whisper_{k}": v for k, v in whisper.items()})
@@ -405,7 +405,7 @@ def _torch_threads(args) -> None:
 
 
 def cmd_clap_embeddings(args) -> None:
-    from .clap import build_cache
+    from mmasr.clap.train import build_cache
 
     p = _params(args)
     _torch_threads(args)
@@ -416,7 +416,7 @@ def cmd_clap_embeddings(args) -> None:
 
 
 def cmd_train_clap(args) -> None:
-    from .clap import train_clap
+    from mmasr.clap.train import train_clap
 
     p = _params(args)
     _torch_threads(args)
@@ -426,7 +426,7 @@ def cmd_train_clap(args) -> None:
 
 
 def cmd_eval_retrieval(args) -> None:
-    from .clap import evaluate_retrieval, load_cache
+    from mmasr.clap.train import evaluate_retrieval, load_cache
 
     p = _params(args)
     _torch_threads(args)
@@ -447,10 +447,10 @@ def cmd_eval_retrieval(args) -> None:
 
 
 def cmd_layer_embeddings(args) -> None:
-    from .clap import encoder_meta
-    from .clip import save_embeddings
-    from .layers import embed_audio, encoder_depth, select_layers
-    from .nbest import read_audio
+    from mmasr.clap.train import encoder_meta
+    from mmasr.rescoring.clip import save_embeddings
+    from mmasr.models.layers import embed_audio, encoder_depth, select_layers
+    from mmasr.rescoring.nbest import read_audio
 
     p = _params(args)
     _torch_threads(args)
@@ -465,9 +465,9 @@ def cmd_layer_embeddings(args) -> None:
 
 
 def cmd_train_probe(args) -> None:
-    from .clip import load_embeddings
-    from .io import read_json
-    from .probe import train_probe
+    from mmasr.rescoring.clip import load_embeddings
+    from mmasr.io import read_json
+    from mmasr.probe.train import train_probe
 
     p = _params(args)
     meta = read_json(f"{args.embeddings}.json")
@@ -670,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--root", type=Path, default=Path("."),
                     help="project folder whose data/ and results/ are reported (default: the current folder)")
     sp.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
-                    help="read one input from elsewhere (repeatable); names: see mmasr.report.DEFAULT_INPUTS")
+                    help="read one input from elsewhere (repeatable); names: see mmasr.report.build.DEFAULT_INPUTS")
     sp.add_argument("--out", type=Path, default=Path("results/report.html"))
 
     sp = stage("clap-embeddings", cmd_clap_embeddings,
@@ -705,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--metrics", type=Path, default=Path("results/metrics/probe.json"))
     sp.add_argument("--reliability", type=Path, default=Path("results/probe/reliability.csv"))
     sp.add_argument("--model", type=Path, default=Path("results/checkpoints/probe/probe.json"),
-                    help="the fitted probe as plain JSON (no pickle; read by mmasr.probe.ProbeModel)")
+                    help="the fitted probe as plain JSON (no pickle; read by mmasr.probe.train.ProbeModel)")
 
     sp = stage("transcribe", cmd_transcribe, "Transcribe one audio file, rescored with its picture when given.")
     sp.add_argument("audio", type=Path)

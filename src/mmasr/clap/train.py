@@ -4,7 +4,7 @@ What it does
 ------------
 Speech and its transcript are mapped into one space where an utterance lies next to what was said
 (seed 003, LAION-CLAP). Each side is a frozen encoder whose hidden states are pooled
-(:mod:`mmasr.layers`: a mean over the audio frames, the ``[CLS]`` state or a token mean for text;
+(:mod:`mmasr.models.layers`: a mean over the audio frames, the ``[CLS]`` state or a token mean for text;
 optionally the four quartile layers concatenated, seed 004) followed by a projection head, a
 two-layer MLP (``in -> hidden_dim -> GELU -> embed_dim``; 768 -> 256 -> 256 for HuBERT-base and
 BERT-base) whose output is L2-normalised. The loss is the symmetric InfoNCE of CLIP with a
@@ -26,7 +26,7 @@ trained heads and for the untrained ("zero-shot") heads they started from, besid
 Ties are broken against the model (an incorrect candidate scoring the same ranks first), so a
 collapsed model scores at or below chance, never above.
 
-Training follows :mod:`mmasr.pretrain` (nanoGPT style): one plain loop per phase, the learning rate
+Training follows :mod:`mmasr.demo.pretrain` (nanoGPT style): one plain loop per phase, the learning rate
 a pure function of the step, batches a pure function of ``(seed, step)``, atomic checkpoints of
 weights (safetensors), optimizer, step and RNG with a fingerprint of config, data and code; a killed
 run resumes to the same final weights.
@@ -48,8 +48,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .io import atomic_dir, atomic_path, reject, rejects_frame, write_json, write_parquet
-from .pretrain import (LN_100, CsvLog, _adamw, _progress, batch_indices, code_digest, end_of_step, fingerprint,
+from mmasr.io import atomic_dir, atomic_path, reject, rejects_frame, write_json, write_parquet
+from mmasr.demo.pretrain import (LN_100, CsvLog, _adamw, _progress, batch_indices, code_digest, end_of_step, fingerprint,
                        optimise, resume_checkpoint, set_determinism, set_lr, soft_targets, symmetric_infonce)
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,8 @@ class ClapHeads(torch.nn.Module):
 
 def clap_loss(audio: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
               targets: torch.Tensor | None = None) -> torch.Tensor:
-    """CLAP's loss: :func:`mmasr.pretrain.symmetric_infonce` over unit-norm audio and text embeddings
-    (``targets``, e.g. :func:`mmasr.pretrain.soft_targets` over the texts, makes same-text pairs
+    """CLAP's loss: :func:`mmasr.demo.pretrain.symmetric_infonce` over unit-norm audio and text embeddings
+    (``targets``, e.g. :func:`mmasr.demo.pretrain.soft_targets` over the texts, makes same-text pairs
     positives of one another; default: the diagonal)."""
     return symmetric_infonce(audio, text, logit_scale, targets)
 
@@ -207,7 +207,7 @@ class ClapCache:
 def cache_items(manifest: pd.DataFrame, text_cfg: dict) -> tuple[pd.DataFrame, list[str]]:
     """The utterances with a non-empty normalised transcript (all splits, by utt_id) and the
     sorted distinct transcripts."""
-    from .text import normaliser
+    from mmasr.data.text import normaliser
 
     norm = normaliser(text_cfg)
     utts = manifest.assign(text=[norm(str(t)) for t in manifest["text"].fillna("")])
@@ -230,7 +230,7 @@ def empty_transcript_rejects(manifest: pd.DataFrame, utts: pd.DataFrame) -> pd.D
 
 
 def encoder_meta(bundle, layers: list[int], kind: str, pooling: str) -> dict:
-    from .layers import encoder_depth
+    from mmasr.models.layers import encoder_depth
 
     return {f"{kind}_encoder": bundle.name, f"{kind}_revision": bundle.revision,
             f"{kind}_model_type": bundle.model.config.model_type, f"{kind}_depth": encoder_depth(bundle.model),
@@ -242,8 +242,8 @@ def build_cache(manifest: pd.DataFrame, audio_bundle, text_bundle, cfg: dict, te
     """Encode every utterance and distinct transcript once and write the cache folder atomically:
     ``embeddings.safetensors`` (``audio``, ``text``), ``utterances.parquet``, ``texts.parquet``,
     ``meta.json``. ``cfg`` is the ``clap`` section."""
-    from .layers import embed_audio, embed_text, encoder_depth, select_layers
-    from .nbest import read_audio
+    from mmasr.models.layers import embed_audio, embed_text, encoder_depth, select_layers
+    from mmasr.rescoring.nbest import read_audio
 
     utts, texts = cache_items(manifest, text_cfg)
     rejects = empty_transcript_rejects(manifest, utts)
@@ -370,7 +370,7 @@ def train_clap(cache_dir: str | Path, out_dir: str | Path, log_csv: str | Path, 
     early, as a kill would)."""
     from safetensors.torch import save_file
 
-    from .models import pick_device
+    from mmasr.models.loading import pick_device
 
     t0 = time.perf_counter()
     device = pick_device(models_cfg["device"] if models_cfg else "cpu")
@@ -464,7 +464,7 @@ class _Phase2Model(torch.nn.Module):
 
 def _unfreeze_last(model, n: int) -> list[str]:
     """Freeze ``model`` except its last ``n`` transformer layers; the names of the trainable parameters."""
-    from .layers import transformer_layers
+    from mmasr.models.layers import transformer_layers
 
     model.requires_grad_(False)
     for layer in list(transformer_layers(model))[-n:] if n > 0 else []:
@@ -474,7 +474,7 @@ def _unfreeze_last(model, n: int) -> list[str]:
 
 def load_encoders(models_cfg: dict, cache_meta: dict, device) -> tuple:
     """The audio and text encoders named by ``models_cfg``, checked against the cache's revisions."""
-    from .models import load_audio_encoder, load_text_encoder
+    from mmasr.models.loading import load_audio_encoder, load_text_encoder
 
     bundles = []
     for kind, loader in (("audio", load_audio_encoder), ("text", load_text_encoder)):
@@ -491,7 +491,7 @@ def load_encoders(models_cfg: dict, cache_meta: dict, device) -> tuple:
 
 def _pooled_audio(bundle, audios: list[np.ndarray], layers: list[int]) -> torch.Tensor:
     """Differentiable pooled audio embeddings (one utterance at a time where batching is inexact)."""
-    from .layers import _batchable, audio_forward, audio_inputs
+    from mmasr.models.layers import _batchable, audio_forward, audio_inputs
 
     groups = [audios] if _batchable(bundle) else [[a] for a in audios]
     out = []
@@ -505,9 +505,9 @@ def _phase2(cache: ClapCache, heads: ClapHeads, cfg: dict, seed: int, models_cfg
             steps1: int, steps2: int, bs: int, stop_after: int | None, progress: bool) -> dict | None:
     """The heads and the last ``phase2_layers`` layers of both encoders, inputs re-encoded every step.
     Returns the fine-tuned encoder parameters (``audio_encoder.*``, ``text_encoder.*``)."""
-    from .layers import text_forward, text_inputs
-    from .models import autocast
-    from .nbest import read_audio
+    from mmasr.models.layers import text_forward, text_inputs
+    from mmasr.models.loading import autocast
+    from mmasr.rescoring.nbest import read_audio
 
     audio_bundle, text_bundle = load_encoders(models_cfg, cache.meta, device)
     a_layers, t_layers = cache.meta["audio_layers"], cache.meta["text_layers"]
@@ -661,8 +661,8 @@ def evaluate_retrieval(cache: ClapCache, checkpoint: str | Path, split: str = "t
 
 def _reencode(part: pd.DataFrame, cand_rows: np.ndarray, cache: ClapCache, encoder_state: dict,
               models_cfg: dict | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    from .layers import embed_audio, embed_text
-    from .nbest import read_audio
+    from mmasr.models.layers import embed_audio, embed_text
+    from mmasr.rescoring.nbest import read_audio
 
     if models_cfg is None:
         raise ValueError("the CLAP checkpoint has fine-tuned encoders: evaluating it needs the models section")

@@ -20,8 +20,8 @@ import soundfile as sf
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from .ingest import display_path, slug
-from .io import atomic_dir, atomic_path, reject, rejects_frame
+from mmasr.data.ingest import display_path, slug
+from mmasr.io import atomic_dir, atomic_path, reject, rejects_frame
 
 MANIFEST_COLUMNS = ["utt_id", "speaker", "group", "audio_path", "duration_s", "text", "image_id", "split", "source"]
 IMAGE_COLUMNS = ["image_id", "path", "width", "height", "orig_path", "orig_mode"]

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .fusion import fuse, masked_softmax
-from .models import clip_image_embeddings, clip_text_embeddings, load_from_params
-from .nbest import nbest_for_batch
-from .preprocess import Rejected, load_and_clean
-from .text import clip_text, normaliser
+from mmasr.rescoring.fusion import fuse, masked_softmax
+from mmasr.models.loading import clip_image_embeddings, clip_text_embeddings, load_from_params
+from mmasr.rescoring.nbest import nbest_for_batch
+from mmasr.data.preprocess import Rejected, load_and_clean
+from mmasr.data.text import clip_text, normaliser
 
 log = logging.getLogger(__name__)
 UNTUNED_ALPHA = 0.3  # seed 000's default, used only when no tuned alpha exists
@@ -39,7 +39,7 @@ def picture_embedding(clip_bundle, image: str | Path | None, image_id: str | Non
         except OSError as exc:
             return None, f"picture {path} unreadable ({exc}): ASR-only"
     if image_id is not None:
-        from .clip import load_embeddings
+        from mmasr.rescoring.clip import load_embeddings
 
         if embeddings is None or not Path(embeddings).is_file():
             return None, f"no embedding cache at {embeddings}: ASR-only"

@@ -15,9 +15,9 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from .io import atomic_path, reject, rejects_frame, write_json
-from .models import ModelBundle, clip_image_embeddings, clip_text_embeddings
-from .text import clip_text
+from mmasr.io import atomic_path, reject, rejects_frame, write_json
+from mmasr.models.loading import ModelBundle, clip_image_embeddings, clip_text_embeddings
+from mmasr.data.text import clip_text
 
 _FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed entry times: the same embeddings give the same bytes
 

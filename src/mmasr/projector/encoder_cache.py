@@ -17,8 +17,8 @@ import pandas as pd
 import soundfile as sf
 import torch
 
-from .io import atomic_dir, atomic_path, read_metadata, write_parquet
-from .models import ModelBundle, autocast, whisper_features
+from mmasr.io import atomic_dir, atomic_path, read_metadata, write_parquet
+from mmasr.models.loading import ModelBundle, autocast, whisper_features
 
 INDEX_COLUMNS = ["utt_id", "shard", "n_frames", "dim"]
 
@@ -64,7 +64,7 @@ def encode_manifest(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | 
     """
     from tqdm import tqdm
 
-    from .nbest import read_audio
+    from mmasr.rescoring.nbest import read_audio
 
     rows = manifest[manifest["split"].isin(list(splits))].sort_values("utt_id").reset_index(drop=True)
     if limit:
@@ -128,7 +128,7 @@ class LiveEncoder:
     :class:`FeatureCache`, but every request reads the audio and runs the frozen encoder again."""
 
     def __init__(self, bundle: ModelBundle, manifest: pd.DataFrame):
-        from .nbest import read_audio
+        from mmasr.rescoring.nbest import read_audio
 
         self.bundle, self._read = bundle, read_audio
         self.paths = manifest.set_index("utt_id")["audio_path"]

@@ -1,7 +1,7 @@
 """A calibrated probe: what do frozen speech-encoder layers know about the speaker?
 
 Each utterance becomes one vector, the pooled hidden states of the audio encoder's quartile layers
-concatenated (seed 004; :mod:`mmasr.layers`), cached once (``mmasr layer-embeddings``). A classifier
+concatenated (seed 004; :mod:`mmasr.models.layers`), cached once (``mmasr layer-embeddings``). A classifier
 (standardised logistic regression, or histogram gradient boosting) predicts a two-class manifest
 label, by default ``group`` (impaired vs control). Its probabilities are calibrated with
 scikit-learn's ``CalibratedClassifierCV`` in folds **grouped by speaker** (no speaker in both the
@@ -52,7 +52,7 @@ __all__ = [
     "train_probe",
 ]
 
-FORMAT = "mmasr.probe/1"
+FORMAT = "mmasr.probe.train/1"
 RELIABILITY_COLUMNS = ["calibration", "bin", "mean_predicted", "fraction_positive", "count"]
 
 

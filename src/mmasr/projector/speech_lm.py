@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import atomic_dir
+from mmasr.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class SpeechLM:
 
         The LM's output layer runs only at the positions that predict a labelled token: most positions
         are audio and prompt, and a real LM's vocabulary (~128 k) makes full logits the largest tensor."""
-        from .models import autocast
+        from mmasr.models.loading import autocast
 
         with autocast(self.device):
             embeds, mask, labels = self.inputs(frames, lengths, targets)
@@ -260,7 +260,7 @@ def train_projector(model: SpeechLM, cache, manifest: pd.DataFrame, out_dir: str
     the run (smoke tests); ``stop_after`` stops as a kill would. Writes ``out_dir/{best,last}`` with
     the projector's config, and the log; returns the summary (None when stopped).
     """
-    from .pretrain import (CsvLog, _adamw, _data_digest, _progress, code_digest, end_of_step, fingerprint,
+    from mmasr.demo.pretrain import (CsvLog, _adamw, _data_digest, _progress, code_digest, end_of_step, fingerprint,
                            resume_checkpoint, save_checkpoint, set_determinism, set_lr)
 
     t0 = time.perf_counter()
@@ -385,7 +385,7 @@ def prefix_embeddings(model: SpeechLM, frames: torch.Tensor, lengths: torch.Tens
 def decode(model: SpeechLM, frames: torch.Tensor, lengths: torch.Tensor, *, num_beams: int = 1,
            max_new_tokens: int = 32) -> list[str]:
     """Transcripts of a batch: greedy (``num_beams=1``) or beam search, stopping at eos."""
-    from .models import autocast
+    from mmasr.models.loading import autocast
 
     embeds, mask = prefix_embeddings(model, frames, lengths)
     with autocast(model.device):
@@ -423,8 +423,8 @@ def transcribe_split(model: SpeechLM, cache, manifest: pd.DataFrame, split: str,
 
 def wer_table(hyps: pd.DataFrame, text_cfg: dict) -> tuple[dict, pd.DataFrame]:
     """Pooled WER with S/D/I over all utterances, per group and per speaker (icefall-style scoring)."""
-    from .fusion import count_errors, pooled_wer
-    from .text import normaliser
+    from mmasr.rescoring.fusion import count_errors, pooled_wer
+    from mmasr.data.text import normaliser
 
     norm = normaliser(text_cfg)
     sub, dele, ins, words = count_errors([norm(r) for r in hyps["ref"]], [norm(h) for h in hyps["hyp"]])

@@ -40,7 +40,7 @@ they see): the picture helps the recogniser without dictating the answer.
   per-speaker fraction toward the voiced/voiceless midpoint: confusable, never identical. See
   :func:`stop_voicing_cues` (pure, tested).
 * ``demo.synthesiser: espeak`` replaces the formant synthesiser by real English speech from eSpeak NG
-  (:mod:`mmasr.tts`, the ``speech`` extra): a voice per speaker (:func:`espeak_voice_slot`), controls at
+  (:mod:`mmasr.demo.tts`, the ``speech`` extra): a voice per speaker (:func:`espeak_voice_slot`), controls at
   150-180 words per minute, impaired speakers slower, flatter and degraded as documented in
   :func:`espeak_utterance` (tremor, breathiness, band-limiting, noise). Everything else (descriptions,
   pictures, formats, defects, manifest) is planned before synthesis and so is identical for both.
@@ -77,8 +77,8 @@ from scipy.ndimage import uniform_filter1d
 from scipy.signal import butter, lfilter, resample_poly, sosfilt
 from tqdm import tqdm
 
-from .config import schema_defaults
-from .tts import ESPEAK_VOICES, EspeakError, espeak_synthesise
+from mmasr.config import schema_defaults
+from mmasr.demo.tts import ESPEAK_VOICES, EspeakError, espeak_synthesise
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -479,7 +479,7 @@ class EspeakVoice:
     """A speaker's eSpeak NG voice and, for the impaired group, the degradations of its speech
     (see :func:`espeak_utterance`; zero/None = that degradation is off)."""
 
-    voice: str  # a name from mmasr.tts.ESPEAK_VOICES
+    voice: str  # a name from mmasr.demo.tts.ESPEAK_VOICES
     rate_wpm: int  # speaking rate (impaired: the control rate divided by demo.impaired_rate)
     pitch: int  # eSpeak base pitch 0-100 (50 = the voice's own)
     pitch_range: int  # eSpeak pitch range 0-100 (50 = the voice's own; lower = flatter)
@@ -545,7 +545,7 @@ def make_speaker(group: str, index: int, cfg: dict, seed: int) -> Speaker:
 # "+m" variants male), each from the most to the least intelligible to Whisper tiny.en on the demo
 # captions (word error rate measured here from ~0.4 to ~0.8), so that small corpora use the clearest
 # voices and neighbouring slots (one impaired, one control speaker) get voices alike. The two accented
-# voices of mmasr.tts.ESPEAK_VOICES, en-gb-scotland+m2 and en-029+f3, are left out: tiny.en got almost no
+# voices of mmasr.demo.tts.ESPEAK_VOICES, en-gb-scotland+m2 and en-029+f3, are left out: tiny.en got almost no
 # caption right in them (word error rate ~1), which would make a control speaker useless.
 _FEMALE_VOICES = ("en-us+f2", "en-gb-x-rp+f4", "en+f2", "en-us+f1", "en-us+f3", "en-us+f4")
 _MALE_VOICES = ("en-us+m3", "en+m3", "en-us+m2", "en-us", "en", "en-us+m1", "en-us+m7", "en-us+m4")

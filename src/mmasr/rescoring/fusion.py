@@ -15,7 +15,7 @@ import jiwer
 import numpy as np
 import pandas as pd
 
-from .text import normalise, normaliser
+from mmasr.data.text import normalise, normaliser
 
 
 # ---------------------------------------------------------------- pure maths

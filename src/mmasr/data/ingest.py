@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .io import reject, rejects_frame
+from mmasr.io import reject, rejects_frame
 
 REQUIRED_COLUMNS = ("audio_path", "text", "speaker")
 OPTIONAL_COLUMNS = ("utt_id", "image_path", "group", "split")

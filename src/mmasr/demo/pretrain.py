@@ -5,7 +5,7 @@ Why it exists
 ``build_demo_models`` writes *randomly initialised* models, with which every WER is 1.0 and a broken
 pipeline looks like a working one. This module trains them on the demo corpus's **train split only**
 (no dev/test utterance, caption or picture is ever read by a training loop) and writes them in
-Hugging Face format, so that :func:`mmasr.models.load_whisper` / :func:`~mmasr.models.load_clip`
+Hugging Face format, so that :func:`mmasr.models.loading.load_whisper` / :func:`~mmasr.models.loading.load_clip`
 load them exactly like real checkpoints.
 
 * Whisper (the n-best source): teacher-forced cross-entropy on
@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .io import atomic_dir, atomic_path
+from mmasr.io import atomic_dir, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -333,9 +333,9 @@ def whisper_training_items(manifest: pd.DataFrame) -> pd.DataFrame:
 
 def caption_picture_pairs(manifest: pd.DataFrame, split: str, images_dir: str | Path, text_cfg: dict) -> pd.DataFrame:
     """Distinct (caption, image_id) pairs of one split, with the picture's path. ``caption`` is what
-    CLIP reads for the reference at scoring time (:func:`mmasr.text.clip_text`). Rows without a
+    CLIP reads for the reference at scoring time (:func:`mmasr.data.text.clip_text`). Rows without a
     picture id, or whose picture file is missing, are left out."""
-    from .text import clip_text
+    from mmasr.data.text import clip_text
 
     part = manifest[(manifest["split"] == split) & manifest["image_id"].notna()]
     # Built as Python strings, so a split without any picture gives an empty table with the same columns.
@@ -531,7 +531,7 @@ def _save_hf(bundle, init_dir: str | Path, out_dir: str | Path, extra: dict) -> 
     """The trained model + processor in Hugging Face format, atomically; tokenizer side files of the
     init folder (vocab.json, merges.txt) are copied over; ``training.json`` records how it was made
     (not part of the model's revision)."""
-    from .models import quiet_hf_progress
+    from mmasr.models.loading import quiet_hf_progress
 
     model = bundle.model
     gen = getattr(model, "generation_config", None)
@@ -557,8 +557,8 @@ def _progress(total: int, start: int, desc: str, enabled: bool):
 
 
 def _whisper_features(bundle, paths: Sequence[str], chunk: int = 64) -> torch.Tensor:
-    from .models import whisper_features
-    from .nbest import read_audio
+    from mmasr.models.loading import whisper_features
+    from mmasr.rescoring.nbest import read_audio
 
     feats = []
     for start in range(0, len(paths), chunk):
@@ -607,7 +607,7 @@ def train_whisper(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | P
     periodic checkpoints, as a killed run would (tests of resuming). Returns the summary metrics
     (None when stopped early).
     """
-    from .models import load_whisper, pick_device, whisper_prompt_ids
+    from mmasr.models.loading import load_whisper, pick_device, whisper_prompt_ids
 
     t0 = time.perf_counter()
     dev = pick_device(device)
@@ -711,7 +711,7 @@ FRESH_SCENE_CONFIG = {"scene_objects": [1, 4], "partner_in_scene": 0.3, "wrong_d
 
 
 def fresh_scene_views(bundle, captions: Sequence[str], per_caption: int, seed: int, size: int = 128) -> torch.Tensor:
-    """``per_caption`` new pictures for every caption that names a demo object (:func:`mmasr.demo.parse_phrase`),
+    """``per_caption`` new pictures for every caption that names a demo object (:func:`mmasr.demo.corpus.parse_phrase`),
     drawn by the demo's generator around that object, as CLIP pixel values of shape (captions, per_caption, C, H, W).
 
     The demo CLIP's stand-in for web-scale pre-training: it sees each train caption with many
@@ -720,7 +720,7 @@ def fresh_scene_views(bundle, captions: Sequence[str], per_caption: int, seed: i
     black placeholder pictures, which :func:`train_clip` never samples."""
     from PIL import Image
 
-    from .demo import draw_scene, parse_phrase, plan_scene
+    from mmasr.demo.corpus import draw_scene, parse_phrase, plan_scene
 
     views = []
     for i, caption in enumerate(captions):
@@ -744,7 +744,7 @@ def _tokens(bundle, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _clip_embed(model, pixel_values=None, input_ids=None, attention_mask=None) -> torch.Tensor:
-    from .models import _pooled
+    from mmasr.models.loading import _pooled
 
     if pixel_values is not None:
         out = model.get_image_features(pixel_values=pixel_values)
@@ -794,7 +794,7 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
     ``out_dir``, ``log_csv`` gets its header only, and the summary has ``clip_skipped`` true and
     ``clip_skip_reason`` (also logged).
     """
-    from .models import load_clip, pick_device
+    from mmasr.models.loading import load_clip, pick_device
 
     t0 = time.perf_counter()
     dev = pick_device(device)
@@ -806,7 +806,7 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
     pairs = caption_picture_pairs(manifest, "train", images_dir, text_cfg)
     if len(pairs) < 2:
         return _skip_clip(bundle, init_dir, out_dir, log_csv, manifest, images_dir, text_cfg, pairs, cfg, seed, t0)
-    from .demo import INTRO_WORDS
+    from mmasr.demo.corpus import INTRO_WORDS
 
     # what each caption says about its picture: hard negatives differ there, never in an intro word
     content = np.asarray([picture_words(c, INTRO_WORDS) for c in pairs["caption"]], dtype=object)
@@ -820,7 +820,7 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
     views = pixels[:, None]
     n_views = np.ones(len(pairs), dtype=np.int64)
     if cfg["fresh_scenes"]:
-        from .demo import parse_phrase
+        from mmasr.demo.corpus import parse_phrase
 
         views = torch.cat([views, fresh_scene_views(bundle, pairs["caption"].tolist(), cfg["fresh_scenes"], seed)], 1)
         n_views += cfg["fresh_scenes"] * np.array([parse_phrase(c) is not None for c in pairs["caption"]])
@@ -933,10 +933,10 @@ def _skip_clip(bundle, init_dir, out_dir, log_csv, manifest, images_dir, text_cf
 
 def clip_caption_to_picture_r1(bundle, manifest: pd.DataFrame, split: str, images_dir: str | Path,
                                text_cfg: dict) -> dict:
-    """Caption->picture R@1 of a loaded CLIP (:func:`mmasr.models.load_clip`) on the distinct
+    """Caption->picture R@1 of a loaded CLIP (:func:`mmasr.models.loading.load_clip`) on the distinct
     (caption, picture) pairs of ``split``, with the embedding helpers the pipeline itself uses.
     Every distinct caption ranks every distinct picture of the split; returns r1, chance, counts."""
-    from .models import clip_image_embeddings, clip_text_embeddings
+    from mmasr.models.loading import clip_image_embeddings, clip_text_embeddings
     from PIL import Image
 
     pairs = caption_picture_pairs(manifest, split, images_dir, text_cfg)

@@ -6,9 +6,9 @@ Why it exists
 The embedded offline default must not download anything, yet the pipeline must exercise the same
 ``from_pretrained`` code path that real checkpoints (``openai/whisper-small``,
 ``openai/clip-vit-base-patch32``) take. So the demo models are built here, in the directory
-layout ``save_pretrained`` writes, and loaded back by :mod:`mmasr.models` exactly like a local copy
+layout ``save_pretrained`` writes, and loaded back by :mod:`mmasr.models.loading` exactly like a local copy
 of a hub checkpoint. They start from a seeded random init; the training stages later fit them to
-the demo corpus (:mod:`mmasr.demo`).
+the demo corpus (:mod:`mmasr.demo.corpus`).
 
 Design
 ------
@@ -49,9 +49,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .config import schema_defaults
-from .demo import LEXICON
-from .models import quiet_hf_progress
+from mmasr.config import schema_defaults
+from mmasr.demo.corpus import LEXICON
+from mmasr.models.loading import quiet_hf_progress
 
 __all__ = [
     "DEFAULT_CONFIG",

@@ -168,7 +168,7 @@ def espeak_synthesise(text: str, voice: str = "en-us", rate_wpm: int = 160, pitc
     engine = _engine()
     with _LOCK:
         if engine.lib.espeak_SetVoiceByName(voice.encode()) != 0:
-            raise EspeakError(f"eSpeak NG has no voice {voice!r} (e.g. en-us, en-us+f2, en+m3; the English ones are in mmasr.tts.ESPEAK_VOICES)")
+            raise EspeakError(f"eSpeak NG has no voice {voice!r} (e.g. en-us, en-us+f2, en+m3; the English ones are in mmasr.demo.tts.ESPEAK_VOICES)")
         engine.lib.espeak_SetParameter(_ESPEAK_RATE, int(rate_wpm), 0)
         engine.lib.espeak_SetParameter(_ESPEAK_PITCH, int(pitch), 0)
         engine.lib.espeak_SetParameter(_ESPEAK_RANGE, int(pitch_range), 0)

@@ -136,7 +136,7 @@ def load_inputs(paths: Mapping[str, Path]) -> dict[str, Any]:
 
 
 def parquet_metadata(path: Path) -> dict[str, str]:
-    from .io import read_metadata
+    from mmasr.io import read_metadata
 
     try:
         return read_metadata(path)
@@ -451,7 +451,7 @@ def examples_table(examples: pd.DataFrame, d: Mapping[str, Any], root: Path, thu
 
 def nbest_depth_note(meta: Mapping[str, str]) -> str:
     """How deep the n-best lists are: utterances by number of distinct hypotheses, and truncated beams."""
-    from .nbest import STATS_PREFIX, distinct_histogram
+    from mmasr.rescoring.nbest import STATS_PREFIX, distinct_histogram
 
     hist = distinct_histogram(meta)
     if not hist:

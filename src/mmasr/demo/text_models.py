@@ -3,14 +3,14 @@ and a BERT text encoder (the frozen text tower of the CLAP-style audio-text mode
 
 Why it exists
 -------------
-Like :mod:`mmasr.demo_models`, the embedded offline demo must exercise the same ``from_pretrained``
+Like :mod:`mmasr.demo.models`, the embedded offline demo must exercise the same ``from_pretrained``
 code path that real checkpoints take (e.g. ``HuggingFaceTB/SmolLM3-3B``, ``bert-base-uncased``),
 without any download. The two models are built here in Hugging Face format from a seeded random
 init and then trained on the demo corpus's **train split only** (no dev/test transcript is ever
-read), with the loop conventions of :mod:`mmasr.pretrain` (whose pieces are reused, not copied).
+read), with the loop conventions of :mod:`mmasr.demo.pretrain` (whose pieces are reused, not copied).
 
 * LM: ``SmolLM3ForCausalLM`` (tied embeddings, grouped-query attention, RoPE) with a GPT-2 style
-  byte-level BPE tokenizer learned by :func:`mmasr.demo_models.learn_bpe` so that every demo word
+  byte-level BPE tokenizer learned by :func:`mmasr.demo.models.learn_bpe` so that every demo word
   (with and without its leading space) and every piece of :data:`PROJECTOR_PROMPT` is one token,
   while any other text still tokenizes through the 256 byte symbols. Special tokens:
   ``<|end_of_text|>`` (eos), ``<|begin_of_text|>`` (bos, defined for ``generate()`` from nothing but
@@ -18,7 +18,7 @@ read), with the loop conventions of :mod:`mmasr.pretrain` (whose pieces are reus
   masks the eos). It is trained on exactly what the projector model feeds it after the audio:
   ``lm_prompt_ids(tok) + lm_caption_ids(tok, caption) + [eos]``, i.e. the token sequence of
   ``PROJECTOR_PROMPT + " " + caption + eos`` with the loss on the caption tokens and the eos only
-  (:func:`mmasr.pretrain.teacher_forcing_arrays`). No bos is prepended: the projector model puts
+  (:func:`mmasr.demo.pretrain.teacher_forcing_arrays`). No bos is prepended: the projector model puts
   the projected audio embeddings first. The caption tokens carry their leading space
   (``" a red bear"``), so ``tok.decode(ids, skip_special_tokens=True).strip()`` is the caption.
 * Text encoder: ``BertModel`` with a ``BertTokenizer`` (WordPiece, lower-casing) whose vocabulary
@@ -35,7 +35,7 @@ The loss floors are set by the corpus, not the models: captions are "<count> <co
 uniformly, so after the prompt the LM cannot beat ln 3 + ln 4 + ln 12 nats per caption (about
 1.24 nats per token over the three words and eos), and BERT a masked-token loss of about 1.4.
 
-Determinism, resuming: as in :mod:`mmasr.pretrain` (seeded, deterministic CPU kernels, batches and
+Determinism, resuming: as in :mod:`mmasr.demo.pretrain` (seeded, deterministic CPU kernels, batches and
 masks a pure function of ``(seed, step)``, atomic checkpoints with a fingerprint of config, seed,
 init model, data and code, bit-identical weights after a resume). The same ``(cfg, seed)`` gives
 byte-identical files, both for the random init and for the trained model.
@@ -57,12 +57,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .config import schema_defaults
-from .demo_models import (_bpe_vocab, _seeded_init, _write_vocab_merges, bytes_to_unicode, demo_vocabulary,
+from mmasr.config import schema_defaults
+from mmasr.demo.models import (_bpe_vocab, _seeded_init, _write_vocab_merges, bytes_to_unicode, demo_vocabulary,
                           learn_bpe)
-from .io import atomic_dir
-from .models import model_revision, quiet_hf_progress
-from .pretrain import (IGNORE, CsvLog, _adamw, _caption_ids, _data_digest, _progress, _save_hf, batch_indices,
+from mmasr.io import atomic_dir
+from mmasr.models.loading import model_revision, quiet_hf_progress
+from mmasr.demo.pretrain import (IGNORE, CsvLog, _adamw, _caption_ids, _data_digest, _progress, _save_hf, batch_indices,
                        code_digest, end_of_step, fingerprint, mean_tail_loss, optimise, resume_checkpoint,
                        set_determinism, set_lr, teacher_forcing_arrays, whisper_training_items)
 
@@ -158,7 +158,7 @@ def _section(cfg: dict | None, name: str) -> dict[str, Any]:
 
 def training_texts(manifest: pd.DataFrame) -> list[str]:
     """The transcripts both text models train on: the train split only (non-empty, by utt_id; the
-    same rows as the Whisper pre-training, :func:`mmasr.pretrain.whisper_training_items`), stripped.
+    same rows as the Whisper pre-training, :func:`mmasr.demo.pretrain.whisper_training_items`), stripped.
     Raises ValueError when the manifest has no such row."""
     return [str(t).strip() for t in whisper_training_items(manifest)["text"]]
 
@@ -427,7 +427,7 @@ def train_lm(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | Path, 
     """
     from transformers import AutoModelForCausalLM
 
-    from .models import pick_device
+    from mmasr.models.loading import pick_device
 
     t0 = time.perf_counter()
     cfg = _section(cfg, "lm")
@@ -511,7 +511,7 @@ def train_text_encoder(init_dir: str | Path, manifest: pd.DataFrame, out_dir: st
     arguments as in :func:`train_lm`. Returns the summary metrics (None when stopped early)."""
     from transformers import BertForMaskedLM, BertModel
 
-    from .models import pick_device
+    from mmasr.models.loading import pick_device
 
     t0 = time.perf_counter()
     cfg = _section(cfg, "text_encoder")

@@ -42,8 +42,8 @@ from tqdm import tqdm
 from transformers.generation.utils import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutput
 
-from .io import read_metadata, write_parquet
-from .models import ModelBundle, autocast, whisper_features, whisper_prompt_ids
+from mmasr.io import read_metadata, write_parquet
+from mmasr.models.loading import ModelBundle, autocast, whisper_features, whisper_prompt_ids
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ Every CTranslate2 variable must be consumed and every HF parameter set, or the c
 float16 weights become a float32 model. The output folder (written atomically) holds the model
 (safetensors), the tokenizer (``tokenizer.json`` of the CT2 folder, with Whisper's special tokens),
 an 80-bin ``WhisperFeatureExtractor``, a ``GenerationConfig`` that ``generate()`` and
-:func:`mmasr.models.whisper_prompt_ids` read (English-only: prompt
+:func:`mmasr.models.loading.whisper_prompt_ids` read (English-only: prompt
 ``<|startoftranscript|><|notimestamps|>``), and ``ct2_source.json`` recording where it came from.
 """
 
@@ -490,7 +490,7 @@ def _generation_config(model, ids: dict[str, int], ct2_config: dict, max_length:
     gen.pad_token_id = eot
     gen.no_timestamps_token_id = ids["<|notimestamps|>"]
     gen.prev_sot_token_id = ids["<|startofprev|>"]
-    gen.is_multilingual = False  # no lang_to_id/task_to_id: mmasr.models.whisper_prompt_ids reads this
+    gen.is_multilingual = False  # no lang_to_id/task_to_id: mmasr.models.loading.whisper_prompt_ids reads this
     gen.return_timestamps = False
     gen.forced_decoder_ids = None
     gen.suppress_tokens = [int(t) for t in ct2_config.get("suppress_ids") or []]
@@ -514,9 +514,9 @@ def convert_ct2_whisper(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
     from transformers import (WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
                               WhisperProcessor)
 
-    from . import __version__
-    from .io import _UMASK, atomic_dir
-    from .models import quiet_hf_progress
+    from mmasr import __version__
+    from mmasr.io import _UMASK, atomic_dir
+    from mmasr.models.loading import quiet_hf_progress
 
     src = Path(src_dir)
     model_bin = src / "model.bin"
@@ -571,7 +571,7 @@ def convert_ct2_whisper(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
     source = {"ct2_folder": str(src.resolve()), "model_bin_sha256": sha, "ct2_binary_version": ct2.version,
               "ct2_spec": ct2.spec, "ct2_spec_revision": ct2.revision, "ct2_variables": len(ct2.variables),
               "ct2_dtypes": sorted({ct2.dtypes[k] for k, v in ct2.variables.items() if v.ndim}), "n_parameters": int(model.num_parameters()),
-              "converted_by": f"mmasr {__version__} (mmasr.whisper_convert)"}
+              "converted_by": f"mmasr {__version__} (mmasr.models.whisper_convert)"}
     with atomic_dir(out_dir) as tmp:
         with quiet_hf_progress():
             model.save_pretrained(tmp)

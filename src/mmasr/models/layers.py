@@ -12,7 +12,7 @@ the embedding output, index ``i`` the output of transformer layer ``i``):
   (2 layers: 1, 1, 2, 2) so the dimension is always 4 D;
 * an explicit list of ``hidden_states`` indices.
 
-Audio encoders (see :func:`mmasr.models.load_audio_encoder`): the HuBERT family takes the raw
+Audio encoders (see :func:`mmasr.models.loading.load_audio_encoder`): the HuBERT family takes the raw
 waveform; models whose feature extractor does not return an attention mask (HuBERT-base,
 wav2vec 2.0 base: group-norm convolutions that see padding) are run one utterance at a time, so an
 utterance's embedding never depends on what it was batched with; the others are batched with an
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .models import ModelBundle, autocast
+from mmasr.models.loading import ModelBundle, autocast
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def audio_inputs(bundle: ModelBundle, audios: Sequence[np.ndarray], sr: int = 16
     arrays = [np.asarray(a, dtype=np.float32) for a in audios]
     n_samples = torch.tensor([len(a) for a in arrays])
     if _is_whisper(bundle):
-        from .encode_audio import n_encoder_frames
+        from mmasr.projector.encoder_cache import n_encoder_frames
 
         if max(n_samples) > fe.n_samples:
             log.warning("audio of %.2f s is longer than %s's %.1f s window: the rest is cut off",
@@ -192,7 +192,7 @@ def embed_audio(bundle: ModelBundle, audios: Sequence[np.ndarray], layers: Seque
                 progress: bool = False, desc: str = "audio embeddings") -> np.ndarray:
     """(n, len(layers) * D) float32 pooled audio embeddings, in the order of ``audios``; batched by
     similar length (one at a time for encoders that cannot batch exactly)."""
-    from .nbest import length_batches
+    from mmasr.rescoring.nbest import length_batches
 
     if not len(audios):
         return np.zeros((0, len(layers) * hidden_size(bundle.model)), np.float32)

@@ -3,7 +3,7 @@
 Why one module
 --------------
 Demo and real checkpoints must go through the same code: a name is either a local folder written
-by ``save_pretrained`` (the demo models built by :mod:`mmasr.demo_models`, or a user's copy of a
+by ``save_pretrained`` (the demo models built by :mod:`mmasr.demo.models`, or a user's copy of a
 checkpoint) or a Hugging Face hub id (``openai/whisper-small``). Both are loaded with
 ``from_pretrained``; local folders with ``local_files_only=True``, hub ids from the local HF cache
 first and from the network only when the cache lacks them (and offline mode is off), so a filled
