@@ -28,13 +28,13 @@ from mmasr.io import write_json
 from mmasr.models.layers import audio_forward, audio_inputs, text_forward, text_inputs
 from mmasr.models.loading import autocast, pick_device
 from mmasr.rescoring.nbest import read_audio
-from mmasr.demo.pretrain import _adamw
+from mmasr.training.loop import adamw
 
 
 def epoch(heads, cfg: dict, seed: int, n: int, bs: int, batch_inputs) -> tuple[list[float], float]:
     """One epoch of phase-1 steps from a copy of ``heads``; the losses and the wall time."""
     heads = copy.deepcopy(heads)
-    optimizer = _adamw(heads, cfg)
+    optimizer = adamw(heads, cfg)
     losses = []
     start = time.perf_counter()
     for step in range(steps_per_epoch(n, bs)):

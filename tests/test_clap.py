@@ -18,7 +18,7 @@ from mmasr.clap.train import (LOGIT_SCALE_INIT, ClapHeads, build_cache, chance_r
 from mmasr.config import validate
 from mmasr.models.layers import embed_audio, embed_text, quartile_layers, select_layers
 from mmasr.models.loading import ModelLoadError, load_audio_encoder, load_text_encoder
-from mmasr.demo.pretrain import LN_100, soft_targets
+from mmasr.training.losses import LN_100, soft_targets
 from tests.conftest import tone, write_wav
 
 RETRIEVAL_KEYS = [f"{p}{d}_{m}" for p in ("", "zeroshot_") for d in ("a2t", "t2a")

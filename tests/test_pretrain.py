@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from mmasr.demo import pretrain as pretrain
+from mmasr.training import streams
+from mmasr.training.losses import soft_targets
 from mmasr.config import validate
 from tests.conftest import tone, write_wav
 
@@ -97,28 +99,6 @@ def run_clip(corpus, out, cfg, **kw):
 # ------------------------------------------------------------------ pure helpers
 
 
-def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    kw = dict(lr=1e-3, warmup=10, total=111, min_lr_ratio=0.1)  # decay over steps 10..110
-    assert pretrain.lr_at(0, **kw) == pytest.approx(1e-4)
-    assert pretrain.lr_at(4, **kw) == pytest.approx(5e-4)
-    assert pretrain.lr_at(9, **kw) == pytest.approx(1e-3)
-    assert pretrain.lr_at(10, **kw) == pytest.approx(1e-3)
-    assert pretrain.lr_at(60, **kw) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert pretrain.lr_at(110, **kw) == pytest.approx(1e-4)
-    lrs = [pretrain.lr_at(s, **kw) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
-    assert pretrain.lr_at(0, lr=1.0, warmup=0, total=1, min_lr_ratio=0.0) == 1.0
-
-
-def test_batches_are_a_pure_function_of_the_step_and_cover_each_epoch():
-    a = [pretrain.batch_indices(10, 4, s, seed=1) for s in range(5)]
-    b = [pretrain.batch_indices(10, 4, s, seed=1) for s in reversed(range(5))][::-1]
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    stream = np.concatenate(a)  # 20 indices = two epochs
-    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
-    assert not np.array_equal(pretrain.batch_indices(10, 4, 0, seed=2), a[0])
-
-
 def test_augmentation_is_seeded_keeps_shape_and_input():
     feats = torch.randn(3, 16, 50)
     before = feats.clone()
@@ -139,12 +119,6 @@ def test_vtlp_positions_identity_and_direction():
     assert np.all(up[1:-1] <= np.arange(80)[1:-1] + 1e-9) and np.all(np.diff(up) >= 0)
 
 
-def test_teacher_forcing_puts_loss_on_caption_and_eos_only():
-    inputs, labels = pretrain.teacher_forcing_arrays([50, 51], [[7, 8, 9], [7]], eos=99, pad=99)
-    assert inputs.tolist() == [[50, 51, 7, 8, 9], [50, 51, 7, 99, 99]]
-    assert labels.tolist() == [[-100, 7, 8, 9, 99], [-100, 7, 99, -100, -100]]
-
-
 def test_hard_negatives_are_one_word_neighbours():
     caps = ["a red bear", "a red pear", "two red bears", "a blue bear", "an image showing bear"]
     nb = pretrain.one_word_neighbours(caps)
@@ -159,7 +133,7 @@ def test_hard_negatives_are_one_word_neighbours():
     assert pretrain.clip_pool([1], many, True, 2, np.random.default_rng(0)).tolist() == [0, 1]  # fewer: all
     with pytest.raises(ValueError, match="rng"):
         pretrain.clip_pool([0], many, True, 2)
-    t = pretrain.soft_targets(["p1", "p1", "p2"], ["x", "y", "z"])  # pairs 0 and 1 show the same picture
+    t = soft_targets(["p1", "p1", "p2"], ["x", "y", "z"])  # pairs 0 and 1 show the same picture
     assert torch.allclose(t, torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]))
 
 
@@ -171,7 +145,7 @@ def test_intro_words_make_neither_hard_negatives_nor_negatives():
     assert content == ["two red bears", "two red bears", "two red bears", "two red pears"]
     nb = pretrain.one_word_neighbours(content)
     assert nb == [[3], [3], [3], [0, 1, 2]]  # only the noun makes a hard negative
-    t = pretrain.soft_targets(["p0", "p1", "p2", "p3"], content)
+    t = soft_targets(["p0", "p1", "p2", "p3"], content)
     assert torch.allclose(t[0], torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0]))  # same picture words: positives
 
 
@@ -270,7 +244,7 @@ def test_fresh_scenes_are_new_seeded_pictures_of_the_captions_object(corpus):
     assert torch.equal(views[1, 0], views[1, 2])  # a blank picture: names no demo object (never sampled)
     assert torch.equal(views, pretrain.fresh_scene_views(bundle, captions, 3, seed=5))  # seeded
     # what is drawn: the caption's object as said, among 1-4 objects
-    rng = np.random.default_rng([5, pretrain._TAG_CLIP_FRESH, 0, 0])
+    rng = np.random.default_rng([5, streams.CLIP_FRESH_SCENES, 0, 0])
     scene = demo.plan_scene(demo.parse_phrase(captions[0]), pretrain.FRESH_SCENE_CONFIG, rng)
     assert scene.agrees and scene.objects[scene.described] == demo.ObjectPhrase("two", "red", "bear")
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mmasr.projector.speech_lm import IGNORE, Projector, assemble, n_trainable, stack_frames
+from mmasr.training.losses import IGNORE
+from mmasr.projector.speech_lm import Projector, assemble, n_trainable, stack_frames
 
 
 def test_stack_frames_drops_the_tail_and_concatenates_k_frames():
@@ -66,7 +67,7 @@ from mmasr.demo import text_models as demo_text  # noqa: E402
 from mmasr.config import validate  # noqa: E402
 from mmasr.projector.encoder_cache import FeatureCache, write_index, write_shard  # noqa: E402
 from mmasr.models.loading import load_lm  # noqa: E402
-from mmasr.demo.pretrain import lr_at  # noqa: E402
+from mmasr.training.loop import lr_at  # noqa: E402
 from mmasr.projector.speech_lm import (build_speech_lm, decode, epoch_batches, load_trained, micro_batch,  # noqa: E402
                              token_loss_sum, train_projector, wer_table)
 

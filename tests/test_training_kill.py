@@ -24,8 +24,7 @@ import yaml
 from mmasr.clap.train import load_cache, steps_per_epoch
 from mmasr.config import deep_merge
 from mmasr.io import read_json
-from mmasr.demo.pretrain import _step_dirs
-from mmasr.projector.speech_lm import _saved_step
+from mmasr.training.loop import saved_step, step_dirs
 from tests.conftest import file_digest, kill_when, litter, run, tiny_params
 from tests.test_workflow import without_timing
 
@@ -42,7 +41,7 @@ def params_file(tiny_run: Path, dest: Path, **sections) -> Path:
 
 def newest_checkpoint(folder: Path) -> int:
     """The step of the newest complete checkpoint folder (``step-NNNNNN``; 0 when there is none)."""
-    dirs = _step_dirs(folder)
+    dirs = step_dirs(folder)
     return int(dirs[-1].name.removeprefix("step-")) if dirs else 0
 
 
@@ -156,7 +155,7 @@ def test_projector_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_run
     def best_after(state: Path, step: int) -> bool:
         """The dev loss improved after the newest checkpoint: the rerun must drop that ``best`` and make it again."""
         try:
-            return _saved_step(state / "best") > step
+            return saved_step(state / "best") > step
         except (OSError, RuntimeError, EOFError):  # being replaced right now
             return False
 

@@ -49,8 +49,10 @@ import torch
 import torch.nn.functional as F
 
 from mmasr.io import atomic_dir, atomic_path, reject, rejects_frame, write_json, write_parquet
-from mmasr.demo.pretrain import (LN_100, CsvLog, _adamw, _progress, batch_indices, code_digest, end_of_step, fingerprint,
-                       optimise, resume_checkpoint, set_determinism, set_lr, soft_targets, symmetric_infonce)
+from mmasr.training import streams
+from mmasr.training.loop import Trainer, adamw, batch_indices, code_digest, fingerprint, mean_tail_loss, optimise, \
+    set_determinism
+from mmasr.training.losses import LN_100, soft_targets, symmetric_infonce
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,6 @@ __all__ = [
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
 TRAIN_LOG_COLUMNS = ["step", "lr", "train_loss", "logit_scale", "dev_loss", "phase"]
-_TAG_CLAP_ORDER, _TAG_CLAP2_ORDER = 301, 302  # random streams (pretrain: 101..104, demo_text: 201..203)
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +342,7 @@ def heads_from_cache(cache: ClapCache, cfg: dict, seed: int) -> ClapHeads:
 
 def phase1_batch(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     """Train-item indices of a phase-1 step (a pure function of its arguments)."""
-    return batch_indices(n, batch_size, step, seed, _TAG_CLAP_ORDER)
+    return batch_indices(n, batch_size, step, seed, streams.CLAP_ORDER)
 
 
 def heads_step(heads: ClapHeads, optimizer: torch.optim.Optimizer, audio_x: torch.Tensor, text_x: torch.Tensor,
@@ -355,9 +356,8 @@ def heads_step(heads: ClapHeads, optimizer: torch.optim.Optimizer, audio_x: torc
     return loss.item()
 
 
-def _row(step: int, lr: float, loss: float, scale: torch.Tensor, phase: int) -> dict:
-    return {"step": step, "lr": lr, "loss": loss, "train_loss": loss, "phase": phase,
-            "logit_scale": float(scale.detach().clamp(max=LN_100).exp())}
+def _row(loss: float, scale: torch.Tensor, phase: int) -> dict:
+    return {"loss": loss, "train_loss": loss, "phase": phase, "logit_scale": float(scale.detach().clamp(max=LN_100).exp())}
 
 
 def train_clap(cache_dir: str | Path, out_dir: str | Path, log_csv: str | Path, checkpoint_dir: str | Path, cfg: dict,
@@ -392,31 +392,27 @@ def train_clap(cache_dir: str | Path, out_dir: str | Path, log_csv: str | Path, 
     steps1 = cfg["epochs"] * steps_per_epoch(len(train), bs)
     log.info("CLAP phase 1: %d train utterances (%d distinct texts), %d dev; %d steps of %d; heads %s",
              len(train), len(set(tr_text)), len(dev), steps1, bs, heads.dims())
-    optimizer = _adamw(heads, cfg)
-    schedule = {"kind": "linear warm-up + cosine", "lr": cfg["lr"], "warmup": cfg["warmup"], "total": steps1,
-                "min_lr_ratio": cfg["min_lr_ratio"]}
+    optimizer = adamw(heads, cfg)
     phase1_cfg = {k: v for k, v in _training_cfg(cfg).items() if not k.startswith("phase2_")}
     fp1 = fingerprint("clap.phase1", phase1_cfg, seed, steps1, cache.digest, cache.meta, str(device), code_digest(__file__))
-    start = resume_checkpoint(ckpt_dir / "phase1", heads, optimizer, fp1)
-    csv_log = CsvLog(ckpt_dir / "log.csv", TRAIN_LOG_COLUMNS, start) if start < steps1 else None
+    trainer = Trainer("CLAP phase 1", heads, optimizer, cfg, steps=steps1, checkpoint_dir=ckpt_dir / "phase1",
+                      fingerprint=fp1, log_columns=TRAIN_LOG_COLUMNS, log_path=ckpt_dir / "log.csv",
+                      items_per_step=bs, progress=progress)
 
     def dev_embed1(idx):
         return heads.audio(audio[dev_rows[idx]]), heads.text(text[dev_text[idx]])
 
-    bar = _progress(steps1, start, "CLAP phase 1", progress)
-    heads.train()
-    for step in range(start, steps1):
-        lr = set_lr(optimizer, step, cfg, steps1)
+    def train_step(step: int) -> dict:
         idx = phase1_batch(len(train), bs, step, seed)
         loss = heads_step(heads, optimizer, audio[tr_rows[idx]], text[tr_text[idx]], tr_text[idx], cfg["grad_clip"])
-        done = step + 1
-        row = _row(done, lr, loss, heads.logit_scale, 1)
-        if cfg["eval_every"] and (done % cfg["eval_every"] == 0 or done == steps1):
-            row["dev_loss"] = _dev_loss(dev_embed1, len(dev), dev_text, heads.logit_scale, bs)
-        if end_of_step(row, steps1, csv_log, bar, ckpt_dir / "phase1", heads, optimizer, fp1, schedule, cfg,
-                       stop_after):
-            return None
-    bar.close()
+        return _row(loss, heads.logit_scale, 1)
+
+    def evaluate(done: int) -> dict:
+        return {"dev_loss": _dev_loss(dev_embed1, len(dev), dev_text, heads.logit_scale, bs)}
+
+    heads.train()
+    if not trainer.run(train_step, evaluate, stop_after=stop_after):
+        return None
 
     encoder_state: dict[str, torch.Tensor] = {}
     steps2 = 0
@@ -429,12 +425,10 @@ def train_clap(cache_dir: str | Path, out_dir: str | Path, log_csv: str | Path, 
         if encoder_state is None:
             return None
 
-    final_log = CsvLog(ckpt_dir / "log.csv", TRAIN_LOG_COLUMNS, steps1 + steps2)
-    rows = final_log.rows()
-    tail = [float(r["train_loss"]) for r in rows[-50:]]
+    rows = trainer.log.rows()
     last_dev = next((float(r["dev_loss"]) for r in reversed(rows) if r.get("dev_loss")), None)
     summary = {"clap_steps": steps1 + steps2, "clap_phase1_steps": steps1, "clap_phase2_steps": steps2,
-               "clap_final_train_loss": float(np.mean(tail)) if tail else None, "clap_final_dev_loss": last_dev,
+               "clap_final_train_loss": mean_tail_loss(rows, column="train_loss"), "clap_final_dev_loss": last_dev,
                "clap_logit_scale": float(heads.logit_scale.detach().exp()),
                "clap_n_train_utts": len(train), "clap_n_train_texts": int(len(set(tr_text))),
                "clap_n_trainable_params": int(sum(p.numel() for p in heads.parameters()))
@@ -451,7 +445,7 @@ def train_clap(cache_dir: str | Path, out_dir: str | Path, log_csv: str | Path, 
         save_file(trained, str(tmp))
     with atomic_path(out / "config.json") as tmp:  # last: its presence means the folder is complete
         tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    final_log.publish(log_csv)
+    trainer.log.publish(log_csv)
     summary["clap_train_seconds"] = round(time.perf_counter() - t0, 1)
     return summary
 
@@ -527,11 +521,12 @@ def _phase2(cache: ClapCache, heads: ClapHeads, cfg: dict, seed: int, models_cfg
         groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"], "lr_scale": scale},
                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-8)
-    schedule = {"kind": "linear warm-up + cosine", "lr": cfg["lr"], "encoder_lr": cfg["phase2_encoder_lr"],
-                "warmup": cfg["warmup"], "total": steps2, "min_lr_ratio": cfg["min_lr_ratio"]}
     fp2 = fingerprint("clap.phase2", _training_cfg(cfg), seed, steps1, steps2, cache.digest, cache.meta, str(device), code_digest(__file__))
-    start = resume_checkpoint(ckpt_dir / "phase2", model, optimizer, fp2) or steps1
-    csv_log = CsvLog(ckpt_dir / "log.csv", TRAIN_LOG_COLUMNS, start)
+    # global step numbers: the log and the checkpoints continue phase 1's
+    trainer = Trainer("CLAP phase 2", model, optimizer, cfg, steps=steps1 + steps2, first_step=steps1,
+                      checkpoint_dir=ckpt_dir / "phase2", fingerprint=fp2, log_columns=TRAIN_LOG_COLUMNS,
+                      log_path=ckpt_dir / "log.csv", items_per_step=bs,
+                      schedule_extra={"encoder_lr": cfg["phase2_encoder_lr"]}, progress=progress)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("CLAP phase 2: last %d layers of each encoder + heads (%d trainable parameters), %d steps, encoder lr %g",
              cfg["phase2_layers"], n_trainable, steps2, cfg["phase2_encoder_lr"])
@@ -545,27 +540,24 @@ def _phase2(cache: ClapCache, heads: ClapHeads, cfg: dict, seed: int, models_cfg
     def dev_embed2(idx):
         return embed([dev_audio[i] for i in idx], [cache.texts[r] for r in dev_text[idx]])
 
-    total = steps1 + steps2
-    bar = _progress(total, start, "CLAP phase 2", progress)
-    model.train()
-    for step in range(start, total):  # global step numbers: the log and the checkpoints continue phase 1's
-        lr = set_lr(optimizer, step - steps1, cfg, steps2)
-        idx = batch_indices(len(train), bs, step - steps1, seed, _TAG_CLAP2_ORDER)
+    def train_step(step: int) -> dict:
+        idx = batch_indices(len(train), bs, step - steps1, seed, streams.CLAP_PHASE2_ORDER)
         a, t = embed([train_audio[i] for i in idx], [cache.texts[r] for r in tr_text[idx]])
         loss = clap_loss(a, t, heads.logit_scale, _text_targets(tr_text[idx]).to(device))
         optimise(loss, model, optimizer, cfg["grad_clip"])
         with torch.no_grad():
             heads.logit_scale.clamp_(max=LN_100)
-        done = step + 1
-        row = _row(done, lr, loss.item(), heads.logit_scale, 2)
-        if cfg["eval_every"] and ((done - steps1) % cfg["eval_every"] == 0 or done == total):
-            model.eval()
-            row["dev_loss"] = _dev_loss(dev_embed2, len(dev), dev_text, heads.logit_scale, bs)
-            model.train()
-        if end_of_step(row, total, csv_log, bar, ckpt_dir / "phase2", model, optimizer, fp2, schedule, cfg,
-                       stop_after):
-            return None
-    bar.close()
+        return _row(loss.item(), heads.logit_scale, 2)
+
+    def evaluate(done: int) -> dict:
+        model.eval()
+        dev_loss = _dev_loss(dev_embed2, len(dev), dev_text, heads.logit_scale, bs)
+        model.train()
+        return {"dev_loss": dev_loss}
+
+    model.train()
+    if not trainer.run(train_step, evaluate, stop_after=stop_after):
+        return None
     model.eval()
     params = dict(model.named_parameters())
     return {name: params[name].detach() for prefix, names in trainable.items() for name in

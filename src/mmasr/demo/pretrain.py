@@ -22,127 +22,57 @@ load them exactly like real checkpoints.
   "we got ...") say the same about the picture and are positives of one another. Besides each train
   picture it sees ``fresh_scenes`` new pictures of the caption's object (:func:`fresh_scene_views`).
 
-How it is written (nanoGPT style)
----------------------------------
-One plain loop per model; the state is the model, the AdamW optimizer, the step and torch's RNG.
-The learning rate is a pure function of the step (:func:`lr_at`: linear warm-up, cosine decay), so
-the step *is* the scheduler state. Which examples a step sees and how they are augmented is a pure
-function of ``(seed, step)`` (:func:`batch_indices`, ``numpy.random.default_rng([seed, tag, step])``),
-so resuming needs no data-loader state. Every ``checkpoint_every`` steps the state is written
-atomically (a temporary folder renamed into place) as ``model.safetensors`` + ``state.pt``; a killed
-run started again resumes from the newest checkpoint and ends with bit-identical weights on the CPU
-(``torch.use_deterministic_algorithms(True)``, float32). A checkpoint carries a fingerprint of the
-config, seed, init model, training data and this file, and is only resumed by an identical run.
+How it is written
+-----------------
+Each model's step is a plain function run by the shared loop (:class:`mmasr.training.loop.Trainer`:
+schedule, checkpoints, exact resume, CSV log, progress). Which examples a step sees and how they are
+augmented is a pure function of ``(seed, tag, step)`` (tags in :mod:`mmasr.training.streams`).
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from mmasr.io import atomic_dir, atomic_path
+from mmasr.training import streams
+from mmasr.training.loop import Trainer, adamw, batch_indices, code_digest, data_digest, fingerprint, mean_tail_loss, \
+    optimise, run_steps, set_determinism
+from mmasr.training.losses import IGNORE, LN_100, soft_targets, symmetric_infonce, teacher_forcing_arrays, token_loss
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "LN_100",
-    "lr_at",
-    "batch_indices",
     "mel_centre_hz",
     "vtlp_positions",
     "augment_features",
-    "teacher_forcing_arrays",
     "one_word_neighbours",
     "clip_pool",
     "picture_words",
-    "soft_targets",
     "retrieval_r1",
     "whisper_training_items",
     "clip_training_pairs",
     "caption_picture_pairs",
+    "caption_token_ids",
+    "save_hf_model",
     "train_whisper",
     "train_clip",
     "clip_caption_to_picture_r1",
 ]
 
-LN_100 = math.log(100.0)  # CLIP's cap on the logit scale
-IGNORE = -100  # label of positions without loss (the prompt, the padding)
-# Tags that separate the random streams of one seed (numpy.random.default_rng([seed, tag, step])).
-_TAG_WHISPER_ORDER, _TAG_WHISPER_AUG, _TAG_CLIP_ORDER, _TAG_CLIP_AUG = 101, 102, 103, 104
-_TAG_CLIP_FRESH, _TAG_CLIP_POOL = 109, 110
-
-
 # --------------------------------------------------------------------------------------------
-# Pure helpers: schedule, batching, augmentation, targets
+# Pure helpers: augmentation, hard negatives
 # --------------------------------------------------------------------------------------------
-
-
-def lr_at(step: int, *, lr: float, warmup: int, total: int, min_lr_ratio: float, decay: str = "cosine") -> float:
-    """Learning rate of (0-based) ``step``: linear warm-up from ``lr/warmup`` to ``lr`` over
-    ``warmup`` steps, then ``decay`` (cosine or linear) to ``min_lr_ratio * lr`` at the last step (``total - 1``)."""
-    if total < 1:
-        raise ValueError("total steps must be >= 1")
-    if decay not in ("cosine", "linear"):
-        raise ValueError(f"decay must be cosine or linear, got {decay!r}")
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    decay_steps = total - 1 - warmup
-    if decay_steps <= 0:
-        return lr
-    progress = min(1.0, (step - warmup) / decay_steps)
-    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
-    return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * shape)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: dict, total: int, decay: str = "cosine") -> float:
-    """Set every parameter group's learning rate for ``step`` (:func:`lr_at` with ``cfg``'s ``lr``,
-    ``warmup`` and ``min_lr_ratio``), times the group's ``lr_scale`` if it has one; return the base rate."""
-    lr = lr_at(step, lr=cfg["lr"], warmup=cfg["warmup"], total=total, min_lr_ratio=cfg["min_lr_ratio"], decay=decay)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-    return lr
-
-
-def symmetric_infonce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
-                      targets: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch of unit-norm pairs: ``logits = exp(min(s, ln 100)) * A B^T``,
-    the mean of the a->b and b->a cross-entropies. ``targets`` (rows summing to 1, e.g.
-    :func:`soft_targets`) makes repeated items positives of one another; default: the diagonal."""
-    logits = logit_scale.clamp(max=LN_100).exp() * a @ b.T
-    if targets is None:
-        targets = torch.arange(len(a), device=a.device)
-        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
-    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets.T))
-
-
-def batch_indices(n: int, batch_size: int, step: int, seed: int, tag: int = 0) -> np.ndarray:
-    """The example indices of ``step``: the steps walk through an endless stream of epochs, each a
-    fresh permutation of ``range(n)`` drawn from ``default_rng([seed, tag, epoch])``. A pure function
-    of its arguments, so a resumed run sees exactly the batches an uninterrupted run would."""
-    if n < 1 or batch_size < 1:
-        raise ValueError("need n >= 1 and batch_size >= 1")
-    start = step * batch_size
-    out = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n)
-        perm = np.random.default_rng([seed, tag, epoch]).permutation(n)
-        out.extend(perm[offset: offset + batch_size - len(out)].tolist())
-    return np.asarray(out, dtype=np.int64)
 
 
 def _hz_to_mel_slaney(hz: np.ndarray) -> np.ndarray:
@@ -234,24 +164,6 @@ def augment_features(feats: torch.Tensor, n_frames: Sequence[int], rng: np.rando
     return out
 
 
-def teacher_forcing_arrays(prompt: Sequence[int], captions: Sequence[Sequence[int]], eos: int,
-                           pad: int, prefixes: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoder inputs and labels for ``[prefix +] prompt + caption + [eos]``, right-padded with ``pad``.
-
-    ``inputs[t]`` predicts ``labels[t]`` (= the token at ``t + 1``); labels are ``IGNORE`` on the
-    prefix, the prompt and the padding, so only the caption tokens and the end-of-text carry loss.
-    """
-    heads = [list(prefixes[i]) + list(prompt) for i in range(len(captions))] if prefixes else [list(prompt)] * len(captions)
-    seqs = [h + list(c) + [eos] for h, c in zip(heads, captions)]
-    width = max(len(s) for s in seqs) - 1
-    inputs = torch.full((len(seqs), width), pad, dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-    for i, (h, s) in enumerate(zip(heads, seqs)):
-        inputs[i, : len(s) - 1] = torch.tensor(s[:-1])
-        labels[i, len(h) - 1: len(s) - 1] = torch.tensor(s[len(h):])
-    return inputs, labels
-
-
 def one_word_neighbours(captions: Sequence[str]) -> list[list[int]]:
     """For every caption, the indices of the other captions with the same number of words that
     differ from it in exactly one word (for the demo: another noun, the minimal-pair partner among
@@ -291,17 +203,6 @@ def clip_pool(anchors: Sequence[int], neighbours: Sequence[Sequence[int]], hard_
                 near = [near[int(i)] for i in rng.choice(len(near), per_anchor, replace=False)]
             pool.update(int(n) for n in near)
     return np.asarray(sorted(pool), dtype=np.int64)
-
-
-def soft_targets(image_keys: Sequence[str], caption_keys: Sequence[str]) -> torch.Tensor:
-    """Row-normalised targets for a batch of pairs: pair ``j`` is a positive for pair ``i`` when it
-    shows the same picture or says the same caption (so repeated pictures/captions are never
-    pushed apart as negatives). The diagonal is always positive."""
-    img = np.asarray(image_keys, dtype=object)
-    cap = np.asarray(caption_keys, dtype=object)
-    same = (img[:, None] == img[None, :]) | (cap[:, None] == cap[None, :])
-    t = torch.as_tensor(same, dtype=torch.float32)
-    return t / t.sum(dim=1, keepdim=True)
 
 
 def retrieval_r1(similarity: np.ndarray, match: np.ndarray) -> tuple[float, float]:
@@ -359,175 +260,11 @@ def clip_training_pairs(manifest: pd.DataFrame, images_dir: str | Path, text_cfg
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints, logs, determinism
+# Writing a trained model
 # --------------------------------------------------------------------------------------------
 
 
-def set_determinism(seed: int, device: torch.device) -> None:
-    """Seed torch and ask for deterministic kernels (strict on the CPU; warn-only elsewhere)."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.set_flush_denormal(True)  # Adam's tiny second moments as denormals make CPU steps ~5x slower
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
-
-
-def code_digest(path: str | Path) -> str:
-    """sha256 (16 hex) of a source file: fingerprints name the training code they belong to."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def fingerprint(*parts: Any) -> str:
-    """sha256 (16 hex) of the JSON of ``parts`` and of this module's source: a checkpoint resumes
-    only into the same config, seed, init model, data and training code."""
-    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
-    h.update(Path(__file__).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _data_digest(frame: pd.DataFrame, columns: Sequence[str]) -> str:
-    return hashlib.sha256(frame[list(columns)].to_csv(index=False).encode()).hexdigest()[:16]
-
-
-def _step_dirs(checkpoint_dir: Path) -> list[Path]:
-    return sorted(p for p in checkpoint_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-
-
-def save_checkpoint(checkpoint_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    fp: str, schedule: dict, keep: int, name: str | None = None) -> Path:
-    """Write ``step-NNNNNN/{model.safetensors,state.pt}`` atomically; keep the newest ``keep``.
-    With ``name`` (e.g. ``best``) the folder is ``name/`` instead, replaced in place, never pruned."""
-    from safetensors.torch import save_model
-
-    folder = name or f"step-{step:06d}"
-    final = checkpoint_dir / folder
-    tmp = checkpoint_dir / f".{folder}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (Whisper's proj_out)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-             "fingerprint": fp, "schedule": schedule}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save(state, tmp / "state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    if name:
-        return final
-    for old in _step_dirs(checkpoint_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def resume_checkpoint(checkpoint_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      fp: str) -> int:
-    """Load the newest checkpoint with fingerprint ``fp`` into ``model``/``optimizer`` and torch's
-    RNG; return its step (0 when there is none). Checkpoints of another run are removed."""
-    from safetensors.torch import load_model
-
-    if not checkpoint_dir.is_dir():
-        return 0
-    for tmp in checkpoint_dir.glob(".*.tmp"):  # left by a run killed while writing
-        shutil.rmtree(tmp, ignore_errors=True)
-    for path in reversed(_step_dirs(checkpoint_dir)):
-        try:
-            state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-        except (OSError, RuntimeError, EOFError) as exc:
-            log.warning("skipping unreadable checkpoint %s (%s)", path, exc)
-            continue
-        if state.get("fingerprint") != fp:
-            log.warning("removing checkpoint %s: it belongs to another run (config, data, init model or code differ)", path)
-            shutil.rmtree(path, ignore_errors=True)
-            continue
-        load_model(model, str(path / "model.safetensors"), strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        log.info("resuming from %s (step %d)", path, state["step"])
-        return int(state["step"])
-    return 0
-
-
-class CsvLog:
-    """The training log, written row by row into the checkpoint folder (``log.csv``) so a killed run
-    keeps it; on resume, rows after the resumed step are dropped. :meth:`publish` copies it
-    atomically to the declared output at the end."""
-
-    def __init__(self, path: Path, columns: Sequence[str], resume_step: int):
-        self.path, self.columns = path, list(columns)
-        rows = []
-        if resume_step > 0 and path.is_file():
-            with path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.columns)
-            w.writeheader()
-            w.writerows(rows)
-
-    def write(self, row: dict) -> None:
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.columns).writerow({k: _fmt(row.get(k)) for k in self.columns})
-
-    def publish(self, dest: str | Path) -> None:
-        with atomic_path(dest) as tmp:
-            shutil.copyfile(self.path, tmp)
-
-    def rows(self) -> list[dict]:
-        with self.path.open(newline="") as f:
-            return list(csv.DictReader(f))
-
-
-def optimise(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> None:
-    """One update: clear the gradients, backpropagate, clip the gradient norm, step."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-
-
-def end_of_step(row: dict, steps: int, csv_log: "CsvLog", bar, checkpoint_dir: Path, model: torch.nn.Module,
-                optimizer: torch.optim.Optimizer, fp: str, schedule: dict, cfg: dict, stop_after: int | None) -> bool:
-    """The bookkeeping every loop ends a step with: log the row, advance the progress bar, checkpoint
-    on schedule (and at the last step). True when ``stop_after`` ends the run here, as a kill would."""
-    done = row["step"]
-    csv_log.write(row)
-    bar.update(1)
-    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", refresh=False)
-    if done % cfg["checkpoint_every"] == 0 or done == steps:
-        save_checkpoint(checkpoint_dir, done, model, optimizer, fp, schedule, cfg["keep_checkpoints"])
-    stopped = stop_after is not None and stop_after <= done < steps
-    if stopped:
-        bar.close()
-    return stopped
-
-
-def mean_tail_loss(rows: list[dict], n: int = 50) -> float | None:
-    """Mean training loss of the last ``n`` logged steps (the final loss, less noisy than one step)."""
-    tail = [float(r["loss"]) for r in rows[-n:]]
-    return float(np.mean(tail)) if tail else None
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
-
-
-def _adamw(model: torch.nn.Module, cfg: dict) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices/embeddings only (nanoGPT): not on biases, norms or
-    CLIP's logit scale."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-8)
-
-
-def _save_hf(bundle, init_dir: str | Path, out_dir: str | Path, extra: dict) -> None:
+def save_hf_model(bundle, init_dir: str | Path, out_dir: str | Path, extra: dict) -> None:
     """The trained model + processor in Hugging Face format, atomically; tokenizer side files of the
     init folder (vocab.json, merges.txt) are copied over; ``training.json`` records how it was made
     (not part of the model's revision)."""
@@ -547,10 +284,6 @@ def _save_hf(bundle, init_dir: str | Path, out_dir: str | Path, extra: dict) -> 
         (tmp / "training.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
 
 
-def _progress(total: int, start: int, desc: str, enabled: bool):
-    return tqdm(total=total, initial=start, desc=desc, unit="step", disable=not enabled, mininterval=2.0)
-
-
 # --------------------------------------------------------------------------------------------
 # Whisper
 # --------------------------------------------------------------------------------------------
@@ -567,25 +300,19 @@ def _whisper_features(bundle, paths: Sequence[str], chunk: int = 64) -> torch.Te
     return torch.cat(feats)
 
 
-@torch.no_grad()
-def _whisper_eval_loss(model, feats: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, device,
-                       chunk: int = 64) -> float:
+def _whisper_eval_loss(model, feats: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, device) -> float:
     """Mean teacher-forced token loss (no augmentation), in eval mode; restores train mode."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for s in range(0, len(feats), chunk):
-        lab = labels[s:s + chunk].to(device)
-        logits = model(input_features=feats[s:s + chunk].to(device),
-                       decoder_input_ids=inputs[s:s + chunk].to(device)).logits
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), lab.flatten(), ignore_index=IGNORE,
-                                       reduction="sum"))
-        count += int((lab != IGNORE).sum())
+    loss = token_loss(lambda rows, x: model(input_features=feats[rows].to(device), decoder_input_ids=x).logits,
+                      inputs, labels, device)
     model.train(was_training)
-    return total / max(1, count)
+    return loss
 
 
-def _caption_ids(tok, texts: Sequence[str], max_len: int, prompt_len: int) -> list[list[int]]:
+def caption_token_ids(tok, texts: Sequence[str], max_len: int, prompt_len: int) -> list[list[int]]:
+    """Token ids of each caption (with the leading space a word gets after the prompt); an error naming
+    the caption when prompt + caption + end-of-text would not fit the model's ``max_len`` positions."""
     out = []
     for t in texts:
         ids = tok(" " + str(t).strip(), add_special_tokens=False).input_ids
@@ -612,7 +339,7 @@ def train_whisper(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | P
     t0 = time.perf_counter()
     dev = pick_device(device)
     set_determinism(seed, dev)
-    steps = min(cfg["steps"], max_steps) if max_steps else cfg["steps"]
+    steps = run_steps(cfg, max_steps)
     bundle = load_whisper(str(init_dir), device=dev)
     model, tok = bundle.model, bundle.processor.tokenizer
     gen = model.generation_config
@@ -622,7 +349,7 @@ def train_whisper(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | P
     max_len = int(model.config.max_target_positions)
 
     train = whisper_training_items(manifest)
-    inputs, labels = teacher_forcing_arrays(prompt, _caption_ids(tok, train["text"], max_len, len(prompt)), eos, pad)
+    inputs, labels = teacher_forcing_arrays(prompt, caption_token_ids(tok, train["text"], max_len, len(prompt)), eos, pad)
     log.info("Whisper pre-training on %d train utterances (%d speakers), %d steps; prompt %s", len(train),
              train["speaker"].nunique(), steps, tok.convert_ids_to_tokens(prompt))
     feats = _whisper_features(bundle, train["audio_path"].tolist())
@@ -637,40 +364,34 @@ def train_whisper(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | P
         dev_rows = manifest[(manifest["split"] == "dev") & manifest["text"].fillna("").str.strip().astype(bool)]
         dev_rows = dev_rows.sort_values("utt_id").iloc[: cfg["eval_utts"]]
         if len(dev_rows):
-            d_in, d_lab = teacher_forcing_arrays(prompt, _caption_ids(tok, dev_rows["text"], max_len, len(prompt)), eos, pad)
+            d_in, d_lab = teacher_forcing_arrays(prompt, caption_token_ids(tok, dev_rows["text"], max_len, len(prompt)), eos, pad)
             eval_sets["dev_loss"] = (_whisper_features(bundle, dev_rows["audio_path"].tolist()), d_in, d_lab)
 
     model.train()
-    optimizer = _adamw(model, cfg)
-    schedule = {"kind": "linear warm-up + cosine", "lr": cfg["lr"], "warmup": cfg["warmup"], "total": steps,
-                "min_lr_ratio": cfg["min_lr_ratio"]}
+    optimizer = adamw(model, cfg)
     fp = fingerprint("whisper", cfg, seed, steps, prompt, bundle.revision,
-                     _data_digest(train, ["utt_id", "text", "audio_path", "duration_s"]), str(dev))
-    ckpt_dir = Path(checkpoint_dir)
-    start = resume_checkpoint(ckpt_dir, model, optimizer, fp)
-    csv_log = CsvLog(ckpt_dir / "log.csv", ["step", "lr", "loss", "train_loss_noaug", "dev_loss"], start)
+                     data_digest(train, ["utt_id", "text", "audio_path", "duration_s"]), str(dev), code_digest(__file__))
+    trainer = Trainer("pretrain whisper", model, optimizer, cfg, steps=steps, checkpoint_dir=checkpoint_dir,
+                      fingerprint=fp, log_columns=["step", "lr", "loss", "train_loss_noaug", "dev_loss"],
+                      items_per_step=cfg["batch_size"], progress=progress)
 
-    bar = _progress(steps, start, "pretrain whisper", progress)
-    for step in range(start, steps):
-        lr = set_lr(optimizer, step, cfg, steps)
-        idx = batch_indices(len(train), cfg["batch_size"], step, seed, _TAG_WHISPER_ORDER)
-        rng = np.random.default_rng([seed, _TAG_WHISPER_AUG, step])
+    def train_step(step: int) -> dict:
+        idx = batch_indices(len(train), cfg["batch_size"], step, seed, streams.WHISPER_ORDER)
+        rng = np.random.default_rng([seed, streams.WHISPER_AUGMENT, step])
         x = augment_features(feats[idx], n_frames[idx], rng, cfg["augment"]).to(dev)
         y = labels[idx].to(dev)
         logits = model(input_features=x, decoder_input_ids=inputs[idx].to(dev)).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
         optimise(loss, model, optimizer, cfg["grad_clip"])
+        return {"loss": loss.item()}
 
-        done = step + 1
-        row = {"step": done, "lr": lr, "loss": loss.item()}
-        if eval_sets and (done % cfg["eval_every"] == 0 or done == steps):
-            for column, (ef, ei, el) in eval_sets.items():
-                row[column] = _whisper_eval_loss(model, ef, ei, el, dev)
-        if end_of_step(row, steps, csv_log, bar, ckpt_dir, model, optimizer, fp, schedule, cfg, stop_after):
-            return None
-    bar.close()
+    def evaluate(done: int) -> dict:
+        return {column: _whisper_eval_loss(model, ef, ei, el, dev) for column, (ef, ei, el) in eval_sets.items()}
 
-    rows = csv_log.rows()
+    if not trainer.run(train_step, evaluate if eval_sets else None, stop_after=stop_after):
+        return None
+
+    rows = trainer.log.rows()
     last_eval = next((r for r in reversed(rows) if r.get("train_loss_noaug")), {})
     summary = {  # final_loss: mean (augmented) training loss of the last 50 steps
         "whisper_steps": steps, "whisper_final_loss": mean_tail_loss(rows),
@@ -680,10 +401,10 @@ def train_whisper(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | P
         "whisper_n_params": int(sum(p.numel() for p in model.parameters())),
         "whisper_init_revision": bundle.revision,
     }
-    _save_hf(bundle, init_dir, out_dir, {"seed": seed, "config": cfg, "steps": steps, "prompt": prompt,
+    save_hf_model(bundle, init_dir, out_dir, {"seed": seed, "config": cfg, "steps": steps, "prompt": prompt,
                                          "init": str(init_dir), "init_revision": bundle.revision,
                                          "train_utts": len(train), "fingerprint": fp})
-    csv_log.publish(log_csv)
+    trainer.log.publish(log_csv)
     summary["whisper_train_seconds"] = round(time.perf_counter() - t0, 1)
     return summary
 
@@ -727,7 +448,7 @@ def fresh_scene_views(bundle, captions: Sequence[str], per_caption: int, seed: i
         phrase = parse_phrase(caption)
         images = []
         for k in range(per_caption):
-            rng = np.random.default_rng([seed, _TAG_CLIP_FRESH, i, k])
+            rng = np.random.default_rng([seed, streams.CLIP_FRESH_SCENES, i, k])
             if phrase is None:
                 images.append(Image.new("RGB", (size, size)))
                 continue
@@ -799,7 +520,7 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
     t0 = time.perf_counter()
     dev = pick_device(device)
     set_determinism(seed, dev)
-    steps = min(cfg["steps"], max_steps) if max_steps else cfg["steps"]
+    steps = run_steps(cfg, max_steps)
     bundle = load_clip(str(init_dir), device=dev)
     model = bundle.model
 
@@ -836,22 +557,18 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
                                 dev_pairs)
 
     model.train()
-    optimizer = _adamw(model, cfg)
-    schedule = {"kind": "linear warm-up + cosine", "lr": cfg["lr"], "warmup": cfg["warmup"], "total": steps,
-                "min_lr_ratio": cfg["min_lr_ratio"]}
+    optimizer = adamw(model, cfg)
     fp = fingerprint("clip", cfg, seed, steps, text_cfg, bundle.revision,
-                     _data_digest(pairs, ["caption", "image_id", "path"]), str(dev))
-    ckpt_dir = Path(checkpoint_dir)
-    start = resume_checkpoint(ckpt_dir, model, optimizer, fp)
-    csv_log = CsvLog(ckpt_dir / "log.csv", CLIP_LOG_COLUMNS, start)
+                     data_digest(pairs, ["caption", "image_id", "path"]), str(dev), code_digest(__file__))
+    trainer = Trainer("pretrain clip", model, optimizer, cfg, steps=steps, checkpoint_dir=checkpoint_dir,
+                      fingerprint=fp, log_columns=CLIP_LOG_COLUMNS, items_per_step=min(cfg["batch_size"], len(pairs)),
+                      progress=progress)
 
-    bar = _progress(steps, start, "pretrain clip", progress)
-    for step in range(start, steps):
-        lr = set_lr(optimizer, step, cfg, steps)
-        anchors = batch_indices(len(pairs), min(cfg["batch_size"], len(pairs)), step, seed, _TAG_CLIP_ORDER)
+    def train_step(step: int) -> dict:
+        anchors = batch_indices(len(pairs), min(cfg["batch_size"], len(pairs)), step, seed, streams.CLIP_ORDER)
         pool = clip_pool(anchors, neighbours, cfg["hard_negatives"], cfg["hard_negatives_per_anchor"],
-                         np.random.default_rng([seed, _TAG_CLIP_POOL, step]))
-        rng = np.random.default_rng([seed, _TAG_CLIP_AUG, step])
+                         np.random.default_rng([seed, streams.CLIP_HARD_NEGATIVES, step]))
+        rng = np.random.default_rng([seed, streams.CLIP_AUGMENT, step])
         view = (rng.random(len(pool)) * n_views[pool]).astype(np.int64)  # uniform over each pair's views
         px = views[torch.as_tensor(pool), torch.as_tensor(view)]
         if cfg["hflip"]:
@@ -865,18 +582,16 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
         optimise(loss, model, optimizer, cfg["grad_clip"])
         with torch.no_grad():
             model.logit_scale.clamp_(max=LN_100)
+        return {"loss": loss.item(), "logit_scale": float(model.logit_scale.detach().exp()), "pool": len(pool)}
 
-        done = step + 1
-        row = {"step": done, "lr": lr, "loss": loss.item(), "logit_scale": float(model.logit_scale.detach().exp()),
-               "pool": len(pool)}
-        if eval_sets and (done % cfg["eval_every"] == 0 or done == steps):
-            for column, (ep, ei, em, epairs) in eval_sets.items():
-                row[column] = _clip_eval_r1(model, ep, ei, em, epairs, dev)
-        if end_of_step(row, steps, csv_log, bar, ckpt_dir, model, optimizer, fp, schedule, cfg, stop_after):
-            return None
-    bar.close()
+    def evaluate(done: int) -> dict:
+        return {column: _clip_eval_r1(model, ep, ei, em, epairs, dev)
+                for column, (ep, ei, em, epairs) in eval_sets.items()}
 
-    rows = csv_log.rows()
+    if not trainer.run(train_step, evaluate if eval_sets else None, stop_after=stop_after):
+        return None
+
+    rows = trainer.log.rows()
     last_eval = next((r for r in reversed(rows) if r.get("train_r1")), {})
     summary = {  # final_loss: mean training loss of the last 50 steps
         "clip_steps": steps, "clip_final_loss": mean_tail_loss(rows),
@@ -888,10 +603,10 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
         "clip_n_params": int(sum(p.numel() for p in model.parameters())),
         "clip_init_revision": bundle.revision, "clip_skipped": False, "clip_skip_reason": None,
     }
-    _save_hf(bundle, init_dir, out_dir, {"seed": seed, "config": cfg, "steps": steps, "init": str(init_dir),
+    save_hf_model(bundle, init_dir, out_dir, {"seed": seed, "config": cfg, "steps": steps, "init": str(init_dir),
                                          "init_revision": bundle.revision, "train_pairs": len(pairs),
                                          "fingerprint": fp})
-    csv_log.publish(log_csv)
+    trainer.log.publish(log_csv)
     summary["clip_train_seconds"] = round(time.perf_counter() - t0, 1)
     return summary
 
@@ -917,7 +632,7 @@ def _skip_clip(bundle, init_dir, out_dir, log_csv, manifest, images_dir, text_cf
     (the pipeline's later stages load it as usual), an empty loss log and a summary that says why."""
     reason = clip_skip_reason(manifest, images_dir, text_cfg, len(pairs))
     log.warning("CLIP pre-training skipped: %s", reason)
-    _save_hf(bundle, init_dir, out_dir, {"seed": seed, "config": cfg, "steps": 0, "init": str(init_dir),
+    save_hf_model(bundle, init_dir, out_dir, {"seed": seed, "config": cfg, "steps": 0, "init": str(init_dir),
                                          "init_revision": bundle.revision, "train_pairs": len(pairs),
                                          "skipped": True, "skip_reason": reason})
     with atomic_path(log_csv) as tmp:

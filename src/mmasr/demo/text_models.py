@@ -62,9 +62,11 @@ from mmasr.demo.models import (_bpe_vocab, _seeded_init, _write_vocab_merges, by
                           learn_bpe)
 from mmasr.io import atomic_dir
 from mmasr.models.loading import model_revision, quiet_hf_progress
-from mmasr.demo.pretrain import (IGNORE, CsvLog, _adamw, _caption_ids, _data_digest, _progress, _save_hf, batch_indices,
-                       code_digest, end_of_step, fingerprint, mean_tail_loss, optimise, resume_checkpoint,
-                       set_determinism, set_lr, teacher_forcing_arrays, whisper_training_items)
+from mmasr.demo.pretrain import caption_token_ids, save_hf_model, whisper_training_items
+from mmasr.training import streams
+from mmasr.training.loop import Trainer, adamw, batch_indices, code_digest, data_digest, fingerprint, mean_tail_loss, \
+    optimise, run_steps, set_determinism
+from mmasr.training.losses import IGNORE, teacher_forcing_arrays, token_loss
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,6 @@ BERT_SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MA
 
 _INT_KEYS = ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "max_position_embeddings", "steps",
              "batch_size", "checkpoint_every", "keep_checkpoints", "copy_max_repeat")
-_TAG_LM_ORDER, _TAG_TE_ORDER, _TAG_TE_MASK, _TAG_LM_COPY = 201, 202, 203, 204  # random streams (pretrain uses 101..104)
 
 
 def validate_config(cfg: dict | None) -> dict[str, dict[str, Any]]:
@@ -310,15 +311,11 @@ def build_demo_text_encoder(out_dir: str | os.PathLike, cfg: dict | None, seed: 
 
 
 def _texts_digest(texts: Sequence[str]) -> str:
-    return _data_digest(pd.DataFrame({"text": list(texts)}), ["text"])
+    return data_digest(pd.DataFrame({"text": list(texts)}), ["text"])
 
 
 def _n_params(model: torch.nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
-
-
-def _final_loss(csv_log: CsvLog) -> float | None:
-    return mean_tail_loss(csv_log.rows())
 
 
 def _load_local(kind: str, init_dir: str | Path, model_cls, device: torch.device):
@@ -348,20 +345,13 @@ def _lm_batch(captions: Sequence[Sequence[int]], prompt: list[int], eos: int, pa
     return teacher_forcing_arrays(prompt, captions, eos, pad, prefixes)
 
 
-@torch.no_grad()
-def _lm_eval_loss(model, inputs: torch.Tensor, labels: torch.Tensor, device, chunk: int = 256) -> float:
+def _lm_eval_loss(model, inputs: torch.Tensor, labels: torch.Tensor, device) -> float:
     """Mean teacher-forced loss on the caption tokens and eos, in eval mode (restores train mode)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for s in range(0, len(inputs), chunk):
-        lab = labels[s:s + chunk].to(device)
-        logits = model(input_ids=inputs[s:s + chunk].to(device)).logits
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), lab.flatten(), ignore_index=IGNORE,
-                                       reduction="sum"))
-        count += int((lab != IGNORE).sum())
+    loss = token_loss(lambda rows, x: model(input_ids=x).logits, inputs, labels, device, chunk=256)
     model.train(was_training)
-    return total / max(1, count)
+    return loss
 
 
 def mlm_mask(ids: np.ndarray, candidates: np.ndarray, rng: np.random.Generator, *, mask_prob: float, mask_id: int,
@@ -433,13 +423,13 @@ def train_lm(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | Path, 
     cfg = _section(cfg, "lm")
     dev = pick_device(device)
     set_determinism(seed, dev)
-    steps = min(cfg["steps"], max_steps) if max_steps else cfg["steps"]
+    steps = run_steps(cfg, max_steps)
     texts = training_texts(manifest)
     model, tok = _load_local("LM", init_dir, AutoModelForCausalLM, dev)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     prompt = lm_prompt_ids(tok)
     max_len = int(model.config.max_position_embeddings)
-    captions = _caption_ids(tok, texts, max_len, len(prompt))
+    captions = caption_token_ids(tok, texts, max_len, len(prompt))
     longest = len(prompt) + max(map(len, captions)) * (1 + cfg["copy_max_repeat"]) + 2 * cfg["copy_max_silence"] + 1
     if cfg["copy_fraction"] > 0 and longest > max_len:
         raise ValueError(f"demo_text.lm: a caption read before the prompt needs up to {longest} positions, the LM has "
@@ -447,34 +437,28 @@ def train_lm(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | Path, 
     log.info("LM training on %d train transcripts (%d distinct), %d steps", len(texts), len(set(texts)), steps)
 
     model.train()
-    optimizer = _adamw(model, cfg)
-    schedule = {"kind": "linear warm-up + cosine", "lr": cfg["lr"], "warmup": cfg["warmup"], "total": steps,
-                "min_lr_ratio": cfg["min_lr_ratio"]}
+    optimizer = adamw(model, cfg)
     fp = fingerprint("demo_text.lm", cfg, seed, steps, prompt, model_revision(init_dir), _texts_digest(texts),
                      str(dev), code_digest(__file__))
-    ckpt_dir = Path(checkpoint_dir)
-    start = resume_checkpoint(ckpt_dir, model, optimizer, fp)
-    csv_log = CsvLog(ckpt_dir / "log.csv", ["step", "lr", "loss", "tokens"], start)
+    trainer = Trainer("train lm", model, optimizer, cfg, steps=steps, checkpoint_dir=checkpoint_dir, fingerprint=fp,
+                      log_columns=["step", "lr", "loss", "tokens"], items_per_step=cfg["batch_size"], progress=progress)
 
-    bar = _progress(steps, start, "train lm", progress)
-    for step in range(start, steps):
-        lr = set_lr(optimizer, step, cfg, steps)
-        idx = batch_indices(len(texts), cfg["batch_size"], step, seed, _TAG_LM_ORDER)
-        x, y = _lm_batch([captions[i] for i in idx], prompt, eos, pad, np.random.default_rng([seed, _TAG_LM_COPY, step]), cfg)
+    def train_step(step: int) -> dict:
+        idx = batch_indices(len(texts), cfg["batch_size"], step, seed, streams.LM_ORDER)
+        x, y = _lm_batch([captions[i] for i in idx], prompt, eos, pad,
+                         np.random.default_rng([seed, streams.LM_COPY, step]), cfg)
         x, y = x.to(dev), y.to(dev)
         logits = model(input_ids=x).logits  # causal: right padding never reaches a real position
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
         optimise(loss, model, optimizer, cfg["grad_clip"])
+        return {"loss": loss.item(), "tokens": int((y != IGNORE).sum())}
 
-        done = step + 1
-        row = {"step": done, "lr": lr, "loss": loss.item(), "tokens": int((y != IGNORE).sum())}
-        if end_of_step(row, steps, csv_log, bar, ckpt_dir, model, optimizer, fp, schedule, cfg, stop_after):
-            return None
-    bar.close()
+    if not trainer.run(train_step, stop_after=stop_after):
+        return None
 
     distinct = sorted(set(texts))
     d_in, d_lab = teacher_forcing_arrays(
-        prompt, _caption_ids(tok, distinct, int(model.config.max_position_embeddings), len(prompt)), eos, pad)
+        prompt, caption_token_ids(tok, distinct, int(model.config.max_position_embeddings), len(prompt)), eos, pad)
     model.eval()
     with torch.no_grad():
         greedy = model.generate(input_ids=torch.tensor([prompt], device=dev), attention_mask=None,
@@ -482,17 +466,17 @@ def train_lm(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | Path, 
     model.train()
     greedy_caption = tok.decode(greedy[0, len(prompt):].tolist(), skip_special_tokens=True).strip()
     summary = {
-        "lm_steps": steps, "lm_final_loss": _final_loss(csv_log),
+        "lm_steps": steps, "lm_final_loss": mean_tail_loss(trainer.log.rows()),
         "lm_train_caption_loss": _lm_eval_loss(model, d_in, d_lab, dev),
         "lm_greedy_caption": greedy_caption, "lm_greedy_caption_in_train": greedy_caption in set(distinct),
         "lm_n_train_utts": len(texts), "lm_n_train_captions": len(distinct), "lm_n_params": _n_params(model),
         "lm_vocab_size": len(tok), "lm_init_revision": model_revision(init_dir),
     }
-    _save_hf(SimpleNamespace(model=model, processor=tok), init_dir, out_dir,
+    save_hf_model(SimpleNamespace(model=model, processor=tok), init_dir, out_dir,
              {"seed": seed, "config": cfg, "steps": steps, "prompt": PROJECTOR_PROMPT, "prompt_ids": prompt,
               "init": str(init_dir), "init_revision": summary["lm_init_revision"], "train_utts": len(texts),
               "fingerprint": fp})
-    csv_log.publish(log_csv)
+    trainer.log.publish(log_csv)
     summary["lm_train_seconds"] = round(time.perf_counter() - t0, 1)
     return summary
 
@@ -517,7 +501,7 @@ def train_text_encoder(init_dir: str | Path, manifest: pd.DataFrame, out_dir: st
     cfg = _section(cfg, "text_encoder")
     dev = pick_device(device)
     set_determinism(seed, dev)
-    steps = min(cfg["steps"], max_steps) if max_steps else cfg["steps"]
+    steps = run_steps(cfg, max_steps)
     texts = training_texts(manifest)
     model, tok = _load_local("text encoder", init_dir, BertForMaskedLM, dev)
     max_len = int(model.config.max_position_embeddings)
@@ -534,21 +518,17 @@ def train_text_encoder(init_dir: str | Path, manifest: pd.DataFrame, out_dir: st
              len(set(texts)), steps)
 
     model.train()
-    optimizer = _adamw(model, cfg)
-    schedule = {"kind": "linear warm-up + cosine", "lr": cfg["lr"], "warmup": cfg["warmup"], "total": steps,
-                "min_lr_ratio": cfg["min_lr_ratio"]}
+    optimizer = adamw(model, cfg)
     fp = fingerprint("demo_text.text_encoder", cfg, seed, steps, model_revision(init_dir), _texts_digest(texts),
                      str(dev), code_digest(__file__))
-    ckpt_dir = Path(checkpoint_dir)
-    start = resume_checkpoint(ckpt_dir, model, optimizer, fp)
-    csv_log = CsvLog(ckpt_dir / "log.csv", ["step", "lr", "loss", "masked"], start)
+    trainer = Trainer("train text encoder", model, optimizer, cfg, steps=steps, checkpoint_dir=checkpoint_dir,
+                      fingerprint=fp, log_columns=["step", "lr", "loss", "masked"], items_per_step=cfg["batch_size"],
+                      progress=progress)
 
-    bar = _progress(steps, start, "train text encoder", progress)
-    for step in range(start, steps):
-        lr = set_lr(optimizer, step, cfg, steps)
-        idx = batch_indices(len(texts), cfg["batch_size"], step, seed, _TAG_TE_ORDER)
+    def train_step(step: int) -> dict:
+        idx = batch_indices(len(texts), cfg["batch_size"], step, seed, streams.TEXT_ENCODER_ORDER)
         width = int(lengths[idx].max())
-        rng = np.random.default_rng([seed, _TAG_TE_MASK, step])
+        rng = np.random.default_rng([seed, streams.TEXT_ENCODER_MASK, step])
         x, y = mlm_mask(ids[idx, :width], candidates[idx, :width], rng, mask_prob=cfg["mask_prob"],
                         mask_id=tok.mask_token_id, random_ids=random_ids)
         y_t = torch.from_numpy(y).to(dev)
@@ -556,12 +536,10 @@ def train_text_encoder(init_dir: str | Path, manifest: pd.DataFrame, out_dir: st
                        attention_mask=torch.from_numpy(attn[idx, :width]).to(dev)).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), y_t.flatten(), ignore_index=IGNORE)
         optimise(loss, model, optimizer, cfg["grad_clip"])
+        return {"loss": loss.item(), "masked": int((y != IGNORE).sum())}
 
-        done = step + 1
-        row = {"step": done, "lr": lr, "loss": loss.item(), "masked": int((y != IGNORE).sum())}
-        if end_of_step(row, steps, csv_log, bar, ckpt_dir, model, optimizer, fp, schedule, cfg, stop_after):
-            return None
-    bar.close()
+    if not trainer.run(train_step, stop_after=stop_after):
+        return None
 
     distinct = sorted(set(texts))
     d = tok(distinct, padding=True, return_special_tokens_mask=True, return_tensors="pt")
@@ -576,16 +554,16 @@ def train_text_encoder(init_dir: str | Path, manifest: pd.DataFrame, out_dir: st
         raise RuntimeError(f"BertForMaskedLM -> BertModel mismatch: missing {missing}, unexpected {unexpected}")
     encoder.eval()
     summary = {
-        "text_encoder_steps": steps, "text_encoder_final_loss": _final_loss(csv_log),
+        "text_encoder_steps": steps, "text_encoder_final_loss": mean_tail_loss(trainer.log.rows()),
         "text_encoder_train_pll_loss": pll,
         "text_encoder_n_train_utts": len(texts), "text_encoder_n_train_captions": len(distinct),
         "text_encoder_n_params": _n_params(encoder), "text_encoder_n_params_mlm": _n_params(model),
         "text_encoder_vocab_size": len(tok), "text_encoder_init_revision": model_revision(init_dir),
     }
-    _save_hf(SimpleNamespace(model=encoder, processor=tok), init_dir, out_dir,
+    save_hf_model(SimpleNamespace(model=encoder, processor=tok), init_dir, out_dir,
              {"seed": seed, "config": cfg, "steps": steps, "init": str(init_dir),
               "init_revision": summary["text_encoder_init_revision"], "train_utts": len(texts),
               "pooler": "seeded random init (not trained by MLM)", "fingerprint": fp})
-    csv_log.publish(log_csv)
+    trainer.log.publish(log_csv)
     summary["text_encoder_train_seconds"] = round(time.perf_counter() - t0, 1)
     return summary

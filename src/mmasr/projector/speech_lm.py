@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmasr.io import atomic_dir
+from mmasr.training import streams
+from mmasr.training.losses import IGNORE
+from mmasr.training.loop import Trainer, adamw, code_digest, data_digest, fingerprint, run_steps, saved_step, \
+    set_determinism
 
 log = logging.getLogger(__name__)
-
-IGNORE = -100  # label of positions that carry no loss (audio, prompt, padding)
-
 
 def stack_frames(frames: torch.Tensor, lengths: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T, D) frames with valid ``lengths`` -> (B, T // k, D·k) stacked frames and their lengths
@@ -105,9 +106,6 @@ def assemble(audio: torch.Tensor, audio_lengths: torch.Tensor, prompt: torch.Ten
 # Batching: similar lengths together, a pure function of (seed, micro-batch index)
 # --------------------------------------------------------------------------------------------
 
-_TAG_PROJECTOR_ORDER = 301  # random stream of the batch order (pretrain uses 101.., demo_text 201..)
-
-
 def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, bucket_batches: int) -> list[np.ndarray]:
     """One epoch's batches of example indices, grouped by similar length.
 
@@ -117,7 +115,7 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, b
     """
     if batch_size < 1 or bucket_batches < 1:
         raise ValueError("batch_size and bucket_batches must be >= 1")
-    rng = np.random.default_rng([seed, _TAG_PROJECTOR_ORDER, epoch])
+    rng = np.random.default_rng([seed, streams.PROJECTOR_ORDER, epoch])
     perm = rng.permutation(len(lengths))
     bucket = batch_size * bucket_batches
     batches = []
@@ -260,14 +258,11 @@ def train_projector(model: SpeechLM, cache, manifest: pd.DataFrame, out_dir: str
     the run (smoke tests); ``stop_after`` stops as a kill would. Writes ``out_dir/{best,last}`` with
     the projector's config, and the log; returns the summary (None when stopped).
     """
-    from mmasr.demo.pretrain import (CsvLog, _adamw, _data_digest, _progress, code_digest, end_of_step, fingerprint,
-                           resume_checkpoint, save_checkpoint, set_determinism, set_lr)
-
     t0 = time.perf_counter()
     dev = model.device
     set_determinism(seed, dev)
     model.projector.reset_parameters(seed)
-    steps = min(cfg["steps"], max_steps) if max_steps else cfg["steps"]
+    steps = run_steps(cfg, max_steps)
     train = labelled_items(manifest, "train", cache, model.tokenizer, limit)
     dev_items = labelled_items(manifest, "dev", cache, model.tokenizer, cfg["eval_utts"] or None)
     if train.empty:
@@ -276,31 +271,29 @@ def train_projector(model: SpeechLM, cache, manifest: pd.DataFrame, out_dir: str
 
     projector = model.projector
     projector.train()
-    optimizer = _adamw(projector, cfg)
-    schedule = {"kind": "linear warm-up + linear decay", "lr": cfg["lr"], "warmup": cfg["warmup"], "total": steps,
-                "min_lr_ratio": cfg["min_lr_ratio"], "grad_accum": cfg["grad_accum"]}
+    optimizer = adamw(projector, cfg)
     fp = fingerprint("projector", cfg, seed, steps, model.prompt_ids, (provenance or {}),
-                     _data_digest(train, ["utt_id", "text", "n_frames"]), cache.digest, str(dev), code_digest(__file__))
+                     data_digest(train, ["utt_id", "text", "n_frames"]), cache.digest, str(dev), code_digest(__file__))
     state = Path(state_dir)
     if not resume and state.exists():
         log.info("starting afresh: removing the previous training state in %s (use --resume to continue it)", state)
         shutil.rmtree(state)
-    start = resume_checkpoint(state, projector, optimizer, fp)
-    csv_log = CsvLog(state / "log.csv", LOG_COLUMNS, start)
-    dev_losses = [float(r["dev_loss"]) for r in csv_log.rows() if r.get("dev_loss")]
+    trainer = Trainer("train projector", projector, optimizer, cfg, steps=steps, checkpoint_dir=state, fingerprint=fp,
+                      log_columns=LOG_COLUMNS, decay="linear", items_per_step=cfg["batch_size"] * cfg["grad_accum"],
+                      schedule_extra={"grad_accum": cfg["grad_accum"]}, progress=progress)
+    dev_losses = [float(r["dev_loss"]) for r in trainer.log.rows() if r.get("dev_loss")]
     best = min(dev_losses) if dev_losses else math.inf
     best_dir = state / "best"
-    if start == 0 or _saved_step(best_dir) > start:
+    if trainer.start == 0 or saved_step(best_dir) > trainer.start:
         shutil.rmtree(best_dir, ignore_errors=True)  # written after the resumed step: it will be re-made
     log.info("projector: %d trainable parameters (%d -> %d, k=%d, hidden %d); LM frozen; %d train / %d dev "
              "utterances; %d steps of %d x %d", n_trainable(projector), projector.net[0].in_features,
              projector.net[-1].out_features, cfg["k"], cfg["hidden"], len(train), len(dev_items), steps,
              cfg["batch_size"], cfg["grad_accum"])
 
-    bar = _progress(steps, start, "train projector", progress)
     epoch_memo: dict = {}
-    for step in range(start, steps):
-        lr = set_lr(optimizer, step, cfg, steps, decay="linear")
+
+    def train_step(step: int) -> dict:
         # Gradient accumulation: the step's batch of batch_size * grad_accum utterances runs as grad_accum
         # micro-batches whose summed token losses are divided by the step's token count, so the update
         # equals one big batch (only memory differs).
@@ -317,26 +310,28 @@ def train_projector(model: SpeechLM, cache, manifest: pd.DataFrame, out_dir: str
             total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(projector.parameters(), cfg["grad_clip"])
         optimizer.step()
+        return {"loss": total / n_tokens, "train_loss": total / n_tokens, "tokens": n_tokens}
 
-        done = step + 1
-        row = {"step": done, "lr": lr, "loss": total / n_tokens, "train_loss": total / n_tokens, "tokens": n_tokens}
-        if len(dev_items) and (done % cfg["eval_every"] == 0 or done == steps):
-            projector.eval()
-            row["dev_loss"] = mean_loss(model, dev_items, cache, cfg["batch_size"])
-            projector.train()
-            if row["dev_loss"] < best:
-                best = row["dev_loss"]
-                save_checkpoint(state, done, projector, optimizer, fp, schedule, 1, name="best")
-        if end_of_step(row, steps, csv_log, bar, state, projector, optimizer, fp, schedule, cfg, stop_after):
-            return None
-    bar.close()
+    def evaluate(done: int) -> dict:
+        nonlocal best
+        projector.eval()
+        dev_loss = mean_loss(model, dev_items, cache, cfg["batch_size"])
+        projector.train()
+        if dev_loss < best:
+            best = dev_loss
+            trainer.save(done, name="best")
+        return {"dev_loss": dev_loss}
+
+    if not trainer.run(train_step, evaluate if len(dev_items) else None, stop_after=stop_after):
+        return None
+    csv_log = trainer.log
 
     if not best_dir.is_dir():  # no dev set: the last step is the best we know
-        save_checkpoint(state, steps, projector, optimizer, fp, schedule, 1, name="best")
+        trainer.save(steps, name="best")
     rows = csv_log.rows()
     summary = {
         "steps": steps, "best_dev_loss": None if math.isinf(best) else best,
-        "best_step": _saved_step(best_dir), "final_train_loss": float(np.mean([float(r["train_loss"]) for r in rows[-20:]])),
+        "best_step": saved_step(best_dir), "final_train_loss": float(np.mean([float(r["train_loss"]) for r in rows[-20:]])),
         "first_dev_loss": next((float(r["dev_loss"]) for r in rows if r.get("dev_loss")), None),
         "n_trainable_params": n_trainable(projector), "n_train_utts": len(train), "n_dev_utts": len(dev_items),
         "train_seconds": round(time.perf_counter() - t0, 1),
@@ -351,13 +346,6 @@ def train_projector(model: SpeechLM, cache, manifest: pd.DataFrame, out_dir: str
         (tmp / "training.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     csv_log.publish(log_csv)
     return summary
-
-
-def _saved_step(folder: Path) -> int:
-    """The step a checkpoint folder holds (0 when there is none)."""
-    if not (folder / "state.pt").is_file():
-        return 0
-    return int(torch.load(folder / "state.pt", weights_only=True, map_location="cpu")["step"])
 
 
 
