@@ -26,10 +26,10 @@ trained heads and for the untrained ("zero-shot") heads they started from, besid
 Ties are broken against the model (an incorrect candidate scoring the same ranks first), so a
 collapsed model scores at or below chance, never above.
 
-Training follows :mod:`mmasr.demo.pretrain` (nanoGPT style): one plain loop per phase, the learning rate
-a pure function of the step, batches a pure function of ``(seed, step)``, atomic checkpoints of
-weights (safetensors), optimizer, step and RNG with a fingerprint of config, data and code; a killed
-run resumes to the same final weights.
+Each phase is a step function run by the shared loop (:class:`mmasr.training.loop.Trainer`): the
+learning rate a pure function of the step, batches a pure function of ``(seed, step)``, atomic
+checkpoints of weights (safetensors), optimizer, step and RNG with a fingerprint of config, data and
+code; a killed run resumes to the same final weights.
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ class ClapHeads(torch.nn.Module):
 
 def clap_loss(audio: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
               targets: torch.Tensor | None = None) -> torch.Tensor:
-    """CLAP's loss: :func:`mmasr.demo.pretrain.symmetric_infonce` over unit-norm audio and text embeddings
-    (``targets``, e.g. :func:`mmasr.demo.pretrain.soft_targets` over the texts, makes same-text pairs
+    """CLAP's loss: :func:`mmasr.training.losses.symmetric_infonce` over unit-norm audio and text embeddings
+    (``targets``, e.g. :func:`mmasr.training.losses.soft_targets` over the texts, makes same-text pairs
     positives of one another; default: the diagonal)."""
     return symmetric_infonce(audio, text, logit_scale, targets)
 
