@@ -13,6 +13,7 @@ import soundfile as sf
 from PIL import Image
 from scipy.signal import butter, sosfilt
 
+from mmasr import config
 from mmasr.demo import corpus as demo
 from mmasr.demo.corpus import (
     DEFAULT_CONFIG,
@@ -458,8 +459,29 @@ def test_default_config_keys():
 ])
 def test_config_validation_names_the_key(bad):
     (key,) = bad
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(config.ParamsError, match=f"key 'demo.{key}'"):
         validate_config(bad)
+
+
+def test_config_is_the_schema_section_and_the_schema_says_what_the_generator_honours():
+    # One validator: the demo section of the schema (its defaults, ranges and cross-field rules).
+    given = {"utts_per_speaker": 3, "impaired_rate": 2.0}
+    assert validate_config(given) == config.validate_section("demo", given) == config.validate({"demo": given})["demo"]
+    assert DEFAULT_CONFIG == config.schema_defaults()["demo"] == validate_config(None)
+    props = config.section_schema("demo")["properties"]
+    assert props["utts_per_speaker"]["maximum"] == demo.MAX_UTTS_PER_SPEAKER  # ids 9001.. are the defects'
+    assert props["scene_objects"]["items"]["maximum"] == demo.MAX_SCENE_OBJECTS
+    assert tuple(props["synthesiser"]["enum"]) == demo.SYNTHESISERS
+    # impaired_rate: impaired speakers are slower (>= 1), at most 4 times; both ends build speakers
+    assert (props["impaired_rate"]["minimum"], props["impaired_rate"]["maximum"]) == (1, 4)
+    for rate in (1, 4):
+        (s,) = build_speakers({"impaired_rate": rate, "n_impaired_speakers": 1, "n_control_speakers": 0}, 0)
+        assert 0.9 * rate <= s.duration_scale <= 1.1 * rate
+    for rate in (0.99, 4.01):
+        with pytest.raises(config.ParamsError, match="key 'demo.impaired_rate'"):
+            validate_config({"impaired_rate": rate})
+        with pytest.raises(config.ParamsError, match="key 'demo.impaired_rate'"):
+            config.validate({"demo": {"impaired_rate": rate}})
 
 
 def test_replaces_existing_dir_without_defects(tmp_path):
@@ -478,5 +500,5 @@ def test_replaces_existing_dir_without_defects(tmp_path):
     for r in rows:
         info = sf.info(out / r["audio_path"])
         assert (info.samplerate, info.channels, info.format) == (16000, 1, "WAV")
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(config.ParamsError, match="key 'seed': -1 is less than the minimum of 0"):
         generate_demo_corpus(out, cfg, seed=-1, progress=False)

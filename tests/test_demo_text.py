@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mmasr import config
 from mmasr.demo import text_models as demo_text
 from mmasr.demo.corpus import INTROS, all_phrases, describe
 from mmasr.demo.models import demo_vocabulary
@@ -150,9 +151,14 @@ def test_mlm_mask_is_pure_and_bert_like():
 def test_validate_config():
     merged = demo_text.validate_config({"lm": {"steps": 5}})
     assert merged["lm"]["steps"] == 5 and merged["text_encoder"] == demo_text.DEFAULT_CONFIG["text_encoder"]
-    for bad in ({"lm": {"nope": 1}}, {"other": {}}, {"lm": {"heads": 3}}, {"lm": {"kv_heads": 3}},
-                {"text_encoder": {"mask_prob": 1.5}}, {"lm": {"steps": 0}}, {"lm": {"lr": "x"}}):
-        with pytest.raises(ValueError):
+    assert demo_text.validate_config(None) == demo_text.DEFAULT_CONFIG == {
+        k: config.validate_section(f"pretrain.{k}") for k in ("lm", "text_encoder")}
+    assert merged["lm"] == config.validate({"pretrain": {"lm": {"steps": 5}}})["pretrain"]["lm"]
+    for bad, key in (({"lm": {"nope": 1}}, "pretrain.lm.nope"), ({"other": {}}, "pretrain.other"),
+                     ({"lm": {"heads": 3}}, "pretrain.lm.hidden_size"), ({"lm": {"kv_heads": 3}}, "pretrain.lm.heads"),
+                     ({"text_encoder": {"mask_prob": 1.5}}, "pretrain.text_encoder.mask_prob"),
+                     ({"lm": {"steps": 0}}, "pretrain.lm.steps"), ({"lm": {"lr": "x"}}, "pretrain.lm.lr")):
+        with pytest.raises(config.ParamsError, match=f"key '{key}'"):
             demo_text.validate_config(bad)
 
 

@@ -75,14 +75,16 @@ def test_demo_vocabulary_covers_the_corpus_and_caption_words():
 
 def test_validate_config_rejects_unknown_keys_and_bad_shapes():
     assert demo_models.validate_config(None) == demo_models.DEFAULT_CONFIG
-    with pytest.raises(ValueError, match="unknown demo_models.whisper key 'layers'"):
+    with pytest.raises(ValueError, match=r"key 'demo_models.whisper.layers': .*'layers' was unexpected"):
         demo_models.validate_config({"whisper": {"layers": 2}})
-    with pytest.raises(ValueError, match="unknown demo_models section"):
+    with pytest.raises(ValueError, match=r"key 'demo_models.bert': .*'bert' was unexpected"):
         demo_models.validate_config({"bert": {}})
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ValueError, match=r"key 'demo_models.clip.hidden_size': 130 must be divisible by .*attention_heads"):
         demo_models.validate_config({"clip": {"hidden_size": 130}})
-    with pytest.raises(ValueError, match="integer >= 1"):
+    with pytest.raises(ValueError, match=r"key 'demo_models.whisper.d_model': 0 is less than the minimum"):
         demo_models.validate_config({"whisper": {"d_model": 0}})
+    with pytest.raises(ValueError, match=r"key 'demo_models.clip.image_size': 100 must be a multiple of .*patch_size"):
+        demo_models.validate_config({"clip": {"image_size": 100}})
 
 
 def test_build_is_atomic_and_replaces(tmp_path, monkeypatch):

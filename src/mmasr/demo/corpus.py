@@ -77,7 +77,7 @@ from scipy.ndimage import uniform_filter1d
 from scipy.signal import butter, lfilter, resample_poly, sosfilt
 from tqdm import tqdm
 
-from mmasr.config import schema_defaults
+from mmasr.config import schema_defaults, validate_section
 from mmasr.demo.tts import ESPEAK_VOICES, EspeakError, espeak_synthesise
 
 __all__ = [
@@ -129,74 +129,20 @@ DEFAULT_CONFIG: dict[str, Any] = schema_defaults()["demo"]
 
 CONTROL_NOISE_DB = -45.0  # controls are recorded much cleaner than impaired speakers
 FLOAT_WAV_FRACTION = 0.2  # share of the WAV files written as 32-bit float (rest PCM_16)
-MAX_UTTS_PER_SPEAKER = 8999  # ids 9001.. are reserved for the defective rows
-SYNTHESISERS = ("formant", "espeak")  # demo.synthesiser
-MAX_SCENE_OBJECTS = 4  # rows of a picture (each still readable by the demo CLIP)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+MAX_UTTS_PER_SPEAKER = 8999  # ids 9001.. are reserved for the defective rows (the schema's maximum)
+SYNTHESISERS = ("formant", "espeak")  # demo.synthesiser (the schema's choices)
+MAX_SCENE_OBJECTS = 4  # rows of a picture, each still readable by the demo CLIP (the schema's maximum)
 
 
 def validate_config(cfg: dict | None) -> dict[str, Any]:
-    """Merge ``cfg`` over :data:`DEFAULT_CONFIG` and validate; return the merged dict.
-
-    Raises ValueError naming the offending key (unknown keys included).
-    """
-    cfg = dict(cfg or {})
-    for key in cfg:
-        if key not in DEFAULT_CONFIG:
-            raise ValueError(f"unknown demo config key {key!r} (known: {sorted(DEFAULT_CONFIG)})")
-    merged = {**DEFAULT_CONFIG, **cfg}
-
-    def bad(key: str, why: str) -> ValueError:
-        return ValueError(f"demo config {key!r}={merged[key]!r}: {why}")
-
-    for key in ("n_impaired_speakers", "n_control_speakers"):
-        if not _is_int(merged[key]) or merged[key] < 0:
-            raise bad(key, "must be an integer >= 0")
-    if merged["n_impaired_speakers"] + merged["n_control_speakers"] < 1:
-        raise bad("n_impaired_speakers", "need at least one speaker in total")
-    u = merged["utts_per_speaker"]
-    if not _is_int(u) or not 1 <= u <= MAX_UTTS_PER_SPEAKER:
-        raise bad("utts_per_speaker", f"must be an integer in [1, {MAX_UTTS_PER_SPEAKER}]")
-    if not _is_int(merged["image_size"]) or not 16 <= merged["image_size"] <= 2048:
-        raise bad("image_size", "must be an integer in [16, 2048]")
-    rates = merged["sample_rates"]
-    if (not isinstance(rates, (list, tuple)) or not rates
-            or not all(_is_int(r) and 8000 <= r <= 192000 for r in rates)):
-        raise bad("sample_rates", "must be a non-empty list of integer rates in [8000, 192000]")
-    for key in ("stereo_fraction", "flac_fraction"):
-        if not _is_number(merged[key]) or not 0.0 <= merged[key] <= 1.0:
-            raise bad(key, "must be a number in [0, 1]")
-    if not _is_number(merged["impaired_rate"]) or not 0.25 <= merged["impaired_rate"] <= 4.0:
-        raise bad("impaired_rate", "must be a number in [0.25, 4]")
-    blur = merged["impaired_voicing_blur"]
-    if (not isinstance(blur, (list, tuple)) or len(blur) != 2
-            or not all(_is_number(b) for b in blur) or not 0.0 <= blur[0] <= blur[1] <= 1.0):
-        raise bad("impaired_voicing_blur", "must be [lo, hi] with 0 <= lo <= hi <= 1")
-    if not _is_number(merged["impaired_noise_db"]) or not -120 <= merged["impaired_noise_db"] <= 0:
-        raise bad("impaired_noise_db", "must be a number in [-120, 0] (dB re. the signal peak; "
-                                       "with synthesiser espeak re. the speech's RMS, i.e. minus the SNR)")
-    if not isinstance(merged["defects"], bool):
-        raise bad("defects", "must be true or false")
-    objects = merged["scene_objects"]
-    if (not isinstance(objects, (list, tuple)) or len(objects) != 2 or not all(_is_int(k) for k in objects)
-            or not 1 <= objects[0] <= objects[1] <= MAX_SCENE_OBJECTS):
-        raise bad("scene_objects", f"must be [min, max] with 1 <= min <= max <= {MAX_SCENE_OBJECTS}")
-    for key in ("partner_in_scene", "wrong_description_rate"):
-        if not _is_number(merged[key]) or not 0.0 <= merged[key] <= 1.0:
-            raise bad(key, "must be a number in [0, 1]")
-    if merged["synthesiser"] not in SYNTHESISERS:
-        raise bad("synthesiser", f"must be one of {', '.join(SYNTHESISERS)} "
-                                 "(espeak = real English speech, needs pip install 'mmasr[speech]')")
-    merged["sample_rates"] = [int(r) for r in rates]
-    merged["impaired_voicing_blur"] = [float(b) for b in blur]
-    merged["scene_objects"] = [int(k) for k in objects]
+    """The ``demo`` params section ``cfg`` (partial, or None) validated against the schema with every
+    default filled in (:func:`mmasr.config.validate_section`, cross-field rules included); lists are
+    normalised to plain ints and floats. Raises :class:`mmasr.config.ParamsError` (a ValueError) naming
+    the offending key, unknown keys included."""
+    merged = validate_section("demo", cfg)
+    merged["sample_rates"] = [int(r) for r in merged["sample_rates"]]
+    merged["impaired_voicing_blur"] = [float(b) for b in merged["impaired_voicing_blur"]]
+    merged["scene_objects"] = [int(k) for k in merged["scene_objects"]]
     return merged
 
 
@@ -1574,9 +1520,7 @@ def generate_demo_corpus(out_dir: str | Path, cfg: dict, seed: int, progress: bo
     the files do not depend on it. Pools use the "spawn" start method (safe when the caller has
     threads, e.g. torch), so a calling *script* needs the usual ``if __name__ == "__main__":``.
     """
-    if not _is_int(seed) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    seed = int(seed)
+    seed = int(validate_section("seed", seed))
     cfg = validate_config(cfg)
     if cfg["synthesiser"] == "espeak":
         _require_espeak()  # one clear error here, not one per worker

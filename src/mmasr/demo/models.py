@@ -49,7 +49,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from mmasr.config import schema_defaults
+from mmasr.config import schema_defaults, validate_section
 from mmasr.demo.corpus import LEXICON
 from mmasr.models.loading import quiet_hf_progress
 
@@ -99,34 +99,11 @@ FILLER_WORDS: tuple[str, ...] = ("um", "uh")  # disfluencies a speaker may produ
 
 
 def validate_config(cfg: dict | None) -> dict[str, dict[str, int]]:
-    """Merge ``cfg`` (the ``demo_models`` params section) over :data:`DEFAULT_CONFIG`, validate it
-    and return the merged copy. Raises ValueError naming the offending key."""
-    cfg = dict(cfg or {})
-    for section in cfg:
-        if section not in DEFAULT_CONFIG:
-            raise ValueError(f"unknown demo_models section {section!r} (known: {sorted(DEFAULT_CONFIG)})")
-    merged: dict[str, dict[str, int]] = {}
-    for section, defaults in DEFAULT_CONFIG.items():
-        given = dict(cfg.get(section) or {})
-        for key in given:
-            if key not in defaults:
-                raise ValueError(f"unknown demo_models.{section} key {key!r} (known: {sorted(defaults)})")
-        merged[section] = {**defaults, **given}
-        for key, value in merged[section].items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"demo_models.{section}.{key}={value!r}: must be an integer >= 1")
-    w, c = merged["whisper"], merged["clip"]
-    if w["d_model"] % w["attention_heads"]:
-        raise ValueError("demo_models.whisper.d_model must be divisible by attention_heads")
-    if w["max_target_positions"] < 8:
-        raise ValueError("demo_models.whisper.max_target_positions must be >= 8 (prompt + a caption)")
-    if c["hidden_size"] % c["attention_heads"]:
-        raise ValueError("demo_models.clip.hidden_size must be divisible by attention_heads")
-    if c["image_size"] % c["patch_size"]:
-        raise ValueError("demo_models.clip.image_size must be a multiple of patch_size")
-    if c["max_position_embeddings"] < 4:
-        raise ValueError("demo_models.clip.max_position_embeddings must be >= 4")
-    return merged
+    """The ``demo_models`` params section ``cfg`` (partial, or None; a sub-section may be None too)
+    validated against the schema with every default filled in (:func:`mmasr.config.validate_section`,
+    cross-field rules included). Raises :class:`mmasr.config.ParamsError` (a ValueError) naming the key."""
+    cfg = {name: {} if section is None else section for name, section in (cfg or {}).items()}
+    return validate_section("demo_models", cfg)
 
 
 def demo_vocabulary() -> list[str]:

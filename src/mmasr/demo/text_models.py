@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -57,7 +56,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from mmasr.config import schema_defaults
+from mmasr.config import ParamsError, schema_defaults, validate_section
 from mmasr.demo.models import (_bpe_vocab, _seeded_init, _write_vocab_merges, bytes_to_unicode, demo_vocabulary,
                           learn_bpe)
 from mmasr.io import atomic_dir
@@ -102,59 +101,23 @@ PROJECTOR_PROMPT = "USER: Transcribe speech to text. \n ASSISTANT:"
 LM_EOS, LM_BOS, LM_PAD = "<|end_of_text|>", "<|begin_of_text|>", "<|pad|>"
 BERT_SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
-_INT_KEYS = ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "max_position_embeddings", "steps",
-             "batch_size", "checkpoint_every", "keep_checkpoints", "copy_max_repeat")
 
 
 def validate_config(cfg: dict | None) -> dict[str, dict[str, Any]]:
-    """Merge ``cfg`` (``{"lm": ..., "text_encoder": ...}``, either may be missing) over
-    :data:`DEFAULT_CONFIG`, validate it and return the merged copy. Raises ValueError naming the key."""
+    """``cfg`` = ``{"lm": ..., "text_encoder": ...}`` (the params sections ``pretrain.lm`` and
+    ``pretrain.text_encoder``; either may be missing, partial or None) validated against the schema with
+    every default filled in (:func:`mmasr.config.validate_section`, cross-field rules included). Raises
+    :class:`mmasr.config.ParamsError` (a ValueError) naming the key."""
     cfg = dict(cfg or {})
-    for section in cfg:
-        if section not in DEFAULT_CONFIG:
-            raise ValueError(f"unknown demo_text section {section!r} (known: {sorted(DEFAULT_CONFIG)})")
-    merged: dict[str, dict[str, Any]] = {}
-    for section, defaults in DEFAULT_CONFIG.items():
-        given = dict(cfg.get(section) or {})
-        for key in given:
-            if key not in defaults:
-                raise ValueError(f"unknown demo_text.{section} key {key!r} (known: {sorted(defaults)})")
-        s = merged[section] = {**defaults, **given}
-        where = f"demo_text.{section}"
-        for key, value in s.items():
-            is_num = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if key in _INT_KEYS:
-                if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                    raise ValueError(f"{where}.{key}={value!r}: must be an integer >= 1")
-            elif key == "warmup":
-                if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-                    raise ValueError(f"{where}.warmup={value!r}: must be an integer >= 0")
-            elif not is_num:
-                raise ValueError(f"{where}.{key}={value!r}: must be a number")
-        for key, lo, hi, lo_open, hi_open in (("lr", 0, math.inf, True, True), ("grad_clip", 0, math.inf, True, True),
-                                              ("weight_decay", 0, math.inf, False, True),
-                                              ("min_lr_ratio", 0, 1, False, False), ("mask_prob", 0, 1, True, True),
-                                              ("dropout", 0, 1, False, True)):
-            if key in s:
-                v = float(s[key])
-                if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
-                    raise ValueError(f"{where}.{key}={s[key]!r}: out of range")
-        if s["hidden_size"] % s["heads"]:
-            raise ValueError(f"{where}.hidden_size must be divisible by heads")
-    lm = merged["lm"]
-    if lm["heads"] % lm["kv_heads"]:
-        raise ValueError("demo_text.lm.heads must be divisible by kv_heads")
-    if (lm["hidden_size"] // lm["heads"]) % 2:
-        raise ValueError("demo_text.lm head size (hidden_size / heads) must be even (rotary embeddings)")
-    if lm["max_position_embeddings"] < 16:
-        raise ValueError("demo_text.lm.max_position_embeddings must be >= 16 (the prompt + a caption)")
-    if merged["text_encoder"]["max_position_embeddings"] < 8:
-        raise ValueError("demo_text.text_encoder.max_position_embeddings must be >= 8")
-    return merged
+    unknown = sorted(set(cfg) - set(DEFAULT_CONFIG))
+    if unknown:
+        raise ParamsError(f"invalid parameters\n  demo text models: key 'pretrain.{unknown[0]}': not a demo text "
+                          f"model section (known: {', '.join(DEFAULT_CONFIG)})")
+    return {name: _section(cfg.get(name), name) for name in DEFAULT_CONFIG}
 
 
 def _section(cfg: dict | None, name: str) -> dict[str, Any]:
-    return validate_config({name: cfg})[name]
+    return validate_section(f"pretrain.{name}", cfg)
 
 
 def training_texts(manifest: pd.DataFrame) -> list[str]:
