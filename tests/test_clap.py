@@ -13,12 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmasr.clap.train import (LOGIT_SCALE_INIT, ClapHeads, build_cache, chance_recall, clap_loss, evaluate_retrieval,
-                        first_relevant_rank, load_cache, recall_curve, retrieval_metrics, train_clap, write_cache)
+from mmasr.clap.train import (LOGIT_SCALE_INIT, ClapHeads, build_cache, clap_loss, evaluate_retrieval, load_cache,
+                              train_clap, write_cache)
 from mmasr.config import validate
 from mmasr.models.layers import embed_audio, embed_text, quartile_layers, select_layers
 from mmasr.models.loading import ModelLoadError, load_audio_encoder, load_text_encoder
 from mmasr.demo.pretrain import LN_100, soft_targets
+from mmasr.metrics.retrieval import chance_recall, first_relevant_rank, recall_curve, retrieval_metrics
 from tests.conftest import tone, write_wav
 
 RETRIEVAL_KEYS = [f"{p}{d}_{m}" for p in ("", "zeroshot_") for d in ("a2t", "t2a")

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from mmasr.config import validate
-from mmasr.probe.train import (ProbeModel, choose_calibration, expected_calibration_error, reliability_table, speaker_folds,
-                         train_probe)
+from mmasr.metrics.calibration import expected_calibration_error, reliability_table
+from mmasr.probe.train import ProbeModel, choose_calibration, speaker_folds, train_probe
 
 
 def probe_cfg(**over) -> dict:
