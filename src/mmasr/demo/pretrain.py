@@ -558,7 +558,7 @@ def _progress(total: int, start: int, desc: str, enabled: bool):
 
 def _whisper_features(bundle, paths: Sequence[str], chunk: int = 64) -> torch.Tensor:
     from mmasr.models.loading import whisper_features
-    from mmasr.rescoring.nbest import read_audio
+    from mmasr.data.audio import read_audio
 
     feats = []
     for start in range(0, len(paths), chunk):
