@@ -263,6 +263,15 @@ def seeded_init(seed: int, make):
         return make()
 
 
+def _save(out: Path, model, processor, tok) -> None:
+    """``model`` and ``processor`` in Hugging Face format in ``out``, with ``tok``'s GPT-2-format side files."""
+    out.mkdir(parents=True, exist_ok=True)
+    with quiet_hf_progress():
+        model.save_pretrained(out)
+    processor.save_pretrained(out)
+    write_vocab_merges(out, tok)
+
+
 def _whisper_generation_config(model, tok, max_target_positions: int):
     """English-only Whisper generation settings that survive save/load (see module docstring)."""
     gen = copy.deepcopy(model.generation_config)
@@ -323,11 +332,7 @@ def build_demo_whisper(out_dir: str | os.PathLike, cfg: dict, seed: int) -> Path
     features = WhisperFeatureExtractor(feature_size=w["num_mel_bins"], sampling_rate=SAMPLE_RATE,
                                        hop_length=SAMPLE_RATE // 100, chunk_length=w["chunk_length_s"],
                                        n_fft=400)
-    out.mkdir(parents=True, exist_ok=True)
-    with quiet_hf_progress():
-        model.save_pretrained(out)
-    WhisperProcessor(feature_extractor=features, tokenizer=tok).save_pretrained(out)
-    write_vocab_merges(out, tok)
+    _save(out, model, WhisperProcessor(feature_extractor=features, tokenizer=tok), tok)
     return out
 
 
@@ -351,11 +356,7 @@ def build_demo_clip(out_dir: str | os.PathLike, cfg: dict, seed: int) -> Path:
     model = seeded_init(seed, lambda: CLIPModel(config))
     size = c["image_size"]
     images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    out.mkdir(parents=True, exist_ok=True)
-    with quiet_hf_progress():
-        model.save_pretrained(out)
-    CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(out)
-    write_vocab_merges(out, tok)
+    _save(out, model, CLIPProcessor(image_processor=images, tokenizer=tok), tok)
     return out
 
 
