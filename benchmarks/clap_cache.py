@@ -27,7 +27,7 @@ from mmasr.clap.train import heads_from_cache, heads_step, load_cache, load_enco
 from mmasr.io import write_json
 from mmasr.models.layers import audio_forward, audio_inputs, text_forward, text_inputs
 from mmasr.models.loading import autocast, pick_device
-from mmasr.rescoring.nbest import read_audio
+from mmasr.data.audio import read_audio
 from mmasr.training.loop import adamw
 
 
@@ -66,9 +66,9 @@ def measure(p: dict, cache_dir: Path, repeats: int = 5) -> dict:
     @torch.no_grad()
     def encode(audios, texts):
         """Seed 003: the frozen encoders on every batch (one utterance at a time where batching is inexact)."""
-        from mmasr.models.layers import _batchable
+        from mmasr.models.layers import batchable
 
-        groups = [audios] if _batchable(audio_bundle) else [[a] for a in audios]
+        groups = [audios] if batchable(audio_bundle) else [[a] for a in audios]
         with autocast(device):
             a = torch.cat([audio_forward(audio_bundle.model, *audio_inputs(audio_bundle, g), a_layers) for g in groups])
             t = text_forward(text_bundle.model, text_inputs(text_bundle, texts), t_layers, pooling)

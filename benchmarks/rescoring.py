@@ -30,7 +30,8 @@ from mmasr.rescoring.clip import add_clip_scores, load_embeddings
 from mmasr.rescoring.fusion import alpha_grid, choose, fuse, grid_wer, masked_softmax, to_arrays
 from mmasr.io import write_json
 from mmasr.models.loading import clip_text_embeddings, load_from_params, whisper_generate_kwargs
-from mmasr.rescoring.nbest import nbest_for_batch, read_audio
+from mmasr.data.audio import read_audio
+from mmasr.rescoring.nbest import nbest_for_batch
 from mmasr.data.text import clip_text, normaliser
 
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmasr.clap.train import (LOGIT_SCALE_INIT, ClapHeads, build_cache, chance_recall, clap_loss, evaluate_retrieval,
-                        first_relevant_rank, load_cache, recall_curve, retrieval_metrics, train_clap, write_cache)
+from mmasr.clap.train import (LOGIT_SCALE_INIT, ClapHeads, build_cache, clap_loss, evaluate_retrieval, load_cache,
+                              train_clap, write_cache)
 from mmasr.config import validate
 from mmasr.models.layers import embed_audio, embed_text, quartile_layers, select_layers
 from mmasr.models.loading import ModelLoadError, load_audio_encoder, load_text_encoder
+from mmasr.metrics.retrieval import chance_recall, first_relevant_rank, recall_curve, retrieval_metrics
 from mmasr.training.losses import LN_100, soft_targets
 from tests.conftest import tone, write_wav
 
@@ -208,6 +209,27 @@ def test_hubert_encoder_gives_padding_independent_quartile_embeddings(tmp_path, 
         states = bundle.model(x, output_hidden_states=True).hidden_states
     np.testing.assert_allclose(alone[1, :32], states[1][0].mean(0).numpy(), atol=1e-5)
     np.testing.assert_allclose(alone[1, 96:], states[4][0].mean(0).numpy(), atol=1e-5)
+
+
+def test_the_frame_count_still_comes_from_transformers_private_helper(tmp_path):
+    """``models.layers.audio_inputs`` counts the encoder frames that cover each utterance with the
+    private ``model._get_feat_extract_output_lengths`` of the HuBERT/wav2vec 2.0 models (no public API
+    gives it, and padding makes the output length no answer). This pins that it exists and equals the
+    number of frames the model outputs for unpadded audio of each length, so a transformers upgrade
+    that renames or changes it fails here by name."""
+    from mmasr.models.layers import audio_inputs
+
+    bundle = load_audio_encoder(str(save_tiny_hubert(tmp_path / "hubert", False)), device="cpu")
+    helper = getattr(bundle.model, "_get_feat_extract_output_lengths", None)
+    assert callable(helper), "transformers' HubertModel no longer has _get_feat_extract_output_lengths"
+    rng = np.random.default_rng(0)
+    for n in (400, 1601, 4000, 7999):
+        audio = (0.1 * rng.standard_normal(n)).astype(np.float32)
+        with torch.no_grad():
+            out = bundle.model(torch.from_numpy(audio)[None]).last_hidden_state.shape[1]
+        assert int(helper(torch.tensor([n]))[0]) == out, \
+            f"_get_feat_extract_output_lengths({n}) no longer equals the {out} frames the model outputs"
+        assert int(audio_inputs(bundle, [audio])[1][0]) == out
 
 
 def test_whisper_encoder_path_pools_only_the_audio_frames(demo_model_dirs):

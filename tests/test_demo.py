@@ -103,6 +103,21 @@ def test_no_temporary_directory_left_behind(corpora):
     assert sorted(p.name for p in parent.iterdir()) == ["a", "a2", "b"]
 
 
+def test_a_failed_rewrite_keeps_the_old_corpus_and_leaves_no_temporary(tmp_path, monkeypatch):
+    cfg = {"n_impaired_speakers": 1, "n_control_speakers": 1, "utts_per_speaker": 1, "defects": False}
+    out = generate_demo_corpus(tmp_path / "corpus", cfg, seed=3, progress=False).parent
+    before = tree_hashes(out)
+
+    def broken(path, *args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(demo, "_write_csv", broken)
+    with pytest.raises(OSError, match="disk full"):
+        generate_demo_corpus(out, cfg, seed=4, progress=False)
+    assert tree_hashes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
 # ------------------------------------------------------------------ manifest
 
 

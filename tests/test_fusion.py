@@ -4,9 +4,10 @@ import pandas as pd
 import pytest
 
 from mmasr.config import validate
-from mmasr.rescoring.fusion import (alpha_grid, best_alpha_index, choose, count_errors, fuse, gap_closed, masked_softmax,
-                          oracle_choice, other_scorings, paired_bootstrap_ci, picture_derangement, pooled_cer,
-                          pooled_wer, run_fusion, speaker_bootstrap_ci, to_arrays, wer_diff_interval)
+from mmasr.metrics.intervals import paired_bootstrap_ci, speaker_bootstrap_ci, wer_diff_interval
+from mmasr.metrics.wer import count_errors, gap_closed, pooled_cer, pooled_wer
+from mmasr.rescoring.fusion import (alpha_grid, best_alpha_index, choose, fuse, masked_softmax, oracle_choice,
+                                    other_scorings, picture_derangement, run_fusion, to_arrays)
 
 P = validate({})
 FUSION, TEXT = P["fusion"], P["text"]

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from mmasr.config import validate
-from mmasr.rescoring.nbest import (STATS_PREFIX, distinct_histogram, distinct_hypotheses, length_batches, max_new_tokens,
-                         merge_shards, merge_stats, nbest_for_batch, nbest_metadata, read_audio, run_nbest, shard_ids,
-                         strip_prompt_and_padding, summarise_stats, teacher_forced_logprobs)
+from mmasr.data.audio import length_batches, read_audio
+from mmasr.rescoring.nbest import (STATS_PREFIX, distinct_histogram, distinct_hypotheses, max_new_tokens, merge_shards,
+                                   merge_stats, nbest_for_batch, nbest_metadata, run_nbest, shard_ids,
+                                   strip_prompt_and_padding, summarise_stats, teacher_forced_logprobs)
 from mmasr.io import read_metadata, write_parquet
 from mmasr.models.loading import whisper_features, whisper_prompt_ids
 from mmasr.data.text import normaliser

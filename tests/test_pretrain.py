@@ -166,10 +166,10 @@ def test_training_reads_only_the_train_split(corpus, tmp_path, monkeypatch):
     train_images = set(manifest.loc[manifest["split"] == "train", "image_id"])
     assert set(pairs["image_id"]) <= train_images
 
-    import mmasr.rescoring.nbest
+    import mmasr.data.audio
 
-    read, original = [], mmasr.rescoring.nbest.read_audio
-    monkeypatch.setattr(mmasr.rescoring.nbest, "read_audio", lambda p: read.append(p) or original(p))
+    read, original = [], mmasr.data.audio.read_audio
+    monkeypatch.setattr(mmasr.data.audio, "read_audio", lambda p: read.append(p) or original(p))
     opened, original_pixels = [], pretrain._pixels
     monkeypatch.setattr(pretrain, "_pixels", lambda b, paths, **k: opened.extend(paths) or original_pixels(b, paths, **k))
     # With the held-out monitoring off, nothing but train files may be read.

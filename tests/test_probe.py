@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from mmasr.config import validate
-from mmasr.probe.train import (ProbeModel, choose_calibration, expected_calibration_error, reliability_table, speaker_folds,
-                         train_probe)
+from mmasr.metrics.calibration import expected_calibration_error, reliability_table
+from mmasr.probe.train import (_NODE_FIELDS, ProbeModel, _export_classifier, choose_calibration, speaker_folds,
+                               train_probe)
 
 
 def probe_cfg(**over) -> dict:
@@ -100,6 +101,32 @@ def test_probe_metrics_and_a_stored_model_that_reproduces_scikit_learn(over):
     assert expected_calibration_error(y, p, cfg["n_bins"]) == pytest.approx(metrics["ece_calibrated"])
     assert expected_calibration_error(y, stored.predict_proba(X, calibrated=False), cfg["n_bins"]) == pytest.approx(
         metrics["ece_uncalibrated"])
+
+
+def test_the_hgb_export_still_finds_the_scikit_learn_internals_it_reads():
+    """No public scikit-learn API exposes a fitted HistGradientBoostingClassifier's trees, so the export
+    (``probe.train._export_classifier``) reads the private ``_predictors`` (per iteration a list of one
+    TreePredictor, whose ``nodes`` record array holds the split features, thresholds, missing-value
+    direction, children and leaf values) and ``_baseline_prediction`` (the initial raw score). This
+    pins that layout, so a scikit-learn upgrade that changes it fails here by name."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(80, 3))
+    X[::7, 1] = np.nan  # a missing value takes the branch missing_go_to_left says
+    y = (X[:, 0] + rng.normal(scale=0.5, size=80) > 0).astype(int)
+    est = HistGradientBoostingClassifier(max_iter=5, max_leaf_nodes=4, early_stopping=False, random_state=0).fit(X, y)
+    internals = "scikit-learn's HistGradientBoostingClassifier internals changed"
+    assert isinstance(getattr(est, "_predictors", None), list), f"{internals}: no _predictors list"
+    assert len(est._predictors) == est.n_iter_ and all(len(it) == 1 for it in est._predictors), \
+        f"{internals}: _predictors is not one tree per iteration"
+    names = est._predictors[0][0].nodes.dtype.names or ()
+    assert set(_NODE_FIELDS) <= set(names), f"{internals}: TreePredictor.nodes lacks {set(_NODE_FIELDS) - set(names)}"
+    assert np.size(getattr(est, "_baseline_prediction", None)) == 1, f"{internals}: _baseline_prediction is not one value"
+    spec = _export_classifier(est)
+    stored = ProbeModel({"folds": [], "uncalibrated": spec})
+    np.testing.assert_allclose(stored.predict_proba(X, calibrated=False), est.predict_proba(X)[:, 1], rtol=0, atol=1e-12,
+                               err_msg=f"{internals}: the exported trees no longer reproduce predict_proba")
 
 
 def test_calibration_check_keeps_a_calibrator_that_helps_new_speakers():

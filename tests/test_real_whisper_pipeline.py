@@ -51,7 +51,7 @@ def test_the_run_used_the_converted_real_whisper_and_espeak_speech(real_run):
 
 def test_stored_scores_agree_with_a_teacher_forced_pass(real_run):
     from mmasr.models.loading import load_whisper, whisper_features, whisper_prompt_ids
-    from mmasr.rescoring.nbest import read_audio
+    from mmasr.data.audio import read_audio
 
     nbest = pd.read_parquet(real_run / "data/nbest/nbest.parquet")
     manifest = pd.read_parquet(real_run / "data/processed/manifest.parquet").set_index("utt_id")

@@ -450,7 +450,7 @@ def cmd_layer_embeddings(args) -> None:
     from mmasr.clap.train import encoder_meta
     from mmasr.rescoring.clip import save_embeddings
     from mmasr.models.layers import embed_audio, encoder_depth, select_layers
-    from mmasr.rescoring.nbest import read_audio
+    from mmasr.data.audio import read_audio
 
     p = _params(args)
     _torch_threads(args)

@@ -33,7 +33,7 @@ def _umask() -> int:
     return mask
 
 
-_UMASK = _umask()  # read once: os.umask can only be read by setting it
+UMASK = _umask()  # the process's umask, read once (os.umask can only be read by setting it)
 
 
 _HIDDEN: dict[tuple[str, int], list[str]] = {}  # (folder, inode) -> its dot-names when this process first wrote there
@@ -92,7 +92,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
@@ -114,7 +114,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_UMASK)
+        os.chmod(tmp, 0o777 & ~UMASK)
         if final.exists() or final.is_symlink():
             old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")
             os.replace(final, old)

@@ -24,7 +24,7 @@ candidate set in both directions (audio->text over the distinct test texts, text
 test utterance): R@1/5/10, mAP@10, mean and median rank of the first correct candidate; for the
 trained heads and for the untrained ("zero-shot") heads they started from, beside chance level.
 Ties are broken against the model (an incorrect candidate scoring the same ranks first), so a
-collapsed model scores at or below chance, never above.
+collapsed model scores at or below chance, never above (:mod:`mmasr.metrics.retrieval`).
 
 Each phase is a step function run by the shared loop (:class:`mmasr.training.loop.Trainer`): the
 learning rate a pure function of the step, batches a pure function of ``(seed, step)``, atomic
@@ -41,7 +41,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -49,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from mmasr.io import atomic_dir, atomic_path, reject, rejects_frame, write_json, write_parquet
+from mmasr.metrics.retrieval import chance_recall, recall_curve, retrieval_metrics
 from mmasr.training import streams
 from mmasr.training.loop import Trainer, adamw, batch_indices, code_digest, fingerprint, mean_tail_loss, optimise, \
     set_determinism
@@ -61,10 +61,6 @@ __all__ = [
     "ProjectionHead",
     "ClapHeads",
     "clap_loss",
-    "first_relevant_rank",
-    "retrieval_metrics",
-    "recall_curve",
-    "chance_recall",
     "ClapCache",
     "build_cache",
     "write_cache",
@@ -119,67 +115,6 @@ def clap_loss(audio: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
 def _text_targets(text_rows: np.ndarray) -> torch.Tensor:
     keys = [int(r) for r in text_rows]
     return soft_targets(keys, keys)
-
-
-# --------------------------------------------------------------------------------------------
-# Retrieval metrics (pure functions over a similarity matrix and a relevance matrix)
-# --------------------------------------------------------------------------------------------
-
-
-def _check(sim: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    sim, relevant = np.asarray(sim, dtype=np.float64), np.asarray(relevant, dtype=bool)
-    if sim.ndim != 2 or sim.shape != relevant.shape or sim.size == 0:
-        raise ValueError(f"similarity {sim.shape} and relevance {relevant.shape} must be the same non-empty "
-                         "(queries, candidates) shape")
-    if not relevant.any(axis=1).all():
-        raise ValueError("every query needs at least one relevant candidate")
-    return sim, relevant
-
-
-def first_relevant_rank(sim: np.ndarray, relevant: np.ndarray) -> np.ndarray:
-    """1-based rank of each query's best relevant candidate; irrelevant candidates that tie with it
-    rank first (ties count against the model)."""
-    sim, relevant = _check(sim, relevant)
-    best = np.where(relevant, sim, -np.inf).max(axis=1)
-    return 1 + ((sim >= best[:, None]) & ~relevant).sum(axis=1)
-
-
-def retrieval_metrics(sim: np.ndarray, relevant: np.ndarray, ks: Sequence[int] = (1, 5, 10),
-                      map_k: int = 10) -> dict:
-    """R@k (share of queries with a relevant candidate in the top k), mAP@``map_k`` (precision at
-    each relevant hit in the top ``map_k``, summed and divided by ``min(n_relevant, map_k)``),
-    and the mean and median rank of the first relevant candidate. ``sim`` and ``relevant`` are
-    (queries, candidates); ties are ordered against the model."""
-    sim, relevant = _check(sim, relevant)
-    ranks = first_relevant_rank(sim, relevant)
-    order = np.lexsort((relevant.astype(np.int8), -sim), axis=-1)  # by score, an irrelevant tie first
-    top = np.take_along_axis(relevant, order, axis=1)[:, :map_k]
-    precision = np.cumsum(top, axis=1) / np.arange(1, top.shape[1] + 1)
-    ap = (precision * top).sum(axis=1) / np.minimum(relevant.sum(axis=1), map_k)
-    out = {f"r{k}": float((ranks <= k).mean()) for k in ks}
-    out.update({f"map{map_k}": float(ap.mean()), "mean_rank": float(ranks.mean()),
-                "median_rank": float(np.median(ranks))})
-    return out
-
-
-def recall_curve(sim: np.ndarray, relevant: np.ndarray, max_k: int) -> list[float]:
-    """R@k for k = 1..max_k."""
-    ranks = first_relevant_rank(sim, relevant)
-    return [float((ranks <= k).mean()) for k in range(1, max_k + 1)]
-
-
-def chance_recall(relevant: np.ndarray, k: int) -> float:
-    """Expected R@k of a random ranking: per query ``1 - C(N - m, k) / C(N, k)`` for m relevant
-    among N candidates, averaged over queries."""
-    relevant = np.asarray(relevant, dtype=bool)
-    n = relevant.shape[1]
-    out = []
-    for m in relevant.sum(axis=1):
-        miss = 1.0
-        for i in range(min(k, n)):
-            miss *= max(0, n - int(m) - i) / (n - i)
-        out.append(1.0 - miss)
-    return float(np.mean(out))
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,7 +179,7 @@ def build_cache(manifest: pd.DataFrame, audio_bundle, text_bundle, cfg: dict, te
     ``embeddings.safetensors`` (``audio``, ``text``), ``utterances.parquet``, ``texts.parquet``,
     ``meta.json``. ``cfg`` is the ``clap`` section."""
     from mmasr.models.layers import embed_audio, embed_text, encoder_depth, select_layers
-    from mmasr.rescoring.nbest import read_audio
+    from mmasr.data.audio import read_audio
 
     utts, texts = cache_items(manifest, text_cfg)
     rejects = empty_transcript_rejects(manifest, utts)
@@ -485,9 +420,9 @@ def load_encoders(models_cfg: dict, cache_meta: dict, device) -> tuple:
 
 def _pooled_audio(bundle, audios: list[np.ndarray], layers: list[int]) -> torch.Tensor:
     """Differentiable pooled audio embeddings (one utterance at a time where batching is inexact)."""
-    from mmasr.models.layers import _batchable, audio_forward, audio_inputs
+    from mmasr.models.layers import audio_forward, audio_inputs, batchable
 
-    groups = [audios] if _batchable(bundle) else [[a] for a in audios]
+    groups = [audios] if batchable(bundle) else [[a] for a in audios]
     out = []
     for group in groups:
         inputs, frames = audio_inputs(bundle, group)
@@ -501,7 +436,7 @@ def _phase2(cache: ClapCache, heads: ClapHeads, cfg: dict, seed: int, models_cfg
     Returns the fine-tuned encoder parameters (``audio_encoder.*``, ``text_encoder.*``)."""
     from mmasr.models.layers import text_forward, text_inputs
     from mmasr.models.loading import autocast
-    from mmasr.rescoring.nbest import read_audio
+    from mmasr.data.audio import read_audio
 
     audio_bundle, text_bundle = load_encoders(models_cfg, cache.meta, device)
     a_layers, t_layers = cache.meta["audio_layers"], cache.meta["text_layers"]
@@ -654,7 +589,7 @@ def evaluate_retrieval(cache: ClapCache, checkpoint: str | Path, split: str = "t
 def _reencode(part: pd.DataFrame, cand_rows: np.ndarray, cache: ClapCache, encoder_state: dict,
               models_cfg: dict | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     from mmasr.models.layers import embed_audio, embed_text
-    from mmasr.rescoring.nbest import read_audio
+    from mmasr.data.audio import read_audio
 
     if models_cfg is None:
         raise ValueError("the CLAP checkpoint has fine-tuned encoders: evaluating it needs the models section")

@@ -63,7 +63,6 @@ import itertools
 import math
 import multiprocessing
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -1494,21 +1493,6 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]])
         w.writerows(rows)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename ``src`` onto ``dst``, replacing whatever ``dst`` was (directory or file)."""
-    if dst.is_symlink() or dst.is_file():
-        dst.unlink()
-    elif dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        dst.rename(old)
-        src.rename(dst)
-        shutil.rmtree(old)
-        return
-    src.rename(dst)
-
-
 def generate_demo_corpus(out_dir: str | Path, cfg: dict, seed: int, progress: bool = True,
                          *, workers: int | None = None) -> Path:
     """Write out_dir/manifest.csv, out_dir/audio/*, out_dir/images/*.png; return the manifest path.
@@ -1528,11 +1512,9 @@ def generate_demo_corpus(out_dir: str | Path, cfg: dict, seed: int, progress: bo
     jobs = plan_corpus(cfg, seed)
     pictured = [j for j in jobs if j.defect is None]
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    from mmasr.io import atomic_dir  # here, not at the top: spawned synthesis workers need not import it
+
+    with atomic_dir(out_dir) as tmp:
         (tmp / "audio").mkdir(parents=True)
         (tmp / "images").mkdir()
         workers = _worker_count(len(jobs), workers)
@@ -1564,8 +1546,4 @@ def generate_demo_corpus(out_dir: str | Path, cfg: dict, seed: int, progress: bo
         _write_csv(tmp / "scenes.csv", SCENES_COLUMNS,
                    [[j.utt_id, j.image_path, j.scene.summary, str(j.scene.described),
                      str(j.scene.agrees).lower()] for j in pictured])
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir / "manifest.csv"

@@ -41,7 +41,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -51,6 +50,7 @@ import torch
 
 from mmasr.config import schema_defaults, validate_section
 from mmasr.demo.corpus import LEXICON
+from mmasr.io import atomic_dir
 from mmasr.models.loading import quiet_hf_progress
 
 __all__ = [
@@ -60,6 +60,9 @@ __all__ = [
     "validate_config",
     "demo_vocabulary",
     "learn_bpe",
+    "bpe_vocab",
+    "write_vocab_merges",
+    "seeded_init",
     "build_whisper_tokenizer",
     "build_clip_tokenizer",
     "build_demo_whisper",
@@ -174,7 +177,7 @@ def learn_bpe(words: Iterable[Sequence[str]]) -> list[tuple[str, str]]:
         seqs = [_apply_merge(s, best) for s in seqs]
 
 
-def _bpe_vocab(base: Sequence[str], merges: Sequence[tuple[str, str]], tail: Sequence[str]) -> dict[str, int]:
+def bpe_vocab(base: Sequence[str], merges: Sequence[tuple[str, str]], tail: Sequence[str]) -> dict[str, int]:
     """Vocabulary in GPT-2/CLIP order: base symbols, merged symbols in merge order, then ``tail``."""
     vocab: dict[str, int] = {}
     for token in (*base, *(a + b for a, b in merges), *tail):
@@ -191,7 +194,7 @@ def build_whisper_tokenizer(words: Sequence[str], max_length: int):
     alphabet = [bytes_to_unicode()[b] for b in range(256)]
     forms = [byte_symbols(w) for w in words] + [byte_symbols(" " + w) for w in words]
     merges = learn_bpe(forms)
-    vocab = _bpe_vocab(alphabet, merges, [WHISPER_EOT])
+    vocab = bpe_vocab(alphabet, merges, [WHISPER_EOT])
     specials = [AddedToken(t, special=True, normalized=False) for t in WHISPER_SPECIAL_TOKENS]
     tok = WhisperTokenizer(vocab=vocab, merges=merges, model_max_length=max_length,
                            extra_special_tokens=specials)
@@ -211,12 +214,12 @@ def build_clip_tokenizer(words: Sequence[str], max_length: int):
         symbols = byte_symbols(w.lower())
         forms.append(symbols[:-1] + [symbols[-1] + CLIP_END_OF_WORD])
     merges = learn_bpe(forms)
-    vocab = _bpe_vocab(base, merges, CLIP_SPECIAL_TOKENS)
+    vocab = bpe_vocab(base, merges, CLIP_SPECIAL_TOKENS)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length,
                          bos_token=CLIP_BOS, eos_token=CLIP_EOS, pad_token=CLIP_EOS, unk_token=CLIP_EOS)
 
 
-def _write_vocab_merges(out: Path, tok) -> None:
+def write_vocab_merges(out: Path, tok) -> None:
     """Write the classic GPT-2-format ``vocab.json``/``merges.txt`` next to ``tokenizer.json``, for
     tools (and older transformers) that read those; transformers 5 itself loads ``tokenizer.json``."""
     model = json.loads(tok.backend_tokenizer.to_str())["model"]
@@ -230,11 +233,20 @@ def _write_vocab_merges(out: Path, tok) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _seeded_init(seed: int, make):
+def seeded_init(seed: int, make):
     """``make()`` under ``torch.manual_seed(seed)`` without disturbing the caller's RNG state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return make()
+
+
+def _save(out: Path, model, processor, tok) -> None:
+    """``model`` and ``processor`` in Hugging Face format in ``out``, with ``tok``'s GPT-2-format side files."""
+    out.mkdir(parents=True, exist_ok=True)
+    with quiet_hf_progress():
+        model.save_pretrained(out)
+    processor.save_pretrained(out)
+    write_vocab_merges(out, tok)
 
 
 def _whisper_generation_config(model, tok, max_target_positions: int):
@@ -292,16 +304,12 @@ def build_demo_whisper(out_dir: str | os.PathLike, cfg: dict, seed: int) -> Path
         begin_suppress_tokens=None,
         tie_word_embeddings=True,
     )
-    model = _seeded_init(seed, lambda: WhisperForConditionalGeneration(config))
+    model = seeded_init(seed, lambda: WhisperForConditionalGeneration(config))
     model.generation_config = _whisper_generation_config(model, tok, w["max_target_positions"])
     features = WhisperFeatureExtractor(feature_size=w["num_mel_bins"], sampling_rate=SAMPLE_RATE,
                                        hop_length=SAMPLE_RATE // 100, chunk_length=w["chunk_length_s"],
                                        n_fft=400)
-    out.mkdir(parents=True, exist_ok=True)
-    with quiet_hf_progress():
-        model.save_pretrained(out)
-    WhisperProcessor(feature_extractor=features, tokenizer=tok).save_pretrained(out)
-    _write_vocab_merges(out, tok)
+    _save(out, model, WhisperProcessor(feature_extractor=features, tokenizer=tok), tok)
     return out
 
 
@@ -322,29 +330,11 @@ def build_demo_clip(out_dir: str | os.PathLike, cfg: dict, seed: int) -> Path:
                           pad_token_id=tok.pad_token_id, **tower)
     vision = CLIPVisionConfig(image_size=c["image_size"], patch_size=c["patch_size"], num_channels=3, **tower)
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=c["projection_dim"])
-    model = _seeded_init(seed, lambda: CLIPModel(config))
+    model = seeded_init(seed, lambda: CLIPModel(config))
     size = c["image_size"]
     images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    out.mkdir(parents=True, exist_ok=True)
-    with quiet_hf_progress():
-        model.save_pretrained(out)
-    CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(out)
-    _write_vocab_merges(out, tok)
+    _save(out, model, CLIPProcessor(image_processor=images, tokenizer=tok), tok)
     return out
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename ``src`` onto ``dst``; an existing ``dst`` is moved aside first and removed after."""
-    if dst.is_symlink() or dst.is_file():
-        dst.unlink()
-    elif dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        dst.rename(old)
-        src.rename(dst)
-        shutil.rmtree(old)
-        return
-    src.rename(dst)
 
 
 def build_demo_models(out_dir: str | os.PathLike, cfg: dict | None, seed: int) -> dict[str, Path]:
@@ -356,12 +346,7 @@ def build_demo_models(out_dir: str | os.PathLike, cfg: dict | None, seed: int) -
     """
     merged = validate_config(cfg)
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:
         build_demo_whisper(tmp / "whisper", merged["whisper"], seed)
         build_demo_clip(tmp / "clip", merged["clip"], seed)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"whisper": out / "whisper", "clip": out / "clip"}

@@ -291,7 +291,7 @@ def save_hf_model(bundle, init_dir: str | Path, out_dir: str | Path, extra: dict
 
 def _whisper_features(bundle, paths: Sequence[str], chunk: int = 64) -> torch.Tensor:
     from mmasr.models.loading import whisper_features
-    from mmasr.rescoring.nbest import read_audio
+    from mmasr.data.audio import read_audio
 
     feats = []
     for start in range(0, len(paths), chunk):
@@ -465,13 +465,13 @@ def _tokens(bundle, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _clip_embed(model, pixel_values=None, input_ids=None, attention_mask=None) -> torch.Tensor:
-    from mmasr.models.loading import _pooled
+    from mmasr.models.loading import pooled_features
 
     if pixel_values is not None:
         out = model.get_image_features(pixel_values=pixel_values)
     else:
         out = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-    return F.normalize(_pooled(out).float(), dim=-1)
+    return F.normalize(pooled_features(out).float(), dim=-1)
 
 
 @torch.no_grad()

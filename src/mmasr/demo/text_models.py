@@ -57,8 +57,8 @@ import torch
 import torch.nn.functional as F
 
 from mmasr.config import ParamsError, schema_defaults, validate_section
-from mmasr.demo.models import (_bpe_vocab, _seeded_init, _write_vocab_merges, bytes_to_unicode, demo_vocabulary,
-                          learn_bpe)
+from mmasr.demo.models import (bpe_vocab, bytes_to_unicode, demo_vocabulary, learn_bpe, seeded_init,
+                               write_vocab_merges)
 from mmasr.io import atomic_dir
 from mmasr.models.loading import model_revision, quiet_hf_progress
 from mmasr.demo.pretrain import caption_token_ids, save_hf_model, whisper_training_items
@@ -150,7 +150,7 @@ def build_lm_tokenizer(words: Sequence[str], prompt: str, max_length: int):
     merges = learn_bpe(forms)
     alphabet = [bytes_to_unicode()[b] for b in range(256)]
     specials = (LM_EOS, LM_BOS, LM_PAD)
-    backend = Tokenizer(models.BPE(vocab=_bpe_vocab(alphabet, merges, specials), merges=merges))
+    backend = Tokenizer(models.BPE(vocab=bpe_vocab(alphabet, merges, specials), merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
@@ -224,14 +224,14 @@ def build_demo_lm(out_dir: str | os.PathLike, cfg: dict | None, seed: int) -> Pa
 
     c = _section(cfg, "lm")
     tok = build_lm_tokenizer(demo_vocabulary(), PROJECTOR_PROMPT, c["max_position_embeddings"])
-    model = _seeded_init(seed, lambda: SmolLM3ForCausalLM(_lm_config(c, tok)))
+    model = seeded_init(seed, lambda: SmolLM3ForCausalLM(_lm_config(c, tok)))
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.pad_token_id, do_sample=False)
     with atomic_dir(out_dir) as tmp:
         with quiet_hf_progress():
             model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        _write_vocab_merges(tmp, tok)
+        write_vocab_merges(tmp, tok)
     return Path(out_dir)
 
 
@@ -259,7 +259,7 @@ def build_demo_text_encoder(out_dir: str | os.PathLike, cfg: dict | None, seed: 
 
     c = _section(cfg, "text_encoder")
     tok = build_bert_tokenizer(demo_vocabulary(), c["max_position_embeddings"])
-    model = _seeded_init(seed, lambda: BertForMaskedLM(_bert_config(c, tok)))
+    model = seeded_init(seed, lambda: BertForMaskedLM(_bert_config(c, tok)))
     with atomic_dir(out_dir) as tmp:
         with quiet_hf_progress():
             model.save_pretrained(tmp)
@@ -511,7 +511,7 @@ def train_text_encoder(init_dir: str | Path, manifest: pd.DataFrame, out_dir: st
 
     # The encoder alone, as a BertModel with a pooler (seeded init: MLM does not train it), so that
     # AutoModel.from_pretrained loads it with no missing or unexpected weights.
-    encoder = _seeded_init(seed, lambda: BertModel(copy.deepcopy(model.config), add_pooling_layer=True)).to(dev)
+    encoder = seeded_init(seed, lambda: BertModel(copy.deepcopy(model.config), add_pooling_layer=True)).to(dev)
     missing, unexpected = encoder.load_state_dict(model.bert.state_dict(), strict=False)
     if unexpected or any(not k.startswith("pooler.") for k in missing):
         raise RuntimeError(f"BertForMaskedLM -> BertModel mismatch: missing {missing}, unexpected {unexpected}")

@@ -43,6 +43,7 @@ __all__ = [
     "hidden_size",
     "transformer_layers",
     "masked_mean",
+    "batchable",
     "audio_inputs",
     "audio_forward",
     "text_inputs",
@@ -119,7 +120,7 @@ def _is_whisper(bundle: ModelBundle) -> bool:
     return bundle.model.config.model_type == "whisper"
 
 
-def _batchable(bundle: ModelBundle) -> bool:
+def batchable(bundle: ModelBundle) -> bool:
     """Whisper (fixed window) and attention-mask models batch exactly; group-norm models do not."""
     return _is_whisper(bundle) or bool(getattr(bundle.processor, "return_attention_mask", False))
 
@@ -192,11 +193,11 @@ def embed_audio(bundle: ModelBundle, audios: Sequence[np.ndarray], layers: Seque
                 progress: bool = False, desc: str = "audio embeddings") -> np.ndarray:
     """(n, len(layers) * D) float32 pooled audio embeddings, in the order of ``audios``; batched by
     similar length (one at a time for encoders that cannot batch exactly)."""
-    from mmasr.rescoring.nbest import length_batches
+    from mmasr.data.audio import length_batches
 
     if not len(audios):
         return np.zeros((0, len(layers) * hidden_size(bundle.model)), np.float32)
-    size = batch_size if _batchable(bundle) else 1
+    size = batch_size if batchable(bundle) else 1
     out: list[np.ndarray | None] = [None] * len(audios)
     for idx in tqdm(length_batches([len(a) for a in audios], size), desc=desc, unit="batch", disable=not progress,
                     mininterval=1.0):

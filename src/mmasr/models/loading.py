@@ -51,6 +51,7 @@ __all__ = [
     "TEXT_ENCODER_TYPES",
     "clip_image_embeddings",
     "clip_text_embeddings",
+    "pooled_features",
     "whisper_features",
     "whisper_prompt_ids",
     "whisper_generate_kwargs",
@@ -424,8 +425,8 @@ def load_text_encoder(name_or_path: str, device: str | torch.device = "auto", re
 # --------------------------------------------------------------------------------------------
 
 
-def _pooled(features: Any) -> torch.Tensor:
-    """transformers 5 returns ``BaseModelOutputWithPooling`` (projected features in ``pooler_output``)
+def pooled_features(features: Any) -> torch.Tensor:
+    """The projected CLIP features as a tensor: transformers 5 returns ``BaseModelOutputWithPooling`` (projected features in ``pooler_output``)
     from ``get_image_features``/``get_text_features``; 4.x returned the tensor itself."""
     if isinstance(features, torch.Tensor):
         return features
@@ -451,7 +452,7 @@ def clip_image_embeddings(bundle: ModelBundle, images: list) -> np.ndarray:
     pixels = bundle.processor.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
     with autocast(bundle.device):
         out = bundle.model.get_image_features(pixel_values=pixels["pixel_values"].to(bundle.device))
-    return _unit_rows(_pooled(out))
+    return _unit_rows(pooled_features(out))
 
 
 @torch.inference_mode()
@@ -465,7 +466,7 @@ def clip_text_embeddings(bundle: ModelBundle, texts: list[str]) -> np.ndarray:
     with autocast(bundle.device):
         out = bundle.model.get_text_features(input_ids=enc["input_ids"].to(bundle.device),
                                              attention_mask=enc["attention_mask"].to(bundle.device))
-    return _unit_rows(_pooled(out))
+    return _unit_rows(pooled_features(out))
 
 
 # --------------------------------------------------------------------------------------------

@@ -515,7 +515,7 @@ def convert_ct2_whisper(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
                               WhisperProcessor)
 
     from mmasr import __version__
-    from mmasr.io import _UMASK, atomic_dir
+    from mmasr.io import UMASK, atomic_dir
     from mmasr.models.loading import quiet_hf_progress
 
     src = Path(src_dir)
@@ -578,7 +578,7 @@ def convert_ct2_whisper(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
         WhisperProcessor(feature_extractor=features, tokenizer=tok).save_pretrained(tmp)
         (tmp / "ct2_source.json").write_text(json.dumps(source, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for path in tmp.iterdir():  # safetensors writes owner-only files; give them the usual permissions
-            os.chmod(path, 0o666 & ~_UMASK)
+            os.chmod(path, 0o666 & ~UMASK)
     log.info("converted %s (%s rev %d, %d variables, %s) to %s: %d parameters", model_bin, ct2.spec, ct2.revision,
              len(ct2.variables), "/".join(source["ct2_dtypes"]), out_dir, source["n_parameters"])
     return Path(out_dir)

@@ -21,8 +21,8 @@ there, the classifier's own probabilities are kept, and that fallback is logged 
 
 Everything is evaluated on held-out speakers (``probe.eval_split``): accuracy at 0.5, ROC AUC,
 Brier score and expected calibration error (equal-width bins, ``sum_b n_b / N |mean p_b - frac
-positive_b|``) of the uncalibrated and the calibrated probabilities, and the reliability-diagram
-data of both.
+positive_b|``; :mod:`mmasr.metrics.calibration`) of the uncalibrated and the calibrated
+probabilities, and the reliability-diagram data of both.
 
 The fitted probe is stored as plain JSON (:func:`export_probe`): scaler statistics and coefficients,
 or the boosted trees' split thresholds and leaf values, plus each fold's calibrator. No pickle: it
@@ -38,11 +38,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from mmasr.metrics.calibration import binary_scores, reliability_table
+
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "expected_calibration_error",
-    "reliability_table",
     "speaker_folds",
     "choose_calibration",
     "make_classifier",
@@ -57,30 +57,8 @@ RELIABILITY_COLUMNS = ["calibration", "bin", "mean_predicted", "fraction_positiv
 
 
 # --------------------------------------------------------------------------------------------
-# Calibration maths
+# Calibration folds
 # --------------------------------------------------------------------------------------------
-
-
-def _bins(p: np.ndarray, n_bins: int) -> np.ndarray:
-    """Equal-width bin of each probability in [0, 1]; 1.0 falls in the last bin."""
-    return np.minimum((np.asarray(p, dtype=np.float64) * n_bins).astype(int), n_bins - 1)
-
-
-def reliability_table(y: np.ndarray, p: np.ndarray, n_bins: int) -> pd.DataFrame:
-    """Per non-empty equal-width bin: mean predicted probability, fraction of positives, count."""
-    y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
-    if len(y) != len(p) or not len(y):
-        raise ValueError("labels and probabilities must be non-empty and of equal length")
-    b = _bins(p, n_bins)
-    rows = [{"bin": int(k), "mean_predicted": float(p[b == k].mean()), "fraction_positive": float(y[b == k].mean()),
-             "count": int((b == k).sum())} for k in np.unique(b)]
-    return pd.DataFrame(rows, columns=["bin", "mean_predicted", "fraction_positive", "count"])
-
-
-def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int) -> float:
-    """ECE of positive-class probabilities: sum over bins of (share of samples) x |mean p - fraction positive|."""
-    t = reliability_table(y, p, n_bins)
-    return float((t["count"] / t["count"].sum() * (t["mean_predicted"] - t["fraction_positive"]).abs()).sum())
 
 
 def speaker_folds(y: np.ndarray, speakers: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -306,13 +284,6 @@ def _check_classes(manifest: pd.DataFrame, cfg: dict) -> list[str]:
     return classes
 
 
-def _scores(y: np.ndarray, p: np.ndarray, n_bins: int) -> dict:
-    from sklearn.metrics import brier_score_loss, roc_auc_score
-
-    return {"accuracy": float(((p >= 0.5).astype(int) == y).mean()), "auc": float(roc_auc_score(y, p)),
-            "brier": float(brier_score_loss(y, p)), "ece": expected_calibration_error(y, p, n_bins)}
-
-
 def train_probe(embeddings: dict[str, np.ndarray], manifest: pd.DataFrame, cfg: dict, seed: int,
                 meta: dict | None = None) -> tuple[dict, pd.DataFrame, dict]:
     """Fit, calibrate and evaluate the probe; returns (metrics, reliability table, exported model)."""
@@ -349,7 +320,7 @@ def train_probe(embeddings: dict[str, np.ndarray], manifest: pd.DataFrame, cfg: 
 
     p_uncal = uncalibrated.predict_proba(Xt)[:, 1]
     p_cal = calibrated.predict_proba(Xt)[:, 1] if calibrated is not None else p_uncal
-    before, after = _scores(yt, p_uncal, cfg["n_bins"]), _scores(yt, p_cal, cfg["n_bins"])
+    before, after = binary_scores(yt, p_uncal, cfg["n_bins"]), binary_scores(yt, p_cal, cfg["n_bins"])
     metrics = {"accuracy": after["accuracy"], "auc": after["auc"], "brier": after["brier"],
                "ece_uncalibrated": before["ece"], "ece_calibrated": after["ece"], "calibration_method": method,
                "calibration_requested": cfg["calibration"], "calibration_fallback": fallback,

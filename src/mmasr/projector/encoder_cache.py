@@ -64,7 +64,7 @@ def encode_manifest(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | 
     """
     from tqdm import tqdm
 
-    from mmasr.rescoring.nbest import read_audio
+    from mmasr.data.audio import read_audio
 
     rows = manifest[manifest["split"].isin(list(splits))].sort_values("utt_id").reset_index(drop=True)
     if limit:
@@ -128,7 +128,7 @@ class LiveEncoder:
     :class:`FeatureCache`, but every request reads the audio and runs the frozen encoder again."""
 
     def __init__(self, bundle: ModelBundle, manifest: pd.DataFrame):
-        from mmasr.rescoring.nbest import read_audio
+        from mmasr.data.audio import read_audio
 
         self.bundle, self._read = bundle, read_audio
         self.paths = manifest.set_index("utt_id")["audio_path"]

@@ -411,8 +411,8 @@ def transcribe_split(model: SpeechLM, cache, manifest: pd.DataFrame, split: str,
 
 def wer_table(hyps: pd.DataFrame, text_cfg: dict) -> tuple[dict, pd.DataFrame]:
     """Pooled WER with S/D/I over all utterances, per group and per speaker (icefall-style scoring)."""
-    from mmasr.rescoring.fusion import count_errors, pooled_wer
     from mmasr.data.text import normaliser
+    from mmasr.metrics.wer import count_errors, group_wer_table, pooled_wer
 
     norm = normaliser(text_cfg)
     sub, dele, ins, words = count_errors([norm(r) for r in hyps["ref"]], [norm(h) for h in hyps["hyp"]])
@@ -421,15 +421,8 @@ def wer_table(hyps: pd.DataFrame, text_cfg: dict) -> tuple[dict, pd.DataFrame]:
                "test_deletions": int(dele.sum()), "test_insertions": int(ins.sum()),
                "test_ref_words": int(words.sum()), "n_test_utts": len(hyps),
                "test_exact_match": float(np.mean(errors == 0)) if len(hyps) else None}
-    table = []
-    for level in ("group", "speaker"):
-        for name, idx in hyps.reset_index(drop=True).groupby(level).indices.items():
-            rec = {"level": level, "name": name, "n_utts": len(idx), "ref_words": int(words[idx].sum()),
-                   "wer": pooled_wer(errors[idx], words[idx]), "S": int(sub[idx].sum()), "D": int(dele[idx].sum()),
-                   "I": int(ins[idx].sum())}
-            table.append(rec)
-            if level == "group":
-                metrics[f"test_wer_{name}"] = rec["wer"]
+    table = group_wer_table(hyps, words, {"wer": errors}, {"S": sub, "D": dele, "I": ins})
+    metrics.update({f"test_wer_{rec['name']}": rec["wer"] for rec in table if rec["level"] == "group"})
     return metrics, pd.DataFrame(table)
 
 

@@ -4,18 +4,19 @@ fused(α) = (1-α)·softmax(asr_score) + α·softmax(τ·clip_cos), per utteranc
 The beam search and every CLIP cosine are computed once upstream; here each hypothesis's word errors
 against its reference are counted once (jiwer), so the whole α grid is array arithmetic over
 (α, utterance, hypothesis). Corpus WER pools errors over utterances (icefall/ESPnet convention),
-never averages per-utterance WERs.
+never averages per-utterance WERs (:mod:`mmasr.metrics.wer`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import jiwer
 import numpy as np
 import pandas as pd
 
 from mmasr.data.text import normalise, normaliser
+from mmasr.metrics.intervals import wer_diff_interval
+from mmasr.metrics.wer import count_errors, gap_closed, group_wer_table, pooled_cer, pooled_wer
 
 
 # ---------------------------------------------------------------- pure maths
@@ -52,12 +53,6 @@ def choose(fused: np.ndarray) -> np.ndarray:
     return np.argmax(fused, axis=-1)
 
 
-def pooled_wer(errors: np.ndarray, ref_words: np.ndarray) -> float:
-    """Corpus WER: all errors over all reference words."""
-    total = float(np.sum(ref_words))
-    return float(np.sum(errors)) / total if total else 0.0
-
-
 def take(per_hyp: np.ndarray, choice: np.ndarray) -> np.ndarray:
     """Gather per-hypothesis values (U, H) at chosen indices (..., U) -> (..., U)."""
     u = np.arange(per_hyp.shape[0])
@@ -77,76 +72,6 @@ def best_alpha_index(wers: np.ndarray) -> int:
 def oracle_choice(errors: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """The hypothesis with the fewest errors per utterance: the n-best lower bound."""
     return np.argmin(np.where(valid, errors, np.iinfo(np.int64).max), axis=-1)
-
-
-def paired_bootstrap_ci(errors_a: np.ndarray, errors_b: np.ndarray, ref_words: np.ndarray, n_resamples: int,
-                        seed: int, level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of WER(b) - WER(a), resampling utterances with replacement (paired)."""
-    if len(ref_words) == 0:
-        return 0.0, 0.0
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(ref_words), size=(n_resamples, len(ref_words)))
-    words = ref_words[idx].sum(axis=1).clip(min=1)
-    diff = (errors_b[idx].sum(axis=1) - errors_a[idx].sum(axis=1)) / words
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(diff, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def speaker_bootstrap_ci(errors_a: np.ndarray, errors_b: np.ndarray, ref_words: np.ndarray, speakers: np.ndarray,
-                         strata: np.ndarray | None, n_resamples: int, seed: int,
-                         level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of pooled WER(b) - WER(a) from a two-stage (cluster) bootstrap: each resample
-    draws, within every stratum, as many speakers as it has, with replacement, then each drawn speaker's
-    utterances with replacement; errors and reference words are summed over the resample (corpus WER).
-
-    Drawing a speaker ``c`` times and then ``m`` of its ``m`` utterances each time gives its utterances
-    multinomial(c·m, uniform) weights, so the statistic is computed from weights, vectorised over
-    resamples (one pass per speaker). ``strata`` (e.g. the speaker's group; None: one stratum) keeps each
-    resample's make-up fixed, as the test split was drawn stratified by group.
-    """
-    if len(ref_words) == 0:
-        return 0.0, 0.0
-    rng = np.random.default_rng(seed)
-    speakers = np.asarray(speakers)
-    strata = np.zeros(len(speakers), np.int64) if strata is None else np.asarray(strata)
-    spk_ids, spk_of_utt = np.unique(speakers, return_inverse=True)
-    stratum_of_spk = np.empty(len(spk_ids), dtype=strata.dtype)
-    stratum_of_spk[spk_of_utt] = strata
-    times = np.zeros((n_resamples, len(spk_ids)), np.int64)  # how often each speaker is drawn
-    for stratum in np.unique(stratum_of_spk):
-        members = np.flatnonzero(stratum_of_spk == stratum)
-        draws = members[rng.integers(0, len(members), size=(n_resamples, len(members)))]
-        np.add.at(times, (np.arange(n_resamples)[:, None], draws), 1)
-    diff_err = np.asarray(errors_b, np.float64) - np.asarray(errors_a, np.float64)
-    num, den = np.zeros(n_resamples), np.zeros(n_resamples)
-    for s in range(len(spk_ids)):
-        own = np.flatnonzero(spk_of_utt == s)
-        weights = rng.multinomial(times[:, s] * len(own), np.full(len(own), 1 / len(own)))  # (R, m)
-        num += weights @ diff_err[own]
-        den += weights @ ref_words[own].astype(np.float64)
-    diff = num / np.maximum(den, 1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(diff, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def min_speakers_per_group(speakers: np.ndarray, groups: np.ndarray) -> int:
-    """The fewest distinct speakers any group has (0 when there are no utterances)."""
-    if len(speakers) == 0:
-        return 0
-    return int(pd.DataFrame({"s": speakers, "g": groups}).groupby("g")["s"].nunique().min())
-
-
-def wer_diff_interval(errors_a: np.ndarray, errors_b: np.ndarray, ref_words: np.ndarray, speakers: np.ndarray,
-                      groups: np.ndarray, n_resamples: int, seed: int) -> dict:
-    """The interval of WER(b) - WER(a) to report: speaker-level (stratified by group) when every group
-    has at least 2 speakers, else utterance-level; both, and which one is the reported one."""
-    utt = paired_bootstrap_ci(errors_a, errors_b, ref_words, n_resamples, seed)
-    level = "speaker" if min_speakers_per_group(speakers, groups) >= 2 else "utterance"
-    spk = speaker_bootstrap_ci(errors_a, errors_b, ref_words, speakers, groups, n_resamples, seed) \
-        if level == "speaker" else utt
-    return {"low": spk[0], "high": spk[1], "level": level, "low_utt": utt[0], "high_utt": utt[1]}
 
 
 def picture_derangement(image_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
@@ -179,30 +104,11 @@ def swapped_cosines(text_vecs: np.ndarray, has_text: np.ndarray, image_vecs: np.
     return np.where(has_text, np.einsum("uhd,ud->uh", text_vecs, image_vecs), np.nan)
 
 
-def pooled_cer(refs: list[str], hyps: list[str]) -> float:
-    """Corpus CER (jiwer's character alignment, spaces included): all character errors over all reference
-    characters; a hypothesis against an empty reference counts its characters as insertions."""
-    scored = [i for i in range(len(refs)) if refs[i]]  # jiwer refuses empty references
-    errors = sum(len(hyps[i]) for i in range(len(refs)) if not refs[i])
-    chars = 0
-    if scored:
-        out = jiwer.process_characters([refs[i] for i in scored], [hyps[i] for i in scored])
-        errors += out.substitutions + out.deletions + out.insertions
-        chars = out.hits + out.substitutions + out.deletions
-    return pooled_wer(np.array([errors]), np.array([chars]))
-
-
 def raw_text(text: str) -> str:
     """Scoring with normalisation off: lower-cased (and NFC, one apostrophe), punctuation, repeats and
     fillers kept."""
     return normalise(text, remove_punctuation=False, collapse_repeats=False, remove_fillers=False,
                      numbers_as_words=False)
-
-
-def gap_closed(wer_asr: float, wer_fused: float, wer_oracle: float) -> float | None:
-    """Share of the ASR-to-oracle gap that fusion closes (None when there is no gap)."""
-    gap = wer_asr - wer_oracle
-    return (wer_asr - wer_fused) / gap if gap > 0 else None
 
 
 # ---------------------------------------------------------------- tables to arrays
@@ -225,28 +131,6 @@ class NBest:
     @property
     def errors(self) -> np.ndarray:
         return self.sub + self.dele + self.ins
-
-
-def count_errors(refs: list[str], hyps: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per pair (substitutions, deletions, insertions, reference words), from one jiwer alignment."""
-    n = len(refs)
-    sub, dele, ins = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
-    ref_words = np.array([len(r.split()) for r in refs], np.int64)
-    scored = [i for i in range(n) if refs[i]]  # jiwer refuses empty references
-    for i in range(n):
-        if not refs[i]:
-            ins[i] = len(hyps[i].split())
-    if scored:
-        out = jiwer.process_words([refs[i] for i in scored], [hyps[i] for i in scored])
-        for i, chunks in zip(scored, out.alignments):
-            for c in chunks:
-                if c.type == "substitute":
-                    sub[i] += c.ref_end_idx - c.ref_start_idx
-                elif c.type == "delete":
-                    dele[i] += c.ref_end_idx - c.ref_start_idx
-                elif c.type == "insert":
-                    ins[i] += c.hyp_end_idx - c.hyp_start_idx
-    return sub, dele, ins, ref_words
 
 
 def to_arrays(nbest: pd.DataFrame, references: pd.Series, text_cfg: dict) -> NBest:
@@ -465,21 +349,18 @@ def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg:
     metrics.update(other_scorings(nb, [str(meta.at[u, "text"]) for u in nb.utt_ids],
                                   {"asr": asr_pick, "fused": fused_pick}, text_cfg))
 
-    per_speaker = []
     per_utt = {"asr": err_asr, "fused": err_fused, "oracle": err_oracle, "alpha1": err_alpha1}
     if swap is not None:
         per_utt["fused_swapped"] = err_swapped
-    for key in ("group", "speaker"):
-        for value, idx in test_meta.reset_index().groupby(key).indices.items():
-            words = nb.ref_words[idx]
-            rec = {"level": key, "name": value, "n_utts": len(idx), "ref_words": int(words.sum()),
-                   **{f"wer_{name}": pooled_wer(err[idx], words) for name, err in per_utt.items()}}
-            per_speaker.append(rec)
-            if key == "group":
-                for name in per_utt:
-                    metrics[f"test_wer_{name}_{value}"] = rec[f"wer_{name}"]
-                metrics.update(group_intervals(str(value), idx, err_asr, err_fused, err_swapped, nb.ref_words,
-                                               speakers, n_boot, seed))
+    per_speaker = group_wer_table(test_meta, nb.ref_words, {f"wer_{name}": err for name, err in per_utt.items()})
+    group_idx = test_meta.reset_index(drop=True).groupby("group").indices
+    for rec in per_speaker:
+        if rec["level"] == "group":
+            value = rec["name"]
+            for name in per_utt:
+                metrics[f"test_wer_{name}_{value}"] = rec[f"wer_{name}"]
+            metrics.update(group_intervals(str(value), group_idx[value], err_asr, err_fused, err_swapped, nb.ref_words,
+                                           speakers, n_boot, seed))
 
     changed = np.flatnonzero(asr_pick != fused_pick)
     changed_df = pd.DataFrame({

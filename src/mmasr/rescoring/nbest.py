@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import soundfile as sf
 import torch
 from tqdm import tqdm
 from transformers.generation.utils import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutput
 
+from mmasr.data.audio import length_batches, read_audio
 from mmasr.io import read_metadata, write_parquet
 from mmasr.models.loading import ModelBundle, autocast, whisper_features, whisper_prompt_ids
 
@@ -57,12 +57,6 @@ def shard_ids(utt_ids: Sequence[str], shard: int, num_shards: int) -> list[str]:
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} is not in 0..{num_shards - 1}")
     return sorted(utt_ids)[shard::num_shards]
-
-
-def length_batches(durations: Sequence[float], batch_size: int) -> list[np.ndarray]:
-    """Indices grouped into batches of similar duration (longest first), so beams end together."""
-    order = np.argsort(-np.asarray(durations, dtype=float), kind="stable")
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def strip_prompt_and_padding(sequence: Sequence[int], prompt_len: int, eos_id: int, pad_id: int) -> list[int]:
@@ -242,13 +236,6 @@ def merge_stats(metadatas: Sequence[dict[str, str]]) -> dict[str, str]:
 def distinct_histogram(metadata: dict[str, str]) -> dict[int, int]:
     """Utterances by number of distinct hypotheses, from an n-best file's metadata ({} when absent)."""
     return {int(k): int(v) for k, v in json.loads(metadata.get(f"{STATS_PREFIX}distinct", "{}")).items()}
-
-
-def read_audio(path: str) -> np.ndarray:
-    audio, sr = sf.read(path, dtype="float32")
-    if sr != 16000 or audio.ndim != 1:
-        raise ValueError(f"{path}: expected preprocessed 16 kHz mono audio, got {sr} Hz, shape {audio.shape}")
-    return audio
 
 
 def run_nbest(bundle: ModelBundle, manifest: pd.DataFrame, cfg: dict, normalise: Callable[[str], str],

@@ -1,0 +1,1 @@
+"""Evaluation metrics shared by the stages: WER/CER, bootstrap intervals, retrieval, calibration."""

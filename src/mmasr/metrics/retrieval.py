@@ -1,0 +1,67 @@
+"""Retrieval metrics: pure functions over a (queries, candidates) similarity matrix and a relevance
+matrix of the same shape. Ties are ordered against the model (an irrelevant candidate scoring the same
+as a relevant one ranks first), so a collapsed model scores at or below chance, never above."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["first_relevant_rank", "retrieval_metrics", "recall_curve", "chance_recall"]
+
+
+def _check(sim: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sim, relevant = np.asarray(sim, dtype=np.float64), np.asarray(relevant, dtype=bool)
+    if sim.ndim != 2 or sim.shape != relevant.shape or sim.size == 0:
+        raise ValueError(f"similarity {sim.shape} and relevance {relevant.shape} must be the same non-empty "
+                         "(queries, candidates) shape")
+    if not relevant.any(axis=1).all():
+        raise ValueError("every query needs at least one relevant candidate")
+    return sim, relevant
+
+
+def first_relevant_rank(sim: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """1-based rank of each query's best relevant candidate; irrelevant candidates that tie with it
+    rank first (ties count against the model)."""
+    sim, relevant = _check(sim, relevant)
+    best = np.where(relevant, sim, -np.inf).max(axis=1)
+    return 1 + ((sim >= best[:, None]) & ~relevant).sum(axis=1)
+
+
+def retrieval_metrics(sim: np.ndarray, relevant: np.ndarray, ks: Sequence[int] = (1, 5, 10),
+                      map_k: int = 10) -> dict:
+    """R@k (share of queries with a relevant candidate in the top k), mAP@``map_k`` (precision at
+    each relevant hit in the top ``map_k``, summed and divided by ``min(n_relevant, map_k)``),
+    and the mean and median rank of the first relevant candidate. ``sim`` and ``relevant`` are
+    (queries, candidates); ties are ordered against the model."""
+    sim, relevant = _check(sim, relevant)
+    ranks = first_relevant_rank(sim, relevant)
+    order = np.lexsort((relevant.astype(np.int8), -sim), axis=-1)  # by score, an irrelevant tie first
+    top = np.take_along_axis(relevant, order, axis=1)[:, :map_k]
+    precision = np.cumsum(top, axis=1) / np.arange(1, top.shape[1] + 1)
+    ap = (precision * top).sum(axis=1) / np.minimum(relevant.sum(axis=1), map_k)
+    out = {f"r{k}": float((ranks <= k).mean()) for k in ks}
+    out.update({f"map{map_k}": float(ap.mean()), "mean_rank": float(ranks.mean()),
+                "median_rank": float(np.median(ranks))})
+    return out
+
+
+def recall_curve(sim: np.ndarray, relevant: np.ndarray, max_k: int) -> list[float]:
+    """R@k for k = 1..max_k."""
+    ranks = first_relevant_rank(sim, relevant)
+    return [float((ranks <= k).mean()) for k in range(1, max_k + 1)]
+
+
+def chance_recall(relevant: np.ndarray, k: int) -> float:
+    """Expected R@k of a random ranking: per query ``1 - C(N - m, k) / C(N, k)`` for m relevant
+    among N candidates, averaged over queries."""
+    relevant = np.asarray(relevant, dtype=bool)
+    n = relevant.shape[1]
+    out = []
+    for m in relevant.sum(axis=1):
+        miss = 1.0
+        for i in range(min(k, n)):
+            miss *= max(0, n - int(m) - i) / (n - i)
+        out.append(1.0 - miss)
+    return float(np.mean(out))
