@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from mmasr.io import read_json
-from tests.conftest import file_digest, job_counts, project_copy, run, snakemake
+from tests.conftest import file_digest, job_counts, project_copy, run, snakemake, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +58,19 @@ def test_every_rule_left_a_log_and_a_benchmark(tiny_run):
                  "clap_embeddings", "train_clap", "eval_retrieval", "layer_embeddings", "train_probe", "report"):
         assert (tiny_run / "results/logs" / f"{rule}.log").is_file()
         assert (tiny_run / "results/benchmarks" / f"{rule}.tsv").is_file()
+
+
+def test_long_jobs_report_progress_in_their_logs(tiny_run):
+    """Jobs under Snakemake have no terminal: each long loop ends its log with a progress line."""
+    logs = tiny_run / "results/logs"
+    steps = tiny_params(tiny_run)["pretrain"]["whisper"]["steps"]
+    whisper = (logs / "pretrain_demo_whisper.log").read_text()
+    assert re.search(rf"pretrain whisper: {steps}/{steps} steps \(100%\) \| loss [0-9.e-]+ lr [0-9.e-]+ \| "
+                     r"[0-9.e+]+ items/s \| \d+:\d\d:\d\d elapsed, ETA 0:00:00", whisper), whisper[-2000:]
+    assert re.search(r"train projector: \d+/\d+ steps \(100%\)", (logs / "train_projector.log").read_text())
+    assert re.search(r"n-best shard 1/1: \d+/\d+ batches \(100%\) \| [0-9.e+]+ utts/s",
+                     (logs / "nbest/0-of-1.log").read_text())
+    assert re.search(r"encode audio: \d+/\d+ utts \(100%\)", (logs / "encode_audio.log").read_text())
 
 
 def test_the_report_is_the_last_job_and_reports_what_ran(tiny_run):

@@ -42,6 +42,11 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def plural(unit: str) -> str:
+    """``batch`` -> ``batches``, ``step`` -> ``steps``."""
+    return unit + ("es" if unit.endswith(("s", "sh", "ch", "x")) else "s")
+
+
 def format_fields(fields: dict[str, Any]) -> str:
     """``loss 2.314 lr 4.1e-04``: floats to 4 significant digits, others as they are."""
     parts = []
@@ -65,7 +70,7 @@ class Progress:
                  bar: bool = True, every_s: float | None = None, clock: Callable[[], float] = time.monotonic,
                  terminal: bool | None = None):
         self.total, self.desc, self.unit, self.initial = int(total), desc, unit, int(initial)
-        self.item_name = item_name or f"{unit}s"
+        self.item_name = item_name or plural(unit)
         self.every_s = progress_every_s() if every_s is None else every_s
         self.clock = clock
         self.done, self.items, self.fields = self.initial, 0, {}
@@ -97,7 +102,7 @@ class Progress:
         rate = self.items / elapsed if elapsed > 0 else math.nan
         eta = (self.total - self.done) * elapsed / run if run > 0 else math.nan
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        parts = [f"{self.desc}: {self.done}/{self.total} {self.unit}s ({pct:.0f}%)"]
+        parts = [f"{self.desc}: {self.done}/{self.total} {plural(self.unit)} ({pct:.0f}%)"]
         if self.fields:
             parts.append(format_fields(self.fields))
         parts.append(f"{rate:.3g} {self.item_name}/s" if math.isfinite(rate) else f"? {self.item_name}/s")

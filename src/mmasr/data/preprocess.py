@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from mmasr.data.ingest import display_path, slug
+from mmasr.progress import track
 from mmasr.io import atomic_dir, atomic_path, reject, rejects_frame
 
 MANIFEST_COLUMNS = ["utt_id", "speaker", "group", "audio_path", "duration_s", "text", "image_id", "split", "source"]
@@ -316,12 +316,12 @@ def preprocess(ingested: pd.DataFrame, ingest_rejects: pd.DataFrame, audio_dir: 
     kept = []
     with atomic_dir(audio_dir) as tmp_audio:
         jobs = [(rec, str(tmp_audio), final_audio_dir, cfg) for rec in todo]
-        bar = dict(total=len(jobs), desc="preprocess audio", unit="utt", disable=not progress, mininterval=1.0)
+        bar = dict(desc="preprocess audio", total=len(jobs), unit="utt", bar=progress)
         if workers > 1 and len(jobs) > 1:
             with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
-                results = list(tqdm(pool.map(_process_utterance, jobs, chunksize=8), **bar))
+                results = list(track(pool.map(_process_utterance, jobs, chunksize=8), **bar))
         else:
-            results = [_process_utterance(job) for job in tqdm(jobs, **bar)]
+            results = [_process_utterance(job) for job in track(jobs, **bar)]
     for res in results:
         (kept.append(res["row"]) if "row" in res else rejects.append(res["reject"]))
 

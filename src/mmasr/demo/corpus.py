@@ -74,7 +74,6 @@ import soundfile as sf
 from PIL import Image, ImageDraw, ImageFilter
 from scipy.ndimage import uniform_filter1d
 from scipy.signal import butter, lfilter, resample_poly, sosfilt
-from tqdm import tqdm
 
 from mmasr.config import schema_defaults, validate_section
 from mmasr.demo.tts import ESPEAK_VOICES, EspeakError, espeak_synthesise
@@ -1518,8 +1517,9 @@ def generate_demo_corpus(out_dir: str | Path, cfg: dict, seed: int, progress: bo
         (tmp / "audio").mkdir(parents=True)
         (tmp / "images").mkdir()
         workers = _worker_count(len(jobs), workers)
-        bar = tqdm(total=len(jobs) + len(pictured), desc="demo corpus", unit="file",
-                   disable=not progress)
+        from mmasr.progress import Progress
+
+        bar = Progress(len(jobs) + len(pictured), "demo corpus", unit="file", bar=progress)
         if workers == 1:
             for job in pictured:
                 _write_picture(job, cfg["image_size"], str(tmp))

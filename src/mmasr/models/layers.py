@@ -29,8 +29,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from mmasr.progress import track
 from mmasr.models.loading import ModelBundle, autocast
 
 log = logging.getLogger(__name__)
@@ -199,8 +199,7 @@ def embed_audio(bundle: ModelBundle, audios: Sequence[np.ndarray], layers: Seque
         return np.zeros((0, len(layers) * hidden_size(bundle.model)), np.float32)
     size = batch_size if batchable(bundle) else 1
     out: list[np.ndarray | None] = [None] * len(audios)
-    for idx in tqdm(length_batches([len(a) for a in audios], size), desc=desc, unit="batch", disable=not progress,
-                    mininterval=1.0):
+    for idx in track(length_batches([len(a) for a in audios], size), desc, items=len, item_name="utts", bar=progress):
         inputs, frames = audio_inputs(bundle, [audios[i] for i in idx])
         with autocast(bundle.device):
             pooled = audio_forward(bundle.model, inputs, frames, layers)

@@ -62,9 +62,8 @@ def encode_manifest(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | 
     Utterances are encoded in batches of similar duration (less padding work is not possible for
     Whisper, whose window is fixed, but it keeps memory flat) and stored in id order.
     """
-    from tqdm import tqdm
-
     from mmasr.data.audio import read_audio
+    from mmasr.progress import Progress
 
     rows = manifest[manifest["split"].isin(list(splits))].sort_values("utt_id").reset_index(drop=True)
     if limit:
@@ -73,7 +72,7 @@ def encode_manifest(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | 
         raise ValueError(f"no utterances in splits {list(splits)} to encode")
     index = []
     with atomic_dir(out_dir) as tmp:
-        bar = tqdm(total=len(rows), desc="encode audio", unit="utt", disable=not progress)
+        bar = Progress(len(rows), "encode audio", unit="utt", bar=progress)
         for shard_no, start in enumerate(range(0, len(rows), shard_size)):
             part = rows.iloc[start:start + shard_size]
             name = f"shard-{shard_no:05d}.safetensors"
@@ -83,7 +82,7 @@ def encode_manifest(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | 
                 for utt, feats in zip(batch["utt_id"], encode_batch(bundle, [read_audio(p) for p in batch["audio_path"]])):
                     arrays[utt] = feats
                     index.append({"utt_id": utt, "shard": name, "n_frames": feats.shape[0], "dim": feats.shape[1]})
-                bar.update(len(batch))
+                bar.update(len(batch))  # utterances
             write_shard(tmp / name, arrays)
         bar.close()
         write_index(tmp / "index.parquet", index, {"mmasr.model": bundle.name, "mmasr.model_revision": bundle.revision,

@@ -387,7 +387,7 @@ def decode(model: SpeechLM, frames: torch.Tensor, lengths: torch.Tensor, *, num_
 def transcribe_split(model: SpeechLM, cache, manifest: pd.DataFrame, split: str, cfg: dict, *,
                      limit: int | None = None, progress: bool = True) -> pd.DataFrame:
     """Hypotheses for every utterance of ``split`` (utt_id, speaker, group, ref, hyp), batched by length."""
-    from tqdm import tqdm
+    from mmasr.progress import track
 
     rows = manifest[manifest["split"] == split].sort_values("utt_id").reset_index(drop=True)
     if limit:
@@ -399,7 +399,8 @@ def transcribe_split(model: SpeechLM, cache, manifest: pd.DataFrame, split: str,
     hyps = [""] * len(rows)
     model.projector.eval()
     bs = cfg["decode_batch_size"]
-    for start in tqdm(range(0, len(order), bs), desc=f"decode {split}", unit="batch", disable=not progress):
+    for start in track(range(0, len(order), bs), f"decode {split}", items=lambda s: len(order[s:s + bs]),
+                       item_name="utts", bar=progress):
         idx = order[start:start + bs]
         frames, lengths = pad_frames(cache.batch(rows["utt_id"].iloc[idx].tolist()))
         for i, text in zip(idx, decode(model, frames, lengths, num_beams=cfg["num_beams"],

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
+from mmasr.progress import track
 
 from mmasr.io import atomic_path, reject, rejects_frame, write_json
 from mmasr.models.loading import ModelBundle, clip_image_embeddings, clip_text_embeddings
@@ -62,8 +62,8 @@ def cache_images(bundle: ModelBundle, images: pd.DataFrame, batch_size: int, pro
     """Embed every picture of ``images`` (image_id, path). Returns (ids, (n, d) float32 array, rejects)."""
     ids, vectors, rejects = [], [], []
     todo = images.drop_duplicates("image_id").sort_values("image_id").to_dict("records")
-    for start in tqdm(range(0, len(todo), batch_size), desc="CLIP image embeddings", unit="batch",
-                      disable=not progress, mininterval=1.0):
+    for start in track(range(0, len(todo), batch_size), "CLIP image embeddings",
+                       items=lambda s: len(todo[s:s + batch_size]), item_name="pictures", bar=progress):
         batch_ids, batch_imgs = [], []
         for rec in todo[start:start + batch_size]:
             try:
@@ -117,8 +117,8 @@ def clip_scores(nbest: pd.DataFrame, manifest: pd.DataFrame, embeddings: dict[st
         raise ValueError(f"{int(has_image.sum())} hypotheses have a picture embedding: scoring them needs the CLIP model")
     texts = sorted(set(out.loc[has_image, "clip_text"]))
     chunks = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
-    vectors = [clip_text_embeddings(bundle, chunk) for chunk in tqdm(chunks, desc="CLIP text embeddings", unit="batch",
-                                                                     disable=not progress, mininterval=1.0)]
+    vectors = [clip_text_embeddings(bundle, chunk)
+               for chunk in track(chunks, "CLIP text embeddings", items=len, item_name="texts", bar=progress)]
     text_vecs = np.concatenate(vectors) if vectors else np.zeros((0, 1), np.float32)
     rows = np.flatnonzero(has_image)
     cos = np.full(len(out), np.nan)

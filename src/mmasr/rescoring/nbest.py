@@ -37,12 +37,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 from transformers.generation.utils import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutput
 
 from mmasr.data.audio import length_batches, read_audio
 from mmasr.io import read_metadata, write_parquet
+from mmasr.progress import track
 from mmasr.models.loading import ModelBundle, autocast, whisper_features, whisper_prompt_ids
 
 log = logging.getLogger(__name__)
@@ -253,13 +253,11 @@ def run_nbest(bundle: ModelBundle, manifest: pd.DataFrame, cfg: dict, normalise:
                          "rejects them (a row each in data/processed/rejects.parquet)")
     rows, stats = [], []
     batches = length_batches(part["duration_s"].to_numpy(), cfg["batch_size"])
-    for idx in tqdm(batches, desc=f"n-best shard {shard + 1}/{num_shards}", unit="batch", disable=not progress,
-                    mininterval=1.0):
+    for idx in track(batches, f"n-best shard {shard + 1}/{num_shards}", items=len, item_name="utts", bar=progress):
         recs = part.iloc[idx]
         audios = [read_audio(p) for p in recs["audio_path"]]
         for utt_id, hyps in zip(recs["utt_id"], nbest_for_batch(bundle, audios, cfg, normalise, stats)):
             rows.extend({"utt_id": utt_id, "rank": r, **h} for r, h in enumerate(hyps))
-        log.info("n-best shard %d/%d: %d of %d utterances", shard + 1, num_shards, len(stats), len(part))
     df = pd.DataFrame(rows, columns=NBEST_COLUMNS)
     df = df.sort_values(["utt_id", "rank"]).reset_index(drop=True).astype(
         {"rank": "int64", "n_tokens": "int64", "sum_logprob": "float64", "asr_score": "float64", "beam_score": "float64",
