@@ -48,7 +48,8 @@ from mmasr.io import atomic_dir, atomic_path
 from mmasr.training import streams
 from mmasr.training.loop import Trainer, adamw, batch_indices, code_digest, data_digest, fingerprint, mean_tail_loss, \
     optimise, run_steps, set_determinism
-from mmasr.training.losses import IGNORE, LN_100, soft_targets, symmetric_infonce, teacher_forcing_arrays, token_loss
+from mmasr.training.losses import (LN_100, soft_targets, symmetric_infonce, teacher_forcing_arrays, token_cross_entropy,
+                                   token_loss)
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +382,7 @@ def train_whisper(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | P
         x = augment_features(feats[idx], n_frames[idx], rng, cfg["augment"]).to(dev)
         y = labels[idx].to(dev)
         logits = model(input_features=x, decoder_input_ids=inputs[idx].to(dev)).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+        loss = token_cross_entropy(logits, y)
         optimise(loss, model, optimizer, cfg["grad_clip"])
         return {"loss": loss.item()}
 

@@ -65,7 +65,7 @@ from mmasr.demo.pretrain import caption_token_ids, save_hf_model, whisper_traini
 from mmasr.training import streams
 from mmasr.training.loop import Trainer, adamw, batch_indices, code_digest, data_digest, fingerprint, mean_tail_loss, \
     optimise, run_steps, set_determinism
-from mmasr.training.losses import IGNORE, teacher_forcing_arrays, token_loss
+from mmasr.training.losses import IGNORE, token_cross_entropy, teacher_forcing_arrays, token_loss
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +412,7 @@ def train_lm(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | Path, 
                          np.random.default_rng([seed, streams.LM_COPY, step]), cfg)
         x, y = x.to(dev), y.to(dev)
         logits = model(input_ids=x).logits  # causal: right padding never reaches a real position
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+        loss = token_cross_entropy(logits, y)
         optimise(loss, model, optimizer, cfg["grad_clip"])
         return {"loss": loss.item(), "tokens": int((y != IGNORE).sum())}
 
@@ -497,7 +497,7 @@ def train_text_encoder(init_dir: str | Path, manifest: pd.DataFrame, out_dir: st
         y_t = torch.from_numpy(y).to(dev)
         logits = model(input_ids=torch.from_numpy(x).to(dev),
                        attention_mask=torch.from_numpy(attn[idx, :width]).to(dev)).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y_t.flatten(), ignore_index=IGNORE)
+        loss = token_cross_entropy(logits, y_t)
         optimise(loss, model, optimizer, cfg["grad_clip"])
         return {"loss": loss.item(), "masked": int((y != IGNORE).sum())}
 

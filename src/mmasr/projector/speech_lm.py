@@ -28,7 +28,7 @@ from torch import nn
 
 from mmasr.io import atomic_dir
 from mmasr.training import streams
-from mmasr.training.losses import IGNORE
+from mmasr.training.losses import IGNORE, token_cross_entropy
 from mmasr.training.loop import Trainer, adamw, code_digest, data_digest, fingerprint, run_steps, saved_step, \
     set_determinism
 
@@ -152,8 +152,7 @@ def pad_frames(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy: position t predicts ``labels[t + 1]`` (IGNORE positions skipped)."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+    return token_cross_entropy(logits[:, :-1], labels[:, 1:], reduction="sum")
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,12 @@ LN_100 = math.log(100.0)  # CLIP's cap on the logit scale
 IGNORE = -100  # label of positions without loss (prompt, padding, audio): cross_entropy's ignore_index
 
 
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of (..., vocab) ``logits`` against ``labels`` of the same leading shape, in float32,
+    skipping ``IGNORE`` positions (``reduction``: mean over the labelled positions, or sum)."""
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE, reduction=reduction)
+
+
 def symmetric_infonce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
                       targets: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of unit-norm pairs: ``logits = exp(min(s, ln 100)) * A B^T``,
@@ -62,7 +68,6 @@ def token_loss(logits_of, inputs: torch.Tensor, labels: torch.Tensor, device, ch
     for s in range(0, len(inputs), chunk):
         lab = labels[s:s + chunk].to(device)
         logits = logits_of(slice(s, s + chunk), inputs[s:s + chunk].to(device))
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), lab.flatten(), ignore_index=IGNORE,
-                                       reduction="sum"))
+        total += float(token_cross_entropy(logits, lab, reduction="sum"))
         count += int((lab != IGNORE).sum())
     return total / max(1, count)
