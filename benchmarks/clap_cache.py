@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from mmasr import config
-from mmasr.clap.train import heads_from_cache, heads_step, load_cache, load_encoders, phase1_batch, steps_per_epoch
+from mmasr.clap.cache import load_cache
+from mmasr.clap.train import heads_from_cache, heads_step, load_encoders, phase1_batch, steps_per_epoch
 from mmasr.io import write_json
 from mmasr.models.layers import audio_forward, audio_inputs, text_forward, text_inputs
 from mmasr.models.loading import autocast, pick_device

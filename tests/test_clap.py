@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmasr.clap.train import (LOGIT_SCALE_INIT, ClapHeads, build_cache, clap_loss, evaluate_retrieval, load_cache,
-                              train_clap, write_cache)
+from mmasr.clap.cache import build_cache, load_cache, write_cache
+from mmasr.clap.evaluate import evaluate_retrieval
+from mmasr.clap.train import LOGIT_SCALE_INIT, ClapHeads, clap_loss, train_clap
 from mmasr.config import validate
 from mmasr.models.layers import embed_audio, embed_text, quartile_layers, select_layers
 from mmasr.models.loading import ModelLoadError, load_audio_encoder, load_text_encoder
@@ -426,7 +427,7 @@ def test_cli_names_a_missing_cache(tmp_path, caplog):
 
 
 def test_empty_transcripts_get_a_rejects_row():
-    from mmasr.clap.train import cache_items, empty_transcript_rejects
+    from mmasr.clap.cache import cache_items, empty_transcript_rejects
 
     manifest = pd.DataFrame({"utt_id": ["u1", "u2", "u3"], "text": ["a red bear", "um, uh...", None],
                              "audio_path": ["a.wav", "b.wav", "c.wav"], "speaker": "s", "group": "control",

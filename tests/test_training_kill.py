@@ -21,7 +21,8 @@ import pytest
 import torch
 import yaml
 
-from mmasr.clap.train import load_cache, steps_per_epoch
+from mmasr.clap.cache import load_cache
+from mmasr.clap.train import steps_per_epoch
 from mmasr.config import deep_merge
 from mmasr.io import read_json
 from mmasr.training.loop import saved_step, step_dirs

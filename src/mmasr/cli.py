@@ -405,7 +405,7 @@ def _torch_threads(args) -> None:
 
 
 def cmd_clap_embeddings(args) -> None:
-    from mmasr.clap.train import build_cache
+    from mmasr.clap.cache import build_cache
 
     p = _params(args)
     _torch_threads(args)
@@ -426,7 +426,8 @@ def cmd_train_clap(args) -> None:
 
 
 def cmd_eval_retrieval(args) -> None:
-    from mmasr.clap.train import evaluate_retrieval, load_cache
+    from mmasr.clap.cache import load_cache
+    from mmasr.clap.evaluate import evaluate_retrieval
 
     p = _params(args)
     _torch_threads(args)
@@ -447,7 +448,7 @@ def cmd_eval_retrieval(args) -> None:
 
 
 def cmd_layer_embeddings(args) -> None:
-    from mmasr.clap.train import encoder_meta
+    from mmasr.clap.cache import encoder_meta
     from mmasr.rescoring.clip import save_embeddings
     from mmasr.models.layers import embed_audio, encoder_depth, select_layers
     from mmasr.data.audio import read_audio

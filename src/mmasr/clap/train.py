@@ -34,21 +34,18 @@ code; a killed run resumes to the same final weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from mmasr.io import atomic_dir, atomic_path, reject, rejects_frame, write_json, write_parquet
-from mmasr.metrics.retrieval import chance_recall, recall_curve, retrieval_metrics
+from mmasr.clap.cache import ClapCache, load_cache
+from mmasr.io import atomic_path
 from mmasr.training import streams
 from mmasr.training.loop import Trainer, adamw, batch_indices, code_digest, fingerprint, mean_tail_loss, optimise, \
     set_determinism
@@ -61,12 +58,10 @@ __all__ = [
     "ProjectionHead",
     "ClapHeads",
     "clap_loss",
-    "ClapCache",
-    "build_cache",
-    "write_cache",
-    "load_cache",
+    "heads_from_cache",
+    "heads_step",
+    "load_encoders",
     "train_clap",
-    "evaluate_retrieval",
 ]
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
@@ -115,124 +110,6 @@ def clap_loss(audio: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
 def _text_targets(text_rows: np.ndarray) -> torch.Tensor:
     keys = [int(r) for r in text_rows]
     return soft_targets(keys, keys)
-
-
-# --------------------------------------------------------------------------------------------
-# Embedding cache
-# --------------------------------------------------------------------------------------------
-
-UTT_COLUMNS = ["utt_id", "speaker", "group", "split", "text", "text_row", "audio_path", "duration_s"]
-
-
-@dataclass
-class ClapCache:
-    """Pooled frozen-encoder embeddings: one audio row per utterance, one text row per distinct
-    (normalised) transcript; ``utts.text_row`` links them."""
-
-    audio: np.ndarray
-    text: np.ndarray
-    utts: pd.DataFrame
-    texts: list[str]
-    meta: dict
-    digest: str
-
-    def split(self, name: str) -> pd.DataFrame:
-        return self.utts[self.utts["split"] == name]
-
-
-def cache_items(manifest: pd.DataFrame, text_cfg: dict) -> tuple[pd.DataFrame, list[str]]:
-    """The utterances with a non-empty normalised transcript (all splits, by utt_id) and the
-    sorted distinct transcripts."""
-    from mmasr.data.text import normaliser
-
-    norm = normaliser(text_cfg)
-    utts = manifest.assign(text=[norm(str(t)) for t in manifest["text"].fillna("")])
-    utts = utts[utts["text"].str.len() > 0].sort_values("utt_id").reset_index(drop=True)
-    if utts.empty:
-        raise ValueError("no utterance with a transcript in the manifest: nothing to embed")
-    texts = sorted(set(utts["text"]))
-    index = {t: i for i, t in enumerate(texts)}
-    utts["text_row"] = [index[t] for t in utts["text"]]
-    return utts[UTT_COLUMNS], texts
-
-
-def empty_transcript_rejects(manifest: pd.DataFrame, utts: pd.DataFrame) -> pd.DataFrame:
-    """A rejects row (as the other stages write them) for each manifest utterance that
-    :func:`cache_items` left out because its normalised transcript is empty."""
-    dropped = manifest[~manifest["utt_id"].isin(utts["utt_id"])].sort_values("utt_id")
-    return rejects_frame([reject(r["utt_id"], r.get("audio_path"), "utterance", "clap_embeddings", "empty_transcript",
-                                 f"transcript {str(r.get('text', ''))!r} is empty after normalisation")
-                          for r in dropped.to_dict("records")])
-
-
-def encoder_meta(bundle, layers: list[int], kind: str, pooling: str) -> dict:
-    from mmasr.models.layers import encoder_depth
-
-    return {f"{kind}_encoder": bundle.name, f"{kind}_revision": bundle.revision,
-            f"{kind}_model_type": bundle.model.config.model_type, f"{kind}_depth": encoder_depth(bundle.model),
-            f"{kind}_layers": layers, f"{kind}_pooling": pooling}
-
-
-def build_cache(manifest: pd.DataFrame, audio_bundle, text_bundle, cfg: dict, text_cfg: dict, out_dir: str | Path,
-                progress: bool = True) -> ClapCache:
-    """Encode every utterance and distinct transcript once and write the cache folder atomically:
-    ``embeddings.safetensors`` (``audio``, ``text``), ``utterances.parquet``, ``texts.parquet``,
-    ``meta.json``. ``cfg`` is the ``clap`` section."""
-    from mmasr.models.layers import embed_audio, embed_text, encoder_depth, select_layers
-    from mmasr.data.audio import read_audio
-
-    utts, texts = cache_items(manifest, text_cfg)
-    rejects = empty_transcript_rejects(manifest, utts)
-    if len(rejects):
-        log.warning("CLAP cache: %d utterance(s) with an empty normalised transcript left out (rejects.parquet)",
-                    len(rejects))
-    a_layers = select_layers(cfg["layers"], encoder_depth(audio_bundle.model))
-    t_layers = select_layers(cfg["layers"], encoder_depth(text_bundle.model))
-    log.info("CLAP cache: %d utterances (audio layers %s), %d distinct texts (text layers %s, %s pooling)",
-             len(utts), a_layers, len(texts), t_layers, cfg["text_pooling"])
-    audio = embed_audio(audio_bundle, [read_audio(p) for p in utts["audio_path"]], a_layers,
-                        cfg["encode_batch_size"], progress=progress, desc="CLAP audio embeddings")
-    text = embed_text(text_bundle, texts, t_layers, cfg["text_pooling"], cfg["encode_batch_size"])
-    meta = {**encoder_meta(audio_bundle, a_layers, "audio", "mean"),
-            **encoder_meta(text_bundle, t_layers, "text", cfg["text_pooling"]),
-            "layers": cfg["layers"], "audio_dim": int(audio.shape[1]), "text_dim": int(text.shape[1]),
-            "n_utts": len(utts), "n_texts": len(texts), "n_rejected_empty_transcript": len(rejects),
-            "device": str(audio_bundle.device)}
-    return write_cache(out_dir, audio, text, utts, texts, meta, rejects)
-
-
-def write_cache(out_dir: str | Path, audio: np.ndarray, text: np.ndarray, utts: pd.DataFrame, texts: list[str],
-                meta: dict, rejects: pd.DataFrame | None = None) -> ClapCache:
-    """Write a cache folder atomically (see :func:`build_cache`; ``rejects.parquet``: the utterances left
-    out) and load it back."""
-
-    from safetensors.numpy import save_file
-
-    if len(audio) != len(utts) or len(text) != len(texts) or not set(utts["text_row"]) <= set(range(len(texts))):
-        raise ValueError("cache arrays and tables do not match")
-    with atomic_dir(out_dir) as tmp:
-        save_file({"audio": np.ascontiguousarray(audio, dtype=np.float32),
-                   "text": np.ascontiguousarray(text, dtype=np.float32)}, str(tmp / "embeddings.safetensors"))
-        write_parquet(tmp / "utterances.parquet", utts[UTT_COLUMNS].reset_index(drop=True))
-        write_parquet(tmp / "texts.parquet", pd.DataFrame({"text_row": range(len(texts)), "text": texts}))
-        write_json(tmp / "meta.json", meta)
-        write_parquet(tmp / "rejects.parquet", rejects_frame([]) if rejects is None else rejects)
-    return load_cache(out_dir)
-
-
-def load_cache(folder: str | Path) -> ClapCache:
-    from safetensors.numpy import load_file
-
-    folder = Path(folder)
-    path = folder / "embeddings.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no CLAP embedding cache here (run `mmasr clap-embeddings`)")
-    arrays = load_file(str(path))
-    utts = pd.read_parquet(folder / "utterances.parquet")
-    texts = pd.read_parquet(folder / "texts.parquet").sort_values("text_row")["text"].tolist()
-    meta = json.loads((folder / "meta.json").read_text())
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return ClapCache(audio=arrays["audio"], text=arrays["text"], utts=utts, texts=texts, meta=meta, digest=digest)
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,107 +374,3 @@ def _phase2(cache: ClapCache, heads: ClapHeads, cfg: dict, seed: int, models_cfg
     params = dict(model.named_parameters())
     return {name: params[name].detach() for prefix, names in trainable.items() for name in
             (f"{prefix}.{n}" for n in names)}
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------
-
-
-def load_heads(path: str | Path, dims: dict) -> tuple[ClapHeads, dict[str, torch.Tensor]]:
-    """Heads from a ``model.safetensors``/``init.safetensors`` and any fine-tuned encoder parameters."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    heads = ClapHeads(dims["audio_dim"], dims["text_dim"], dims["hidden_dim"], dims["embed_dim"])
-    heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")}, strict=True)
-    heads.eval()
-    return heads, {k: v for k, v in state.items() if not k.startswith("heads.")}
-
-
-def _apply_encoder_state(bundle, prefix: str, state: dict[str, torch.Tensor]) -> None:
-    own = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
-    if own:
-        missing, unexpected = bundle.model.load_state_dict(own, strict=False)
-        if unexpected:
-            raise ValueError(f"fine-tuned {prefix} parameters do not fit the encoder: {unexpected[:3]}")
-
-
-@torch.no_grad()
-def _project(heads: ClapHeads, audio: np.ndarray, text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    a = heads.audio(torch.from_numpy(np.ascontiguousarray(audio))).numpy()
-    t = heads.text(torch.from_numpy(np.ascontiguousarray(text))).numpy()
-    return a, t
-
-
-def evaluate_retrieval(cache: ClapCache, checkpoint: str | Path, split: str = "test", models_cfg: dict | None = None,
-                       max_k: int = 20, progress: bool = False) -> tuple[dict, pd.DataFrame]:
-    """Audio->text and text->audio retrieval over the whole ``split``: the trained heads of
-    ``checkpoint`` and the untrained heads they started from ("zero-shot"), with chance levels.
-    Returns the flat metrics and the recall@k curve table (direction, model, k, recall)."""
-    checkpoint = Path(checkpoint)
-    config = json.loads((checkpoint / "config.json").read_text())
-    if config["cache_digest"] != cache.digest:
-        raise ValueError(f"{checkpoint} was trained on another embedding cache (digest {config['cache_digest']}, "
-                         f"this cache {cache.digest}): re-train it")
-    part = cache.split(split)
-    if part.empty:
-        raise ValueError(f"no {split}-split utterance in the CLAP cache: nothing to evaluate")
-    cand_rows = np.array(sorted(set(part["text_row"])))
-    relevant = part["text_row"].to_numpy()[:, None] == cand_rows[None, :]  # (audios, distinct texts)
-    audio_x, text_x = cache.audio[part.index.to_numpy()], cache.text[cand_rows]
-
-    init_heads, _ = load_heads(checkpoint / "init.safetensors", config["heads"])
-    heads, encoder_state = load_heads(checkpoint / "model.safetensors", config["heads"])
-    embeddings = {"zeroshot": _project(init_heads, audio_x, text_x)}
-    if encoder_state:  # phase 2 changed the encoders: re-encode the split with them
-        embeddings["trained"] = _project(heads, *_reencode(part, cand_rows, cache, encoder_state, models_cfg, progress))
-    else:
-        embeddings["trained"] = _project(heads, audio_x, text_x)
-
-    metrics: dict = {}
-    curves = []
-    for model, (a, t) in embeddings.items():
-        prefix = "" if model == "trained" else "zeroshot_"
-        sim = a @ t.T
-        for direction, s, rel in (("a2t", sim, relevant), ("t2a", sim.T, relevant.T)):
-            m = retrieval_metrics(s, rel)
-            metrics.update({f"{prefix}{direction}_{k}": v for k, v in m.items()})
-            if direction == "a2t":  # audio queries by speaker group (e.g. impaired vs control)
-                for group, rows in part.reset_index(drop=True).groupby("group").groups.items():
-                    g = retrieval_metrics(s[rows], rel[rows])
-                    metrics.update({f"{prefix}a2t_{k}_{group}": g[k] for k in ("r1", "r10")})
-            ks = min(max_k, s.shape[1])
-            curves += [{"direction": direction, "model": model, "k": k, "recall": r}
-                       for k, r in enumerate(recall_curve(s, rel, ks), start=1)]
-    for direction, rel in (("a2t", relevant), ("t2a", relevant.T)):
-        for k in (1, 5, 10):
-            metrics[f"chance_{direction}_r{k}"] = chance_recall(rel, k)
-    metrics.update({"chance_r1": metrics["chance_a2t_r1"], "n_candidates": int(len(cand_rows)),
-                    "n_candidate_texts": int(len(cand_rows)), "n_candidate_audios": int(len(part)),
-                    "n_speakers": int(part["speaker"].nunique()), "split": split,
-                    "fine_tuned_encoders": bool(encoder_state)})
-    metrics.update({k: v for k, v in config["summary"].items()})
-    metrics["clap_fingerprint"] = config["fingerprint"]
-    metrics["n_rejected_empty_transcript"] = int(cache.meta.get("n_rejected_empty_transcript", 0))
-    for kind in ("audio", "text"):
-        for key in ("encoder", "revision", "layers", "pooling"):
-            metrics[f"clap_{kind}_{key}"] = cache.meta[f"{kind}_{key}"]
-    return metrics, pd.DataFrame(curves, columns=["direction", "model", "k", "recall"])
-
-
-def _reencode(part: pd.DataFrame, cand_rows: np.ndarray, cache: ClapCache, encoder_state: dict,
-              models_cfg: dict | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    from mmasr.models.layers import embed_audio, embed_text
-    from mmasr.data.audio import read_audio
-
-    if models_cfg is None:
-        raise ValueError("the CLAP checkpoint has fine-tuned encoders: evaluating it needs the models section")
-    audio_bundle, text_bundle = load_encoders(models_cfg, cache.meta, models_cfg["device"])
-    _apply_encoder_state(audio_bundle, "audio_encoder", encoder_state)
-    _apply_encoder_state(text_bundle, "text_encoder", encoder_state)
-    audio = embed_audio(audio_bundle, [read_audio(p) for p in part["audio_path"]], cache.meta["audio_layers"],
-                        progress=progress, desc="CLAP audio (fine-tuned)")
-    text = embed_text(text_bundle, [cache.texts[r] for r in cand_rows], cache.meta["text_layers"],
-                      cache.meta["text_pooling"])
-    return audio, text
