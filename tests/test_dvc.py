@@ -1,9 +1,11 @@
 """DVC: dvc.yaml against the Snakemake rules, `dvc repro` against `snakemake`, experiments, and sharing
 through a remote (push, a fresh clone, pull: nothing left to do for either tool).
 
-Both tools run the same `mmasr` commands (dvc.yaml's header): the agreement test reads the concrete jobs
-from Snakemake itself (a forced dry run prints every job's inputs, outputs and shell command) and the
-stages from dvc.yaml, so a rule or stage added later (CLAP, probe, ...) is covered without editing this file.
+Both tools run the same `mmasr` commands (dvc.yaml's header): dvc.yaml is generated (`mmasr dvc-yaml`,
+mmasr.pipeline.dvc_yaml) from the concrete jobs of a forced Snakemake dry run, which prints every job's
+inputs, outputs and shell command. The tests check that the committed file is the generator's output for
+params.yaml, and (independently of how it was written) that its stages agree with the jobs, so a rule or
+stage added later (CLAP, probe, ...) is covered without editing this file.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from mmasr.config import load
 from mmasr.io import read_json
 from mmasr.pipeline.dvc_yaml import (TRANSPORT_OPTIONS, Job, SourceTree, agreement_problems, declared_params,
                                      dvc_command, dvc_param_leaves, dvc_stages, generate, leaves, mmasr_rules,
-                                     parse_command, snakemake_jobs, stage_outputs, wrap_command)
+                                     parse_command, snakemake_jobs, stage_outputs, wrap_command, yaml_scalar)
 from tests.conftest import REPO, file_digest, job_counts, project_copy, run, tiny_params
 from tests.test_workflow import without_timing
 
@@ -267,6 +269,8 @@ def test_the_command_reads_params_files_and_keeps_the_job_threads():
     parsed = parse_command("mmasr nbest --params params.yaml --params config/o.yaml --threads 2")
     assert parsed.params_files == ["params.yaml", "config/o.yaml"] and parsed.options["--params"] == "params.yaml"
     assert wrap_command("mmasr x --aa 1 --bb 22 --flag --cc 3", width=16) == ["mmasr x --aa 1", "--bb 22 --flag", "--cc 3"]
+    assert [yaml_scalar(v) for v in ("data/x.parquet", "a: b", "null", "#x", "/m/my model")] == [
+        "data/x.parquet", '"a: b"', '"null"', '"#x"', "/m/my model"]
 
 
 def test_code_deps_are_the_import_closure_of_the_command(tmp_path):

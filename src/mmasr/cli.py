@@ -744,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "mmasr. Run it after changing the rules, switching models.* or merging a config "
                                     "file, then `dvc repro`.")
     sp.add_argument("--configfile", nargs="+", default=[], metavar="FILE",
-                    help="config files merged over params.yaml, as with `snakemake --configfile` (the stages "
+                    help="config files (relative to --root) merged over params.yaml, as with `snakemake --configfile` (the stages "
                          "then read them too: --params params.yaml --params FILE ...)")
     sp.add_argument("--root", type=Path, default=Path("."), help="the project folder (default: the current folder)")
     sp.add_argument("--out", default="dvc.yaml", help="file to write, relative to --root")

@@ -510,10 +510,24 @@ def generate_stages(root: Path, configfiles: Sequence[str] = (), cores: int = DV
 
 # ------------------------------------------------------------------------------------------ writing dvc.yaml
 
-def yaml_scalar(value: str) -> str:
-    """``value`` as a plain YAML scalar where it reads back the same, else quoted."""
-    if value and yaml.safe_load(f"k: {value}") == {"k": value} and not value.startswith(("'", '"', "*", "&", "!")):
+def yaml_scalar(value: str, key: bool = False) -> str:
+    """``value`` as a plain YAML scalar (a mapping key with ``key``) where it reads back the same, else quoted."""
+    doc = f"{value}: 1" if key else f"k: {value}"
+    try:
+        plain = yaml.safe_load(doc) == ({value: 1} if key else {"k": value})
+    except yaml.YAMLError:
+        plain = False
+    if value and plain and not value.startswith(("'", '"', "*", "&", "!", "-", "?", "[", "{")):
         return value
+    return json.dumps(value)
+
+
+def yaml_value(value) -> str:
+    """A plot option's value: a scalar, or a list of scalars in flow style."""
+    if isinstance(value, list):
+        return "[" + ", ".join(yaml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return yaml_scalar(value) if "," not in value and "[" not in value else json.dumps(value)
     return json.dumps(value)
 
 
@@ -593,8 +607,15 @@ def render(stages: list[Stage], configfiles: Sequence[str], plots: list) -> str:
     if plots:
         out += ["", f"# Plots, from {PLOTS_FILE} (those whose data the stages write): `dvc plots show` draws them",
                 "# for the workspace, `dvc plots diff main` against another commit or experiment.", "plots:"]
-        body = yaml.safe_dump(plots, sort_keys=False, default_flow_style=None, width=120, allow_unicode=True)
-        out += [f"  {line}" if line else line for line in body.rstrip("\n").splitlines()]
+        for plot in plots:
+            ((title, opts),) = plot.items()
+            out.append(f"  - {yaml_scalar(title, key=True)}:")
+            for name, value in opts.items():
+                if isinstance(value, dict):
+                    out.append(f"      {yaml_scalar(name, key=True)}:")
+                    out += [f"        {yaml_scalar(k, key=True)}: {yaml_value(v)}" for k, v in value.items()]
+                else:
+                    out.append(f"      {yaml_scalar(name, key=True)}: {yaml_value(value)}")
     text = "\n".join(out) + "\n"
     expected = {"stages": {s.name: stage_dict(s) for s in stages}, **({"plots": plots} if plots else {})}
     assert yaml.safe_load(text) == expected, "dvc.yaml does not read back as generated"
