@@ -1,20 +1,21 @@
 """DVC: dvc.yaml against the Snakemake rules, `dvc repro` against `snakemake`, experiments, and sharing
 through a remote (push, a fresh clone, pull: nothing left to do for either tool).
 
-Both tools run the same `mmasr` commands (dvc.yaml's header): the agreement test reads the concrete jobs
-from Snakemake itself (a forced dry run prints every job's inputs, outputs and shell command) and the
-stages from dvc.yaml, so a rule or stage added later (CLAP, probe, ...) is covered without editing this file.
+Both tools run the same `mmasr` commands (dvc.yaml's header): dvc.yaml is generated (`mmasr dvc-yaml`,
+mmasr.pipeline.dvc_yaml) from the concrete jobs of a forced Snakemake dry run, which prints every job's
+inputs, outputs and shell command. The tests check that the committed file is the generator's output for
+params.yaml, and (independently of how it was written) that its stages agree with the jobs, so a rule or
+stage added later (CLAP, probe, ...) is covered without editing this file.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,207 +23,14 @@ import yaml
 
 from mmasr.config import load
 from mmasr.io import read_json
+from mmasr.pipeline.dvc_yaml import (TRANSPORT_OPTIONS, Job, SourceTree, agreement_problems, declared_params,
+                                     dvc_command, dvc_param_leaves, dvc_stages, generate, leaves, mmasr_rules,
+                                     parse_command, snakemake_jobs, stage_outputs, wrap_command, yaml_scalar)
 from tests.conftest import REPO, file_digest, job_counts, project_copy, run, tiny_params
 from tests.test_workflow import without_timing
 
-# ------------------------------------------------------------------------------------------ the two graphs
-
-# Options that carry the parameters (Snakemake: the rule's sections as JSON; DVC: the params file) or a
-# worker count (Snakemake: the job's threads, which follow --cores; DVC: a fixed number) - the only parts of
-# a command the two tools may spell differently.
-TRANSPORT_OPTIONS = {"--cfg", "--params", "--threads"}
-CODE_PREFIXES = ("src/", "workflow/")
-
-
-@dataclass
-class Command:
-    sub: str  # the mmasr sub-command
-    options: dict[str, str | None] = field(default_factory=dict)  # --name -> value (None: a flag)
-    positional: list[str] = field(default_factory=list)
-    cfg: dict | None = None  # the --cfg JSON (Snakemake)
-    env: dict[str, str] = field(default_factory=dict)  # NAME=value before the command
-
-
-def parse_command(shell: str) -> Command:
-    """An `mmasr` command line as sub-command, options and positionals, with the environment assignments
-    before it (MMASR_THREADS=2); redirections after it are dropped."""
-    tokens = shlex.split(shell)
-    env = {}
-    while tokens and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", tokens[0]):
-        name, _, value = tokens.pop(0).partition("=")
-        env[name] = value
-    for stop in (">", "2>&1", "&>", ">>"):
-        if stop in tokens:
-            tokens = tokens[: tokens.index(stop)]
-    assert tokens[:1] == ["mmasr"] and len(tokens) > 1, f"not an mmasr command: {shell}"
-    cmd = Command(tokens[1], env=env)
-    rest = tokens[2:]
-    while rest:
-        token = rest.pop(0)
-        if token.startswith("--"):
-            value = rest.pop(0) if rest and not rest[0].startswith("--") else None
-            assert token not in cmd.options, f"{token} given twice in: {shell}"
-            cmd.options[token] = value
-        else:
-            cmd.positional.append(token)
-    if "--cfg" in cmd.options:
-        cmd.cfg = json.loads(cmd.options["--cfg"])
-    return cmd
-
-
-@dataclass
-class Job:
-    rule: str
-    inputs: set[str]
-    outputs: set[str]
-    shell: str | None
-
-
-def snakemake_jobs(work: Path, *extra: str) -> list[Job]:
-    """Every job of a forced dry run (`snakemake -n -p -F`), as Snakemake prints it."""
-    proc = run([sys.executable, "-m", "snakemake", "--cores", "2", "--dry-run", "--printshellcmds", "--forceall",
-                *extra], work)
-    jobs = []
-    for block in re.split(r"\n\s*\n", proc.stdout + "\n" + proc.stderr):
-        head = re.search(r"^(?:local)?rule (\w+):$", block, re.M)
-        if not head:
-            continue
-        fields = dict(re.findall(r"^    (\w+): (.*)$", block, re.M))
-        shell = re.search(r"^Shell command: (.*)$", block, re.M)
-        jobs.append(Job(head.group(1), set(_paths(fields.get("input"))), set(_paths(fields.get("output"))),
-                        None if not shell or shell.group(1) == "None" else shell.group(1)))
-    assert jobs, proc.stdout[-3000:]
-    return jobs
-
-
-def _paths(text: str | None) -> list[str]:
-    return [p for p in (text or "").split(", ") if p]
-
-
-def mmasr_rules(jobs: list[Job]) -> dict[str, list[Job]]:
-    by_rule: dict[str, list[Job]] = {}
-    for job in jobs:
-        if job.shell and re.search(r"(^|\s)mmasr\s", job.shell):
-            by_rule.setdefault(job.rule, []).append(job)
-    return by_rule
-
-
-def dvc_stages(root: Path = REPO) -> dict[str, dict]:
-    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
-        assert "foreach" not in stage and "matrix" not in stage, f"dvc.yaml stage {name}: expand foreach/matrix here"
-    return stages
-
-
-def _entries(stage: dict, key: str) -> list[tuple[str, dict]]:
-    """A stage's outs/metrics/plots/deps entries as (path, options)."""
-    out = []
-    for item in stage.get(key, []) or []:
-        if isinstance(item, dict):
-            ((path, opts),) = item.items()
-            out.append((path, opts or {}))
-        else:
-            out.append((item, {}))
-    return out
-
-
-def stage_outputs(stage: dict) -> dict[str, dict]:
-    return {path: opts for key in ("outs", "metrics", "plots") for path, opts in _entries(stage, key)}
-
-
-def leaves(tree, prefix: str = "") -> set[str]:
-    """Dotted paths of a nested mapping's non-mapping values (an empty mapping is a leaf too)."""
-    if isinstance(tree, dict) and tree:
-        return set().union(*(leaves(v, f"{prefix}{k}.") for k, v in tree.items()))
-    return {prefix[:-1]}
-
-
-def dvc_param_leaves(stage: dict, params_file: Path) -> set[str]:
-    """The params.yaml keys (leaves) a DVC stage declares: sections, single keys, or the whole file."""
-    raw = yaml.safe_load(params_file.read_text())
-    covered: set[str] = set()
-    for item in stage.get("params", []) or []:
-        if isinstance(item, dict):
-            ((path, keys),) = item.items()
-            assert path == "params.yaml", f"params from {path}: only params.yaml is read by `mmasr --params`"
-            names = keys or list(raw)
-        else:
-            names = [item]
-        for name in names:
-            node = raw
-            for part in name.split("."):
-                assert isinstance(node, dict) and part in node, f"DVC param {name!r} is not in params.yaml"
-                node = node[part]
-            covered |= leaves(node, f"{name}.")
-    return covered
-
-
-def rule_files() -> dict[str, str]:
-    """Rule name -> the workflow/rules/*.smk file that defines it."""
-    found = {}
-    for path in sorted((REPO / "workflow/rules").glob("*.smk")):
-        for name in re.findall(r"^rule (\w+):", path.read_text(), re.M):
-            found[name] = path.relative_to(REPO).as_posix()
-    return found
-
-
-def agreement_problems(jobs: list[Job], stages: dict[str, dict], params_file: Path) -> list[str]:
-    """Every way dvc.yaml and the Snakemake jobs disagree, one line each (empty: they agree)."""
-    problems = []
-    rules = mmasr_rules(jobs)
-    for name in sorted(set(rules) - set(stages)):
-        problems.append(f"rule {name}: no DVC stage of that name in dvc.yaml")
-    for name in sorted(set(stages) - set(rules)):
-        problems.append(f"DVC stage {name}: no Snakemake rule of that name runs an mmasr command")
-    defined_in = rule_files()
-    for name in sorted(set(rules) & set(stages)):
-        if len(rules[name]) != 1:
-            problems.append(f"rule {name}: {len(rules[name])} jobs; compare with one job per rule (nbest.shards: 1)")
-            continue
-        job, stage = rules[name][0], stages[name]
-        snake, dvc = parse_command(job.shell), parse_command(stage["cmd"])
-        if snake.sub != dvc.sub:
-            problems.append(f"{name}: mmasr {snake.sub} (Snakemake) vs mmasr {dvc.sub} (DVC)")
-        s_opts = {k: v for k, v in snake.options.items() if k not in TRANSPORT_OPTIONS}
-        d_opts = {k: v for k, v in dvc.options.items() if k not in TRANSPORT_OPTIONS}
-        for opt in sorted(s_opts.keys() | d_opts.keys()):
-            if s_opts.get(opt, "<absent>") != d_opts.get(opt, "<absent>"):
-                problems.append(f"{name}: option {opt} is {s_opts.get(opt, '<absent>')!r} (Snakemake) vs "
-                                f"{d_opts.get(opt, '<absent>')!r} (DVC)")
-        if sorted(snake.positional) != sorted(dvc.positional):
-            problems.append(f"{name}: arguments {snake.positional} (Snakemake) vs {dvc.positional} (DVC)")
-        # Torch threads change floats in the last bits: where the rule sets them (MMASR_THREADS={threads}; with
-        # --cores 2, as here, the job's count), the DVC stage passes the same --threads (default 1).
-        threads = snake.env.get("MMASR_THREADS")
-        if threads is not None and dvc.options.get("--threads", "1") != threads:
-            problems.append(f"{name}: MMASR_THREADS={threads} (Snakemake --cores 2) vs --threads "
-                            f"{dvc.options.get('--threads', '1')} (DVC)")
-        if "--params" not in dvc.options and snake.cfg is not None:
-            problems.append(f"{name}: the DVC command does not read --params params.yaml")
-        deps = [path for path, _ in _entries(stage, "deps")]
-        data_deps = {p for p in deps if not p.startswith(CODE_PREFIXES)}
-        for path in sorted(job.inputs - data_deps):
-            problems.append(f"{name}: input {path} (Snakemake) is not a DVC dep")
-        for path in sorted(data_deps - job.inputs):
-            problems.append(f"{name}: DVC dep {path} is not a Snakemake input")
-        if defined_in.get(name) not in deps:
-            problems.append(f"{name}: DVC deps lack the rule file {defined_in.get(name)}")
-        for path in deps:
-            if path.startswith(CODE_PREFIXES) and not (REPO / path).exists():
-                problems.append(f"{name}: DVC dep {path} does not exist")
-        outs = set(stage_outputs(stage))
-        for path in sorted(job.outputs - outs):
-            problems.append(f"{name}: output {path} (Snakemake) is not a DVC out/metric/plot")
-        for path in sorted(outs - job.outputs):
-            problems.append(f"{name}: DVC out {path} is not a Snakemake output")
-        wanted = leaves(snake.cfg) if snake.cfg else set()
-        declared = dvc_param_leaves(stage, params_file)
-        for key in sorted(wanted - declared):
-            problems.append(f"{name}: the rule passes {key} (--cfg) but the DVC stage does not declare it")
-        for key in sorted(declared - wanted):
-            problems.append(f"{name}: the DVC stage declares {key} but the rule does not pass it (--cfg)")
-    return problems
-
+# The two graphs (Snakemake's jobs, dvc.yaml's stages) and the agreement check live in mmasr.pipeline.dvc_yaml,
+# which generates dvc.yaml from the same jobs (`mmasr dvc-yaml`).
 
 # ------------------------------------------------------------------------------------------ fast checks
 
@@ -258,10 +66,10 @@ def test_the_agreement_check_reports_each_kind_of_disagreement(tmp_path):
     good = {"cmd": "mmasr fuse --params params.yaml --threads 2 --nbest in.parquet --metrics out.json",
             "deps": ["workflow/rules/fusion.smk", "in.parquet"], "params": ["fusion"],
             "metrics": [{"out.json": {"cache": False}}]}
-    assert agreement_problems([job], {"fuse": good}, params) == []
+    assert agreement_problems([job], {"fuse": good}, params, REPO) == []
     bad = {**good, "cmd": "mmasr fuse --params params.yaml --nbest other.parquet --metrics out.json --quiet",
            "deps": ["in.parquet", "src/mmasr/nope.py"], "params": ["fusion.tau", "seed"], "metrics": [], "outs": ["x"]}
-    problems = "\n".join(agreement_problems([job], {"fuse": bad, "extra": good}, params))
+    problems = "\n".join(agreement_problems([job], {"fuse": bad, "extra": good}, params, REPO))
     for expected in ("DVC stage extra: no Snakemake rule", "option --nbest is 'in.parquet' (Snakemake) vs 'other.parquet'",
                      "option --quiet", "MMASR_THREADS=2 (Snakemake --cores 2) vs --threads 1 (DVC)", "lack the rule file workflow/rules/fusion.smk", "src/mmasr/nope.py does not exist",
                      "output out.json (Snakemake) is not a DVC out", "DVC out x is not a Snakemake output",
@@ -274,7 +82,7 @@ def test_gitignore_keeps_uncached_outputs_in_git_and_ignores_the_rest():
     """Metrics and plot data (cache: false) are versioned by git, so a fresh clone has them and `dvc status`
     is clean after `dvc pull`; everything DVC caches, and the workflow's own state, is ignored by git."""
     cached, uncached = [], []
-    for stage in dvc_stages().values():
+    for stage in dvc_stages(REPO).values():
         for path, opts in stage_outputs(stage).items():
             (uncached if opts.get("cache") is False else cached).append(path)
     probes = [*cached, *(f"{p}/x" for p in cached), "results/logs/fuse.log", "results/benchmarks/fuse.tsv",
@@ -327,7 +135,7 @@ def test_dvc_stages_and_snakemake_rules_agree(dry_project):
     """Same names, same `mmasr` sub-command and options, same inputs and outputs, and the DVC params cover
     exactly the keys the rule passes with --cfg. With the default params, every rule is one job."""
     assert load(dry_project / "params.yaml")["nbest"]["shards"] == 1
-    problems = agreement_problems(snakemake_jobs(dry_project), dvc_stages(), REPO / "params.yaml")
+    problems = agreement_problems(snakemake_jobs(dry_project), dvc_stages(REPO), REPO / "params.yaml", REPO)
     assert not problems, "dvc.yaml and the Snakemake rules disagree:\n  " + "\n  ".join(problems)
 
 
@@ -336,7 +144,7 @@ def test_sharded_nbest_differs_from_the_dvc_stage_only_in_the_shard(dry_project)
     shard job is the DVC command with its own --shard/--num-shards/--out, and the merge gathers them all."""
     jobs = snakemake_jobs(dry_project, "--configfile", "config/shards.yaml")
     rules = mmasr_rules(jobs)
-    stage = parse_command(dvc_stages()["nbest"]["cmd"])
+    stage = parse_command(dvc_stages(REPO)["nbest"]["cmd"])
     shard_outputs = set()
     for job in rules["nbest"]:
         cmd = parse_command(job.shell)
@@ -350,8 +158,140 @@ def test_sharded_nbest_differs_from_the_dvc_stage_only_in_the_shard(dry_project)
     assert len(shard_outputs) == 3
     (merge,) = rules["nbest_merge"]
     assert merge.inputs == shard_outputs == set(parse_command(merge.shell).positional)
-    assert merge.outputs == set(stage_outputs(dvc_stages()["nbest_merge"]))
+    assert merge.outputs == set(stage_outputs(dvc_stages(REPO)["nbest_merge"]))
 
+
+
+# ------------------------------------------------------------------------------------------ dvc.yaml is generated
+
+def test_committed_dvc_yaml_is_what_the_generator_writes(dry_project):
+    """CI's check: dvc.yaml is `mmasr dvc-yaml`'s output for params.yaml, byte for byte."""
+    generated = generate(dry_project)
+    assert generated == (REPO / "dvc.yaml").read_text(), (
+        "dvc.yaml is not what the generator writes for params.yaml and the Snakemake rules: "
+        "run `mmasr dvc-yaml` and commit dvc.yaml")
+    assert generated.startswith("# GENERATED by `mmasr dvc-yaml`")
+    stages = yaml.safe_load(generated)["stages"]
+    nbest = stages["nbest"]
+    assert "--shard 0 --num-shards 1 --out data/nbest/shards/0-of-1.parquet" in nbest["cmd"]
+    assert nbest["cmd"].startswith("mmasr nbest --params params.yaml --threads 2 ")
+    assert nbest["deps"][-3:] == ["data/processed/manifest.parquet", "data/processed/audio",
+                                  "results/checkpoints/demo/whisper"]
+    assert stages["preprocess"]["cmd"].startswith("mmasr preprocess --params params.yaml --threads 4 ")
+    assert stages["report"]["params"] == [{"params.yaml": None}]
+    assert stages["split"]["params"][:2] == ["seed", "split"] and "text.lowercase" in stages["split"]["params"]
+    assert stages["fuse"]["metrics"] == [{"results/metrics/fusion.json": {"cache": False}}]
+    assert {"results/fusion/grid.csv": {"cache": False}} in stages["fuse"]["outs"]
+    assert "convert_whisper" not in stages  # nothing asks for the real Whisper with the default params
+    # the code: the implementation modules and what they import, never cli.py
+    assert {"src/mmasr/rescoring/fusion.py", "src/mmasr/rescoring/clip.py", "src/mmasr/data/text.py",
+            "src/mmasr/io.py", "src/mmasr/config.py"} <= set(stages["fuse"]["deps"])
+    assert not any(d.endswith("cli.py") for s in stages.values() for d in s["deps"])
+
+
+def test_the_check_command_fails_on_a_stale_dvc_yaml(dry_project, tmp_path):
+    work = project_copy(tmp_path / "stale")
+    proc = run([sys.executable, "-m", "mmasr.cli", "dvc-yaml", "--check"], work, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dvc.yaml is current" in proc.stderr
+    (work / "dvc.yaml").write_text((work / "dvc.yaml").read_text().replace("--threads 2", "--threads 3", 1))
+    proc = run([sys.executable, "-m", "mmasr.cli", "dvc-yaml", "--check"], work, check=False)
+    assert proc.returncode == 1
+    assert "run `mmasr dvc-yaml`" in proc.stderr and "-      mmasr pretrain-whisper --params params.yaml --threads 3" in proc.stderr
+    proc = run([sys.executable, "-m", "mmasr.cli", "dvc-yaml"], work)
+    assert (work / "dvc.yaml").read_text() == (REPO / "dvc.yaml").read_text()
+
+
+def test_a_hub_id_is_no_dep_and_a_local_model_folder_is_one(tmp_path):
+    """Switch models.whisper to a hub id and models.clip to a local folder (a merged config file): the
+    generated stages lose the Whisper dep, gain the folder, read both params files, and still agree with
+    the Snakemake jobs of that configuration."""
+    work = project_copy(tmp_path / "models")
+    (work / "models" / "my-clip").mkdir(parents=True)
+    (work / "models" / "my-clip" / "config.json").write_text("{}")
+    (work / "config" / "models.yaml").write_text(
+        "models:\n  whisper: openai/whisper-tiny.en\n  clip: models/my-clip\n")
+    text = generate(work, ["config/models.yaml"])
+    stages = yaml.safe_load(text)["stages"]
+    assert text.startswith("# GENERATED by `mmasr dvc-yaml --configfile config/models.yaml`")
+    all_deps = {d for s in stages.values() for d in s["deps"]}
+    assert "openai/whisper-tiny.en" not in all_deps
+    assert stages["nbest"]["deps"][-2:] == ["data/processed/manifest.parquet", "data/processed/audio"]
+    assert stages["cache_image_embeddings"]["deps"][-1] == "models/my-clip"
+    assert stages["clip_text_scores"]["deps"][-1] == "models/my-clip"
+    assert stages["nbest"]["cmd"].startswith("mmasr nbest --params params.yaml --params config/models.yaml --threads 2 ")
+    assert {"config/models.yaml": ["models.whisper"]} in stages["nbest"]["params"]
+    assert "models.whisper" in stages["nbest"]["params"]  # params.yaml's value is tracked too
+    # the demo CLIP is no longer asked for; the demo Whisper still is (models.audio_encoder names it)
+    assert "pretrain_demo_clip" not in stages and "pretrain_demo_whisper" in stages
+    jobs = snakemake_jobs(work, "--configfile", "config/models.yaml")
+    problems = agreement_problems(jobs, stages, work / "params.yaml", work, ["config/models.yaml"])
+    assert not problems, "\n  ".join(problems)
+    # the command reads the two files merged, as Snakemake does
+    assert load([work / "params.yaml", work / "config/models.yaml"])["models"]["whisper"] == "openai/whisper-tiny.en"
+
+
+def test_the_real_whisper_config_gets_the_convert_whisper_stage(tmp_path):
+    """config/real_whisper.yaml names the converted tiny.en folder: its rule (convert_whisper) becomes a stage,
+    and the stages that load it depend on its output."""
+    work = project_copy(tmp_path / "real")
+    stages = yaml.safe_load(generate(work, ["config/real_whisper.yaml"]))["stages"]
+    convert = stages["convert_whisper"]
+    assert convert["cmd"] == "mmasr convert-whisper --out results/checkpoints/whisper-tiny.en"
+    assert convert["outs"] == ["results/checkpoints/whisper-tiny.en"] and "params" not in convert
+    assert "src/mmasr/models/whisper_convert.py" in convert["deps"] and "workflow/rules/convert.smk" in convert["deps"]
+    for name in ("nbest", "encode_audio", "clap_embeddings", "layer_embeddings"):
+        assert "results/checkpoints/whisper-tiny.en" in stages[name]["deps"], name
+    assert "pretrain_demo_whisper" not in stages
+    assert list(stages).index("convert_whisper") < list(stages).index("nbest")
+
+
+def test_declared_params_are_exactly_the_keys_in_each_file():
+    files = {"params.yaml": {"seed": 1, "text": {"a": 1, "b": 2}, "pretrain": {"x": {"lr": 1}, "y": {"lr": 2}}},
+             "config/o.yaml": {"text": {"a": 5}}}
+    assert declared_params({"seed", "text.a", "pretrain.x.lr"}, files) == [
+        "pretrain.x", "seed", "text.a", {"config/o.yaml": None}]
+    assert declared_params({"text.a", "text.b"}, files) == ["text", {"config/o.yaml": None}]
+    assert declared_params({"text.b"}, files) == ["text.b"]
+    assert declared_params({"seed", "text.a", "text.b", "pretrain.x.lr", "pretrain.y.lr"}, {"params.yaml": files["params.yaml"]}) \
+        == [{"params.yaml": None}]
+    with pytest.raises(ValueError, match="text.c: read by a rule but set in none of params.yaml, config/o.yaml"):
+        declared_params({"text.c"}, files)
+
+
+def test_the_command_reads_params_files_and_keeps_the_job_threads():
+    shell = "MMASR_THREADS=2 mmasr nbest --cfg '{\"a\":1}' --manifest m.parquet --quiet > log 2>&1"
+    assert dvc_command(shell, 2, ["params.yaml", "config/o.yaml"]) == \
+        "mmasr nbest --params params.yaml --params config/o.yaml --threads 2 --manifest m.parquet --quiet"
+    assert dvc_command("mmasr preprocess --cfg '{}' --threads 4 --out x > log", 4, ["params.yaml"]) == \
+        "mmasr preprocess --params params.yaml --threads 4 --out x"
+    assert dvc_command("mmasr nbest-merge a b --out c > log 2>&1", 1, ["params.yaml"]) == "mmasr nbest-merge a b --out c"
+    parsed = parse_command("mmasr nbest --params params.yaml --params config/o.yaml --threads 2")
+    assert parsed.params_files == ["params.yaml", "config/o.yaml"] and parsed.options["--params"] == "params.yaml"
+    assert wrap_command("mmasr x --aa 1 --bb 22 --flag --cc 3", width=16) == ["mmasr x --aa 1", "--bb 22 --flag", "--cc 3"]
+    assert [yaml_scalar(v) for v in ("data/x.parquet", "a: b", "null", "#x", "/m/my model")] == [
+        "data/x.parquet", '"a: b"', '"null"', '"#x"', "/m/my model"]
+
+
+def test_code_deps_are_the_import_closure_of_the_command(tmp_path):
+    pkg = tmp_path / "src" / "mmasr"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("__version__ = '1'\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "io.py").write_text("import json\n")
+    (pkg / "sub" / "impl.py").write_text("from mmasr.io import x\nfrom . import helper\n")
+    (pkg / "sub" / "helper.py").write_text("def f():\n    from mmasr.sub import deep\n")
+    (pkg / "sub" / "deep.py").write_text("")
+    (pkg / "unused.py").write_text("")
+    (pkg / "cli.py").write_text("from mmasr import __version__\nfrom mmasr.io import x\n"
+                                "def _helper():\n    return __version__\n"
+                                "def cmd_a(args):\n    from mmasr.sub.impl import run\n    _helper()\n"
+                                "def cmd_b(args):\n    x()\n")
+    tree = SourceTree(tmp_path / "src")
+    assert tree.command_files("cmd_a", "mmasr.cli") == [
+        "src/mmasr/__init__.py", "src/mmasr/io.py", "src/mmasr/sub/deep.py", "src/mmasr/sub/helper.py",
+        "src/mmasr/sub/impl.py"]
+    assert tree.command_files("cmd_b", "mmasr.cli") == ["src/mmasr/io.py"]
 
 # ------------------------------------------------------------------------------------------ DVC runs (slow)
 
@@ -384,7 +324,7 @@ def ran_stages(output: str) -> list[str]:
 
 
 def uncached_outputs() -> set[str]:
-    return {path for stage in dvc_stages().values() for path, opts in stage_outputs(stage).items()
+    return {path for stage in dvc_stages(REPO).values() for path, opts in stage_outputs(stage).items()
             if opts.get("cache") is False}
 
 
@@ -413,7 +353,7 @@ def clone_of(run_: ReproRun, dest: Path) -> Path:
 
 @pytest.mark.slow
 def test_dvc_repro_runs_every_stage_and_git_gets_the_metrics(dvc_repro):
-    assert sorted(ran_stages(dvc_repro.output)) == sorted(dvc_stages()), dvc_repro.output[-3000:]
+    assert sorted(ran_stages(dvc_repro.output)) == sorted(dvc_stages(REPO)), dvc_repro.output[-3000:]
     # git sees exactly dvc.lock and the uncached outputs; everything DVC caches is ignored (no stray .gitignore)
     assert dvc_repro.untracked == {"dvc.lock"} | uncached_outputs()
     assert "Data and pipelines are up to date." in dvc(dvc_repro.work, "status").stdout

@@ -227,7 +227,7 @@ def cmd_transcribe(args) -> None:
     from mmasr.rescoring.transcribe import transcribe
 
     if args.params is None and args.cfg is None and Path("params.yaml").is_file():
-        args.params = Path("params.yaml")  # a user in the project folder means the project's params
+        args.params = [Path("params.yaml")]  # a user in the project folder means the project's params
     p = _params(args)
     result = transcribe(args.audio, p, image=args.image, image_id=args.image_id, alpha=args.alpha,
                         embeddings=args.embeddings, fusion_metrics=args.fusion_metrics)
@@ -238,9 +238,9 @@ def cmd_report(args) -> None:
     from mmasr.report.build import build_report
 
     if args.params is None and args.cfg is None and (args.root / "params.yaml").is_file():
-        args.params = args.root / "params.yaml"  # by hand in a project folder: that project's params
+        args.params = [args.root / "params.yaml"]  # by hand in a project folder: that project's params
     p = _params(args)
-    source = " + ".join(filter(None, [str(args.params) if args.params else "", "--cfg (Snakemake)" if args.cfg else ""]))
+    source = " + ".join(filter(None, [" + ".join(map(str, args.params or [])), "--cfg (Snakemake)" if args.cfg else ""]))
     overrides = {}
     for item in args.input:
         name, sep, path = item.partition("=")
@@ -486,6 +486,26 @@ def cmd_train_probe(args) -> None:
              metrics["ece_calibrated"])
 
 
+def cmd_dvc_yaml(args) -> int:
+    from mmasr.pipeline.dvc_yaml import check, generate
+
+    text = generate(args.root, args.configfile)
+    if args.check:
+        diff = check(args.root, text, args.out)
+        if diff:
+            shown = "\n".join(diff[:200]) + ("\n..." if len(diff) > 200 else "")
+            log.error("%s is not what `mmasr dvc-yaml%s` generates from the Snakemake workflow: run `mmasr dvc-yaml%s`"
+                      "\n%s", args.out, "".join(f" --configfile {f}" for f in args.configfile),
+                      "".join(f" --configfile {f}" for f in args.configfile), shown)
+            return 1
+        log.info("%s is current", args.out)
+        return 0
+    with atomic_path(Path(args.root) / args.out) as tmp:
+        tmp.write_text(text)
+    log.info("%s written (%d stages); run `dvc repro`", args.out, text.count("\n    cmd: "))
+    return 0
+
+
 def provenance(p: dict, keys: tuple[str, ...]) -> dict:
     """Params hash (of the keys used) and seed, so a metrics file says what produced it.
 
@@ -512,7 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def stage(name: str, func, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
-        sp.add_argument("--params", type=Path, default=None, help="params.yaml to read (validated, defaults filled in)")
+        sp.add_argument("--params", type=Path, action="append", default=None, metavar="FILE",
+                        help="params.yaml to read (validated, defaults filled in); repeated: each merged over the "
+                             "ones before, as `snakemake --configfile` merges config files over params.yaml")
         sp.add_argument("--cfg", default=None, help="JSON object of params sections, merged over --params")
         sp.add_argument("--threads", type=int, default=int(os.environ.get("MMASR_THREADS", "1")), help="worker processes")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -716,6 +738,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--alpha", type=float, default=None, help="default: best_alpha of results/metrics/fusion.json")
     sp.add_argument("--embeddings", type=Path, default=Path("data/cache/clip_image_embeddings.npz"))
     sp.add_argument("--fusion-metrics", type=Path, default=Path("results/metrics/fusion.json"))
+
+    sp = sub.add_parser("dvc-yaml", help="Write dvc.yaml from the Snakemake workflow for the active configuration.",
+                        description="Write dvc.yaml from the Snakemake workflow (a forced dry run) for params.yaml "
+                                    "with the --configfile files merged over it: one DVC stage per rule that runs "
+                                    "mmasr. Run it after changing the rules, switching models.* or merging a config "
+                                    "file, then `dvc repro`.")
+    sp.add_argument("--configfile", nargs="+", default=[], metavar="FILE",
+                    help="config files (relative to --root) merged over params.yaml, as with `snakemake --configfile` (the stages "
+                         "then read them too: --params params.yaml --params FILE ...)")
+    sp.add_argument("--root", type=Path, default=Path("."), help="the project folder (default: the current folder)")
+    sp.add_argument("--out", default="dvc.yaml", help="file to write, relative to --root")
+    sp.add_argument("--check", action="store_true",
+                    help="write nothing; exit 1 (with the diff) when --out is not what would be written")
+    sp.set_defaults(func=cmd_dvc_yaml)
     return parser
 
 
@@ -723,11 +759,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        rc = args.func(args)
     except (params_mod.ParamsError, ValueError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

