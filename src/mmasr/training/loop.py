@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mmasr.io import atomic_path
+from mmasr.io import atomic_dir, atomic_path
 from mmasr.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -144,20 +144,14 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: torch.nn.Module, opt
     With ``name`` (e.g. ``best``) the folder is ``name/`` instead, replaced in place, never pruned."""
     from safetensors.torch import save_model
 
-    folder = name or f"step-{step:06d}"
-    final = checkpoint_dir / folder
-    tmp = checkpoint_dir / f".{folder}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (Whisper's proj_out)
+    final = Path(checkpoint_dir) / (name or f"step-{step:06d}")
     state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
              "fingerprint": fp, "schedule": schedule}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save(state, tmp / "state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (Whisper's proj_out)
+        torch.save(state, tmp / "state.pt")
     if name:
         return final
     for old in step_dirs(checkpoint_dir)[:-keep]:
@@ -173,7 +167,7 @@ def resume_checkpoint(checkpoint_dir: Path, model: torch.nn.Module, optimizer: t
 
     if not checkpoint_dir.is_dir():
         return 0
-    for tmp in checkpoint_dir.glob(".*.tmp"):  # left by a run killed while writing
+    for tmp in [*checkpoint_dir.glob(".*.tmp"), *checkpoint_dir.glob(".*.old")]:  # left by a run killed while writing
         shutil.rmtree(tmp, ignore_errors=True)
     for path in reversed(step_dirs(checkpoint_dir)):
         try:
