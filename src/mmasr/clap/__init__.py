@@ -1,0 +1,1 @@
+"""CLAP-style contrastive audio-text model: embedding cache, heads and two-phase training, retrieval evaluation."""

@@ -1,0 +1,1 @@
+"""A calibrated classifier probing multi-layer audio embeddings for a manifest label."""
