@@ -281,3 +281,24 @@ def test_small_config_shows_the_effect_the_picture_fixes_impaired_speech(tmp_pat
     trained_on = pd.read_csv(work / "results/pretrain/whisper_loss.csv")  # the run finished and logged
     assert len(trained_on) == 1600
     assert (manifest.groupby("speaker")["split"].nunique() == 1).all()
+
+
+def test_the_real_model_config_resolves_without_demo_models(tmp_path):
+    """config/real.yaml names hub models at the seeds' sizes: its DAG builds and trains no demo model, the
+    merged params validate, and the sizes are the seeds' (Whisper small, CLIP ViT-B/32, SmolLM3, HuBERT, BERT)."""
+    from mmasr.config import load
+
+    work = project_copy(tmp_path / "work")
+    proc = run([sys.executable, "-m", "snakemake", "-n", "--cores", "8", "--configfile", "config/real.yaml"], work)
+    out = proc.stdout + proc.stderr
+    jobs = job_counts(out)
+    assert jobs["nbest"] == 1 and jobs["train_projector"] == 1 and jobs["train_clap"] == 1, out[-2000:]
+    assert not {j for j in jobs if j.startswith(("build_demo_models", "pretrain_demo", "convert_whisper"))}, jobs
+    p = load([work / "params.yaml", work / "config/real.yaml"])
+    want = {"whisper": "openai/whisper-small", "clip": "openai/clip-vit-base-patch32", "lm": "HuggingFaceTB/SmolLM3-3B",
+            "audio_encoder": "facebook/hubert-base-ls960", "text_encoder": "bert-base-uncased", "trust_remote_code": False}
+    assert {k: p["models"][k] for k in want} == want
+    assert (p["nbest"]["num_beams"], p["nbest"]["keep"], p["nbest"]["language"]) == (5, 5, "en")
+    assert (p["projector"]["k"], p["projector"]["hidden"]) == (5, 2048)
+    assert (p["clap"]["hidden_dim"], p["clap"]["embed_dim"], p["clap"]["layers"]) == (256, 256, "last")
+    assert p["clap"]["phase2_epochs"] > 0 and p["clap"]["phase2_encoder_lr"] < p["clap"]["lr"]
