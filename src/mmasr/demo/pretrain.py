@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from mmasr.io import atomic_dir, atomic_path
+from mmasr.metrics.retrieval import retrieval_r1
 from mmasr.training import streams
 from mmasr.training.loop import Trainer, adamw, batch_indices, code_digest, data_digest, fingerprint, mean_tail_loss, \
     optimise, run_steps, set_determinism
@@ -204,20 +205,6 @@ def clip_pool(anchors: Sequence[int], neighbours: Sequence[Sequence[int]], hard_
                 near = [near[int(i)] for i in rng.choice(len(near), per_anchor, replace=False)]
             pool.update(int(n) for n in near)
     return np.asarray(sorted(pool), dtype=np.int64)
-
-
-def retrieval_r1(similarity: np.ndarray, match: np.ndarray) -> tuple[float, float]:
-    """Caption->picture R@1 and its chance level. ``similarity`` and ``match`` are (captions,
-    pictures); ``match[i, j]`` says picture ``j`` is a correct answer for caption ``i``. Ties go to
-    the first picture. Chance = mean share of correct pictures per caption."""
-    similarity = np.asarray(similarity)
-    match = np.asarray(match, dtype=bool)
-    if similarity.shape != match.shape or similarity.shape[0] == 0:
-        raise ValueError("similarity and match must have the same non-empty (captions, pictures) shape")
-    top = np.argmax(similarity, axis=1)
-    r1 = float(match[np.arange(len(top)), top].mean())
-    chance = float((match.sum(axis=1) / match.shape[1]).mean())
-    return r1, chance
 
 
 # --------------------------------------------------------------------------------------------

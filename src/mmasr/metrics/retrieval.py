@@ -1,6 +1,7 @@
 """Retrieval metrics: pure functions over a (queries, candidates) similarity matrix and a relevance
 matrix of the same shape. Ties are ordered against the model (an irrelevant candidate scoring the same
-as a relevant one ranks first), so a collapsed model scores at or below chance, never above."""
+as a relevant one ranks first), so a collapsed model scores at or below chance, never above; the demo
+CLIP's monitoring R@1 (:func:`retrieval_r1`) takes the first candidate instead."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["first_relevant_rank", "retrieval_metrics", "recall_curve", "chance_recall"]
+__all__ = ["first_relevant_rank", "retrieval_metrics", "recall_curve", "chance_recall", "retrieval_r1"]
 
 
 def _check(sim: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -65,3 +66,17 @@ def chance_recall(relevant: np.ndarray, k: int) -> float:
             miss *= max(0, n - int(m) - i) / (n - i)
         out.append(1.0 - miss)
     return float(np.mean(out))
+
+
+def retrieval_r1(similarity: np.ndarray, match: np.ndarray) -> tuple[float, float]:
+    """Caption->picture R@1 and its chance level. ``similarity`` and ``match`` are (captions,
+    pictures); ``match[i, j]`` says picture ``j`` is a correct answer for caption ``i``. Ties go to
+    the first picture. Chance = mean share of correct pictures per caption."""
+    similarity = np.asarray(similarity)
+    match = np.asarray(match, dtype=bool)
+    if similarity.shape != match.shape or similarity.shape[0] == 0:
+        raise ValueError("similarity and match must have the same non-empty (captions, pictures) shape")
+    top = np.argmax(similarity, axis=1)
+    r1 = float(match[np.arange(len(top)), top].mean())
+    chance = float((match.sum(axis=1) / match.shape[1]).mean())
+    return r1, chance

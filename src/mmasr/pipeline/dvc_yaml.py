@@ -618,7 +618,8 @@ def render(stages: list[Stage], configfiles: Sequence[str], plots: list) -> str:
                     out.append(f"      {yaml_scalar(name, key=True)}: {yaml_value(value)}")
     text = "\n".join(out) + "\n"
     expected = {"stages": {s.name: stage_dict(s) for s in stages}, **({"plots": plots} if plots else {})}
-    assert yaml.safe_load(text) == expected, "dvc.yaml does not read back as generated"
+    if yaml.safe_load(text) != expected:  # a quoting bug would otherwise write a dvc.yaml that means something else
+        raise RuntimeError("the rendered dvc.yaml does not read back as the stages it was made from")
     return text
 
 
