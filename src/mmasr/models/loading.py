@@ -675,7 +675,8 @@ def load_audio_encoder(name_or_path: str, device: str | torch.device = "auto", r
 
 def load_text_encoder(name_or_path: str, device: str | torch.device = "auto", revision: str | None = None,
                       trust_remote_code: bool = False, dtype: str | torch.dtype = "float32") -> ModelBundle:
-    """A BERT-family text encoder (``AutoModel``) and its tokenizer, in eval mode on ``device``, weights in ``dtype``."""
+    """A BERT-family text encoder (``AutoModel``) and its tokenizer, in eval mode on ``device``, weights in
+    ``dtype``."""
     from transformers import AutoModel, AutoTokenizer
 
     dev, dt = _device_and_dtype(device, dtype)
