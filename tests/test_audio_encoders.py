@@ -19,7 +19,7 @@ from mmasr.models.layers import (PATCH_FAMILIES, WAVEFORM_TYPES, audio_forward, 
                                  select_layers, transformer_layers)
 from mmasr.models.loading import (AUDIO_ENCODER_TYPES, EAT_FBANK, ModelLoadError, load_audio_encoder,
                                   remote_code_reason)
-from tests.conftest import tone
+from tests.conftest import save_tiny_ast, tone
 
 SR = 16000
 
@@ -32,24 +32,6 @@ def _offline(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf_cache")))
-
-
-def save_tiny_ast(folder: Path, layers: int = 2, width: int = 32, classifier: bool = False) -> Path:
-    """A random AST with the real geometry (128 mel bins, 1024 frames, 16x16 patches, strides 10: 1212
-    patches + CLS + distillation) but a tiny width, beside the stock feature extractor."""
-    from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification, ASTModel
-
-    torch.manual_seed(0)
-    config = ASTConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=2 * width,
-                       num_labels=3)
-    model = ASTForAudioClassification(config) if classifier else ASTModel(config)
-    base = model.audio_spectrogram_transformer if classifier else model
-    with torch.no_grad():  # transformers initialises these to zero: make the special tokens and positions distinct
-        for p in (base.embeddings.cls_token, base.embeddings.distillation_token, base.embeddings.position_embeddings):
-            p.normal_(std=0.2)
-    model.eval().save_pretrained(folder)
-    ASTFeatureExtractor().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -324,7 +306,8 @@ def write_eat_code(folder: Path, post_init: bool = True) -> Path:
     """The code and config.json of a tiny EAT (no weights yet)."""
     folder.mkdir(parents=True)
     (folder / "configuration_eat.py").write_text(EAT_CONFIG_PY)
-    (folder / "modeling_eat.py").write_text(EAT_MODELING_PY.replace("POST_INIT", "self.post_init()" if post_init else "pass"))
+    code = EAT_MODELING_PY.replace("POST_INIT", "self.post_init()" if post_init else "pass")
+    (folder / "modeling_eat.py").write_text(code)
     config = {"model_type": "eat", "architectures": ["EATModel"], "embed_dim": 32, "depth": 2, "num_heads": 2,
               "patch_size": 16, "stride": 16, "mel_bins": 128, "max_length": 64, "model_variant": "pretrain",
               "auto_map": {"AutoConfig": "configuration_eat.EATConfig", "AutoModel": "modeling_eat.EATModel"}}
@@ -355,13 +338,13 @@ def test_eat_is_refused_without_trust_remote_code_and_its_code_never_runs(tmp_pa
             load_audio_encoder(str(folder), device="cpu", trust_remote_code=flag)
         message = str(err.value)
         assert repr(str(folder)) in message and "ships its own code" in message and "auto_map" in message
-        assert "models.trust_remote_code: true" in message and "Review that code" in message
+        assert "models.trust_remote_code: true" in message and "review it" in message
     assert not marker.exists()
 
 
 def test_remote_code_reason():
     assert remote_code_reason({"model_type": "hubert"}) is None
-    assert "auto_map: AutoConfig, AutoModel" in remote_code_reason(
+    assert "auto_map in its config.json: AutoConfig, AutoModel" in remote_code_reason(
         {"model_type": "eat", "auto_map": {"AutoModel": "m.M", "AutoConfig": "c.C"}})
     assert "'eat' is not part of the installed transformers" in remote_code_reason({"model_type": "eat"})
     assert "auto_map" in remote_code_reason({"model_type": "bert", "auto_map": {"AutoModel": "m.M"}})

@@ -269,7 +269,8 @@ def patch_mask(grid: PatchGrid, frames: torch.Tensor) -> torch.Tensor:
 def batchable(bundle: ModelBundle) -> bool:
     """Fixed-window encoders (Whisper, AST, EAT) and attention-mask models batch exactly; group-norm models
     do not."""
-    return audio_kind(bundle.model) in ("whisper", "patches") or bool(getattr(bundle.processor, "return_attention_mask", False))
+    fixed_window = audio_kind(bundle.model) in ("whisper", "patches")
+    return fixed_window or bool(getattr(bundle.processor, "return_attention_mask", False))
 
 
 def _warn_cut(bundle: ModelBundle, seconds: float, window_s: float) -> None:

@@ -283,17 +283,18 @@ def remote_code_reason(config: dict) -> str | None:
     from transformers import CONFIG_MAPPING
 
     if config.get("auto_map"):
-        return f"its config.json names its own classes (auto_map: {', '.join(sorted(config['auto_map']))})"
+        return f"it ships its own code (auto_map in its config.json: {', '.join(sorted(config['auto_map']))})"
     model_type = config.get("model_type")
     if model_type and model_type not in CONFIG_MAPPING:
-        return f"its model_type {model_type!r} is not part of the installed transformers"
+        return (f"its model_type {model_type!r} is not part of the installed transformers, so only code shipped "
+                "with it could load it")
     return None
 
 
 def _remote_code_message(kind: str, name: str, reason: str) -> str:
-    return (f"cannot load {kind} model {name!r}: it ships its own code ({reason}), which transformers would "
-            "import and run to load it. Review that code (the *.py files beside its config.json), then set "
-            "models.trust_remote_code: true to allow it.")
+    return (f"cannot load {kind} model {name!r}: {reason}. Loading it means transformers imports and runs that "
+            "code: review it (the *.py files beside its config.json), then set models.trust_remote_code: true "
+            "to allow it.")
 
 
 def _refuse_remote_code(kind: str, name: str, config: dict | None, trust_remote_code: bool) -> None:
@@ -342,7 +343,8 @@ def _load(kind: str, name: str, model_type: str | tuple[str, ...], revision: str
             model, processor = load(name, kw)
         except Exception as exc:  # noqa: BLE001
             if trust_remote_code is not True and "trust_remote_code" in str(exc):  # its config came from the hub
-                raise ModelLoadError(_remote_code_message(kind, name, "transformers reports custom code")) from exc
+                reason = "it ships its own code (transformers says so)"
+                raise ModelLoadError(_remote_code_message(kind, name, reason)) from exc
             raise ModelLoadError(
                 f"cannot load {kind} model {name!r} (treated as a Hugging Face hub id"
                 f"{f' at revision {revision!r}' if revision else ''}): {type(exc).__name__}: {exc}. "
@@ -428,9 +430,10 @@ AUDIO_ENCODER_TYPES = ("hubert", "wav2vec2", "wavlm", "data2vec-audio", "whisper
                        "eat")
 TEXT_ENCODER_TYPES = ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta-v2", "mpnet",
                       "camembert", "modernbert")
-# EAT checkpoints (worstchan/EAT-*) ship no preprocessor_config.json. Their published extraction recipe
-# (github.com/cwx-worst-one/EAT, feature_extract.py) is AST's: Kaldi fbank, 128 bins, 25/10 ms Hanning
-# windows, dither 0, zero-padded/cut to 1024 frames (10.24 s), then (x - mean) / (2 std) with these values.
+# For an EAT checkpoint (worstchan/EAT-*) without a preprocessor_config.json: its published extraction
+# recipe (github.com/cwx-worst-one/EAT, feature_extract.py: the features are computed by hand) is AST's
+# Kaldi fbank, 128 bins, 25/10 ms Hanning windows, dither 0, zero-padded/cut to 1024 frames (10.24 s,
+# the clip length it was pre-trained on), then (x - mean) / (2 std) with these values.
 EAT_FBANK = {"num_mel_bins": 128, "max_length": 1024, "mean": -4.268, "std": 4.569}
 _BEATS = ("BEATs is not supported: it is not part of transformers and its checkpoints are plain PyTorch "
           "files that need Microsoft's unilm code to build the model (no config.json, no from_pretrained). "
@@ -439,7 +442,8 @@ _BEATS = ("BEATs is not supported: it is not part of transformers and its checkp
 
 def _refuse_beats(name: str) -> None:
     config = _read_config(Path(name).expanduser() / "config.json") if is_local_name(name) else None
-    if re.search("beats", Path(name).name, re.IGNORECASE) or str((config or {}).get("model_type", "")).lower() == "beats":
+    model_type = str((config or {}).get("model_type", "")).lower()
+    if re.search("beats", Path(name).name, re.IGNORECASE) or model_type == "beats":
         raise ModelLoadError(f"cannot load audio encoder {name!r}: {_BEATS}")
 
 
