@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from mmasr import cli
 from mmasr.projector.speech_lm import Projector
 from mmasr.training import distributed
-from mmasr.training.loop import world_fingerprint
+from mmasr.training.loop import Trainer, adamw, optimise, world_fingerprint
 from tests.conftest import REPO, tool_env
 from tests.test_clap import clap_cfg, synthetic_cache
 from tests.test_projector import speech_setup, tiny_cfg  # noqa: F401 (speech_setup: a fixture)
@@ -61,6 +61,27 @@ def test_one_process_needs_no_torchrun_and_every_helper_is_the_identity(monkeypa
     assert distributed.rank_seed(13, 0) == 13
     assert len({13, distributed.rank_seed(13, 1), distributed.rank_seed(13, 2), distributed.rank_seed(14, 1)}) == 4
     assert world_fingerprint("abc", 1) == "abc" and world_fingerprint("abc", 2) != world_fingerprint("abc", 3)
+
+
+def test_the_trainer_on_one_process_wraps_nothing_and_writes_what_it_always_did(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    cfg = {"lr": 0.1, "warmup": 1, "min_lr_ratio": 0.0, "weight_decay": 0.0, "checkpoint_every": 2, "keep_checkpoints": 1}
+    trainer = Trainer("t", model, adamw(model, cfg), cfg, steps=2, checkpoint_dir=tmp_path, fingerprint="fp",
+                      log_columns=["step", "lr", "loss"], progress=False)
+    assert trainer.module is model and (trainer.world, trainer.rank, trainer.main) == (1, 0, True)
+    mine, sizes = trainer.shard([4, 5, 6])
+    assert mine.tolist() == [4, 5, 6] and sizes == [3]
+    with trainer.no_sync():  # one process: nothing to hold back
+        pass
+
+    def step(_: int) -> dict:
+        loss = model(torch.ones(2, 3)).pow(2).mean()
+        optimise(loss, model, trainer.optimizer, 1.0)
+        return {"loss": loss.item()}
+
+    assert trainer.run(step)
+    state = torch.load(tmp_path / "step-000002" / "state.pt", weights_only=True)
+    assert state["fingerprint"] == "fp" and "rank_rng" not in state  # the one-process format, unchanged
 
 
 def test_the_torchrun_environment_is_checked(monkeypatch):
