@@ -1,8 +1,8 @@
 """Training on several processes (PyTorch DDP under torchrun; gloo on the CPU): the helpers of
-mmasr.training.distributed, and the trainers' own commands (`mmasr train-projector`, `mmasr train-clap`)
-on 2 processes against 1 process with the same global batch - the same weights, logs and optimiser
-moments to a float tolerance - and 2 processes stopped mid-run then resumed against an uninterrupted
-2-process run - the same bytes."""
+mmasr.training.distributed, and the trainers' own commands (`mmasr train-projector`, `mmasr train-clap`
+with both phases) on 2 processes against 1 process with the same global batch - the same weights, logs
+and optimiser moments to a float tolerance - and 2 processes stopped mid-run then resumed against an
+uninterrupted 2-process run - the same bytes. The 2-process runs share two torchrun launches (~10 s each)."""
 
 from __future__ import annotations
 
@@ -19,17 +19,20 @@ import torch
 from safetensors.torch import load_file
 
 from mmasr import cli
+from mmasr.clap.cache import build_cache
+from mmasr.config import validate
+from mmasr.models.loading import load_audio_encoder, load_text_encoder
 from mmasr.projector.speech_lm import Projector
 from mmasr.training import distributed
 from mmasr.training.loop import Trainer, adamw, optimise, world_fingerprint
 from tests.conftest import REPO, tool_env
-from tests.test_clap import clap_cfg, synthetic_cache
+from tests.test_clap import clap_cfg, synthetic_cache, tiny_corpus
 from tests.test_projector import speech_setup, tiny_cfg  # noqa: F401 (speech_setup: a fixture)
 
 # 2 processes vs 1 on the same global batches: the same sums in another order (each rank's partial sums and
 # padding, then gloo's all-reduce), so weights agree to float32 rounding, amplified a little by AdamW over the
-# steps (observed: max |diff| 1e-7 to 5e-7 on weights of 0.3-2.6), inside this tolerance and far below what
-# training moves them (> 100 x ATOL, checked).
+# steps (observed max |diff|: projector 5e-7, CLAP heads 9e-8, CLAP phase 2 1.1e-6, on weights up to 2.7),
+# inside this tolerance and below what training moves them (checked).
 ATOL, RTOL = 1e-5, 1e-4
 
 
@@ -99,7 +102,7 @@ def test_the_torchrun_environment_is_checked(monkeypatch):
 # ------------------------------------------------------------------ the trainers on 2 processes
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def restore_torch():
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     yield
@@ -120,6 +123,84 @@ def torchrun(commands: list[list[str]], work: Path, nproc: int = 2) -> subproces
     return proc
 
 
+def save_bert(folder: Path, dropout: float) -> Path:
+    """A tiny BERT text encoder (tests/test_clap.py's) with the given dropout."""
+    from transformers import BertConfig, BertModel
+
+    from mmasr.demo.models import demo_vocabulary
+    from mmasr.demo.text_models import build_bert_tokenizer
+
+    tok = build_bert_tokenizer(demo_vocabulary(), 32)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=dropout,
+                         attention_probs_dropout_prob=dropout)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(speech_setup, demo_model_dirs, tmp_path_factory, restore_torch) -> Path:  # noqa: F811
+    """Every trainer run of this module, in one folder: ``<name>1`` on one process (the command as the rules run
+    it with training.nproc 1, in this process), ``<name>2`` on two (one torchrun launch for all of them), and
+    ``<name>2r`` on two, stopped after a step (--stop-after) and resumed in a second launch."""
+    root = tmp_path_factory.mktemp("ddp")
+    manifest = root / "manifest.parquet"
+    speech_setup["manifest"].to_parquet(manifest)
+    # p: 12 train utterances, global batches of 9 then 3 (batch_size x grad_accum): ranks hold 5|4 and 2|1
+    # utterances, run as 3 micro-batches each, then 2 and 1 - uneven parts and accumulation under DDP.
+    projector = tiny_cfg(steps=8, batch_size=3, grad_accum=3, bucket_batches=2, lr=0.02, warmup=2, eval_every=2,
+                         checkpoint_every=3, keep_checkpoints=2)
+    # q: batches of 11 then 1 utterance: on the 1-utterance steps rank 1 has nothing to compute
+    one_item = tiny_cfg(steps=4, batch_size=11, grad_accum=1, bucket_batches=1, lr=0.02, warmup=1, eval_every=2)
+    synthetic_cache(root / "clap_cache")
+    # c: 16 steps of 7 pairs, 4|3 per rank
+    heads = clap_cfg(hidden_dim=16, embed_dim=8, epochs=4, batch_size=7, warmup=2, lr=0.01, eval_every=3,
+                     checkpoint_every=5)
+    # e, f: phase 2 on real (tiny) encoders - the demo Whisper's encoder (no dropout) and a BERT without (e) or
+    # with dropout (f: drawn per rank, so only resumed-vs-uninterrupted is compared)
+    phase2 = clap_cfg(hidden_dim=8, embed_dim=8, epochs=1, batch_size=4, warmup=1, phase2_epochs=3, phase2_layers=1,
+                      checkpoint_every=1, eval_every=1)
+    corpus = tiny_corpus(root / "audio")
+    encoders = {}
+    for name, dropout in (("e", 0.0), ("f", 0.1)):
+        models = validate({"models": {"audio_encoder": str(demo_model_dirs["whisper"]), "device": "cpu",
+                                      "text_encoder": str(save_bert(root / f"bert_{name}", dropout))}})
+        build_cache(corpus, load_audio_encoder(models["models"]["audio_encoder"], device="cpu"),
+                    load_text_encoder(models["models"]["text_encoder"], device="cpu"), phase2, models["text"],
+                    root / f"cache_{name}", progress=False)
+        encoders[name] = models["models"]
+
+    def train_projector(name: str, cfg: dict, threads: int, *extra: str) -> list[str]:
+        out = root / name
+        params = {"seed": 5, "models": {"device": "cpu", "lm": str(speech_setup["lm"])}, "projector": cfg}
+        return ["train-projector", "--cfg", json.dumps(params), "--threads", str(threads),
+                "--features", str(speech_setup["root"] / "features"), "--manifest", str(manifest),
+                "--out", str(out / "model"), "--log-csv", str(out / "log.csv"), "--state-dir", str(out / "state"),
+                "--resume", "--quiet", *extra]
+
+    def train_clap(name: str, threads: int, *extra: str) -> list[str]:
+        out, kind = root / name, name[0]
+        params = {"seed": 3, "models": encoders.get(kind, {"device": "cpu"}), "clap": heads if kind == "c" else phase2}
+        cache = root / ("clap_cache" if kind == "c" else f"cache_{kind}")
+        return ["train-clap", "--cfg", json.dumps(params), "--threads", str(threads), "--cache", str(cache),
+                "--out", str(out / "model"), "--log-csv", str(out / "log.csv"), "--checkpoint-dir", str(out / "state"),
+                "--quiet", *extra]
+
+    for argv in (train_projector("p1", projector, 1), train_projector("q1", one_item, 1), train_clap("c1", 1),
+                 train_clap("e1", 1)):
+        assert cli.main(argv) == 0
+    # --threads 2: one torch thread per process, as on one process
+    torchrun([train_projector("p2", projector, 2), train_projector("q2", one_item, 2), train_clap("c2", 2),
+              train_clap("e2", 2), train_clap("f2", 2), train_projector("p2r", projector, 2, "--stop-after", "5"),
+              train_clap("c2r", 2, "--stop-after", "7"), train_clap("f2r", 2, "--stop-after", "3")], root)
+    for name in ("p2r", "c2r", "f2r"):
+        assert not (root / name / "model").exists(), f"{name} was not stopped"
+    proc = torchrun([train_projector("p2r", projector, 2), train_clap("c2r", 2), train_clap("f2r", 2)], root)
+    (root / "resumed.log").write_text(proc.stdout + proc.stderr)
+    return root
+
+
 def assert_weights_close(a: Path, b: Path) -> None:
     wa, wb = load_file(str(a)), load_file(str(b))
     assert wa.keys() == wb.keys()
@@ -136,14 +217,20 @@ def assert_logs_close(a: Path, b: Path, exact: list[str]) -> None:
 
 
 def assert_moments_close(a: Path, b: Path) -> None:
-    """AdamW's moments (not invariant to a uniform scale of the gradients, as its updates nearly are)."""
+    """AdamW's moments (not invariant to a uniform scale of the gradients, as its updates nearly are), to 1e-3
+    relative or 1e-4 of the model's largest moment (some gradients are rounding noise: attention's key bias)."""
     sa = torch.load(a, weights_only=True)["optimizer"]["state"]
     sb = torch.load(b, weights_only=True)["optimizer"]["state"]
     assert sa.keys() == sb.keys() and sa
-    for i in sa:
-        for name in ("exp_avg", "exp_avg_sq"):
-            ref = sa[i][name]
-            torch.testing.assert_close(sb[i][name], ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
+    for name in ("exp_avg", "exp_avg_sq"):
+        scale = max(float(s[name].abs().max()) for s in sa.values())
+        for i in sa:
+            torch.testing.assert_close(sb[i][name], sa[i][name], rtol=1e-3, atol=1e-4 * scale)
+
+
+def moved(trained: dict, init: dict) -> float:
+    """How far training moved the least-moved tensor (its largest change)."""
+    return min(float((trained[k] - init[k]).abs().max()) for k in init)
 
 
 def same_bytes(a: Path, b: Path) -> bool:
@@ -151,73 +238,43 @@ def same_bytes(a: Path, b: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_two_processes_train_what_one_does_and_resume_exactly(speech_setup, tmp_path, restore_torch):  # noqa: F811
-    # --- inputs: the projector's tiny LM and encoder-feature cache (tests/test_projector.py), CLAP's synthetic cache
-    manifest = tmp_path / "manifest.parquet"
-    speech_setup["manifest"].to_parquet(manifest)
-    # 12 train utterances, global batches of 9 then 3 (batch_size x grad_accum): ranks hold 5|4 and 2|1
-    # utterances, run as 3 micro-batches each, then 2 and 1 - uneven parts and accumulation under DDP.
-    projector = tiny_cfg(steps=8, batch_size=3, grad_accum=3, bucket_batches=2, lr=0.02, warmup=2, eval_every=2,
-                         checkpoint_every=3, keep_checkpoints=2)
-    # batches of 11 then 1 utterance: on the 1-utterance steps rank 1 has nothing to compute
-    one_item = tiny_cfg(steps=4, batch_size=11, grad_accum=1, bucket_batches=1, lr=0.02, warmup=1, eval_every=2)
-    synthetic_cache(tmp_path / "clap_cache")
-    clap = clap_cfg(hidden_dim=16, embed_dim=8, epochs=4, batch_size=7, warmup=2, lr=0.01, eval_every=3,
-                    checkpoint_every=5)  # 16 steps of 7 pairs: 4|3 per rank
-
-    def train_projector(name: str, cfg: dict, threads: int, *extra: str) -> list[str]:
-        out = tmp_path / name
-        params = {"seed": 5, "models": {"device": "cpu", "lm": str(speech_setup["lm"])}, "projector": cfg}
-        return ["train-projector", "--cfg", json.dumps(params), "--threads", str(threads),
-                "--features", str(speech_setup["root"] / "features"), "--manifest", str(manifest),
-                "--out", str(out / "model"), "--log-csv", str(out / "log.csv"), "--state-dir", str(out / "state"),
-                "--resume", "--quiet", *extra]
-
-    def train_clap(name: str, threads: int, *extra: str) -> list[str]:
-        out = tmp_path / name
-        params = {"seed": 3, "models": {"device": "cpu"}, "clap": clap}
-        return ["train-clap", "--cfg", json.dumps(params), "--threads", str(threads), "--cache",
-                str(tmp_path / "clap_cache"), "--out", str(out / "model"), "--log-csv", str(out / "log.csv"),
-                "--checkpoint-dir", str(out / "state"), "--quiet", *extra]
-
-    # --- one process: the commands as the rules run them with training.nproc 1 (here, in this process)
-    for argv in (train_projector("p1", projector, 1), train_projector("q1", one_item, 1), train_clap("c1", 1)):
-        assert cli.main(argv) == 0
-    # --- two processes (--threads 2: one torch thread each), and each trainer stopped after a step, then resumed
-    torchrun([train_projector("p2", projector, 2), train_projector("q2", one_item, 2), train_clap("c2", 2),
-              train_projector("p2r", projector, 2, "--stop-after", "5"), train_clap("c2r", 2, "--stop-after", "7")],
-             tmp_path)
-    assert not (tmp_path / "p2r" / "model").exists() and not (tmp_path / "c2r" / "model").exists()  # stopped
-    assert (tmp_path / "p2r/state/step-000003").is_dir() and (tmp_path / "c2r/state/phase1/step-000005").is_dir()
-    proc = torchrun([train_projector("p2r", projector, 2), train_clap("c2r", 2)], tmp_path)
-    resumed = proc.stdout + proc.stderr
-    assert "resuming from" in resumed and "(step 3)" in resumed and "(step 5)" in resumed, resumed[-3000:]
-
-    # --- 2 processes == 1 process (tolerance), and rank 0 alone wrote (one log row per step)
+def test_the_projector_on_two_processes_trains_what_one_does(runs):
     for name in ("p", "q"):
         for which in ("best", "last"):
-            assert_weights_close(tmp_path / f"{name}1/model/{which}/model.safetensors",
-                                 tmp_path / f"{name}2/model/{which}/model.safetensors")
-        assert_logs_close(tmp_path / f"{name}1/log.csv", tmp_path / f"{name}2/log.csv", exact=["step", "tokens"])
-        assert_moments_close(tmp_path / f"{name}1/model/last/state.pt", tmp_path / f"{name}2/model/last/state.pt")
-        one, two = (json.loads((tmp_path / f"{name}{n}/model/training.json").read_text()) for n in (1, 2))
+            assert_weights_close(runs / f"{name}1/model/{which}/model.safetensors",
+                                 runs / f"{name}2/model/{which}/model.safetensors")
+        assert_logs_close(runs / f"{name}1/log.csv", runs / f"{name}2/log.csv", exact=["step", "tokens"])
+        assert_moments_close(runs / f"{name}1/model/last/state.pt", runs / f"{name}2/model/last/state.pt")
+        one, two = (json.loads((runs / f"{name}{n}/model/training.json").read_text()) for n in (1, 2))
         assert (one["n_processes"], two["n_processes"]) == (1, 2) and one["best_step"] == two["best_step"]
-    assert pd.read_csv(tmp_path / "p2/log.csv")["step"].tolist() == list(range(1, 9))
-    assert_weights_close(tmp_path / "c1/model/model.safetensors", tmp_path / "c2/model/model.safetensors")
-    assert same_bytes(tmp_path / "c1/model/init.safetensors", tmp_path / "c2/model/init.safetensors")
-    assert_logs_close(tmp_path / "c1/log.csv", tmp_path / "c2/log.csv", exact=["step", "phase"])
-    assert_moments_close(tmp_path / "c1/state/phase1/step-000016/state.pt", tmp_path / "c2/state/phase1/step-000016/state.pt")
-    # ... and training moved every weight tensor far more than the tolerance: they agree on more than the init
-    init, trained = (load_file(str(tmp_path / f"c1/model/{n}.safetensors")) for n in ("init", "model"))
-    assert min(float((trained[k] - init[k]).abs().max()) for k in init) > 100 * ATOL
-    fresh = Projector(8, 16, hidden=projector["hidden"], k=projector["k"])  # 8-dim features, the tiny LM's 16
+    assert pd.read_csv(runs / "p2/log.csv")["step"].tolist() == list(range(1, 9))  # rank 0 alone logs
+    # training moved every weight far more than the tolerance: the runs agree on more than their start
+    fresh = Projector(8, 16, hidden=16, k=2)  # 8-dim features, the tiny LM's 16, tiny_cfg's hidden and k
     fresh.reset_parameters(5)  # the run's seed: its initial weights
-    trained = load_file(str(tmp_path / "p2/model/last/model.safetensors"))
-    assert min(float((trained[k] - v).abs().max()) for k, v in fresh.state_dict().items()) > 100 * ATOL
+    assert moved(load_file(str(runs / "p2/model/last/model.safetensors")), fresh.state_dict()) > 100 * ATOL
 
-    # --- a 2-process run stopped and resumed == the uninterrupted 2-process run, byte for byte
+
+@pytest.mark.slow
+def test_clap_on_two_processes_trains_what_one_does(runs):
+    for name, last in (("c", "phase1/step-000016"), ("e", "phase2/step-000004")):
+        assert_weights_close(runs / f"{name}1/model/model.safetensors", runs / f"{name}2/model/model.safetensors")
+        assert same_bytes(runs / f"{name}1/model/init.safetensors", runs / f"{name}2/model/init.safetensors")
+        assert_logs_close(runs / f"{name}1/log.csv", runs / f"{name}2/log.csv", exact=["step", "phase"])
+        assert_moments_close(runs / f"{name}1/state/{last}/state.pt", runs / f"{name}2/state/{last}/state.pt")
+        init, trained = (load_file(str(runs / f"{name}1/model/{n}.safetensors")) for n in ("init", "model"))
+        assert moved(trained, init) > 10 * ATOL
+    # phase 2 trained the last layer of each encoder too
+    assert any(k.startswith("text_encoder.encoder.layer.1.") for k in load_file(str(runs / "e2/model/model.safetensors")))
+
+
+@pytest.mark.slow
+def test_two_processes_stopped_and_resumed_end_as_an_uninterrupted_run(runs):
+    resumed = (runs / "resumed.log").read_text()
+    assert "p2r/state/step-000003 (step 3)" in resumed and "c2r/state/phase1/step-000005 (step 5)" in resumed, resumed
+    assert "f2r/state/phase2/step-000003 (step 3)" in resumed  # phase 2, its encoder dropout drawn per rank
     for which in ("best", "last"):
-        assert same_bytes(tmp_path / f"p2/model/{which}/model.safetensors", tmp_path / f"p2r/model/{which}/model.safetensors")
-    assert same_bytes(tmp_path / "c2/model/model.safetensors", tmp_path / "c2r/model/model.safetensors")
-    for name in ("p", "c"):
-        assert same_bytes(tmp_path / f"{name}2/log.csv", tmp_path / f"{name}2r/log.csv")
+        assert same_bytes(runs / f"p2/model/{which}/model.safetensors", runs / f"p2r/model/{which}/model.safetensors")
+    for name in ("c", "f"):
+        assert same_bytes(runs / f"{name}2/model/model.safetensors", runs / f"{name}2r/model/model.safetensors")
+    for name in ("p", "c", "f"):
+        assert same_bytes(runs / f"{name}2/log.csv", runs / f"{name}2r/log.csv")

@@ -297,7 +297,8 @@ def train_clap(cache_dir: str | Path, out_dir: str | Path, log_csv: str | Path, 
 
 
 class _Phase2Model(torch.nn.Module):
-    """Both encoders and the heads: raw audio and texts in, unit-norm embeddings out (one forward, for DDP)."""
+    """Both encoders and the heads: raw audio and texts in, unit-norm embeddings and the logit scale out
+    (one forward, for DDP)."""
 
     def __init__(self, audio_bundle, text_bundle, heads: ClapHeads, cache_meta: dict, device):
         super().__init__()
@@ -306,7 +307,7 @@ class _Phase2Model(torch.nn.Module):
         self.a_layers, self.t_layers = cache_meta["audio_layers"], cache_meta["text_layers"]
         self.pooling, self.run_device = cache_meta["text_pooling"], device
 
-    def forward(self, audios: list[np.ndarray], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, audios: list[np.ndarray], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from mmasr.models.layers import text_forward, text_inputs
         from mmasr.models.loading import autocast
 
@@ -315,7 +316,9 @@ class _Phase2Model(torch.nn.Module):
             a = self.heads.audio(_pooled_audio(audio_bundle, audios, self.a_layers))
             t = self.heads.text(text_forward(self.text_encoder, text_inputs(text_bundle, texts), self.t_layers,
                                              self.pooling))
-        return a.float(), t.float()
+        # The scale leaves through the outputs (a view: the same number) so that DDP, searching the graph for
+        # unused parameters, finds it used; otherwise its gradient would be reduced twice.
+        return a.float(), t.float(), self.heads.logit_scale.view(())
 
 
 def _unfreeze_last(model, n: int) -> list[str]:
@@ -391,13 +394,13 @@ def _phase2(cache: ClapCache, heads: ClapHeads, cfg: dict, seed: int, models_cfg
              cfg["phase2_layers"], n_trainable, steps2, cfg["phase2_encoder_lr"])
 
     def dev_embed2(idx):
-        return model([dev_audio[i] for i in idx], [cache.texts[r] for r in dev_text[idx]])
+        return model([dev_audio[i] for i in idx], [cache.texts[r] for r in dev_text[idx]])[:2]
 
     def train_step(step: int) -> dict:
         idx = batch_indices(len(train), bs, step - steps1, seed, streams.CLAP_PHASE2_ORDER)
         mine, sizes = trainer.shard(idx)
-        a, t = trainer.module([train_audio[i] for i in mine], [cache.texts[r] for r in tr_text[mine]])
-        loss = batch_loss(a, t, heads.logit_scale, tr_text[idx], sizes)
+        a, t, scale = trainer.module([train_audio[i] for i in mine], [cache.texts[r] for r in tr_text[mine]])
+        loss = batch_loss(a, t, scale, tr_text[idx], sizes)
         optimise(loss, model, optimizer, cfg["grad_clip"])
         with torch.no_grad():
             heads.logit_scale.clamp_(max=LN_100)

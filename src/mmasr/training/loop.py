@@ -420,7 +420,7 @@ class Trainer:
         every rank runs it; rank 0 logs and reports."""
         progress = Progress(self.steps, self.desc, initial=self.start, bar=self.bar,
                             item_name="items" if self.items_per_step else None) if self.main else None
-        with progress or contextlib.nullcontext():
+        with progress if progress is not None else contextlib.nullcontext():
             for step in range(self.start, self.steps):
                 lr = set_lr(self.optimizer, step - self.first_step, self.cfg, self.steps - self.first_step, self.decay)
                 row = {"step": step + 1, "lr": lr, **train_step(step)}
