@@ -246,6 +246,27 @@ def test_the_real_whisper_config_gets_the_convert_whisper_stage(tmp_path):
     assert list(stages).index("convert_whisper") < list(stages).index("nbest")
 
 
+def test_training_on_several_processes_launches_the_trainers_under_torchrun(tmp_path):
+    """training.nproc: 2 (a merged config file): train_projector and train_clap run `torchrun ... -m mmasr.cli`
+    with twice their threads and GPUs, the DVC stages keep that launcher, and both graphs still agree."""
+    work = project_copy(tmp_path / "nproc")
+    (work / "config" / "nproc.yaml").write_text("training:\n  nproc: 2\n")
+    stages = yaml.safe_load(generate(work, ["config/nproc.yaml"]))["stages"]
+    launcher = "torchrun --standalone --nproc_per_node 2 -m mmasr.cli"
+    assert stages["train_projector"]["cmd"].startswith(
+        f"{launcher} train-projector --params params.yaml --params config/nproc.yaml --threads 4 --features ")
+    assert stages["train_clap"]["cmd"].startswith(f"{launcher} train-clap --params params.yaml --params config/nproc.yaml "
+                                                  "--threads 2 --cache ")
+    assert "src/mmasr/training/distributed.py" in stages["train_clap"]["deps"]
+    assert all(s["cmd"].startswith("mmasr ") for name, s in stages.items() if name not in ("train_projector", "train_clap"))
+    jobs = snakemake_jobs(work, "--configfile", "config/nproc.yaml", cores=4)
+    assert not agreement_problems(jobs, stages, work / "params.yaml", work, ["config/nproc.yaml"])
+    # a DVC stage launched otherwise than the rule is a disagreement
+    plain = {**stages, "train_clap": {**stages["train_clap"], "cmd": stages["train_clap"]["cmd"].replace(f"{launcher} ", "mmasr ")}}
+    assert agreement_problems(jobs, plain, work / "params.yaml", work, ["config/nproc.yaml"]) == [
+        f"train_clap: launched by {launcher} (Snakemake) vs mmasr (DVC)"]
+
+
 def test_declared_params_are_exactly_the_keys_in_each_file():
     files = {"params.yaml": {"seed": 1, "text": {"a": 1, "b": 2}, "pretrain": {"x": {"lr": 1}, "y": {"lr": 2}}},
              "config/o.yaml": {"text": {"a": 5}}}
@@ -268,6 +289,15 @@ def test_the_command_reads_params_files_and_keeps_the_job_threads():
     assert dvc_command("mmasr nbest-merge a b --out c > log 2>&1", 1, ["params.yaml"]) == "mmasr nbest-merge a b --out c"
     parsed = parse_command("mmasr nbest --params params.yaml --params config/o.yaml --threads 2")
     assert parsed.params_files == ["params.yaml", "config/o.yaml"] and parsed.options["--params"] == "params.yaml"
+    # several processes: torchrun runs the same command line as a module, and DVC's command keeps the launcher
+    shell = "MMASR_THREADS=4 torchrun --standalone --nproc_per_node 2 -m mmasr.cli train-clap --cfg '{}' --quiet > log"
+    assert dvc_command(shell, 4, ["params.yaml"]) == \
+        "torchrun --standalone --nproc_per_node 2 -m mmasr.cli train-clap --params params.yaml --threads 4 --quiet"
+    parsed = parse_command(shell)
+    assert parsed.sub == "train-clap" and parsed.launcher == shell.split()[1:7] and parsed.env == {"MMASR_THREADS": "4"}
+    assert parse_command("mmasr train-clap --quiet").launcher == []
+    assert list(mmasr_rules([Job("train_clap", set(), set(), shell), Job("x", set(), set(), "torchrun other.py")])) \
+        == ["train_clap"]
     assert wrap_command("mmasr x --aa 1 --bb 22 --flag --cc 3", width=16) == ["mmasr x --aa 1", "--bb 22 --flag", "--cc 3"]
     assert [yaml_scalar(v) for v in ("data/x.parquet", "a: b", "null", "#x", "/m/my model")] == [
         "data/x.parquet", '"a: b"', '"null"', '"#x"', "/m/my model"]

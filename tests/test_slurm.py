@@ -240,6 +240,21 @@ def test_slurm_profile_resolves_and_asks_gpus_for_beam_search_and_training(tmp_p
         assert "gpu" not in jobs[rule][0], (rule, jobs[rule][0])
 
 
+def test_training_on_several_gpus_asks_for_them_on_one_node(tmp_path):
+    """training.nproc: 4 - the trainers' jobs ask SLURM for 4 GPUs on one node and run torchrun; others are unchanged."""
+    work = workdir(tmp_path, "dry")
+    (work / "config" / "nproc.yaml").write_text("training:\n  nproc: 4\n")
+    code, out = snakemake(work, ["--workflow-profile", PROFILE, "-n", "-p", *CONFIG, "config/nproc.yaml"],
+                          environment(work))
+    assert code == 0, out[-5000:]
+    jobs = job_resources(out)
+    for rule, sub in (("train_projector", "train-projector"), ("train_clap", "train-clap")):
+        assert (jobs[rule][0]["gpu"], jobs[rule][0]["nodes"]) == ("4", "1"), jobs[rule][0]
+        assert f"torchrun --standalone --nproc_per_node 4 -m mmasr.cli {sub} " in out
+    assert jobs["eval_projector"][0]["gpu"] == "1" and "nodes" not in jobs["eval_projector"][0]
+    assert "mmasr eval-projector " in out
+
+
 # --- retries, locally (no cluster needed) ------------------------------------------------------------
 
 

@@ -340,24 +340,47 @@ def cmd_encode_audio(args) -> None:
              int(index["n_frames"].sum()), int(index["dim"].iloc[0]), args.out)
 
 
+def _process_threads(args) -> int:
+    """Torch threads of this process: the command's --threads, shared by the processes torchrun starts on this
+    machine (training.nproc > 1); all of them otherwise."""
+    from mmasr.training.distributed import local_world_size
+
+    return max(1, args.threads // local_world_size())
+
+
 def _speech_lm_setup(args, p: dict):
     """The feature cache and the frozen LM, with torch threads set."""
     from mmasr.projector.encoder_cache import FeatureCache
 
-    return FeatureCache(args.features), _model("lm", p, args.threads)
+    return FeatureCache(args.features), _model("lm", p, _process_threads(args))
+
+
+def _stopped(args, summary) -> bool:
+    """True when there is no summary to report: a rank other than 0 (under torchrun), or --stop-after."""
+    from mmasr.training.distributed import env_world
+
+    if summary is None and env_world()[0] == 0:
+        log.info("stopped after step %s (--stop-after); the same command with --resume continues", args.stop_after)
+    return summary is None
 
 
 def cmd_train_projector(args) -> None:
     from mmasr.projector.speech_lm import build_speech_lm, train_projector
+    from mmasr.training.distributed import session
 
     p = _params(args)
-    cache, lm = _speech_lm_setup(args, p)
-    model = build_speech_lm(lm, cache.dim, p["projector"])
-    origin = {"model_lm": lm.name, "model_lm_revision": lm.revision, "model_encoder": cache.metadata.get("mmasr.model"),
-              "model_encoder_revision": cache.metadata.get("mmasr.model_revision")}
-    summary = train_projector(model, cache, pd.read_parquet(args.manifest), args.out, args.log_csv, args.state_dir,
-                              p["projector"], p["seed"], resume=args.resume, max_steps=args.max_steps,
-                              limit=args.limit, progress=not args.quiet, provenance=origin)
+    with session(p["models"]["device"]):  # several processes under torchrun (training.nproc); else nothing
+        cache, lm = _speech_lm_setup(args, p)
+        model = build_speech_lm(lm, cache.dim, p["projector"])
+        origin = {"model_lm": lm.name, "model_lm_revision": lm.revision,
+                  "model_encoder": cache.metadata.get("mmasr.model"),
+                  "model_encoder_revision": cache.metadata.get("mmasr.model_revision")}
+        summary = train_projector(model, cache, pd.read_parquet(args.manifest), args.out, args.log_csv, args.state_dir,
+                                  p["projector"], p["seed"], resume=args.resume, max_steps=args.max_steps,
+                                  limit=args.limit, progress=not args.quiet, provenance=origin,
+                                  stop_after=args.stop_after)
+    if _stopped(args, summary):
+        return
     log.info("projector trained: %d steps in %.0f s, %d trainable parameters, dev loss %s -> best %s (step %d); "
              "written to %s", summary["steps"], summary["train_seconds"], summary["n_trainable_params"],
              _num(summary["first_dev_loss"]), _num(summary["best_dev_loss"]), summary["best_step"], args.out)
@@ -401,7 +424,7 @@ def _num(v) -> str:
 def _torch_threads(args) -> None:
     import torch
 
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(_process_threads(args))
 
 
 def cmd_clap_embeddings(args) -> None:
@@ -417,11 +440,15 @@ def cmd_clap_embeddings(args) -> None:
 
 def cmd_train_clap(args) -> None:
     from mmasr.clap.train import train_clap
+    from mmasr.training.distributed import session
 
     p = _params(args)
     _torch_threads(args)
-    summary = train_clap(args.cache, args.out, args.log_csv, args.checkpoint_dir, p["clap"], p["seed"], p["models"],
-                         progress=not args.quiet)
+    with session(p["models"]["device"]):  # several processes under torchrun (training.nproc); else nothing
+        summary = train_clap(args.cache, args.out, args.log_csv, args.checkpoint_dir, p["clap"], p["seed"],
+                             p["models"], progress=not args.quiet, stop_after=args.stop_after)
+    if _stopped(args, summary):
+        return
     log.info("CLAP trained: %s; written to %s", summary, args.out)
 
 
@@ -674,6 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the same run")
     sp.add_argument("--max-steps", type=int, default=None, help="at most this many steps (smoke runs)")
     sp.add_argument("--limit", type=int, default=None, help="at most this many train utterances (smoke runs)")
+    sp.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                    help="stop after this step as a kill would (tests of resuming)")
 
     sp = stage("eval-projector", cmd_eval_projector,
                "Decode the test split with the trained projector + frozen LM; pooled WER with S/D/I.")
@@ -708,6 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--log-csv", type=Path, default=Path("results/clap/train_log.csv"))
     sp.add_argument("--checkpoint-dir", type=Path, default=Path("results/checkpoints/clap/state"),
                     help="resumable training state; a killed run resumes from its newest checkpoint")
+    sp.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                    help="stop after this step as a kill would (tests of resuming)")
 
     sp = stage("eval-retrieval", cmd_eval_retrieval,
                "Audio->text and text->audio retrieval over the whole test set: trained vs zero-shot heads vs chance.")
@@ -756,7 +787,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    # Under torchrun only rank 0 reports; the other ranks' warnings and errors still show, with their rank.
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s " + (f"[rank {rank}] " if rank != "0" else "")
+                        + "%(message)s")
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)

@@ -62,13 +62,14 @@ rule train_clap:
         "results/benchmarks/train_clap.tsv"
     conda:
         "../envs/mmasr.yaml"
-    threads: 1
+    threads: TRAIN_NPROC  # 1 torch thread per process
     resources:
-        mem_mb=4000,
+        mem_mb=4000 * TRAIN_NPROC,
         runtime=60,
-        gpu=1,
+        gpu=TRAIN_NPROC,  # training.nproc: one process per GPU under torchrun (common.smk)
     shell:
-        "MMASR_THREADS={threads} mmasr train-clap --cfg {params.cfg:q} --cache {input.cache} --out {params.out}"
+        "MMASR_THREADS={threads} " + train_launcher(TRAIN_NPROC) + " train-clap --cfg {params.cfg:q}"
+        " --cache {input.cache} --out {params.out}"
         " --log-csv {output.log} --checkpoint-dir {params.state} --quiet > {log} 2>&1"
 
 

@@ -27,6 +27,16 @@ def model_cfg(*kinds):
     return keys
 
 
+# Training on several GPUs of one machine (training.nproc > 1): the trainers' rules (train_projector, train_clap)
+# start their command under torchrun, one process per GPU (PyTorch DDP; gloo on the CPU), and ask for nproc GPUs.
+TRAIN_NPROC = config["training"]["nproc"]
+
+
+def train_launcher(nproc):
+    """How a training rule starts `mmasr`: as it is for one process, else torchrun with nproc processes of it."""
+    return "mmasr" if nproc == 1 else f"torchrun --standalone --nproc_per_node {nproc} -m mmasr.cli"
+
+
 # The params `text` keys the normaliser reads (not the caption keys).
 TEXT_NORM_KEYS = ["text.lowercase", "text.remove_punctuation", "text.collapse_repeats", "text.remove_fillers",
                   "text.fillers", "text.numbers_as_words"]

@@ -55,13 +55,14 @@ rule train_projector:
         "results/benchmarks/train_projector.tsv"
     conda:
         "../envs/mmasr.yaml"
-    threads: 2
+    threads: 2 * TRAIN_NPROC  # 2 torch threads per process
     resources:
-        mem_mb=16000,
+        mem_mb=16000 * TRAIN_NPROC,  # each process loads the frozen LM
         runtime=240,
-        gpu=1,
+        gpu=TRAIN_NPROC,  # training.nproc: one process per GPU under torchrun (common.smk)
     shell:
-        "MMASR_THREADS={threads} mmasr train-projector --cfg {params.cfg:q} --features {input.features}"
+        "MMASR_THREADS={threads} " + train_launcher(TRAIN_NPROC) + " train-projector --cfg {params.cfg:q}"
+        " --features {input.features}"
         " --manifest {input.manifest} --out {output.model} --log-csv {output.log_csv}"
         " --state-dir {params.state} --resume --quiet > {log} 2>&1"
 

@@ -30,6 +30,11 @@ Each phase is a step function run by the shared loop (:class:`mmasr.training.loo
 learning rate a pure function of the step, batches a pure function of ``(seed, step)``, atomic
 checkpoints of weights (safetensors), optimizer, step and RNG with a fingerprint of config, data and
 code; a killed run resumes to the same final weights.
+
+Under torchrun (``training.nproc`` > 1) each rank embeds its part of the step's batch and gathers the
+others' embeddings with their gradients (:func:`mmasr.training.distributed.gather_rows`), so the InfoNCE
+logits are the whole batch's, as on one process; DDP averages the heads' (and encoder layers')
+gradients. Rank 0 writes the checkpoints, the log and the model.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import torch.nn.functional as F
 
 from mmasr.clap.cache import ClapCache, load_cache
 from mmasr.io import atomic_path
-from mmasr.training import streams
+from mmasr.training import distributed, streams
 from mmasr.training.loop import Trainer, adamw, batch_indices, code_digest, fingerprint, mean_tail_loss, optimise, \
     set_determinism
 from mmasr.training.losses import LN_100, soft_targets, symmetric_infonce
@@ -57,6 +62,7 @@ __all__ = [
     "LOGIT_SCALE_INIT",
     "ProjectionHead",
     "ClapHeads",
+    "batch_loss",
     "clap_loss",
     "heads_from_cache",
     "heads_step",
@@ -94,6 +100,10 @@ class ClapHeads(torch.nn.Module):
         self.text = ProjectionHead(text_dim, hidden_dim, embed_dim)
         self.logit_scale = torch.nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
 
+    def forward(self, audio_x: torch.Tensor, text_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit-norm audio and text embeddings of pooled encoder embeddings."""
+        return self.audio(audio_x), self.text(text_x)
+
     def dims(self) -> dict:
         return {"audio_dim": self.audio.fc1.in_features, "text_dim": self.text.fc1.in_features,
                 "hidden_dim": self.audio.fc1.out_features, "embed_dim": self.audio.fc2.out_features}
@@ -110,6 +120,16 @@ def clap_loss(audio: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
 def _text_targets(text_rows: np.ndarray) -> torch.Tensor:
     keys = [int(r) for r in text_rows]
     return soft_targets(keys, keys)
+
+
+def batch_loss(audio: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, text_rows: np.ndarray,
+               sizes: list[int] | None = None) -> torch.Tensor:
+    """The loss of a step's whole batch (``text_rows``: its text rows; same-text pairs are positives). With
+    ``sizes`` (several processes) ``audio``/``text`` are this rank's rows of it, gathered with their
+    gradients from every rank first, so each rank computes the whole batch's loss."""
+    if sizes is not None:
+        audio, text = distributed.gather_rows(audio, sizes), distributed.gather_rows(text, sizes)
+    return clap_loss(audio, text, logit_scale, _text_targets(text_rows).to(audio.device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,14 +157,18 @@ def _chunks(n: int, size: int) -> list[np.ndarray]:
 
 @torch.no_grad()
 def _dev_loss(embed_batch, n: int, text_rows: np.ndarray, logit_scale: torch.Tensor, batch_size: int) -> float | None:
-    """Mean InfoNCE over the dev items in fixed chunks of ``batch_size`` (utt_id order)."""
+    """Mean InfoNCE over the dev items in fixed chunks of ``batch_size`` (utt_id order). Several processes:
+    each rank takes every world-th chunk, and every rank averages all chunks' losses in chunk order."""
+    world, rank = distributed.world_size(), distributed.rank()
     losses = []
-    for idx in _chunks(n, batch_size):
-        if len(idx) < 2:
+    for i, idx in enumerate(_chunks(n, batch_size)):
+        if len(idx) < 2 or i % world != rank:
             continue
         a, t = embed_batch(idx)
-        losses.append(float(clap_loss(a, t, logit_scale, _text_targets(text_rows[idx]).to(a.device))))
-    return float(np.mean(losses)) if losses else None
+        losses.append((i, float(clap_loss(a, t, logit_scale, _text_targets(text_rows[idx]).to(a.device)))))
+    if world > 1:
+        losses = sorted(x for part in distributed.all_gather_objects(losses) for x in part)
+    return float(np.mean([loss for _, loss in losses])) if losses else None
 
 
 def heads_from_cache(cache: ClapCache, cfg: dict, seed: int) -> ClapHeads:
@@ -158,10 +182,13 @@ def phase1_batch(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
 
 
 def heads_step(heads: ClapHeads, optimizer: torch.optim.Optimizer, audio_x: torch.Tensor, text_x: torch.Tensor,
-               text_rows: np.ndarray, grad_clip: float) -> float:
-    """One phase-1 update on pooled embeddings (same-text pairs are positives); the loss."""
-    a, t = heads.audio(audio_x), heads.text(text_x)
-    loss = clap_loss(a, t, heads.logit_scale, _text_targets(text_rows).to(a.device))
+               text_rows: np.ndarray, grad_clip: float, *, module: torch.nn.Module | None = None,
+               sizes: list[int] | None = None) -> float:
+    """One phase-1 update on pooled embeddings (same-text pairs are positives); the loss. Several
+    processes: ``audio_x``/``text_x`` are this rank's rows of the batch whose text rows are ``text_rows``,
+    ``sizes`` every rank's row count and ``module`` the DDP-wrapped heads (:func:`batch_loss`)."""
+    a, t = (module if module is not None else heads)(audio_x, text_x)
+    loss = batch_loss(a, t, heads.logit_scale, text_rows, sizes)
     optimise(loss, heads, optimizer, grad_clip)
     with torch.no_grad():
         heads.logit_scale.clamp_(max=LN_100)
@@ -201,6 +228,9 @@ def train_clap(cache_dir: str | Path, out_dir: str | Path, log_csv: str | Path, 
     tr_rows, tr_text = train.index.to_numpy(), train["text_row"].to_numpy()
     dev_rows, dev_text = dev.index.to_numpy(), dev["text_row"].to_numpy()
     bs = min(cfg["batch_size"], len(train))
+    if distributed.world_size() > bs:
+        raise ValueError(f"CLAP batches of {bs} pairs cannot be shared by {distributed.world_size()} processes: "
+                         "raise clap.batch_size or lower training.nproc")
     steps1 = cfg["epochs"] * steps_per_epoch(len(train), bs)
     log.info("CLAP phase 1: %d train utterances (%d distinct texts), %d dev; %d steps of %d; heads %s",
              len(train), len(set(tr_text)), len(dev), steps1, bs, heads.dims())
@@ -216,7 +246,9 @@ def train_clap(cache_dir: str | Path, out_dir: str | Path, log_csv: str | Path, 
 
     def train_step(step: int) -> dict:
         idx = phase1_batch(len(train), bs, step, seed)
-        loss = heads_step(heads, optimizer, audio[tr_rows[idx]], text[tr_text[idx]], tr_text[idx], cfg["grad_clip"])
+        mine, sizes = trainer.shard(idx)
+        loss = heads_step(heads, optimizer, audio[tr_rows[mine]], text[tr_text[mine]], tr_text[idx], cfg["grad_clip"],
+                          module=trainer.module, sizes=sizes)
         return _row(loss, heads.logit_scale, 1)
 
     def evaluate(done: int) -> dict:
@@ -236,6 +268,8 @@ def train_clap(cache_dir: str | Path, out_dir: str | Path, log_csv: str | Path, 
                                 stop_after, progress)
         if encoder_state is None:
             return None
+    if not trainer.main:
+        return None
 
     rows = trainer.log.rows()
     last_dev = next((float(r["dev_loss"]) for r in reversed(rows) if r.get("dev_loss")), None)
@@ -263,9 +297,28 @@ def train_clap(cache_dir: str | Path, out_dir: str | Path, log_csv: str | Path, 
 
 
 class _Phase2Model(torch.nn.Module):
-    def __init__(self, audio_encoder, text_encoder, heads: ClapHeads):
+    """Both encoders and the heads: raw audio and texts in, unit-norm embeddings and the logit scale out
+    (one forward, for DDP)."""
+
+    def __init__(self, audio_bundle, text_bundle, heads: ClapHeads, cache_meta: dict, device):
         super().__init__()
-        self.audio_encoder, self.text_encoder, self.heads = audio_encoder, text_encoder, heads
+        self.audio_encoder, self.text_encoder, self.heads = audio_bundle.model, text_bundle.model, heads
+        self.bundles = (audio_bundle, text_bundle)  # their processors make the inputs
+        self.a_layers, self.t_layers = cache_meta["audio_layers"], cache_meta["text_layers"]
+        self.pooling, self.run_device = cache_meta["text_pooling"], device
+
+    def forward(self, audios: list[np.ndarray], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from mmasr.models.layers import text_forward, text_inputs
+        from mmasr.models.loading import autocast
+
+        audio_bundle, text_bundle = self.bundles
+        with autocast(self.run_device):
+            a = self.heads.audio(_pooled_audio(audio_bundle, audios, self.a_layers))
+            t = self.heads.text(text_forward(self.text_encoder, text_inputs(text_bundle, texts), self.t_layers,
+                                             self.pooling))
+        # The scale leaves through the outputs (a view: the same number) so that DDP, searching the graph for
+        # unused parameters, finds it used; otherwise its gradient would be reduced twice.
+        return a.float(), t.float(), self.heads.logit_scale.view(())
 
 
 def _unfreeze_last(model, n: int) -> list[str]:
@@ -315,16 +368,12 @@ def _phase2(cache: ClapCache, heads: ClapHeads, cfg: dict, seed: int, models_cfg
             steps1: int, steps2: int, bs: int, stop_after: int | None, progress: bool) -> dict | None:
     """The heads and the last ``phase2_layers`` layers of both encoders, inputs re-encoded every step.
     Returns the fine-tuned encoder parameters (``audio_encoder.*``, ``text_encoder.*``)."""
-    from mmasr.models.layers import text_forward, text_inputs
-    from mmasr.models.loading import autocast
     from mmasr.data.audio import read_audio
 
     audio_bundle, text_bundle = load_encoders(models_cfg, cache.meta, device)
-    a_layers, t_layers = cache.meta["audio_layers"], cache.meta["text_layers"]
-    pooling = cache.meta["text_pooling"]
     trainable = {"audio_encoder": _unfreeze_last(audio_bundle.model, cfg["phase2_layers"]),
                  "text_encoder": _unfreeze_last(text_bundle.model, cfg["phase2_layers"])}
-    model = _Phase2Model(audio_bundle.model, text_bundle.model, heads)
+    model = _Phase2Model(audio_bundle, text_bundle, heads, cache.meta, device)
     train, dev = cache.split("train"), cache.split("dev")
     train_audio = [read_audio(p) for p in train["audio_path"]]
     dev_audio = [read_audio(p) for p in dev["audio_path"]]
@@ -342,24 +391,20 @@ def _phase2(cache: ClapCache, heads: ClapHeads, cfg: dict, seed: int, models_cfg
     trainer = Trainer("CLAP phase 2", model, optimizer, cfg, steps=steps1 + steps2, first_step=steps1,
                       checkpoint_dir=ckpt_dir / "phase2", fingerprint=fp2, log_columns=TRAIN_LOG_COLUMNS,
                       log_path=ckpt_dir / "log.csv", items_per_step=bs,
-                      schedule_extra={"encoder_lr": cfg["phase2_encoder_lr"]}, progress=progress)
+                      schedule_extra={"encoder_lr": cfg["phase2_encoder_lr"]}, progress=progress,
+                      find_unused_parameters=True)  # the pooled layers need not reach every unfrozen layer
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("CLAP phase 2: last %d layers of each encoder + heads (%d trainable parameters), %d steps, encoder lr %g",
              cfg["phase2_layers"], n_trainable, steps2, cfg["phase2_encoder_lr"])
 
-    def embed(audios, texts):
-        with autocast(device):
-            a = heads.audio(_pooled_audio(audio_bundle, audios, a_layers))
-            t = heads.text(text_forward(text_bundle.model, text_inputs(text_bundle, texts), t_layers, pooling))
-        return a.float(), t.float()
-
     def dev_embed2(idx):
-        return embed([dev_audio[i] for i in idx], [cache.texts[r] for r in dev_text[idx]])
+        return model([dev_audio[i] for i in idx], [cache.texts[r] for r in dev_text[idx]])[:2]
 
     def train_step(step: int) -> dict:
         idx = batch_indices(len(train), bs, step - steps1, seed, streams.CLAP_PHASE2_ORDER)
-        a, t = embed([train_audio[i] for i in idx], [cache.texts[r] for r in tr_text[idx]])
-        loss = clap_loss(a, t, heads.logit_scale, _text_targets(tr_text[idx]).to(device))
+        mine, sizes = trainer.shard(idx)
+        a, t, scale = trainer.module([train_audio[i] for i in mine], [cache.texts[r] for r in tr_text[mine]])
+        loss = batch_loss(a, t, scale, tr_text[idx], sizes)
         optimise(loss, model, optimizer, cfg["grad_clip"])
         with torch.no_grad():
             heads.logit_scale.clamp_(max=LN_100)

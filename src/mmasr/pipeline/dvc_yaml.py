@@ -7,7 +7,8 @@ command; each rule whose command is an ``mmasr`` sub-command becomes a DVC stage
 - cmd: the same sub-command and options, ``--cfg JSON`` replaced by ``--params params.yaml`` (and one
   ``--params FILE`` per merged config file, merged in the same order); the job's thread count is passed as
   ``--threads`` where the rule sets MMASR_THREADS={threads} or --threads {threads} (Snakemake with
-  ``--cores DVC_CORES``), so torch sums in the same order and the floats are the same;
+  ``--cores DVC_CORES``), so torch sums in the same order and the floats are the same; a training rule
+  run on several processes (``torchrun ... -m mmasr.cli <sub-command>``, training.nproc > 1) keeps its launcher;
 - params: exactly the keys the rule passes in --cfg, in each params file that sets them (a whole
   section or file where the rule passes all of it);
 - deps: the source files the sub-command runs (its ``cmd_*`` function in cli.py and the cli helpers it
@@ -58,11 +59,25 @@ class Command:
     cfg: dict | None = None  # the --cfg JSON (Snakemake)
     env: dict[str, str] = field(default_factory=dict)  # NAME=value before the command
     params_files: list[str] = field(default_factory=list)  # every --params, in order (DVC may give several)
+    launcher: list[str] = field(default_factory=list)  # `torchrun ... -m mmasr.cli` in place of `mmasr` (else empty)
 
 
-def command_tokens(shell: str) -> tuple[dict[str, str], list[str]]:
-    """An `mmasr` command line as (environment assignments before it, its tokens from `mmasr` on);
-    redirections after it are dropped."""
+LAUNCHED = ["-m", "mmasr.cli"]  # torchrun runs the mmasr command line as this module
+
+
+def split_launcher(tokens: list[str]) -> tuple[list[str], list[str]]:
+    """``torchrun [options] -m mmasr.cli SUB ...`` as (``torchrun [options] -m mmasr.cli``, ``mmasr SUB ...``);
+    any other command as ``([], tokens)``."""
+    if tokens[:1] == ["torchrun"]:
+        for i in range(1, len(tokens) - 1):
+            if tokens[i:i + 2] == LAUNCHED:
+                return tokens[:i + 2], ["mmasr", *tokens[i + 2:]]
+    return [], tokens
+
+
+def command_parts(shell: str) -> tuple[dict[str, str], list[str], list[str]]:
+    """An `mmasr` command line as (environment assignments before it, its launcher - ``torchrun ... -m
+    mmasr.cli`` or nothing -, its tokens from `mmasr` on); redirections after it are dropped."""
     tokens = shlex.split(shell)
     env = {}
     while tokens and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", tokens[0]):
@@ -71,15 +86,23 @@ def command_tokens(shell: str) -> tuple[dict[str, str], list[str]]:
     for stop in (">", "2>&1", "&>", ">>"):
         if stop in tokens:
             tokens = tokens[: tokens.index(stop)]
+    launcher, tokens = split_launcher(tokens)
     assert tokens[:1] == ["mmasr"] and len(tokens) > 1, f"not an mmasr command: {shell}"
+    return env, launcher, tokens
+
+
+def command_tokens(shell: str) -> tuple[dict[str, str], list[str]]:
+    """An `mmasr` command line as (environment assignments before it, its tokens from `mmasr` on, a
+    torchrun launcher dropped); redirections after it are dropped."""
+    env, _, tokens = command_parts(shell)
     return env, tokens
 
 
 def parse_command(shell: str) -> Command:
     """An `mmasr` command line as sub-command, options and positionals, with the environment assignments
     before it (MMASR_THREADS=2); redirections after it are dropped. Only --params may be repeated."""
-    env, tokens = command_tokens(shell)
-    cmd = Command(tokens[1], env=env)
+    env, launcher, tokens = command_parts(shell)
+    cmd = Command(tokens[1], env=env, launcher=launcher)
     rest = tokens[2:]
     while rest:
         token = rest.pop(0)
@@ -145,7 +168,7 @@ def mmasr_rules(jobs: list[Job]) -> dict[str, list[Job]]:
     """Rule -> its jobs, for the rules whose shell command runs `mmasr`."""
     by_rule: dict[str, list[Job]] = {}
     for job in jobs:
-        if job.shell and re.search(r"(^|\s)mmasr\s", job.shell):
+        if job.shell and re.search(r"(^|\s)(mmasr|-m mmasr\.cli)\s", job.shell):
             by_rule.setdefault(job.rule, []).append(job)
     return by_rule
 
@@ -234,6 +257,9 @@ def agreement_problems(jobs: list[Job], stages: dict[str, dict], params_file: Pa
         snake, dvc = parse_command(job.shell), parse_command(stage["cmd"])
         if snake.sub != dvc.sub:
             problems.append(f"{name}: mmasr {snake.sub} (Snakemake) vs mmasr {dvc.sub} (DVC)")
+        if snake.launcher != dvc.launcher:
+            problems.append(f"{name}: launched by {shlex.join(snake.launcher) or 'mmasr'} (Snakemake) vs "
+                            f"{shlex.join(dvc.launcher) or 'mmasr'} (DVC)")
         s_opts = {k: v for k, v in snake.options.items() if k not in TRANSPORT_OPTIONS}
         d_opts = {k: v for k, v in dvc.options.items() if k not in TRANSPORT_OPTIONS}
         for opt in sorted(s_opts.keys() | d_opts.keys()):
@@ -430,7 +456,7 @@ def declared_params(wanted: set[str], files: dict[str, dict]) -> list:
 def dvc_command(shell: str, threads: int, params_files: Sequence[str]) -> str:
     """The DVC stage's command for a Snakemake job's: --cfg becomes --params (each file), the thread count
     an explicit --threads where the rule passes it (MMASR_THREADS or --threads)."""
-    env, tokens = command_tokens(shell)
+    env, launcher, tokens = command_parts(shell)
     rest, passes_threads = [], "MMASR_THREADS" in env
     it = iter(tokens[2:])
     has_cfg = False
@@ -443,7 +469,7 @@ def dvc_command(shell: str, threads: int, params_files: Sequence[str]) -> str:
                 raise ValueError(f"--threads {value} but the job has {threads} threads: {shell}")
             continue
         rest.append(token)
-    head = tokens[:2]
+    head = [*launcher, tokens[1]] if launcher else tokens[:2]
     if has_cfg:
         head += [t for f in params_files for t in ("--params", f)]
     if passes_threads:

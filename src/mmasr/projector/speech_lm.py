@@ -17,7 +17,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmasr.io import atomic_dir
-from mmasr.training import streams
+from mmasr.training import distributed, streams
 from mmasr.training.losses import IGNORE, token_cross_entropy
 from mmasr.training.loop import Trainer, adamw, code_digest, data_digest, fingerprint, run_steps, saved_step, \
     set_determinism
@@ -238,14 +238,24 @@ def labelled_items(manifest: pd.DataFrame, split: str, cache, tokenizer, limit: 
 
 @torch.no_grad()
 def mean_loss(model: SpeechLM, items: pd.DataFrame, cache, batch_size: int) -> float:
-    """Mean token loss (transcript + eos) over ``items``."""
-    total, count = 0.0, 0
+    """Mean token loss (transcript + eos) over ``items``, in length-sorted batches. Several processes:
+    each rank takes every world-th batch and the batches' sums are added up in batch order on every
+    rank, so the result is the one a single process gets for the same weights."""
+    world, rank = distributed.world_size(), distributed.rank()
     order = np.argsort(items["n_frames"].to_numpy(), kind="stable")
-    for start in range(0, len(order), batch_size):
+    sums = []
+    for i, start in enumerate(range(0, len(order), batch_size)):
+        if i % world != rank:
+            continue
         part = items.iloc[order[start:start + batch_size]]
         frames, lengths = pad_frames(cache.batch(part["utt_id"].tolist()))
         loss, n = model.loss_sum(frames, lengths, part["target"].tolist())
-        total, count = total + float(loss), count + n
+        sums.append((i, float(loss), n))
+    if world > 1:
+        sums = sorted(s for rank_sums in distributed.all_gather_objects(sums) for s in rank_sums)
+    total, count = 0.0, 0
+    for _, loss, n in sums:
+        total, count = total + loss, count + n
     return total / max(1, count)
 
 
@@ -261,6 +271,10 @@ def train_projector(model: SpeechLM, cache, manifest: pd.DataFrame, out_dir: str
     identical run in ``state_dir`` (otherwise the folder is cleared). ``max_steps``/``limit`` shorten
     the run (smoke tests); ``stop_after`` stops as a kill would. Writes ``out_dir/{best,last}`` with
     the projector's config, and the log; returns the summary (None when stopped).
+
+    Under torchrun every rank runs this: each computes its part of every step's batch through DDP
+    (:class:`mmasr.training.loop.Trainer`), the loss scaled by the step's *global* token count, and rank 0
+    writes everything; other ranks return None.
     """
     t0 = time.perf_counter()
     dev = model.device
@@ -279,39 +293,56 @@ def train_projector(model: SpeechLM, cache, manifest: pd.DataFrame, out_dir: str
     fp = fingerprint("projector", cfg, seed, steps, model.prompt_ids, (provenance or {}),
                      data_digest(train, ["utt_id", "text", "n_frames"]), cache.digest, str(dev), code_digest(__file__))
     state = Path(state_dir)
-    if not resume and state.exists():
+    if not resume and state.exists() and distributed.is_main():
         log.info("starting afresh: removing the previous training state in %s (use --resume to continue it)", state)
         shutil.rmtree(state)
     trainer = Trainer("train projector", projector, optimizer, cfg, steps=steps, checkpoint_dir=state, fingerprint=fp,
                       log_columns=LOG_COLUMNS, decay="linear", items_per_step=cfg["batch_size"] * cfg["grad_accum"],
                       schedule_extra={"grad_accum": cfg["grad_accum"]}, progress=progress)
-    dev_losses = [float(r["dev_loss"]) for r in trainer.log.rows() if r.get("dev_loss")]
-    best = min(dev_losses) if dev_losses else math.inf
     best_dir = state / "best"
-    if trainer.start == 0 or saved_step(best_dir) > trainer.start:
-        shutil.rmtree(best_dir, ignore_errors=True)  # written after the resumed step: it will be re-made
+    best = math.inf
+    if trainer.main:
+        dev_losses = [float(r["dev_loss"]) for r in trainer.log.rows() if r.get("dev_loss")]
+        best = min(dev_losses) if dev_losses else math.inf
+        if trainer.start == 0 or saved_step(best_dir) > trainer.start:
+            shutil.rmtree(best_dir, ignore_errors=True)  # written after the resumed step: it will be re-made
+    best = distributed.broadcast_object(best)
     log.info("projector: %d trainable parameters (%d -> %d, k=%d, hidden %d); LM frozen; %d train / %d dev "
              "utterances; %d steps of %d x %d", n_trainable(projector), projector.net[0].in_features,
              projector.net[-1].out_features, cfg["k"], cfg["hidden"], len(train), len(dev_items), steps,
              cfg["batch_size"], cfg["grad_accum"])
 
     epoch_memo: dict = {}
+    world = trainer.world
+    # The forward goes through trainer.module: the projector itself, or its DDP wrapper (the LM is frozen, not wrapped).
+    train_model = model if world == 1 else replace(model, projector=trainer.module)
 
     def train_step(step: int) -> dict:
         # Gradient accumulation: the step's batch of batch_size * grad_accum utterances runs as grad_accum
         # micro-batches whose summed token losses are divided by the step's token count, so the update
-        # equals one big batch (only memory differs).
+        # equals one big batch (only memory differs). Several processes: each rank runs its part of the
+        # step's batch as grad_accum micro-batches; its summed loss, divided by the *global* token count and
+        # times the world size (DDP averages the ranks' gradients), gives the one-process gradient.
         step_batch = micro_batch(lengths, cfg["batch_size"] * cfg["grad_accum"], step, seed, cfg["bucket_batches"],
                                  epoch_memo)
-        batches = [train.iloc[part] for part in np.array_split(step_batch, cfg["grad_accum"]) if len(part)]
-        n_tokens = sum(int(b["target"].map(len).sum()) + len(b) for b in batches)
+        n_tokens = int(train["target"].iloc[step_batch].map(len).sum()) + len(step_batch)
+        mine, _ = trainer.shard(step_batch)
+        batches = [train.iloc[part] for part in np.array_split(mine, cfg["grad_accum"]) if len(part)]
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for part in batches:
-            frames, frame_lengths = pad_frames(cache.batch(part["utt_id"].tolist()))
-            loss, _ = model.loss_sum(frames, frame_lengths, part["target"].tolist())
-            (loss / n_tokens).backward()
+        for j, part in enumerate(batches):
+            with trainer.no_sync(sync=j == len(batches) - 1):  # DDP averages once, after the last micro-batch
+                frames, frame_lengths = pad_frames(cache.batch(part["utt_id"].tolist()))
+                loss, _ = train_model.loss_sum(frames, frame_lengths, part["target"].tolist())
+                scaled = loss / n_tokens
+                (scaled * world if world > 1 else scaled).backward()
             total += float(loss.detach())
+        if not batches:  # a step batch smaller than the world: this rank adds zero gradients to DDP's average
+            k = projector.k
+            out, _ = trainer.module(torch.zeros(1, k, projector.net[0].in_features // k, device=dev), torch.tensor([k]))
+            (out.sum() * 0.0).backward()
+        if world > 1:
+            total = distributed.all_reduce_sum([total])[0]
         torch.nn.utils.clip_grad_norm_(projector.parameters(), cfg["grad_clip"])
         optimizer.step()
         return {"loss": total / n_tokens, "train_loss": total / n_tokens, "tokens": n_tokens}
@@ -330,15 +361,17 @@ def train_projector(model: SpeechLM, cache, manifest: pd.DataFrame, out_dir: str
         return None
     csv_log = trainer.log
 
-    if not best_dir.is_dir():  # no dev set: the last step is the best we know
+    if distributed.broadcast_object(not best_dir.is_dir()):  # no dev set: the last step is the best we know
         trainer.save(steps, name="best")
+    if not trainer.main:
+        return None
     rows = csv_log.rows()
     summary = {
         "steps": steps, "best_dev_loss": None if math.isinf(best) else best,
         "best_step": saved_step(best_dir), "final_train_loss": float(np.mean([float(r["train_loss"]) for r in rows[-20:]])),
         "first_dev_loss": next((float(r["dev_loss"]) for r in rows if r.get("dev_loss")), None),
         "n_trainable_params": n_trainable(projector), "n_train_utts": len(train), "n_dev_utts": len(dev_items),
-        "train_seconds": round(time.perf_counter() - t0, 1),
+        "n_processes": world, "train_seconds": round(time.perf_counter() - t0, 1),
     }
     config = {"encoder_dim": projector.net[0].in_features // cfg["k"], "lm_hidden": projector.net[-1].out_features,
               "hidden": cfg["hidden"], "k": cfg["k"], "prompt": cfg["prompt"], "prompt_ids": model.prompt_ids,

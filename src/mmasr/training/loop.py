@@ -10,6 +10,12 @@ newest checkpoint and ends with bit-identical weights on the CPU (``torch.use_de
 float32). A checkpoint carries a fingerprint of the config, seed, init model, data and code, and is
 only resumed by an identical run.
 
+Under ``torchrun`` (:mod:`mmasr.training.distributed`) the same loop runs on every rank: the trainable
+module is wrapped in DistributedDataParallel (:attr:`Trainer.module`), each rank computes its part of
+the step's global batch (:meth:`Trainer.shard`), rank 0 alone writes checkpoints and the log while the
+others wait, and a resumed run loads the same checkpoint on every rank (each its own RNG state). The
+number of processes is part of the fingerprint: a resumed run is exact for the same number.
+
 :class:`Trainer` holds that state and runs the loop::
 
     trainer = Trainer("train projector", model, adamw(model, cfg), cfg, steps=steps,
@@ -22,6 +28,7 @@ only resumed by an identical run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -39,13 +46,14 @@ import torch
 
 from mmasr.io import atomic_dir, atomic_path
 from mmasr.progress import Progress
+from mmasr.training import distributed
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "lr_at", "set_lr", "batch_indices", "set_determinism", "code_digest", "fingerprint", "data_digest",
-    "step_dirs", "save_checkpoint", "resume_checkpoint", "saved_step", "CsvLog", "optimise", "adamw",
-    "mean_tail_loss", "run_steps", "Trainer",
+    "lr_at", "set_lr", "batch_indices", "set_determinism", "code_digest", "fingerprint", "world_fingerprint",
+    "data_digest", "step_dirs", "save_checkpoint", "resume_checkpoint", "load_checkpoint", "rank_rng_state",
+    "set_rank_rng", "saved_step", "CsvLog", "optimise", "adamw", "mean_tail_loss", "run_steps", "Trainer",
 ]
 
 
@@ -123,6 +131,11 @@ def fingerprint(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def world_fingerprint(fp: str, world: int) -> str:
+    """The fingerprint of a run of ``fp`` on ``world`` processes (``fp`` itself for one)."""
+    return fp if world == 1 else fingerprint(fp, "world", world)
+
+
 def data_digest(frame: pd.DataFrame, columns: Sequence[str]) -> str:
     """sha256 (16 hex) of ``frame``'s ``columns`` as CSV: the training data in a fingerprint."""
     return hashlib.sha256(frame[list(columns)].to_csv(index=False).encode()).hexdigest()[:16]
@@ -139,9 +152,10 @@ def step_dirs(checkpoint_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(checkpoint_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    fp: str, schedule: dict, keep: int, name: str | None = None) -> Path:
+                    fp: str, schedule: dict, keep: int, name: str | None = None, rank_rng: list | None = None) -> Path:
     """Write ``step-NNNNNN/{model.safetensors,state.pt}`` atomically; keep the newest ``keep``.
-    With ``name`` (e.g. ``best``) the folder is ``name/`` instead, replaced in place, never pruned."""
+    With ``name`` (e.g. ``best``) the folder is ``name/`` instead, replaced in place, never pruned.
+    ``rank_rng``: every rank's RNG state (several processes), restored rank by rank on resume."""
     from safetensors.torch import save_model
 
     final = Path(checkpoint_dir) / (name or f"step-{step:06d}")
@@ -149,6 +163,8 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: torch.nn.Module, opt
              "fingerprint": fp, "schedule": schedule}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if rank_rng is not None:
+        state["rank_rng"] = rank_rng
     with atomic_dir(final) as tmp:
         save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (Whisper's proj_out)
         torch.save(state, tmp / "state.pt")
@@ -187,6 +203,35 @@ def resume_checkpoint(checkpoint_dir: Path, model: torch.nn.Module, optimizer: t
         log.info("resuming from %s (step %d)", path, state["step"])
         return int(state["step"])
     return 0
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> int:
+    """Load the checkpoint ``folder`` (one :func:`resume_checkpoint` chose on rank 0) into ``model``/``optimizer``
+    and rank ``rank``'s own RNG state; return its step."""
+    from safetensors.torch import load_model
+
+    state = torch.load(Path(folder) / "state.pt", weights_only=True, map_location="cpu")
+    load_model(model, str(Path(folder) / "model.safetensors"), strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    rng = state.get("rank_rng")
+    if rng is None or rank >= len(rng):
+        raise ValueError(f"{folder}: no RNG state for rank {rank} (written by a run with another number of processes)")
+    set_rank_rng(rng[rank])
+    return int(state["step"])
+
+
+def rank_rng_state() -> dict:
+    """This process's RNG state: the CPU generator and, on CUDA, its current GPU's."""
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rank_rng(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def saved_step(folder: Path) -> int:
@@ -287,25 +332,66 @@ class Trainer:
     no checkpoint (a second phase continues the first's numbering; its schedule counts from there).
     Construction resumes from the newest checkpoint of an identical run (:attr:`start`) and opens the
     CSV log (``log_path``, default ``checkpoint_dir/log.csv``), truncated to the resumed step.
+
+    Under torchrun (:mod:`mmasr.training.distributed`) every rank builds the same Trainer: rank 0 picks
+    the checkpoint and every rank loads it; :attr:`module` is ``model`` wrapped in DistributedDataParallel
+    (its parameters that require gradients; ``find_unused_parameters`` where some may get none), which the
+    step's forward must go through; :meth:`shard` gives each rank its part of the global batch. Only rank 0
+    (:attr:`main`) writes. With one process :attr:`module` is ``model`` and nothing else changes.
     """
 
     def __init__(self, desc: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: dict, *,
                  steps: int, checkpoint_dir: str | Path, fingerprint: str, log_columns: Sequence[str],
                  log_path: str | Path | None = None, decay: str = "cosine", first_step: int = 0,
-                 items_per_step: int | None = None, schedule_extra: dict | None = None, progress: bool = True):
+                 items_per_step: int | None = None, schedule_extra: dict | None = None, progress: bool = True,
+                 find_unused_parameters: bool = False):
         self.desc, self.model, self.optimizer, self.cfg = desc, model, optimizer, cfg
         self.steps, self.first_step, self.decay = int(steps), int(first_step), decay
         self.checkpoint_dir = Path(checkpoint_dir)
-        self.fingerprint = fingerprint
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.main = self.rank == 0
+        # A run on N processes sums in another order: it resumes only from a run on as many.
+        self.fingerprint = world_fingerprint(fingerprint, self.world)
         self.items_per_step = items_per_step
         self.bar = progress
         self.schedule = {"kind": f"linear warm-up + {decay} decay", "lr": cfg["lr"], "warmup": cfg["warmup"],
                          "total": self.steps - self.first_step, "min_lr_ratio": cfg["min_lr_ratio"],
                          **(schedule_extra or {})}
-        self.start = resume_checkpoint(self.checkpoint_dir, model, optimizer, fingerprint) or self.first_step
         path = Path(log_path) if log_path else self.checkpoint_dir / "log.csv"
-        # A finished phase leaves the log alone (a later phase's rows follow its own).
-        self.log = CsvLog(path, log_columns, self.start if self.start < self.steps else None)
+        resumed = 0
+        if self.main:
+            resumed = resume_checkpoint(self.checkpoint_dir, model, optimizer, self.fingerprint)
+            start = resumed or self.first_step
+            # A finished phase leaves the log alone (a later phase's rows follow its own).
+            self.log = CsvLog(path, log_columns, start if start < self.steps else None)
+        if self.world > 1:
+            resumed = distributed.broadcast_object(resumed)  # also: rank 0 has cleaned the folder and written the log
+            if not self.main:
+                if resumed:
+                    load_checkpoint(self.checkpoint_dir / f"step-{resumed:06d}", model, optimizer, self.rank)
+                else:
+                    torch.manual_seed(distributed.rank_seed(torch.initial_seed(), self.rank))
+                self.log = CsvLog(path, log_columns, None)  # read-only here: rank 0 writes it
+        self.start = resumed or self.first_step
+        self.module = model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device = next(model.parameters()).device
+            self.module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=find_unused_parameters)
+
+    def shard(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """This rank's contiguous part of a step's global batch, and every rank's part size (rank order)."""
+        indices = np.asarray(indices)
+        return distributed.shard_batch(indices, self.rank, self.world), distributed.shard_sizes(len(indices), self.world)
+
+    def no_sync(self, sync: bool = False):
+        """Context of a backward pass: with ``sync`` False (not the step's last micro-batch) DDP keeps the
+        gradients local, to be averaged with the last one's; one process: nothing."""
+        if sync or self.world == 1:
+            return contextlib.nullcontext()
+        return self.module.no_sync()
 
     def eval_due(self, done: int) -> bool:
         """Evaluate after step ``done``: every ``eval_every`` steps of this run's schedule, and at the end."""
@@ -313,10 +399,16 @@ class Trainer:
         return bool(every) and ((done - self.first_step) % every == 0 or done == self.steps)
 
     def save(self, done: int, name: str | None = None) -> Path:
-        """Checkpoint the state after step ``done`` (``name``: a named folder such as ``best``, kept apart)."""
+        """Checkpoint the state after step ``done`` (``name``: a named folder such as ``best``, kept apart).
+        Several processes: every rank calls it (their RNG states are gathered), rank 0 writes, all wait."""
         keep = 1 if name else self.cfg["keep_checkpoints"]
-        return save_checkpoint(self.checkpoint_dir, done, self.model, self.optimizer, self.fingerprint,
-                               self.schedule, keep, name=name)
+        rank_rng = distributed.all_gather_objects(rank_rng_state()) if self.world > 1 else None
+        final = Path(self.checkpoint_dir) / (name or f"step-{done:06d}")
+        if self.main:
+            final = save_checkpoint(self.checkpoint_dir, done, self.model, self.optimizer, self.fingerprint,
+                                    self.schedule, keep, name=name, rank_rng=rank_rng)
+        distributed.barrier()
+        return final
 
     def run(self, train_step: Callable[[int], dict], evaluate: Callable[[int], dict] | None = None, *,
             stop_after: int | None = None) -> bool:
@@ -324,18 +416,20 @@ class Trainer:
         (the forward, backward and optimiser step; returns the row's numbers, at least ``loss``),
         ``evaluate(done)`` when due (:meth:`eval_due`; returns more columns), log the row, report
         progress, checkpoint every ``checkpoint_every`` steps and at the end. False when
-        ``stop_after`` steps ended the run early, as a kill would (tests of resuming)."""
+        ``stop_after`` steps ended the run early, as a kill would (tests of resuming). Several processes:
+        every rank runs it; rank 0 logs and reports."""
         progress = Progress(self.steps, self.desc, initial=self.start, bar=self.bar,
-                            item_name="items" if self.items_per_step else None)
-        with progress:
+                            item_name="items" if self.items_per_step else None) if self.main else None
+        with progress if progress is not None else contextlib.nullcontext():
             for step in range(self.start, self.steps):
                 lr = set_lr(self.optimizer, step - self.first_step, self.cfg, self.steps - self.first_step, self.decay)
                 row = {"step": step + 1, "lr": lr, **train_step(step)}
                 done = step + 1
                 if evaluate is not None and self.eval_due(done):
                     row.update(evaluate(done))
-                self.log.write(row)
-                progress.update(1, items=self.items_per_step, loss=row["loss"], lr=lr)
+                if progress is not None:
+                    self.log.write(row)
+                    progress.update(1, items=self.items_per_step, loss=row["loss"], lr=lr)
                 if done % self.cfg["checkpoint_every"] == 0 or done == self.steps:
                     self.save(done)
                 if stop_after is not None and stop_after <= done < self.steps:
