@@ -214,6 +214,27 @@ def test_batched_decoding_equals_one_at_a_time(speech_setup, tmp_path):
     assert len(beams) == 4 and all(isinstance(b, str) for b in beams)
 
 
+def test_a_bfloat16_lm_steers_a_float32_projector(speech_setup):
+    """models.dtype bfloat16 (what auto gives on CUDA): the frozen LM in bf16, the projector's weights and
+    gradients float32, the loss float32; on the CPU, without autocast, so the casts themselves are tested."""
+    torch.manual_seed(0)
+    frames, lengths, targets = torch.randn(2, 9, 8), torch.tensor([9, 5]), [[7, 8, 9], [10]]
+    models = {dt: build_speech_lm(load_lm(str(speech_setup["lm"]), device="cpu", dtype=dt), 8, tiny_cfg())
+              for dt in ("float32", "bfloat16")}
+    models["bfloat16"].projector.load_state_dict(models["float32"].projector.state_dict())
+    bf = models["bfloat16"]
+    assert {p.dtype for p in bf.lm.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in bf.projector.parameters()} == {torch.float32}
+    loss, _ = bf.loss_sum(frames, lengths, targets)
+    loss32, _ = models["float32"].loss_sum(frames, lengths, targets)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(loss32.item(), rel=2e-2)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
+               for p in bf.projector.parameters())
+    assert all(p.grad is None for p in bf.lm.parameters())
+    assert len(decode(bf, frames, lengths, max_new_tokens=3)) == 2
+
+
 def test_wer_table_pools_errors_per_group_and_speaker():
     hyps = pd.DataFrame({"utt_id": ["u1", "u2", "u3"], "speaker": ["A", "A", "B"],
                          "group": ["impaired", "impaired", "control"],

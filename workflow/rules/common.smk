@@ -21,7 +21,7 @@ def cfg_json(*keys):
 
 def model_cfg(*kinds):
     """The `models` keys that loading the named models reads."""
-    keys = ["models.device", "models.trust_remote_code"]
+    keys = ["models.device", "models.dtype", "models.trust_remote_code"]
     for kind in kinds:
         keys += [f"models.{kind}", f"models.{kind}_revision"]
     return keys

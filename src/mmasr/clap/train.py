@@ -296,14 +296,18 @@ def set_phase2_mode(model: torch.nn.Module, heads: torch.nn.Module, trained_laye
 
 
 def load_encoders(models_cfg: dict, cache_meta: dict, device) -> tuple:
-    """The audio and text encoders named by ``models_cfg``, checked against the cache's revisions."""
+    """The audio and text encoders named by ``models_cfg``, checked against the cache's revisions.
+
+    Always float32, whatever ``models.dtype`` says: phase 2 trains their last layers (float32 master
+    weights; bf16 autocast on CUDA does the maths), and evaluation re-encodes with those weights."""
     from mmasr.models.loading import load_audio_encoder, load_text_encoder
 
     bundles = []
     for kind, loader in (("audio", load_audio_encoder), ("text", load_text_encoder)):
         name = models_cfg[f"{kind}_encoder"]
         bundle = loader(name, device=device, revision=models_cfg.get(f"{kind}_encoder_revision"),
-                        trust_remote_code=models_cfg["trust_remote_code"])
+                        trust_remote_code=models_cfg["trust_remote_code"],
+                        dtype=torch.float32)
         if bundle.revision != cache_meta[f"{kind}_revision"]:
             raise ValueError(f"{kind} encoder {name!r} is revision {bundle.revision}, but the CLAP cache was made "
                              f"with {cache_meta[f'{kind}_encoder']!r} at {cache_meta[f'{kind}_revision']}: "

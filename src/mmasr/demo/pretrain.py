@@ -328,7 +328,7 @@ def train_whisper(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | P
     dev = pick_device(device)
     set_determinism(seed, dev)
     steps = run_steps(cfg, max_steps)
-    bundle = load_whisper(str(init_dir), device=dev)
+    bundle = load_whisper(str(init_dir), device=dev, dtype="float32")  # trained: float32 master weights
     model, tok = bundle.model, bundle.processor.tokenizer
     gen = model.generation_config
     eos = gen.eos_token_id[0] if isinstance(gen.eos_token_id, list) else gen.eos_token_id
@@ -509,7 +509,7 @@ def train_clip(init_dir: str | Path, manifest: pd.DataFrame, images_dir: str | P
     dev = pick_device(device)
     set_determinism(seed, dev)
     steps = run_steps(cfg, max_steps)
-    bundle = load_clip(str(init_dir), device=dev)
+    bundle = load_clip(str(init_dir), device=dev, dtype="float32")  # trained: float32 master weights
     model = bundle.model
 
     pairs = caption_picture_pairs(manifest, "train", images_dir, text_cfg)

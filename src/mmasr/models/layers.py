@@ -126,8 +126,8 @@ def batchable(bundle: ModelBundle) -> bool:
 
 
 def audio_inputs(bundle: ModelBundle, audios: Sequence[np.ndarray], sr: int = 16000) -> tuple[dict, torch.Tensor]:
-    """Model inputs for 1-D float audio at ``sr`` (on the model's device) and, per utterance, the
-    number of encoder frames that cover its audio."""
+    """Model inputs for 1-D float audio at ``sr`` (on the model's device, in its dtype) and, per utterance,
+    the number of encoder frames that cover its audio."""
     fe = bundle.processor
     if sr != fe.sampling_rate:
         raise ValueError(f"audio at {sr} Hz, but {bundle.name} expects {fe.sampling_rate} Hz")
@@ -142,10 +142,10 @@ def audio_inputs(bundle: ModelBundle, audios: Sequence[np.ndarray], sr: int = 16
         feats = fe(arrays, sampling_rate=sr, return_tensors="pt")["input_features"]
         window = feats.shape[-1] // 2  # the encoder's stride-2 convolution
         frames = torch.tensor([n_encoder_frames(int(n), fe.hop_length, window) for n in n_samples])
-        return {"input_features": feats.to(bundle.device)}, frames
+        return {"input_features": feats.to(bundle.device, dtype=bundle.model.dtype)}, frames
     enc = fe(arrays, sampling_rate=sr, return_tensors="pt", padding=True,
              return_attention_mask=bool(fe.return_attention_mask))
-    inputs = {"input_values": enc["input_values"].to(bundle.device)}
+    inputs = {"input_values": enc["input_values"].to(bundle.device, dtype=bundle.model.dtype)}
     if fe.return_attention_mask:
         inputs["attention_mask"] = enc["attention_mask"].to(bundle.device)
     frames = bundle.model._get_feat_extract_output_lengths(n_samples).long()

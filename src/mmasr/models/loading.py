@@ -14,6 +14,24 @@ Each loaded model comes as a :class:`ModelBundle` with its revision (a content h
 folder, or the cached commit of a hub id) for provenance, and helpers compute what callers need:
 CLIP image/text embeddings (unit norm), Whisper log-mel features, and the decoder prompt that
 ``generate()`` forces (so callers can strip it and re-score hypotheses consistently).
+
+Precision and memory
+--------------------
+Weights load in the dtype :func:`resolve_dtype` picks (params ``models.dtype``): under ``auto``, frozen
+models go bfloat16 on CUDA (half the memory of float32: a 3 B LM in ~6 GB) and float32 elsewhere;
+models that are trained keep float32 master weights. transformers 5 always loads on the meta
+device and fills the weights straight from the (memory-mapped) checkpoint, so there is no
+``low_cpu_mem_usage`` switch to set (it is accepted and ignored). Every loaded model is logged
+once: parameters, dtype, device, memory, and the process's peak RSS (:func:`describe_model`).
+
+Checkpoints that do not fit the model
+-------------------------------------
+transformers fills weights missing from a checkpoint with random values and drops unexpected
+ones, with only a warning. Here a missing weight or a shape mismatch is an error naming the keys,
+unexpected weights are a warning naming them, and a task head a base model does not use (a
+``*ForCTC`` checkpoint's ``lm_head``, BERT's pre-training ``cls``) is one info line
+(:func:`check_loading_info`). Renamed legacy keys that transformers converts itself (weight-norm
+``weight_g``/``weight_v``, ``LayerNorm.gamma``/``beta``) load as usual.
 """
 
 from __future__ import annotations
@@ -24,7 +42,9 @@ import json
 import logging
 import os
 import re
+import resource
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -38,8 +58,21 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ModelBundle",
     "ModelLoadError",
+    "CheckpointMismatchError",
     "pick_device",
     "autocast",
+    "DTYPE_NAMES",
+    "resolve_dtype",
+    "check_loading_info",
+    "split_unexpected_keys",
+    "format_keys",
+    "parameter_count",
+    "model_memory_bytes",
+    "parameter_dtypes",
+    "format_count",
+    "peak_rss_bytes",
+    "describe_model",
+    "float32_output_layer",
     "model_revision",
     "is_local_name",
     "load_whisper",
@@ -78,6 +111,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says which, how it was looked up, and the fix."""
+
+
+class CheckpointMismatchError(ModelLoadError):
+    """The checkpoint's weights do not fit the model (missing or mis-shaped keys); the message names them."""
 
 
 @dataclass
@@ -130,6 +167,132 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------
+# Weight precision
+# --------------------------------------------------------------------------------------------
+
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # params models.dtype
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ROLES = ("frozen", "trained")
+
+
+def resolve_dtype(name: str | torch.dtype, device: str | torch.device, role: str = "frozen",
+                  bf16_supported: bool | None = None) -> torch.dtype:
+    """The dtype a model's weights are loaded in.
+
+    ``role="trained"`` (weights an optimiser updates: CLAP phase 2's encoder layers, demo pre-training)
+    is float32 whatever ``name`` says: bf16 master weights lose small updates; bf16 autocast on CUDA
+    still does the maths. ``role="frozen"`` (inference only): ``auto`` is bfloat16 on a CUDA device
+    that supports it (``bf16_supported``, asked of torch when None) and float32 elsewhere (CPU, MPS,
+    older GPUs: CPU results stay exactly reproducible); ``float32``/``bfloat16``/``float16`` are taken
+    as named, except float16 on the CPU, which is refused (slow, and some CPU kernels lack float16:
+    use bfloat16 or float32 there).
+    """
+    if role not in ROLES:
+        raise ValueError(f"unknown model role {role!r}: use {' or '.join(ROLES)}")
+    if isinstance(name, torch.dtype):
+        name = next((k for k, v in _DTYPES.items() if v == name), str(name))
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown model dtype {name!r}: use {', '.join(DTYPE_NAMES)}")
+    if role == "trained":
+        return torch.float32
+    dev = torch.device(device)
+    if name == "auto":
+        if dev.type != "cuda":
+            return torch.float32
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_supported else torch.float32
+    if name == "float16" and dev.type == "cpu":
+        raise ValueError("models.dtype float16 on the CPU: slow, and some CPU operations have no float16 kernel; "
+                         "use bfloat16 (half the memory too) or float32")
+    return _DTYPES[name]
+
+
+# --------------------------------------------------------------------------------------------
+# What a loaded model is: size, precision, memory
+# --------------------------------------------------------------------------------------------
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Number of parameters, each tied (shared) tensor counted once, buffers not counted."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_memory_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by the parameters and buffers (each shared tensor once): the model's own memory,
+    without activations or the framework's overhead."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def parameter_dtypes(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter count by dtype name, largest first (a model may keep some modules in float32)."""
+    counts: dict[str, int] = {}
+    for p in model.parameters():
+        key = str(p.dtype).removeprefix("torch.")
+        counts[key] = counts.get(key, 0) + p.numel()
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def format_count(n: int) -> str:
+    """``241_700_000 -> '241.7 M'``, ``3_075_000_000 -> '3.08 B'``, ``950 -> '950'`` (as model sizes are quoted)."""
+    for scale, suffix, digits in ((1e9, "B", 2), (1e6, "M", 1), (1e3, "K", 1)):
+        if n >= scale:
+            return f"{n / scale:.{digits}f} {suffix}"
+    return str(n)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def describe_model(bundle: "ModelBundle", kind: str = "model") -> str:
+    """One log line: name, revision, parameters, dtype, device, memory of parameters + buffers, and the
+    process's peak RSS (plus CUDA memory allocated on a GPU)."""
+    model = bundle.model
+    dtypes = parameter_dtypes(model)
+    dtype = ", ".join(dtypes) if len(dtypes) > 1 else next(iter(dtypes), "no parameters")
+    line = (f"loaded {kind} {bundle.name} (revision {bundle.revision}): {format_count(parameter_count(model))} "
+            f"parameters, {dtype}, {bundle.device}, {model_memory_bytes(model) / 2**20:.1f} MB parameters+buffers; "
+            f"peak RSS {peak_rss_bytes() / 2**20:.1f} MB")
+    if bundle.device.type == "cuda":
+        line += f", CUDA allocated {torch.cuda.memory_allocated(bundle.device) / 2**20:.1f} MB"
+    return line
+
+
+class _Float32Linear(torch.nn.Module):
+    """A float32 copy of an output layer that runs outside autocast: logits computed in float32."""
+
+    def __init__(self, layer: torch.nn.Linear):
+        super().__init__()
+        self.weight = layer.weight.detach().float()
+        self.bias = None if layer.bias is None else layer.bias.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        off = torch.autocast(device_type="cuda", enabled=False) if x.is_cuda else contextlib.nullcontext()
+        with off:
+            return torch.nn.functional.linear(x.float(), self.weight, self.bias)
+
+
+@contextlib.contextmanager
+def float32_output_layer(model) -> Iterator[None]:
+    """Inside, ``model``'s output layer (``get_output_embeddings()``) computes float32 logits from a float32
+    copy of its weights, outside autocast, whatever dtype the model was loaded in: scores (log-softmax
+    over ~50 k tokens) are then not rounded to bf16. The hidden states feeding it keep the model's
+    precision. A no-op for a float32 model off CUDA (nothing would change)."""
+    layer = model.get_output_embeddings()
+    if not isinstance(layer, torch.nn.Linear) or (layer.weight.dtype == torch.float32 and not layer.weight.is_cuda):
+        yield
+        return
+    model.set_output_embeddings(_Float32Linear(layer))
+    try:
+        yield
+    finally:
+        model.set_output_embeddings(layer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,16 +432,21 @@ def _load(kind: str, name: str, model_type: str | tuple[str, ...], revision: str
         _check_local_folder(kind, name, folder, model_type)
         if revision:
             log.warning("%s model %s is a local folder: revision %r is ignored", kind, name, revision)
+        where = f"{kind} model {name!r} (treated as a local folder: {folder})"
         try:
             model, processor = load(str(folder), {"local_files_only": True, **extra})
+        except CheckpointMismatchError as exc:
+            raise CheckpointMismatchError(f"cannot load {where}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - re-raised with the model's name and the hint
-            raise ModelLoadError(f"cannot load {kind} model {name!r} (treated as a local folder: {folder}): "
-                                 f"{type(exc).__name__}: {exc}") from exc
+            raise ModelLoadError(f"cannot load {where}: {type(exc).__name__}: {exc}") from exc
         return model, processor, model_revision(folder)
 
     kw = {"revision": revision, **extra} if revision else dict(extra)
     try:
         model, processor = load(name, {"local_files_only": True, **kw})
+    except CheckpointMismatchError as exc:  # found, but its weights do not fit: downloading again would not help
+        raise CheckpointMismatchError(f"cannot load {kind} model {name!r} (a Hugging Face hub id, from the HF "
+                                      f"cache): {exc}") from exc
     except Exception as cache_exc:  # noqa: BLE001 - not (fully) cached: fall through to the network
         if _offline():
             raise ModelLoadError(
@@ -292,6 +460,8 @@ def _load(kind: str, name: str, model_type: str | tuple[str, ...], revision: str
                 f"{cache_exc}). {HUB_HINT}") from cache_exc
         try:
             model, processor = load(name, kw)
+        except CheckpointMismatchError as exc:
+            raise CheckpointMismatchError(f"cannot load {kind} model {name!r} (a Hugging Face hub id): {exc}") from exc
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(
                 f"cannot load {kind} model {name!r} (treated as a Hugging Face hub id"
@@ -300,75 +470,173 @@ def _load(kind: str, name: str, model_type: str | tuple[str, ...], revision: str
     return model, processor, model_revision(name, revision)
 
 
-def _from_pretrained(model_cls, source: str, kw: dict):
-    """``model_cls.from_pretrained`` in float32 that refuses checkpoints with missing weights
-    (which transformers would otherwise fill with random values, with only a warning)."""
-    with quiet_hf_progress():
-        model, info = model_cls.from_pretrained(source, dtype=torch.float32, output_loading_info=True, **kw)
-    if info.get("missing_keys"):
-        missing = sorted(info["missing_keys"])
-        raise ValueError(f"{len(missing)} weights missing from the checkpoint (e.g. {missing[:3]})")
+# Task heads that other checkpoints of a model family carry on top of the base model (``*ForCTC``'s
+# ``lm_head``, BERT pre-training's ``cls``, Whisper's ``proj_out``, wav2vec 2.0 pre-training's quantizer...):
+# loading such a checkpoint as the base model drops them, as intended.
+BASE_MODEL_HEADS = ("lm_head", "cls", "classifier", "pre_classifier", "qa_outputs", "proj_out", "projector",
+                    "vocab_transform", "vocab_layer_norm", "vocab_projector", "discriminator_predictions",
+                    "generator_predictions", "generator_lm_head", "quantizer", "project_q", "project_hid")
+KEYS_SHOWN = 20  # keys named in a message before "... and N more"
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def format_keys(keys, limit: int = KEYS_SHOWN) -> str:
+    """Sorted keys, comma-separated, the first ``limit`` of them and then ``... and N more``."""
+    keys = sorted(str(k) for k in keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def split_unexpected_keys(keys, base_model: bool) -> tuple[list[str], list[str]]:
+    """Unexpected checkpoint keys -> (task-head keys a base model rightly drops, the others).
+
+    Only a base model (``AutoModel``: HubertModel, BertModel...) drops heads as intended; for a model
+    with its own head every unexpected key is suspicious."""
+    benign, other = [], []
+    for key in sorted(keys):
+        (benign if base_model and key.split(".", 1)[0] in BASE_MODEL_HEADS else other).append(key)
+    return benign, other
+
+
+def check_loading_info(info: dict, model, source: str) -> None:
+    """Judge transformers' ``output_loading_info`` for ``model`` loaded from ``source``.
+
+    Missing weights (transformers would fill them with random values) and shape mismatches raise
+    :class:`CheckpointMismatchError` naming the keys; unexpected weights (dropped) are a warning
+    naming them, or one info line when they are a task head that a base model does not use."""
+    cls = type(model).__name__
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    problems = []
+    if missing:
+        problems.append(f"{_n(len(missing), 'weight')} of {cls} missing from the checkpoint (transformers would "
+                        f"fill them with random values): {format_keys(missing)}")
+    if mismatched:
+        shapes = [f"{key} (checkpoint {tuple(ckpt)}, model {tuple(want)})" for key, ckpt, want in mismatched]
+        problems.append(f"{_n(len(mismatched), 'weight')} with another shape in the checkpoint than {cls} "
+                        f"expects: {format_keys(shapes)}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"{'; '.join(problems)}. Is {source} a checkpoint of another architecture or size (compare its "
+            "config.json with its weights), or were its weights saved under other (renamed) keys?")
+    unexpected = info.get("unexpected_keys") or ()
+    if unexpected:
+        heads, other = split_unexpected_keys(unexpected, base_model=getattr(model, "base_model", model) is model)
+        if heads:
+            log.info("%s: %s of a task head (%s) not part of %s, dropped", source, _n(len(heads), "weight"),
+                     ", ".join(sorted({k.split(".", 1)[0] for k in heads})), cls)
+        if other:
+            log.warning("%s: %s in the checkpoint not used by %s, dropped: %s (another architecture, or renamed "
+                        "keys?)", source, _n(len(other), "weight"), cls, format_keys(other))
+
+
+class _LoadReportFilter(logging.Filter):
+    """Holds back transformers' own load report (a coloured table of the same keys that
+    :func:`check_loading_info` names), keeping its text for an error that refers to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reports: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" in message:
+            self.reports.append(re.sub(r"\x1b\[[0-9;]*m", "", message))
+            return False
+        return True
+
+
+def _from_pretrained(model_cls, source: str, kw: dict, dtype: torch.dtype = torch.float32):
+    """``model_cls.from_pretrained`` in ``dtype``, refusing checkpoints whose weights do not fit
+    (:func:`check_loading_info`). Shape mismatches are let through transformers (ignore_mismatched_sizes)
+    only so that they come back in the loading info, where they are refused with their names."""
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    report = _LoadReportFilter()
+    hf_logger.addFilter(report)
+    try:
+        with quiet_hf_progress():
+            model, info = model_cls.from_pretrained(source, dtype=dtype, output_loading_info=True,
+                                                    ignore_mismatched_sizes=True, **kw)
+    except RuntimeError as exc:
+        if report.reports:  # transformers raised "look at the above report": put the report in the error
+            raise RuntimeError(f"{exc}\n{report.reports[-1]}") from exc
+        raise
+    finally:
+        hf_logger.removeFilter(report)
+    check_loading_info(info, model, source)
     return model
 
 
-def _bundle(name: str, revision: str, model, processor, device: str | torch.device) -> ModelBundle:
+def _bundle(kind: str, name: str, revision: str, model, processor, device: torch.device) -> ModelBundle:
+    model.eval().to(device)
+    bundle = ModelBundle(name=str(name), revision=revision, model=model, processor=processor, device=device)
+    log.info("%s", describe_model(bundle, kind))
+    return bundle
+
+
+def _device_and_dtype(device: str | torch.device, dtype: str | torch.dtype) -> tuple[torch.device, torch.dtype]:
+    """Resolved before loading, so that a wrong device or dtype fails before minutes of loading."""
     dev = device if isinstance(device, torch.device) else pick_device(device)
-    model.eval().to(dev)
-    return ModelBundle(name=str(name), revision=revision, model=model, processor=processor, device=dev)
+    return dev, resolve_dtype(dtype, dev)
 
 
 def load_whisper(name_or_path: str, device: str | torch.device = "auto", revision: str | None = None,
-                 trust_remote_code: bool = False) -> ModelBundle:
-    """``WhisperForConditionalGeneration`` + ``WhisperProcessor``, in eval mode on ``device``."""
+                 trust_remote_code: bool = False, dtype: str | torch.dtype = "float32") -> ModelBundle:
+    """``WhisperForConditionalGeneration`` + ``WhisperProcessor``, in eval mode on ``device``, weights in
+    ``dtype`` (:func:`resolve_dtype`; float32 unless asked: trainers call the loaders directly)."""
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    dev = pick_device(device) if not isinstance(device, torch.device) else device  # fail before loading
+    dev, dt = _device_and_dtype(device, dtype)  # fail before loading
 
     def load(source: str, kw: dict):
         processor = WhisperProcessor.from_pretrained(source, **kw)
-        return _from_pretrained(WhisperForConditionalGeneration, source, kw), processor
+        return _from_pretrained(WhisperForConditionalGeneration, source, kw, dt), processor
 
     model, processor, rev = _load("Whisper", str(name_or_path), "whisper", revision, trust_remote_code, load)
-    return _bundle(name_or_path, rev, model, processor, dev)
+    return _bundle("Whisper", name_or_path, rev, model, processor, dev)
 
 
 def load_clip(name_or_path: str, device: str | torch.device = "auto", revision: str | None = None,
-              trust_remote_code: bool = False) -> ModelBundle:
-    """``CLIPModel`` + ``CLIPProcessor``, in eval mode on ``device``.
+              trust_remote_code: bool = False, dtype: str | torch.dtype = "float32") -> ModelBundle:
+    """``CLIPModel`` + ``CLIPProcessor``, in eval mode on ``device``, weights in ``dtype``.
 
     The image processor is pinned to transformers' PIL backend: the default would switch to the
     torchvision backend (slightly different resizing) whenever torchvision happens to be installed.
     """
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPProcessor
 
-    dev = pick_device(device) if not isinstance(device, torch.device) else device
+    dev, dt = _device_and_dtype(device, dtype)
 
     def load(source: str, kw: dict):
         images = AutoImageProcessor.from_pretrained(source, backend="pil", **kw)
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
         processor = CLIPProcessor(image_processor=images, tokenizer=tokenizer)
-        return _from_pretrained(CLIPModel, source, kw), processor
+        return _from_pretrained(CLIPModel, source, kw, dt), processor
 
     model, processor, rev = _load("CLIP", str(name_or_path), "clip", revision, trust_remote_code, load)
-    return _bundle(name_or_path, rev, model, processor, dev)
+    return _bundle("CLIP", name_or_path, rev, model, processor, dev)
 
 
 def load_lm(name_or_path: str, device: str | torch.device = "auto", revision: str | None = None,
-            trust_remote_code: bool = False) -> ModelBundle:
-    """A decoder-only LM (``AutoModelForCausalLM``, e.g. SmolLM3) + its tokenizer, in eval mode on ``device``."""
+            trust_remote_code: bool = False, dtype: str | torch.dtype = "float32") -> ModelBundle:
+    """A decoder-only LM (``AutoModelForCausalLM``, e.g. SmolLM3) + its tokenizer, in eval mode on ``device``,
+    weights in ``dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    dev = pick_device(device) if not isinstance(device, torch.device) else device
+    dev, dt = _device_and_dtype(device, dtype)
 
     def load(source: str, kw: dict):
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
-        return _from_pretrained(AutoModelForCausalLM, source, kw), tokenizer
+        return _from_pretrained(AutoModelForCausalLM, source, kw, dt), tokenizer
 
     model_type = None
     if is_local_name(name_or_path) and (Path(name_or_path) / "config.json").is_file():
         model_type = AutoConfig.from_pretrained(str(name_or_path), local_files_only=True).model_type
     model, tokenizer, rev = _load("LM", str(name_or_path), model_type or "causal LM", revision, trust_remote_code, load)
-    return _bundle(name_or_path, rev, model, tokenizer, dev)
+    return _bundle("LM", name_or_path, rev, model, tokenizer, dev)
 
 
 # Frozen encoders of the CLAP model and the probe: speech encoders whose hidden states are pooled
@@ -379,8 +647,8 @@ TEXT_ENCODER_TYPES = ("bert", "roberta", "distilbert", "xlm-roberta", "electra",
 
 
 def load_audio_encoder(name_or_path: str, device: str | torch.device = "auto", revision: str | None = None,
-                       trust_remote_code: bool = False) -> ModelBundle:
-    """A speech encoder and its feature extractor, in eval mode on ``device``.
+                       trust_remote_code: bool = False, dtype: str | torch.dtype = "float32") -> ModelBundle:
+    """A speech encoder and its feature extractor, in eval mode on ``device``, weights in ``dtype``.
 
     HuBERT family (``facebook/hubert-base-ls960``, wav2vec 2.0, WavLM, data2vec-audio):
     ``AutoModel`` + ``AutoFeatureExtractor`` (a ``*ForCTC`` checkpoint loads as its base model).
@@ -389,7 +657,7 @@ def load_audio_encoder(name_or_path: str, device: str | torch.device = "auto", r
     """
     from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, WhisperFeatureExtractor, WhisperModel
 
-    dev = pick_device(device) if not isinstance(device, torch.device) else device
+    dev, dt = _device_and_dtype(device, dtype)
 
     def load(source: str, kw: dict):
         model_type = AutoConfig.from_pretrained(source, **kw).model_type
@@ -397,27 +665,28 @@ def load_audio_encoder(name_or_path: str, device: str | torch.device = "auto", r
             raise ValueError(f"model_type {model_type!r} is not a supported audio encoder "
                              f"({', '.join(AUDIO_ENCODER_TYPES)})")
         if model_type == "whisper":
-            return _from_pretrained(WhisperModel, source, kw).get_encoder(), WhisperFeatureExtractor.from_pretrained(source, **kw)
-        return _from_pretrained(AutoModel, source, kw), AutoFeatureExtractor.from_pretrained(source, **kw)
+            return _from_pretrained(WhisperModel, source, kw, dt).get_encoder(), WhisperFeatureExtractor.from_pretrained(source, **kw)
+        return _from_pretrained(AutoModel, source, kw, dt), AutoFeatureExtractor.from_pretrained(source, **kw)
 
     model, processor, rev = _load("audio encoder", str(name_or_path), AUDIO_ENCODER_TYPES, revision,
                                   trust_remote_code, load)
-    return _bundle(name_or_path, rev, model, processor, dev)
+    return _bundle("audio encoder", name_or_path, rev, model, processor, dev)
 
 
 def load_text_encoder(name_or_path: str, device: str | torch.device = "auto", revision: str | None = None,
-                      trust_remote_code: bool = False) -> ModelBundle:
-    """A BERT-family text encoder (``AutoModel``) and its tokenizer, in eval mode on ``device``."""
+                      trust_remote_code: bool = False, dtype: str | torch.dtype = "float32") -> ModelBundle:
+    """A BERT-family text encoder (``AutoModel``) and its tokenizer, in eval mode on ``device``, weights in
+    ``dtype``."""
     from transformers import AutoModel, AutoTokenizer
 
-    dev = pick_device(device) if not isinstance(device, torch.device) else device
+    dev, dt = _device_and_dtype(device, dtype)
 
     def load(source: str, kw: dict):
-        return _from_pretrained(AutoModel, source, kw), AutoTokenizer.from_pretrained(source, **kw)
+        return _from_pretrained(AutoModel, source, kw, dt), AutoTokenizer.from_pretrained(source, **kw)
 
     model, processor, rev = _load("text encoder", str(name_or_path), TEXT_ENCODER_TYPES, revision,
                                   trust_remote_code, load)
-    return _bundle(name_or_path, rev, model, processor, dev)
+    return _bundle("text encoder", name_or_path, rev, model, processor, dev)
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,7 +720,8 @@ def clip_image_embeddings(bundle: ModelBundle, images: list) -> np.ndarray:
         return np.zeros((0, _clip_dim(bundle)), np.float32)
     pixels = bundle.processor.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
     with autocast(bundle.device):
-        out = bundle.model.get_image_features(pixel_values=pixels["pixel_values"].to(bundle.device))
+        out = bundle.model.get_image_features(pixel_values=pixels["pixel_values"].to(bundle.device,
+                                                                                    dtype=bundle.model.dtype))
     return _unit_rows(pooled_features(out))
 
 
@@ -572,10 +842,13 @@ def describe_prompt(bundle: ModelBundle, ids: list[int]) -> list[str]:
 
 
 
-def load_from_params(kind: str, models_cfg: dict) -> ModelBundle:
-    """Load ``models.<kind>`` (whisper, clip, lm, audio_encoder or text_encoder) with the revision, device
-    and remote-code setting that the params ``models`` section gives."""
+def load_from_params(kind: str, models_cfg: dict, role: str = "frozen") -> ModelBundle:
+    """Load ``models.<kind>`` (whisper, clip, lm, audio_encoder or text_encoder) with the revision, device,
+    dtype and remote-code setting that the params ``models`` section gives. ``role``: ``frozen``
+    (inference only: ``models.dtype`` applies) or ``trained`` (float32, see :func:`resolve_dtype`)."""
     loader = {"whisper": load_whisper, "clip": load_clip, "lm": load_lm, "audio_encoder": load_audio_encoder,
               "text_encoder": load_text_encoder}[kind]
-    return loader(models_cfg[kind], device=models_cfg["device"], revision=models_cfg.get(f"{kind}_revision"),
-                  trust_remote_code=models_cfg["trust_remote_code"])
+    device = pick_device(models_cfg["device"])
+    dtype = resolve_dtype(models_cfg.get("dtype", "auto"), device, role)
+    return loader(models_cfg[kind], device=device, revision=models_cfg.get(f"{kind}_revision"),
+                  trust_remote_code=models_cfg["trust_remote_code"], dtype=dtype)

@@ -171,8 +171,13 @@ class SpeechLM:
     eos_id: int
     device: torch.device
 
+    def lm_dtype(self) -> torch.dtype:
+        """The frozen LM's weight dtype (bf16 under models.dtype auto on CUDA); the projector stays float32."""
+        return self.lm.get_input_embeddings().weight.dtype
+
     def inputs(self, frames: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]):
         audio, audio_lengths = self.projector(frames.to(self.device), lengths)
+        audio = audio.to(self.lm_dtype())  # the LM reads its own dtype; gradients flow back to float32
         prompt = torch.tensor(self.prompt_ids, dtype=torch.long)
         return assemble(audio, audio_lengths, prompt, targets, self.lm.get_input_embeddings(), self.eos_id)
 
@@ -357,6 +362,7 @@ def train_projector(model: SpeechLM, cache, manifest: pd.DataFrame, out_dir: str
 def prefix_embeddings(model: SpeechLM, frames: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[projected audio, prompt]`` per row, *left*-padded (generation appends on the right)."""
     audio, audio_lengths = model.projector(frames.to(model.device), lengths)
+    audio = audio.to(model.lm_dtype())
     prompt = model.lm.get_input_embeddings()(torch.tensor(model.prompt_ids, device=model.device)).to(audio.dtype)
     rows = [torch.cat([audio[i, : int(audio_lengths[i])], prompt]) for i in range(len(audio))]
     width = max(r.shape[0] for r in rows)

@@ -43,7 +43,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from mmasr.data.audio import length_batches, read_audio
 from mmasr.io import read_metadata, write_parquet
 from mmasr.progress import track
-from mmasr.models.loading import ModelBundle, autocast, whisper_features, whisper_prompt_ids
+from mmasr.models.loading import ModelBundle, autocast, float32_output_layer, whisper_features, whisper_prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,12 @@ def strip_prompt_and_padding(sequence: Sequence[int], prompt_len: int, eos_id: i
 @torch.inference_mode()
 def teacher_forced_logprobs(bundle: ModelBundle, encoder_states: torch.Tensor, prompt: list[int],
                             hyps: list[list[int]]) -> np.ndarray:
-    """Sum of log-probabilities of each hypothesis's tokens given its utterance's encoder states.
+    """Sum of log-probabilities of each hypothesis's tokens given its utterance's encoder states (float64).
 
     ``encoder_states`` has one row per hypothesis. Hypotheses are right-padded; a causal decoder
-    never looks right, so padding cannot change the scored positions.
+    never looks right, so padding cannot change the scored positions. Whatever dtype the model was
+    loaded in, the logits come from a float32 output layer (:func:`float32_output_layer`), the
+    log-softmax is float32 and the sums float64.
     """
     model = bundle.model
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
@@ -89,8 +91,8 @@ def teacher_forced_logprobs(bundle: ModelBundle, encoder_states: torch.Tensor, p
         inputs[i, : len(seq)] = torch.tensor(seq)
         targets[i, : len(h)] = torch.tensor(h)
     inputs = inputs.to(bundle.device)
-    with autocast(bundle.device):
-        out = model(encoder_outputs=(encoder_states,), decoder_input_ids=inputs[:, :-1])
+    with autocast(bundle.device), float32_output_layer(model):
+        out = model(encoder_outputs=(encoder_states.to(model.dtype),), decoder_input_ids=inputs[:, :-1])
     # The logit at position p predicts token p+1: the first hypothesis token follows the last prompt token.
     logits = out.logits[:, len(prompt) - 1:, :].float()
     logp = torch.log_softmax(logits, dim=-1).cpu()
@@ -176,7 +178,10 @@ def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
 
 def beam_candidates(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict, prompt: list[int],
                     budget: int) -> list[list[dict]]:
-    """One batched beam search: every returned beam of every utterance, scored, with ``complete``."""
+    """One batched beam search: every returned beam of every utterance, scored, with ``complete``.
+
+    The scores are float32 whatever the model's dtype: logits from :func:`float32_output_layer`,
+    generate()'s float32 log-softmax, sums in float64."""
     model, tok = bundle.model, bundle.processor.tokenizer
     feats = whisper_features(bundle, audios)  # refuses audio longer than the window
     gen = model.generation_config
@@ -184,7 +189,7 @@ def beam_candidates(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict, pr
     # Whisper's own generate() repeats each input num_return_sequences times and keeps the best beam
     # of every copy (transformers issue 33445): R copies of one hypothesis. The generic beam search,
     # started from the forced prompt, returns the R best distinct beams.
-    with autocast(bundle.device):
+    with autocast(bundle.device), float32_output_layer(model):
         states = model.get_encoder()(feats["input_features"]).last_hidden_state
         out = GenerationMixin.generate(
             model, encoder_outputs=BaseModelOutput(last_hidden_state=states),
@@ -267,10 +272,11 @@ def run_nbest(bundle: ModelBundle, manifest: pd.DataFrame, cfg: dict, normalise:
 
 
 def nbest_metadata(bundle: ModelBundle, cfg: dict, **extra) -> dict[str, str]:
-    """Parquet file metadata: which model and decoding settings produced the lists."""
+    """Parquet file metadata: which model (and weight dtype) and decoding settings produced the lists."""
     keys = ("num_beams", "num_return_sequences", "keep", "length_penalty", "max_new_tokens", "max_tokens_per_second",
             "language", "task")
     return {"mmasr.model": bundle.name, "mmasr.revision": bundle.revision,
+            "mmasr.dtype": str(bundle.model.dtype).removeprefix("torch."),
             "mmasr.decoding": json.dumps({k: cfg[k] for k in keys}, sort_keys=True),
             **{f"mmasr.{k}": str(v) for k, v in extra.items()}}
 
