@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ import pytest
 import torch
 
 from mmasr.cli import main as mmasr
+from mmasr.demo.real_size import LM_PROMPT, build_real_size
 from mmasr.models.published import PUBLISHED, count_parameters, model_class
 from tests.conftest import tone, write_picture, write_wav
 
@@ -40,85 +42,6 @@ SPEAKERS = [("F01", "impaired", "train"), ("M01", "impaired", "train"), ("F02", 
             ("M02", "impaired", "test"), ("FC01", "control", "train"), ("MC01", "control", "train"),
             ("FC02", "control", "dev"), ("MC02", "control", "test")]
 TEXTS = ["a red bear", "two green goats"]
-PROMPT = "USER: Transcribe speech to text. \n ASSISTANT:"
-
-
-def _save(folder: Path, model, *processors) -> Path:
-    model.eval().save_pretrained(folder)
-    for proc in processors:
-        proc.save_pretrained(folder)
-    return folder
-
-
-def _whisper_small(root: Path) -> Path:
-    """Whisper small's architecture with the real tiny.en tokenizer, feature extractor and generation config
-    (English-only vocabulary: the small.en layout)."""
-    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
-
-    from mmasr.models.whisper_convert import convert_ct2_whisper, packaged_tiny_en_dir
-
-    tiny = convert_ct2_whisper(packaged_tiny_en_dir(), root / "tiny.en")
-    tiny_cfg = WhisperConfig.from_pretrained(tiny)
-    ids = {k: getattr(tiny_cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
-                                             "suppress_tokens", "begin_suppress_tokens")}
-    torch.manual_seed(1)
-    model = WhisperForConditionalGeneration(PUBLISHED["whisper-small"].config(vocab_size=tiny_cfg.vocab_size, **ids))
-    model.generation_config = GenerationConfig.from_pretrained(tiny)
-    out = _save(root / "whisper-small", model, WhisperProcessor.from_pretrained(tiny))
-    shutil.rmtree(tiny)
-    return out
-
-
-def _clip(root: Path, words: list[str]) -> Path:
-    from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor
-
-    from mmasr.demo.models import build_clip_tokenizer
-
-    torch.manual_seed(2)
-    model = CLIPModel(PUBLISHED["clip-vit-base-patch32"].config())
-    images = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-    processor = CLIPProcessor(image_processor=images, tokenizer=build_clip_tokenizer(words, 77))
-    return _save(root / "clip-vit-base-patch32", model, processor)
-
-
-def _smollm3(root: Path, words: list[str]) -> Path:
-    from transformers import SmolLM3ForCausalLM
-
-    from mmasr.demo.text_models import build_lm_tokenizer
-
-    tok = build_lm_tokenizer(words, PROMPT, 2048)
-    torch.manual_seed(3)
-    cfg = PUBLISHED["smollm3-3b"].config(num_hidden_layers=2, bos_token_id=tok.bos_token_id,
-                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return _save(root / "smollm3-2-layers", SmolLM3ForCausalLM(cfg), tok)
-
-
-def _hubert(root: Path) -> Path:
-    from transformers import HubertModel, Wav2Vec2FeatureExtractor
-
-    torch.manual_seed(4)
-    # facebook/hubert-base-ls960's feature extractor: raw 16 kHz audio, no normalisation, no attention mask
-    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=False,
-                                  return_attention_mask=False)
-    return _save(root / "hubert-base", HubertModel(PUBLISHED["hubert-base"].config()), fe)
-
-
-def _bert(root: Path, words: list[str]) -> Path:
-    from transformers import BertModel
-
-    from mmasr.demo.text_models import build_bert_tokenizer
-
-    torch.manual_seed(5)
-    return _save(root / "bert-base", BertModel(PUBLISHED["bert-base"].config()), build_bert_tokenizer(words, 512))
-
-
-def _ast(root: Path) -> Path:
-    from transformers import ASTFeatureExtractor, ASTModel
-
-    torch.manual_seed(6)
-    # MIT/ast-finetuned-audioset-10-10-0.4593's feature extractor: 128-bin fbank, 1024 frames, AudioSet mean/std
-    fe = ASTFeatureExtractor(num_mel_bins=128, max_length=1024, mean=-4.2677393, std=4.5689974, do_normalize=True)
-    return _save(root / "ast-base", ASTModel(PUBLISHED["ast-base"].config()), fe)
 
 
 def _corpus(root: Path) -> tuple[Path, Path]:
@@ -142,18 +65,14 @@ def _corpus(root: Path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    from mmasr.demo.models import demo_vocabulary
-
     root = tmp_path_factory.mktemp("real_size")
-    words = demo_vocabulary()
-    dirs = {"whisper": _whisper_small(root), "clip": _clip(root, words), "lm": _smollm3(root, words),
-            "audio_encoder": _hubert(root), "text_encoder": _bert(root, words), "ast": _ast(root)}
+    dirs = build_real_size(root)
     gc.collect()
     manifest, images = _corpus(root / "corpus")
     params = {"models": {k: str(v) for k, v in dirs.items() if k != "ast"} | {"device": "cpu"},
               "nbest": {"num_beams": 5, "num_return_sequences": 5, "keep": 5, "max_new_tokens": 6, "batch_size": 4},
               "projector": {"k": 5, "hidden": 2048, "steps": 1, "batch_size": 4, "warmup": 0, "eval_every": 1,
-                            "checkpoint_every": 1, "max_new_tokens": 4, "prompt": PROMPT},
+                            "checkpoint_every": 1, "max_new_tokens": 4, "prompt": LM_PROMPT},
               "clap": {"layers": "last", "hidden_dim": 256, "embed_dim": 256, "epochs": 1, "batch_size": 8,
                        "warmup": 0, "phase2_epochs": 1, "phase2_layers": 2, "eval_every": 1, "checkpoint_every": 1},
               "probe": {"folds": 2, "C_grid": [], "calibration_check": False},
@@ -166,6 +85,10 @@ def stage(real, command: str, *args: str) -> None:
     """``mmasr <command>`` in this process, as the workflow's rule runs it, with the real-size models."""
     threads = str(min(2, os.cpu_count() or 1))
     assert mmasr([command, "--cfg", real["cfg"], "--threads", threads, "--quiet", *map(str, args)]) in (0, None), command
+
+
+def buffer_bytes(module: torch.nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in module.buffers())
 
 
 def checksum(module: torch.nn.Module) -> str:
@@ -200,9 +123,19 @@ def test_the_saved_models_have_the_published_shapes(real):
     assert per_layer == 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 11008 + 2 * 2048
 
 
-def test_nbest_clip_scores_and_fusion_at_real_size(real, tmp_path):
+def test_nbest_clip_scores_and_fusion_at_real_size(real, tmp_path, caplog):
+    from transformers import WhisperForConditionalGeneration
+
+    from mmasr.models.loading import format_count
+
     out = tmp_path
+    caplog.set_level(logging.INFO)
     stage(real, "nbest", "--manifest", real["manifest"], "--out", out / "shard.parquet")
+    # the rule's log names the model's size, dtype and device: Whisper small (small.en vocabulary) in float32 on CPU
+    small_en = count_parameters(PUBLISHED["whisper-small"].config(vocab_size=51864), WhisperForConditionalGeneration)
+    assert small_en == 241_734_144
+    assert re.search(rf"loaded Whisper \S+ \(revision sha256:\w+\): {re.escape(format_count(small_en))} parameters, "
+                     r"float32, cpu, 922\.\d MB parameters\+buffers; peak RSS", caplog.text), caplog.text[-2000:]
     stage(real, "nbest-merge", out / "shard.parquet", "--out", out / "asr_nbest.parquet")
     nbest = pd.read_parquet(out / "asr_nbest.parquet")
     held_out = pd.read_parquet(real["manifest"]).query("split in ['dev', 'test']")
@@ -230,7 +163,7 @@ def test_nbest_clip_scores_and_fusion_at_real_size(real, tmp_path):
 
 def test_projector_cache_one_step_and_decoding_at_real_size(real, tmp_path):
     from mmasr.config import load as load_params
-    from mmasr.models.loading import load_from_params
+    from mmasr.models.loading import load_from_params, model_memory_bytes, parameter_count
     from mmasr.projector.encoder_cache import FeatureCache
     from mmasr.projector.speech_lm import build_speech_lm, load_trained, transcribe_split, train_projector
 
@@ -243,6 +176,8 @@ def test_projector_cache_one_step_and_decoding_at_real_size(real, tmp_path):
 
     p = load_params(None, real["cfg"])
     lm = load_from_params("lm", p["models"])
+    n_lm = count_parameters(PUBLISHED["smollm3-3b"].config(num_hidden_layers=2), model_class("smollm3-3b"))
+    assert parameter_count(lm.model) == n_lm and lm.model.dtype == torch.float32
     model = build_speech_lm(lm, cache.dim, p["projector"])
     frozen = checksum(model.lm)
     assert not any(q.requires_grad for q in model.lm.parameters())
@@ -259,6 +194,16 @@ def test_projector_cache_one_step_and_decoding_at_real_size(real, tmp_path):
     trained = load_trained(tmp_path / "model", lm, "best")
     hyps = transcribe_split(trained, cache, manifest, "test", p["projector"], progress=False)
     assert len(hyps) == 2 and hyps["hyp"].map(lambda h: isinstance(h, str)).all()
+    del trained, lm
+    gc.collect()
+
+    # models.dtype: bfloat16 holds the frozen LM in half the memory; the projector still trains in float32
+    half = load_from_params("lm", {**p["models"], "dtype": "bfloat16"})
+    assert half.model.dtype == torch.bfloat16 and model_memory_bytes(half.model) == 2 * n_lm + buffer_bytes(half.model)
+    model = build_speech_lm(half, cache.dim, p["projector"])
+    summary = train_projector(model, cache, manifest, tmp_path / "bf16", tmp_path / "bf16.csv", tmp_path / "bf16-state",
+                              p["projector"], p["seed"], progress=False)
+    assert np.isfinite(summary["final_train_loss"]) and next(model.projector.parameters()).dtype == torch.float32
 
 
 def test_clap_cache_phase1_phase2_and_retrieval_at_real_size(real, tmp_path):
