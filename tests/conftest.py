@@ -182,3 +182,22 @@ def tiny_run(tmp_path_factory) -> Path:
     proc = snakemake(work)
     assert "pipeline finished" in proc.stdout + proc.stderr
     return work
+
+
+def save_tiny_ast(folder: Path, layers: int = 2, width: int = 32, classifier: bool = False) -> Path:
+    """A random AST with the real geometry (128 mel bins, 1024 frames, 16x16 patches, strides 10: 1212
+    patches + CLS + distillation) but a tiny width, beside the stock feature extractor."""
+    import torch
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification, ASTModel
+
+    torch.manual_seed(0)
+    config = ASTConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=2 * width,
+                       num_labels=3)
+    model = ASTForAudioClassification(config) if classifier else ASTModel(config)
+    base = model.audio_spectrogram_transformer if classifier else model
+    with torch.no_grad():  # transformers initialises these to zero: make the special tokens and positions distinct
+        for p in (base.embeddings.cls_token, base.embeddings.distillation_token, base.embeddings.position_embeddings):
+            p.normal_(std=0.2)
+    model.eval().save_pretrained(folder)
+    ASTFeatureExtractor().save_pretrained(folder)
+    return folder

@@ -1,4 +1,4 @@
-"""CLAP: loss, retrieval metrics with duplicate texts, layer selection, encoders (HuBERT and Whisper),
+"""CLAP: loss, retrieval metrics with duplicate texts, layer selection, encoders (HuBERT, Whisper, AST),
 the embedding cache, training with checkpoint/resume (both phases) and the evaluation contract."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mmasr.models.layers import embed_audio, embed_text, quartile_layers, select
 from mmasr.models.loading import ModelLoadError, load_audio_encoder, load_text_encoder
 from mmasr.metrics.retrieval import chance_recall, first_relevant_rank, recall_curve, retrieval_metrics
 from mmasr.training.losses import LN_100, soft_targets
-from tests.conftest import tone, write_wav
+from tests.conftest import save_tiny_ast, tone, write_wav
 
 RETRIEVAL_KEYS = [f"{p}{d}_{m}" for p in ("", "zeroshot_") for d in ("a2t", "t2a")
                   for m in ("r1", "r5", "r10", "map10", "mean_rank", "median_rank")] + ["chance_r1", "n_candidates"]
@@ -230,7 +230,7 @@ def test_the_frame_count_still_comes_from_transformers_private_helper(tmp_path):
             out = bundle.model(torch.from_numpy(audio)[None]).last_hidden_state.shape[1]
         assert int(helper(torch.tensor([n]))[0]) == out, \
             f"_get_feat_extract_output_lengths({n}) no longer equals the {out} frames the model outputs"
-        assert int(audio_inputs(bundle, [audio])[1][0]) == out
+        assert int(audio_inputs(bundle, [audio])[1][0].sum()) == out  # the pooled frames
 
 
 def test_whisper_encoder_path_pools_only_the_audio_frames(demo_model_dirs):
@@ -408,6 +408,30 @@ def test_cache_from_real_encoders_and_phase2_with_resume(tmp_path, demo_model_di
                          **{**run, "cfg": {**cfg, "phase2_epochs": 1}})
     assert shorter["clap_phase2_steps"] == 1 and "phase1/step-000002 (step 2)" in caplog.text
 
+
+def test_cache_and_phase2_on_an_ast_audio_encoder(tmp_path, bert_dir):
+    """AST as the CLAP audio encoder: quartile cache of its patch tokens, and phase 2 trains, stores and
+    evaluates with its last layer."""
+    ast = save_tiny_ast(tmp_path / "ast", layers=4, width=16)
+    p = validate({"models": {"audio_encoder": str(ast), "text_encoder": str(bert_dir), "device": "cpu"}})
+    cache = build_cache(tiny_corpus(tmp_path / "audio"), load_audio_encoder(str(ast), device="cpu"),
+                        load_text_encoder(str(bert_dir), device="cpu"), p["clap"], p["text"], tmp_path / "cache",
+                        progress=False)
+    assert cache.audio.shape == (8, 4 * 16) and cache.meta["audio_layers"] == [1, 2, 3, 4]
+    assert cache.meta["audio_model_type"] == "audio-spectrogram-transformer" and cache.meta["audio_depth"] == 4
+    cfg = clap_cfg(hidden_dim=8, embed_dim=8, epochs=1, batch_size=4, warmup=1, phase2_epochs=1, phase2_layers=1,
+                   eval_every=1)
+    summary = train_clap(tmp_path / "cache", tmp_path / "out", tmp_path / "log.csv", tmp_path / "state", cfg, 0,
+                         models_cfg=p["models"], progress=False)
+    assert summary["clap_phase2_steps"] == 1
+
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert any(k.startswith("audio_encoder.layers.3.") for k in state)
+    assert not any(k.startswith(("audio_encoder.layers.2.", "audio_encoder.embeddings.")) for k in state)
+    metrics, _ = evaluate_retrieval(load_cache(tmp_path / "cache"), tmp_path / "out", "test", p["models"])
+    assert metrics["fine_tuned_encoders"] is True
 
 def test_evaluation_refuses_a_checkpoint_of_another_cache(tmp_path):
     synthetic_cache(tmp_path / "c1", seed=0)

@@ -323,8 +323,8 @@ def _pooled_audio(bundle, audios: list[np.ndarray], layers: list[int]) -> torch.
     groups = [audios] if batchable(bundle) else [[a] for a in audios]
     out = []
     for group in groups:
-        inputs, frames = audio_inputs(bundle, group)
-        out.append(audio_forward(bundle.model, inputs, frames, layers))
+        inputs, mask = audio_inputs(bundle, group)
+        out.append(audio_forward(bundle.model, inputs, mask, layers))
     return torch.cat(out)
 
 

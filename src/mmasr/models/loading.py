@@ -420,15 +420,63 @@ def _check_local_folder(kind: str, name: str, folder: Path, model_type: str | tu
                              "(is this the other model's folder?)")
 
 
+def _read_config(path: Path) -> dict | None:
+    """A config.json as a dict, or None when it is missing or unreadable (reported by the later checks)."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _cached_config(repo_id: str, revision: str | None) -> dict | None:
+    """A hub id's config.json from the local HF cache (no download), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - the load itself reports what is wrong with the name
+        return None
+    return _read_config(Path(found)) if isinstance(found, str) else None
+
+
+def remote_code_reason(config: dict) -> str | None:
+    """Why loading a model with this config.json would run code that ships with the model (``auto_map``
+    names its own classes, or its ``model_type`` is not part of the installed transformers), or None."""
+    from transformers import CONFIG_MAPPING
+
+    if config.get("auto_map"):
+        return f"it ships its own code (auto_map in its config.json: {', '.join(sorted(config['auto_map']))})"
+    model_type = config.get("model_type")
+    if model_type and model_type not in CONFIG_MAPPING:
+        return (f"its model_type {model_type!r} is not part of the installed transformers, so only code shipped "
+                "with it could load it")
+    return None
+
+
+def _remote_code_message(kind: str, name: str, reason: str) -> str:
+    return (f"cannot load {kind} model {name!r}: {reason}. Loading it means transformers imports and runs that "
+            "code: review it (the *.py files beside its config.json), then set models.trust_remote_code: true "
+            "to allow it.")
+
+
+def _refuse_remote_code(kind: str, name: str, config: dict | None, trust_remote_code: bool) -> None:
+    reason = remote_code_reason(config) if config is not None else None
+    if reason and trust_remote_code is not True:
+        raise ModelLoadError(_remote_code_message(kind, name, reason))
+
+
 def _load(kind: str, name: str, model_type: str | tuple[str, ...], revision: str | None, trust_remote_code: bool,
           load: Callable[[str, dict], tuple[Any, Any]]) -> tuple[Any, Any, str]:
     """Run ``load(source, from_pretrained_kwargs)`` for a local folder or a hub id, with clear errors.
 
     Hub ids are tried from the local cache first, then (unless offline) from the network.
     """
-    extra: dict[str, Any] = {"trust_remote_code": True} if trust_remote_code is True else {}
+    # Always explicit: left out, transformers would ask on a terminal whether to run a model's own code.
+    extra: dict[str, Any] = {"trust_remote_code": trust_remote_code is True}
     if is_local_name(name):
         folder = Path(name).expanduser()
+        _refuse_remote_code(kind, name, _read_config(folder / "config.json"), trust_remote_code)
         _check_local_folder(kind, name, folder, model_type)
         if revision:
             log.warning("%s model %s is a local folder: revision %r is ignored", kind, name, revision)
@@ -442,6 +490,7 @@ def _load(kind: str, name: str, model_type: str | tuple[str, ...], revision: str
         return model, processor, model_revision(folder)
 
     kw = {"revision": revision, **extra} if revision else dict(extra)
+    _refuse_remote_code(kind, name, _cached_config(name, revision), trust_remote_code)
     try:
         model, processor = load(name, {"local_files_only": True, **kw})
     except CheckpointMismatchError as exc:  # found, but its weights do not fit: downloading again would not help
@@ -463,6 +512,9 @@ def _load(kind: str, name: str, model_type: str | tuple[str, ...], revision: str
         except CheckpointMismatchError as exc:
             raise CheckpointMismatchError(f"cannot load {kind} model {name!r} (a Hugging Face hub id): {exc}") from exc
         except Exception as exc:  # noqa: BLE001
+            if trust_remote_code is not True and "trust_remote_code" in str(exc):  # its config came from the hub
+                reason = "it ships its own code (transformers says so)"
+                raise ModelLoadError(_remote_code_message(kind, name, reason)) from exc
             raise ModelLoadError(
                 f"cannot load {kind} model {name!r} (treated as a Hugging Face hub id"
                 f"{f' at revision {revision!r}' if revision else ''}): {type(exc).__name__}: {exc}. "
@@ -624,7 +676,7 @@ def load_lm(name_or_path: str, device: str | torch.device = "auto", revision: st
             trust_remote_code: bool = False, dtype: str | torch.dtype = "float32") -> ModelBundle:
     """A decoder-only LM (``AutoModelForCausalLM``, e.g. SmolLM3) + its tokenizer, in eval mode on ``device``,
     weights in ``dtype``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev, dt = _device_and_dtype(device, dtype)
 
@@ -633,39 +685,84 @@ def load_lm(name_or_path: str, device: str | torch.device = "auto", revision: st
         return _from_pretrained(AutoModelForCausalLM, source, kw, dt), tokenizer
 
     model_type = None
-    if is_local_name(name_or_path) and (Path(name_or_path) / "config.json").is_file():
-        model_type = AutoConfig.from_pretrained(str(name_or_path), local_files_only=True).model_type
+    if is_local_name(name_or_path):  # read as JSON: AutoConfig could run (or prompt for) the folder's own code
+        model_type = (_read_config(Path(name_or_path).expanduser() / "config.json") or {}).get("model_type")
     model, tokenizer, rev = _load("LM", str(name_or_path), model_type or "causal LM", revision, trust_remote_code, load)
     return _bundle("LM", name_or_path, rev, model, tokenizer, dev)
 
 
 # Frozen encoders of the CLAP model and the probe: speech encoders whose hidden states are pooled
-# (HuBERT family, or a Whisper checkpoint's encoder), and BERT-family text encoders.
-AUDIO_ENCODER_TYPES = ("hubert", "wav2vec2", "wavlm", "data2vec-audio", "whisper")
+# (HuBERT family, a Whisper checkpoint's encoder, AST; EAT, which runs its own code, only with
+# models.trust_remote_code), and BERT-family text encoders.
+AUDIO_ENCODER_TYPES = ("hubert", "wav2vec2", "wavlm", "data2vec-audio", "whisper", "audio-spectrogram-transformer",
+                       "eat")
 TEXT_ENCODER_TYPES = ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta-v2", "mpnet",
                       "camembert", "modernbert")
+# For an EAT checkpoint (worstchan/EAT-*) without a preprocessor_config.json: its published extraction
+# recipe (github.com/cwx-worst-one/EAT, feature_extract.py: the features are computed by hand) is AST's
+# Kaldi fbank, 128 bins, 25/10 ms Hanning windows, dither 0, zero-padded/cut to 1024 frames (10.24 s,
+# the clip length it was pre-trained on), then (x - mean) / (2 std) with these values.
+EAT_FBANK = {"num_mel_bins": 128, "max_length": 1024, "mean": -4.268, "std": 4.569}
+_BEATS = ("BEATs is not supported: it is not part of transformers and its checkpoints are plain PyTorch "
+          "files that need Microsoft's unilm code to build the model (no config.json, no from_pretrained). "
+          "Use an AST (MIT/ast-finetuned-audioset-10-10-0.4593), EAT or HuBERT-family encoder instead.")
+
+
+def _refuse_beats(name: str) -> None:
+    config = _read_config(Path(name).expanduser() / "config.json") if is_local_name(name) else None
+    model_type = str((config or {}).get("model_type", "")).lower()
+    if re.search("beats", Path(name).name, re.IGNORECASE) or model_type == "beats":
+        raise ModelLoadError(f"cannot load audio encoder {name!r}: {_BEATS}")
+
+
+def _eat_feature_extractor(source: str, kw: dict, config):
+    """The checkpoint's own feature extractor if it has one, else EAT's published fbank recipe."""
+    from transformers import ASTFeatureExtractor, AutoFeatureExtractor
+
+    try:
+        return AutoFeatureExtractor.from_pretrained(source, **kw)
+    except (OSError, ValueError):
+        settings = {**EAT_FBANK, "num_mel_bins": int(getattr(config, "mel_bins", EAT_FBANK["num_mel_bins"]))}
+        log.info("audio encoder %s has no feature extractor: using EAT's published fbank recipe %s", source, settings)
+        return ASTFeatureExtractor(sampling_rate=16000, **settings)
 
 
 def load_audio_encoder(name_or_path: str, device: str | torch.device = "auto", revision: str | None = None,
                        trust_remote_code: bool = False, dtype: str | torch.dtype = "float32") -> ModelBundle:
     """A speech encoder and its feature extractor, in eval mode on ``device``, weights in ``dtype``.
 
-    HuBERT family (``facebook/hubert-base-ls960``, wav2vec 2.0, WavLM, data2vec-audio):
-    ``AutoModel`` + ``AutoFeatureExtractor`` (a ``*ForCTC`` checkpoint loads as its base model).
-    Whisper (the demo model, ``openai/whisper-small``): the encoder of ``WhisperModel`` (the
-    decoder is dropped) + ``WhisperFeatureExtractor``. ``bundle.model.config.model_type`` tells which.
+    HuBERT family (``facebook/hubert-base-ls960``, wav2vec 2.0, WavLM, data2vec-audio) and AST
+    (``MIT/ast-finetuned-audioset-10-10-0.4593``): ``AutoModel`` + ``AutoFeatureExtractor`` (a ``*ForCTC`` or
+    ``ASTForAudioClassification`` checkpoint loads as its base model). Whisper (the demo model,
+    ``openai/whisper-small``): the encoder of ``WhisperModel`` (the decoder is dropped) +
+    ``WhisperFeatureExtractor``. EAT (``worstchan/EAT-base_epoch30_pretrain``) ships its own model code:
+    it loads only with ``trust_remote_code=True`` (``models.trust_remote_code``), with its feature
+    extractor or else :data:`EAT_FBANK`. BEATs is refused (not in transformers).
+    ``bundle.model.config.model_type`` tells which.
     """
     from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, WhisperFeatureExtractor, WhisperModel
 
     dev, dt = _device_and_dtype(device, dtype)
+    _refuse_beats(str(name_or_path))
 
     def load(source: str, kw: dict):
-        model_type = AutoConfig.from_pretrained(source, **kw).model_type
-        if model_type not in AUDIO_ENCODER_TYPES:
-            raise ValueError(f"model_type {model_type!r} is not a supported audio encoder "
+        config = AutoConfig.from_pretrained(source, **kw)
+        if config.model_type not in AUDIO_ENCODER_TYPES:
+            raise ValueError(f"model_type {config.model_type!r} is not a supported audio encoder "
                              f"({', '.join(AUDIO_ENCODER_TYPES)})")
-        if model_type == "whisper":
+        if config.model_type == "whisper":
             return _from_pretrained(WhisperModel, source, kw, dt).get_encoder(), WhisperFeatureExtractor.from_pretrained(source, **kw)
+        if config.model_type == "eat":
+            try:
+                model = _from_pretrained(AutoModel, source, kw, dt)
+            except AttributeError as exc:
+                if "all_tied_weights_keys" not in str(exc):
+                    raise
+                raise ValueError("its own model code was written for transformers 4: its model class never calls "
+                                 "self.post_init() at the end of __init__, which transformers 5 needs ("
+                                 f"{exc}). Use a revision or a local copy of the checkpoint whose modeling file "
+                                 "does") from exc
+            return model, _eat_feature_extractor(source, kw, config)
         return _from_pretrained(AutoModel, source, kw, dt), AutoFeatureExtractor.from_pretrained(source, **kw)
 
     model, processor, rev = _load("audio encoder", str(name_or_path), AUDIO_ENCODER_TYPES, revision,
