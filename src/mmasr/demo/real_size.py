@@ -69,7 +69,8 @@ def _smollm3(root: Path, words: list[str], layers: int = 2) -> Path:
     torch.manual_seed(3)
     cfg = PUBLISHED["smollm3-3b"].config(num_hidden_layers=layers, bos_token_id=tok.bos_token_id,
                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return _save(root / f"smollm3-{layers}-layers", SmolLM3ForCausalLM(cfg), tok)
+    # stored in bfloat16, as the hub checkpoint is (the others are stored in float32, as theirs are)
+    return _save(root / f"smollm3-{layers}-layers", SmolLM3ForCausalLM(cfg).to(torch.bfloat16), tok)
 
 
 def _hubert(root: Path) -> Path:
