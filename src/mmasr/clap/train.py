@@ -67,6 +67,7 @@ __all__ = [
     "heads_from_cache",
     "heads_step",
     "load_encoders",
+    "set_phase2_mode",
     "train_clap",
 ]
 
@@ -321,14 +322,30 @@ class _Phase2Model(torch.nn.Module):
         return a.float(), t.float(), self.heads.logit_scale.view(())
 
 
-def _unfreeze_last(model, n: int) -> list[str]:
-    """Freeze ``model`` except its last ``n`` transformer layers; the names of the trainable parameters."""
+def _unfreeze_last(model, n: int) -> tuple[list[str], list[torch.nn.Module]]:
+    """Freeze ``model`` except its last ``n`` transformer layers: the names of the trainable parameters and
+    the trained layers."""
     from mmasr.models.layers import transformer_layers
 
     model.requires_grad_(False)
-    for layer in list(transformer_layers(model))[-n:] if n > 0 else []:
+    layers = list(transformer_layers(model))[-n:] if n > 0 else []
+    for layer in layers:
         layer.requires_grad_(True)
-    return [name for name, p in model.named_parameters() if p.requires_grad]
+    return [name for name, p in model.named_parameters() if p.requires_grad], layers
+
+
+def set_phase2_mode(model: torch.nn.Module, heads: torch.nn.Module, trained_layers: list[torch.nn.Module],
+                    training: bool) -> None:
+    """Train mode for the heads and the trained layers only; the frozen rest of each encoder stays in eval
+    mode, computing what it computed for the cache. A whole encoder in train mode would add dropout to
+    frozen layers, HuBERT's SpecAugment masking (``mask_time_prob``) and LayerDrop (``layerdrop``: 0.1 in
+    hubert-base-ls960), and transformers 5 collects ``hidden_states`` from the layers that ran, so a
+    dropped layer would also shift every later layer index (found at real size: an IndexError)."""
+    model.eval()
+    if training:
+        heads.train()
+        for layer in trained_layers:
+            layer.train()
 
 
 def load_encoders(models_cfg: dict, cache_meta: dict, device) -> tuple:
@@ -371,8 +388,10 @@ def _phase2(cache: ClapCache, heads: ClapHeads, cfg: dict, seed: int, models_cfg
     from mmasr.data.audio import read_audio
 
     audio_bundle, text_bundle = load_encoders(models_cfg, cache.meta, device)
-    trainable = {"audio_encoder": _unfreeze_last(audio_bundle.model, cfg["phase2_layers"]),
-                 "text_encoder": _unfreeze_last(text_bundle.model, cfg["phase2_layers"])}
+    (audio_names, audio_layers), (text_names, text_layers) = (_unfreeze_last(b.model, cfg["phase2_layers"])
+                                                              for b in (audio_bundle, text_bundle))
+    trainable = {"audio_encoder": audio_names, "text_encoder": text_names}
+    trained_layers = audio_layers + text_layers
     model = _Phase2Model(audio_bundle, text_bundle, heads, cache.meta, device)
     train, dev = cache.split("train"), cache.split("dev")
     train_audio = [read_audio(p) for p in train["audio_path"]]
@@ -411,12 +430,12 @@ def _phase2(cache: ClapCache, heads: ClapHeads, cfg: dict, seed: int, models_cfg
         return _row(loss.item(), heads.logit_scale, 2)
 
     def evaluate(done: int) -> dict:
-        model.eval()
+        set_phase2_mode(model, heads, trained_layers, training=False)
         dev_loss = _dev_loss(dev_embed2, len(dev), dev_text, heads.logit_scale, bs)
-        model.train()
+        set_phase2_mode(model, heads, trained_layers, training=True)
         return {"dev_loss": dev_loss}
 
-    model.train()
+    set_phase2_mode(model, heads, trained_layers, training=True)
     if not trainer.run(train_step, evaluate, stop_after=stop_after):
         return None
     model.eval()

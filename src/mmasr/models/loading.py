@@ -245,7 +245,16 @@ def format_count(n: int) -> str:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    """This process's peak resident memory so far. On Linux ``VmHWM`` of ``/proc/self/status``: ``ru_maxrss``
+    survives ``exec``, so a process started by a large one (Snakemake, a benchmark that built the models)
+    would report its parent's peak. Elsewhere ``ru_maxrss`` (bytes on macOS)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
