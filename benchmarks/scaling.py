@@ -238,6 +238,23 @@ def per_utt_ratio(sizes: dict[int, dict]) -> float:
     return sizes[large]["ms_per_utt"] / sizes[small]["ms_per_utt"]
 
 
+def stage_ratios(sizes: dict[int, dict]) -> dict[str, float]:
+    """Per stage: seconds per utterance at the largest size over the smallest."""
+    small, large = min(sizes), max(sizes)
+    return {st: sizes[large]["stages"][st]["ms_per_utt"] / sizes[small]["stages"][st]["ms_per_utt"] for st in STAGES}
+
+
+def marginal_ratio(sizes: dict[int, dict]) -> float | None:
+    """Seconds per *added* utterance between the two largest sizes over that between the two smallest: with
+    three sizes or more, fixed start-up costs (imports, ~1 s a stage) cancel, so a super-linear stage shows."""
+    ns = sorted(sizes)
+    if len(ns) < 3:
+        return None
+    def slope(a, b):
+        return (sizes[b]["total_s"] - sizes[a]["total_s"]) / (b - a)
+    return slope(ns[-2], ns[-1]) / slope(ns[0], ns[1])
+
+
 def measure(sizes: list[int], workers: int, params: Path = REPO / "params.yaml", workdir: Path | None = None,
             keep: bool = False) -> dict:
     results = {}
@@ -253,6 +270,8 @@ def measure(sizes: list[int], workers: int, params: Path = REPO / "params.yaml",
     pre = results[largest]["stages"]["preprocess"]
     return {
         "scaling_per_utt_ratio_20k": per_utt_ratio(results) if len(results) > 1 else None,
+        "scaling_marginal_ratio": marginal_ratio(results),
+        "scaling_stage_ratios": stage_ratios(results) if len(results) > 1 else None,
         "scaling_sizes": sorted(results),
         "scaling_report_bytes_max": max(r["report_bytes"] for r in results.values()),
         "scaling_peak_rss_mb_max": max(s["peak_rss_sum_mb"] for r in results.values() for s in r["stages"].values()),
