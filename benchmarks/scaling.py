@@ -124,7 +124,7 @@ def synthetic_nbest(manifest: pd.DataFrame, text_cfg: dict, seed: int = 0, n_hyp
     text_vecs = rng.standard_normal((len(texts), dim)).astype(np.float32)
     text_vecs /= np.linalg.norm(text_vecs, axis=1, keepdims=True)
     text_of = dict(zip(texts, text_vecs))
-    nbest["clip_cos"] = [float(text_of[t] @ image_of[i]) if i else np.nan for t, i in zip(nbest["clip_text"], nbest["image_id"])]
+    nbest["clip_cos"] = [float(text_of[t] @ image_of[i]) if isinstance(i, str) else np.nan for t, i in zip(nbest["clip_text"], nbest["image_id"])]
     return nbest[NBEST_COLUMNS + ["clip_text", "clip_cos"]], (image_ids, image_vecs), (texts, text_vecs)
 
 
