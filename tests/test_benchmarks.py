@@ -199,20 +199,39 @@ def test_synthetic_nbest_has_the_pipeline_contract(scaling_bench):
     assert b["text"] == "x y z" and b["clip_cos"] == pytest.approx(float(txt[texts.index(b["clip_text"])] @ img[ids.index("p2")]))
 
 
-def test_scaling_smoke_at_tiny_sizes(scaling_bench, tmp_path):
-    """Every stage runs on a generated manifest at 40 and 80 utterances (~30 s on 2 cores); the keys are there,
-    the report's size stays bounded (it samples examples, never a row per utterance)."""
-    result = scaling_bench.measure([40, 80], workers=2, workdir=tmp_path)
-    assert result["scaling_sizes"] == [40, 80] and result["scaling_per_utt_ratio_20k"] > 0
+def test_scaling_smoke_at_tiny_sizes(bench, scaling_bench):
+    """run.py's scaling part at 40 and 80 utterances (~30 s on 2 cores): every stage runs on a generated manifest,
+    the keys are there, the report's size stays bounded (it samples examples, never a row per utterance)."""
+    import argparse
+
+    args = argparse.Namespace(skip_real_shape=True, skip_scaling=False, scaling_sizes=[40, 80], scaling_workers=2,
+                              cores=2, threads=2)
+    flat, details, devices = bench.measure_extras(args, config.load(REPO / "params.yaml"))
+    result = details["scaling"]
+    assert flat["projector_cache_speedup_real_shape"] is None and flat["scaling_per_utt_ratio_20k"] > 0
+    assert devices["scaling_per_utt_ratio_20k"] == "cpu (2 preprocess workers)"
+    assert result["scaling_sizes"] == [40, 80] == flat["scaling_sizes"]
     for n in ("40", "80"):
         r = result["scaling"][n]
         assert set(r["stages"]) == set(scaling_bench.STAGES) and r["n_kept"] == int(n) and r["n_nbest_rows"] > 0
         assert all(s["wall_s"] > 0 and s["peak_rss_sum_mb"] > 0 for s in r["stages"].values())
     assert result["scaling"]["40"]["stages"]["preprocess"]["n_workers_seen"] == 2
-    assert 0 < result["preprocess_peak_rss_per_worker_mb"] < 300  # no torch in the workers for 16 kHz audio
+    assert 0 < flat["preprocess_peak_rss_per_worker_mb"] < 300  # no torch in the workers for 16 kHz audio
     small, large = (result["scaling"][n]["report_bytes"] for n in ("40", "80"))
-    assert large < 1.2 * small and result["scaling_report_bytes_max"] == max(small, large)
-    assert not list(tmp_path.iterdir())  # the corpora are removed
+    assert large < 1.2 * small and flat["scaling_report_bytes_max"] == max(small, large)
+
+
+def test_real_shape_utterances(tmp_path):
+    spec = importlib.util.spec_from_file_location("mmasr_benchmarks_projector", REPO / "benchmarks" / "projector_cache.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import soundfile as sf
+
+    man = module.synthetic_utterances(tmp_path, 3, seed=1)
+    assert len(man) == 3 and (man["split"] == "train").all() and man["text"].str.split().map(len).eq(8).all()
+    for path, seconds in zip(man["audio_path"], man["duration_s"]):
+        info = sf.info(path)
+        assert info.samplerate == 16000 and 2.0 <= seconds <= 4.0 and abs(info.frames - int(seconds * 16000)) <= 1
 
 
 def test_summary_rows_show_the_real_shape_and_scaling(bench):
