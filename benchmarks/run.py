@@ -11,6 +11,11 @@
    -> preprocess_audio_s_per_wall_s_per_core.
 5. The four ratio benchmarks (benchmarks/rescoring.py, projector_cache.py, clap_cache.py) on the copy's
    outputs, in this process, with one torch thread setting (--threads).
+   Then (measure_extras; --skip-real-shape, --skip-scaling) the projector cache at the real shape (Whisper
+   small's encoder on the 30 s window vs its trimmed cache, SmolLM3 width with 2 layers, random weights) ->
+   projector_cache_speedup_real_shape (target >= 10x), and benchmarks/scaling.py (synthetic manifests of
+   1k/5k/20k utterances through ingest, preprocess, split, fuse, report) -> scaling_per_utt_ratio_20k
+   (target <= 1.3), preprocess_peak_rss_per_worker_mb. projector_cache_speedup is the demo config, no target.
 6. results/benchmarks.json (atomic write; every number with the device that produced it, ``devices``),
    a table on stdout, and the report re-rendered where results/report.html sits beside the output.
 

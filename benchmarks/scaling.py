@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = result["scaling_per_utt_ratio_20k"]
     print(f"per-utterance ratio largest/smallest: {ratio:.2f} (target <= 1.3: {'met' if ratio <= 1.3 else 'MISSED'})"
           if ratio is not None else "one size only: no ratio")
+    if result["scaling_marginal_ratio"] is not None:
+        print(f"seconds per added utterance, two largest sizes / two smallest: {result['scaling_marginal_ratio']:.2f}")
     print(f"preprocess: peak RSS per worker {result['preprocess_peak_rss_per_worker_mb'] or 0:.0f} MB, "
           f"summed USS {result['preprocess_peak_uss_sum_mb']:.0f} MB ({args.workers} workers)")
     print(f"written to {args.out}")
