@@ -287,7 +287,8 @@ def measure_extras(args: argparse.Namespace, p: dict) -> tuple[dict, dict, dict]
     if not args.skip_scaling:
         print(f"[extra] scaling: {args.scaling_sizes} utterances ...", file=sys.stderr)
         sc = scaling.measure(args.scaling_sizes, args.scaling_workers or min(8, args.cores))
-        details["scaling"] = sc
+        details["scaling"] = {k: v for k, v in sc.items() if k != "scaling"}
+        flat["scaling_per_size"] = scaling.per_size_rows(sc)  # top level: the report shows each size as a table
         flat.update({k: sc[k] for k in ("scaling_per_utt_ratio_20k", "scaling_marginal_ratio", "scaling_sizes",
                                         "scaling_report_bytes_max", "preprocess_peak_rss_per_worker_mb")})
         for key in ("scaling_per_utt_ratio_20k", "preprocess_peak_rss_per_worker_mb"):

@@ -282,6 +282,21 @@ def measure(sizes: list[int], workers: int, params: Path = REPO / "params.yaml",
     }
 
 
+def per_size_rows(result: dict) -> dict[str, dict]:
+    """Per size, one flat row (for the report's tables): total and per-stage ms per utterance and peak summed
+    RSS, the report's bytes, preprocess's peak RSS per worker."""
+    rows = {}
+    for n, r in result["scaling"].items():
+        row = {"n_kept": r["n_kept"], "n_nbest_rows": r["n_nbest_rows"],
+               "preprocess_workers_seen": r["stages"]["preprocess"]["n_workers_seen"], "total_ms_per_utt": r["ms_per_utt"], "total_s": r["total_s"], "report_bytes": r["report_bytes"],
+               "preprocess_peak_rss_per_worker_mb": r["stages"]["preprocess"]["peak_rss_worker_max_mb"]}
+        for stage in STAGES:
+            row[f"{stage}_ms_per_utt"] = r["stages"][stage]["ms_per_utt"]
+            row[f"{stage}_peak_rss_mb"] = r["stages"][stage]["peak_rss_sum_mb"]
+        rows[n] = row
+    return rows
+
+
 def table(result: dict) -> str:
     lines = [f"{'stage':<12}" + "".join(f"{n:>14}" for n in result["scaling_sizes"]) + "   (ms per utterance; peak RSS MB)"]
     for stage in STAGES:

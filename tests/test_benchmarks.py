@@ -208,16 +208,21 @@ def test_scaling_smoke_at_tiny_sizes(bench, scaling_bench):
                               cores=2, threads=2)
     flat, details, devices = bench.measure_extras(args, config.load(REPO / "params.yaml"))
     result = details["scaling"]
+    per_size = flat["scaling_per_size"]
+    assert set(per_size) == {"40", "80"} and all(not isinstance(v, dict) for row in per_size.values() for v in row.values())
+    assert per_size["80"]["fuse_ms_per_utt"] > 0 and per_size["40"]["report_bytes"] > 10_000
+    html = report.benchmark_tables({"scaling_per_size": per_size})
+    assert "<summary>scaling_per_size: 80</summary>" in html and "<td>fuse_ms_per_utt</td>" in html
     assert flat["projector_cache_speedup_real_shape"] is None and flat["scaling_per_utt_ratio_20k"] > 0
     assert devices["scaling_per_utt_ratio_20k"] == "cpu (2 preprocess workers)"
-    assert result["scaling_sizes"] == [40, 80] == flat["scaling_sizes"]
+    assert result["scaling_sizes"] == [40, 80] == flat["scaling_sizes"] and "scaling" not in result
     for n in ("40", "80"):
-        r = result["scaling"][n]
-        assert set(r["stages"]) == set(scaling_bench.STAGES) and r["n_kept"] == int(n) and r["n_nbest_rows"] > 0
-        assert all(s["wall_s"] > 0 and s["peak_rss_sum_mb"] > 0 for s in r["stages"].values())
-    assert result["scaling"]["40"]["stages"]["preprocess"]["n_workers_seen"] == 2
+        assert per_size[n]["n_kept"] == int(n) and per_size[n]["n_nbest_rows"] > 0
+        assert per_size[n]["preprocess_workers_seen"] == 2
+        assert all(per_size[n][f"{st}_ms_per_utt"] > 0 and per_size[n][f"{st}_peak_rss_mb"] > 0
+                   for st in scaling_bench.STAGES)
     assert 0 < flat["preprocess_peak_rss_per_worker_mb"] < 300  # no torch in the workers for 16 kHz audio
-    small, large = (result["scaling"][n]["report_bytes"] for n in ("40", "80"))
+    small, large = (per_size[n]["report_bytes"] for n in ("40", "80"))
     assert large < 1.2 * small and flat["scaling_report_bytes_max"] == max(small, large)
 
 
