@@ -139,13 +139,15 @@ def test_skip_pipeline_on_the_tiny_run(bench, tiny_run, tmp_path):
     out = tmp_path / "results" / "benchmarks.json"
     proc = run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--skip-pipeline", "--project", str(tiny_run),
                 "--configfile", str(tiny_run / "config" / "tiny.yaml"), "--cores", "2", "--out", str(out),
-                "--nbest-utts", "4", "--projector-steps", "2", "--clap-repeats", "1"], tmp_path)
+                "--nbest-utts", "4", "--projector-steps", "2", "--clap-repeats", "1", "--skip-real-shape",
+                "--skip-scaling"], tmp_path)  # both have their own tests; minutes each at full size
     b = read_json(out)
     assert set(bench.CONTRACT_KEYS) <= set(b), proc.stdout
     for key in ("nbest_batched_speedup", "grid_vectorised_speedup", "projector_cache_speedup", "clap_cache_speedup",
                 "pipeline_wall_s", "peak_rss_mb", "preprocess_audio_s_per_wall_s_per_core"):
         assert b[key] > 0 and b["devices"][key], key
     assert b["incremental_tau_fraction"] is None and b["pipeline_wall_source"].startswith("Snakemake metadata")
+    assert b["projector_cache_speedup_real_shape"] is None and b["scaling_per_utt_ratio_20k"] is None  # skipped
     assert b["ratio_results_identical"] is True and b["preprocess_threads"] == 2
     assert {"preprocess", "nbest", "fuse", "train_projector", "report"} <= set(b["stages"])
     assert b["peak_rss_mb"] == max(s["max_rss_mb"] for s in b["stages"].values())
