@@ -286,7 +286,7 @@ def measure_extras(args: argparse.Namespace, p: dict) -> tuple[dict, dict, dict]
         devices["projector_cache_speedup_real_shape"] = real["device"]
     if not args.skip_scaling:
         print(f"[extra] scaling: {args.scaling_sizes} utterances ...", file=sys.stderr)
-        sc = scaling.measure(args.scaling_sizes, args.scaling_workers or min(8, args.cores))
+        sc = scaling.measure(args.scaling_sizes, args.scaling_workers or min(8, args.cores), warmup=args.scaling_warmup)
         details["scaling"] = {k: v for k, v in sc.items() if k != "scaling"}
         flat["scaling_per_size"] = scaling.per_size_rows(sc)  # top level: the report shows each size as a table
         flat.update({k: sc[k] for k in ("scaling_per_utt_ratio_20k", "scaling_marginal_ratio", "scaling_sizes",
@@ -408,6 +408,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--real-shape-steps", type=int, default=2, help="steady-state real-shape steps timed each way")
     ap.add_argument("--skip-scaling", action="store_true", help="not the scaling benchmark (~10 min at the default sizes)")
     ap.add_argument("--scaling-sizes", type=int, nargs="+", default=[1000, 5000, 20000])
+    ap.add_argument("--scaling-warmup", type=int, default=100, help="utterances of an untimed first scaling run")
     ap.add_argument("--scaling-workers", type=int, default=None, help="preprocess workers (default: --cores, at most 8)")
     args = ap.parse_args(argv)
     args.threads = args.threads or min(2, args.cores)

@@ -256,8 +256,15 @@ def marginal_ratio(sizes: dict[int, dict]) -> float | None:
 
 
 def measure(sizes: list[int], workers: int, params: Path = REPO / "params.yaml", workdir: Path | None = None,
-            keep: bool = False) -> dict:
+            keep: bool = False, warmup: int = 100) -> dict:
+    """Each size in turn, after an untimed ``warmup`` run (0: none); the corpora are removed unless ``keep``."""
     results = {}
+    if warmup:  # untimed: the first stage processes read Python, torch and pandas from a cold file cache
+        work = Path(tempfile.mkdtemp(prefix="mmasr-scaling-warmup-", dir=workdir))
+        try:
+            measure_size(work, warmup, workers, params.resolve())
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     for n in sorted(sizes):
         work = Path(tempfile.mkdtemp(prefix=f"mmasr-scaling-{n}-", dir=workdir))
         try:
@@ -317,9 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
     ap.add_argument("--workdir", type=Path, default=None, help="where the corpora go (default: the temporary folder)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--warmup", type=int, default=100, help="utterances of an untimed first run (0: none)")
     ap.add_argument("--out", type=Path, default=Path("results/benchmarks/scaling.json"))
     args = ap.parse_args(argv)
-    result = measure(args.sizes, args.workers, args.params, args.workdir, args.keep)
+    result = measure(args.sizes, args.workers, args.params, args.workdir, args.keep, args.warmup)
     write_json(args.out, result)
     print(table(result))
     ratio = result["scaling_per_utt_ratio_20k"]

@@ -207,7 +207,7 @@ def test_scaling_smoke_at_tiny_sizes(bench, scaling_bench):
     import argparse
 
     args = argparse.Namespace(skip_real_shape=True, skip_scaling=False, scaling_sizes=[40, 80], scaling_workers=2,
-                              cores=2, threads=2)
+                              scaling_warmup=0, cores=2, threads=2)
     flat, details, devices = bench.measure_extras(args, config.load(REPO / "params.yaml"))
     result = details["scaling"]
     per_size = flat["scaling_per_size"]
