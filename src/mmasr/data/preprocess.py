@@ -49,6 +49,8 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     import torch
     import torchaudio.functional as AF
 
+    if _IN_WORKER and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)  # one process per core; nested threads would oversubscribe
     return AF.resample(torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)), orig_sr, target_sr).numpy()
 
 
@@ -206,10 +208,14 @@ def _process_utterance(job: tuple[dict, str, str, dict]) -> dict:
                     "orig_channels": result.orig_channels}}
 
 
-def _init_worker() -> None:
-    import torch
+_IN_WORKER = False
 
-    torch.set_num_threads(1)  # one process per core; nested threads would oversubscribe
+
+def _init_worker() -> None:
+    # torch is imported only when a file needs resampling (it adds ~400 MB to each worker's RSS; 16 kHz
+    # audio never needs it); resample() then limits it to one thread.
+    global _IN_WORKER
+    _IN_WORKER = True
 
 
 # ---------------------------------------------------------------- pictures
