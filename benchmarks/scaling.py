@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,7 @@ if (REPO / "src" / "mmasr").is_dir():
 
 from mmasr import config  # noqa: E402
 from mmasr.io import write_json  # noqa: E402
+from mmasr.memory import peak_rss_bytes  # noqa: E402
 from mmasr.rescoring.clip import clip_text, save_embeddings, save_text_embeddings  # noqa: E402
 from mmasr.rescoring.nbest import NBEST_COLUMNS  # noqa: E402
 
@@ -143,16 +145,6 @@ class TreeWatch:
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def _hwm(pid: int) -> int | None:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
-
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
@@ -166,7 +158,7 @@ class TreeWatch:
                 except psutil.Error:
                     continue
                 rss, uss = rss + info.rss, uss + info.uss
-                hwm = self._hwm(proc.pid)
+                hwm = peak_rss_bytes(proc.pid)
                 if hwm:
                     self.hwm[proc.pid] = max(self.hwm.get(proc.pid, 0), hwm)
             self.peak_rss_sum, self.peak_uss_sum = max(self.peak_rss_sum, rss), max(self.peak_uss_sum, uss)
@@ -198,7 +190,19 @@ def run_stage(name: str, args: list[str], cwd: Path, log: Path) -> dict:
         memory = watch.stop()
     if rc != 0:
         raise RuntimeError(f"mmasr {name} failed in {cwd} (exit {rc}):\n{log.read_text(errors='replace')[-3000:]}")
-    return {"wall_s": seconds, **memory}
+    return {"wall_s": seconds, **memory, **workers_reported(log.read_text(errors="replace"))}
+
+
+WORKERS_LINE = re.compile(r"(\d+) worker processes, peak RSS up to ([\d.]+) MB each")
+
+
+def workers_reported(log_text: str) -> dict:
+    """The workers' own account of themselves in a stage's log (``mmasr preprocess`` writes it): the polling
+    watch above misses workers that live less than one poll, as on a fast machine at small sizes."""
+    found = WORKERS_LINE.search(log_text)
+    if not found:
+        return {}
+    return {"n_workers_seen": int(found[1]), "peak_rss_worker_max_mb": float(found[2])}
 
 
 def measure_size(work: Path, n: int, workers: int, params: Path, seed: int = 0) -> dict:
