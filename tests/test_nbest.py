@@ -250,7 +250,7 @@ def test_shared_kv_attention_equals_attention_over_repeated_keys(whisper_bundle)
         shared_kv_attention(module, query[:7], key, value, None, scaling=1.0)
 
 
-def test_beams_with_shared_cross_attention_equal_the_plain_beam_search(whisper_bundle, tmp_path, monkeypatch):
+def test_beams_with_shared_cross_attention_and_cached_masks_equal_the_plain_beam_search(whisper_bundle, tmp_path, monkeypatch):
     import contextlib
 
     import mmasr.rescoring.nbest as nbest
@@ -262,6 +262,7 @@ def test_beams_with_shared_cross_attention_equal_the_plain_beam_search(whisper_b
     shared = nbest.beam_candidates(whisper_bundle, audios, CFG, prompt, 8)
     assert whisper_bundle.model.config._attn_implementation == "sdpa"  # switched back afterwards
     monkeypatch.setattr(nbest, "shared_kv_attention_on", lambda _model: contextlib.nullcontext(False))
+    monkeypatch.setattr(nbest, "suppression_kwargs", lambda _gen, _n: {})  # transformers' own processors
     plain = nbest.beam_candidates(whisper_bundle, audios, CFG, prompt, 8)
     for a, b in zip(shared, plain):
         assert [h["token_ids"] for h in a] == [h["token_ids"] for h in b]
@@ -282,3 +283,19 @@ def test_grouped_teacher_forcing_equals_one_row_per_hypothesis(whisper_bundle, t
     grouped = grouped_teacher_forced_logprobs(whisper_bundle, states, prompt, hyps, owners)
     plain = teacher_forced_logprobs(whisper_bundle, states[owners], prompt, hyps)
     np.testing.assert_allclose(grouped, plain, atol=1e-5)
+
+
+def test_suppress_ids_masks_like_transformers_processors():
+    from transformers.generation.logits_process import (SuppressTokensAtBeginLogitsProcessor,
+                                                        SuppressTokensLogitsProcessor)
+
+    from mmasr.rescoring.nbest import SuppressIds
+
+    scores = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    for length in (2, 3):
+        ids = torch.zeros(3, length, dtype=torch.long)
+        ours = SuppressIds([5, 7, 5], at_length=2)(ids, SuppressIds([1, 39])(ids, scores))
+        theirs = SuppressTokensAtBeginLogitsProcessor([5, 7], 2)(ids, SuppressTokensLogitsProcessor([1, 39])(ids, scores))
+        assert torch.equal(ours, theirs) and torch.isinf(ours[:, [1, 39]]).all()
+        assert torch.isinf(ours[:, [5, 7]]).all() == (length == 2)
+    assert torch.equal(SuppressIds([])(torch.zeros(3, 2, dtype=torch.long), scores), scores)
