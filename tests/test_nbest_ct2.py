@@ -165,7 +165,7 @@ def test_ct2_lists_are_deduplicated_after_normalisation(whisper_bundle, cache, t
     keys = iter(range(10**6))
     distinct = nbest_for_batch(whisper_bundle, audios, CT2, lambda _t: next(keys), ct2_cache=cache)
     assert all(len(h) == CT2["num_return_sequences"] for h in distinct)
-    collapsed, stats = [], []
+    stats: list[dict] = []
     collapsed = nbest_for_batch(whisper_bundle, audios, CT2, lambda _t: "same", stats, ct2_cache=cache)
     assert [len(h) for h in collapsed] == [1, 1] and [s["distinct"] for s in stats] == [1, 1]
     # the one kept is the best-scored beam

@@ -452,7 +452,10 @@ def ct2_candidates(bundle: ModelBundle, engine, audios: list[np.ndarray], cfg: d
     for u, res in enumerate(results):
         for seq, score in zip(res.sequences_ids, res.scores):
             ids, done = ct2_hypothesis(seq, budget, eos)
-            owners.append(u), hyps.append(ids), complete.append(done), beam.append(float(score))
+            owners.append(u)
+            hyps.append(ids)
+            complete.append(done)
+            beam.append(float(score))
     sum_lp = grouped_teacher_forced_logprobs(bundle, ct2_encoder_states(encoded, bundle.device), prompt, hyps, owners)
     out: list[list[dict]] = [[] for _ in audios]
     for k, u in enumerate(owners):
