@@ -16,7 +16,11 @@
    projector_cache_speedup_real_shape (target >= 10x), and benchmarks/scaling.py (synthetic manifests of
    1k/5k/20k utterances through ingest, preprocess, split, fuse, report) -> scaling_per_utt_ratio_20k
    (target <= 1.3), preprocess_peak_rss_per_worker_mb. projector_cache_speedup is the demo config, no target.
-6. results/benchmarks.json (atomic write; every number with the device that produced it, ``devices``),
+6. n-best on the real Whisper tiny.en (benchmarks/nbest_real.py; needs the real-whisper and speech extras):
+   the seed's loop, the transformers backend at batch 1 and batched, ctranslate2 float32 and int8 on the same
+   eSpeak NG utterances -> nbest_batching_speedup, nbest_ct2_fp32_speedup, nbest_ct2_int8_speedup (against the
+   fastest transformers configuration), nbest_ct2_top1_agreement.
+7. results/benchmarks.json (atomic write; every number with the device that produced it, ``devices``),
    a table on stdout, and the report re-rendered where results/report.html sits beside the output.
 
     python benchmarks/run.py [--cores 8] [--out results/benchmarks.json]
@@ -48,6 +52,7 @@ if (REPO / "src" / "mmasr").is_dir():
 sys.path.insert(0, str(HERE))
 
 import clap_cache  # noqa: E402  (siblings: benchmarks/*.py)
+import nbest_real  # noqa: E402
 import pandas as pd  # noqa: E402
 import projector_cache  # noqa: E402
 import rescoring  # noqa: E402
@@ -74,6 +79,7 @@ TARGETS = {
     "projector_cache_speedup": (">=", 5.0, ">= 5x"),
     "clap_cache_speedup": (">=", 10.0, ">= 10x"),
     "incremental_tau_fraction": ("<", 0.10, "< 10%"),
+    **{key: (">=", threshold, shown) for key, (threshold, shown) in nbest_real.TARGETS.items()},
 }
 
 # Issue 18 items 4 and 6 (measure_extras): the projector cache at the real shape replaces the demo-config
@@ -294,6 +300,24 @@ def measure_extras(args: argparse.Namespace, p: dict) -> tuple[dict, dict, dict]
         for key in ("scaling_per_utt_ratio_20k", "preprocess_peak_rss_per_worker_mb"):
             devices[key] = sc["device"]
     return flat, details, devices
+def real_nbest(args: argparse.Namespace, work: Path, details: dict, devices: dict) -> dict:
+    """benchmarks/nbest_real.py's ratios (None, said on stderr, when skipped or its extras are missing);
+    its full result goes into ``details``, its device into ``devices``."""
+    keys = {key: None for key in nbest_real.TARGETS}
+    if args.nbest_real_utts <= 0:
+        return keys
+    print(f"[+] n-best on the real Whisper tiny.en ({args.nbest_real_utts} utterances, five ways) ...", file=sys.stderr)
+    try:
+        real = nbest_real.measure(args.nbest_real_utts, 16, args.threads, args.nbest_real_rounds,
+                                  work / "data" / "cache" / "nbest_real")
+    except (ImportError, FileNotFoundError) as exc:
+        print(f"      not measured: {exc}", file=sys.stderr)
+        return keys
+    print(nbest_real.report(real), file=sys.stderr)
+    details["nbest_real"] = real
+    for key in keys:
+        devices[key] = describe(str(real["device"]), args.threads)
+    return {key: real[key] for key in keys}
 
 
 # --------------------------------------------------------------------------- output
@@ -332,6 +356,10 @@ def summary_rows(r: dict) -> list[list[str]]:
         ("alpha grid: vectorised vs seed loop", "grid_vectorised_speedup", lambda v: f"{v:.0f}x"),
         ("projector: feature cache vs live encoder (demo config)", "projector_cache_speedup", lambda v: f"{v:.1f}x"),
         ("CLAP: embedding cache vs re-encoding", "clap_cache_speedup", lambda v: f"{v:.0f}x"),
+        ("n-best, real tiny.en: batched vs batch 1", "nbest_batching_speedup", lambda v: f"{v:.2f}x"),
+        ("n-best, real tiny.en: ctranslate2 float32", "nbest_ct2_fp32_speedup", lambda v: f"{v:.2f}x"),
+        ("n-best, real tiny.en: ctranslate2 int8", "nbest_ct2_int8_speedup", lambda v: f"{v:.2f}x"),
+        ("n-best, real tiny.en: ct2 top-1 agreement", "nbest_ct2_top1_agreement", lambda v: f"{v:.0%}"),
         ("full pipeline from scratch", "pipeline_wall_s", lambda v: f"{v:.0f} s ({_hms(v)})"),
         ("re-run after changing fusion.tau", "incremental_tau_fraction",
          lambda v: f"{v:.1%} ({r['incremental_tau_wall_s']:.1f} s: {', '.join(jobs or [])})"),
@@ -402,6 +430,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--grid-split", default="dev")
     ap.add_argument("--projector-steps", type=int, default=None, help="default: one epoch of the train split")
     ap.add_argument("--clap-repeats", type=int, default=5, help="cached CLAP epochs timed (median)")
+    ap.add_argument("--nbest-real-utts", type=int, default=48,
+                    help="eSpeak NG utterances for the real-tiny.en n-best benchmark (0: skip it)")
+    ap.add_argument("--nbest-real-rounds", type=int, default=2, help="rounds of the real-tiny.en n-best benchmark")
     ap.add_argument("--no-report", action="store_true", help="do not re-render results/report.html beside --out")
     ap.add_argument("--skip-real-shape", action="store_true", help="not the real-shape projector benchmark (~5 min)")
     ap.add_argument("--real-shape-batch", type=int, default=4, help="utterances per real-shape projector step")
@@ -461,6 +492,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     result["devices"].update(devices)
     if result.get("projector_real_shape_same_loss_curve") is False:
         result["ratio_results_identical"] = False
+    result.update(real_nbest(args, work, details, result["devices"]))
     m = result["machine"]
     result["device"] = f"{describe(engine, args.threads)}; {m['cpu_count']} cores: {m['cpu']}"
     result["targets"] = {k: TARGETS[k][2] for k in TARGETS}

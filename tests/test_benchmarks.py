@@ -93,7 +93,8 @@ def test_threads_span_and_throughput_from_snakemake_metadata(bench, tmp_path):
 
 def sample_result(bench) -> dict:
     return {"nbest_batched_speedup": 6.4, "grid_vectorised_speedup": 125.4, "projector_cache_speedup": 3.6,
-         "clap_cache_speedup": 38.0, "pipeline_wall_s": 612.0, "incremental_tau_wall_s": 7.9,
+         "clap_cache_speedup": 38.0, "pipeline_wall_s": 612.0, "nbest_batching_speedup": 1.62,
+         "nbest_ct2_fp32_speedup": 1.05, "nbest_ct2_int8_speedup": None, "nbest_ct2_top1_agreement": 0.979, "incremental_tau_wall_s": 7.9,
          "incremental_tau_fraction": 7.9 / 612, "incremental_tau_jobs": ["fuse", "report"],
          "preprocess_audio_s_per_wall_s_per_core": None, "peak_rss_mb": 1663.5, "peak_rss_rule": "preprocess",
          "device": "cpu (2 torch threads)", "devices": {"pipeline_wall_s": "cpu (snakemake --cores 2)",
@@ -119,6 +120,60 @@ def test_summary_table(bench):
     assert "not measured" in rows["preprocessing (audio s / wall s / core)"]
     assert "1664 MB (preprocess)" in rows["peak memory (max RSS)"]
     assert bench.target_met("incremental_tau_fraction", 0.2) is False and bench.target_met("other", 1.0) is None
+    assert "1.62x" in rows["n-best, real tiny.en: batched vs batch 1"] and ">= 1.5x (met)" in rows["n-best, real tiny.en: batched vs batch 1"]
+    assert "1.05x" in rows["n-best, real tiny.en: ctranslate2 float32"] and ">= 1.3x (MISSED)" in rows["n-best, real tiny.en: ctranslate2 float32"]
+    assert "not measured" in rows["n-best, real tiny.en: ctranslate2 int8"]
+    assert "98%" in rows["n-best, real tiny.en: ct2 top-1 agreement"] and ">= 95% (met)" in rows["n-best, real tiny.en: ct2 top-1 agreement"]
+
+
+def test_real_nbest_is_skipped_or_reported_not_measured(bench, monkeypatch, tmp_path, capsys):
+    args = bench.parse_args(["--nbest-real-utts", "0"])
+    keys = {"nbest_batching_speedup", "nbest_ct2_fp32_speedup", "nbest_ct2_int8_speedup", "nbest_ct2_top1_agreement"}
+    details, devices = {}, {}
+    assert bench.real_nbest(args, tmp_path, details, devices) == dict.fromkeys(keys) and not details and not devices
+
+    def missing(*_a, **_k):
+        raise ImportError("No module named 'ctranslate2'")
+
+    monkeypatch.setattr(bench.nbest_real, "measure", missing)
+    args = bench.parse_args([])
+    assert bench.real_nbest(args, tmp_path, details, devices) == dict.fromkeys(keys)
+    assert "not measured: No module named 'ctranslate2'" in capsys.readouterr().err
+
+    def fake(utts, batch_size, threads, rounds, work):
+        assert (utts, batch_size, threads, rounds) == (48, 16, args.threads, 2) and work == tmp_path / "data/cache/nbest_real"
+        return {**sample_real(), "device": "cpu"}
+
+    monkeypatch.setattr(bench.nbest_real, "measure", fake)
+    got = bench.real_nbest(args, tmp_path, details, devices)
+    assert got == {k: sample_real()[k] for k in keys} and details["nbest_real"]["nbest_real_utts"] == 48
+    assert devices["nbest_ct2_int8_speedup"] == f"cpu ({args.threads} threads)"
+
+
+def sample_real() -> dict:
+    configs = {name: {"wall_s": w, "cpu_s": w, "utts_per_s": 48 / w, "audio_s_per_s": 55 / w, "wer": 0.3,
+                      "top1_agreement": a}
+               for name, w, a in (("seed_loop", 180.0, 0.9), ("transformers_b1", 30.0, 1.0),
+                                  ("transformers_batched", 20.0, 1.0), ("ctranslate2_float32", 19.0, 0.979),
+                                  ("ctranslate2_int8", 15.0, 0.875))}
+    return {"nbest_real_utts": 48, "nbest_real_audio_s": 55.0, "nbest_real_batch_size": 16, "nbest_real_rounds": 2,
+            "threads": 2, "device": "cpu", "nbest_real_configs": configs,
+            "nbest_real_fastest_transformers": "transformers_batched", "nbest_batching_speedup": 1.5,
+            "nbest_ct2_fp32_speedup": 20 / 19, "nbest_ct2_int8_speedup": 20 / 15, "nbest_ct2_top1_agreement": 0.979,
+            "nbest_real_profile": {"utts": 16, "features_s": 0.1, "transformers_encoder_s": 4.0,
+                                   "transformers_beam_search_s": 2.0, "ct2_float32_encoder_s": 4.1,
+                                   "ct2_float32_beam_search_s": 1.0, "ct2_float32_rescoring_s": 0.8,
+                                   "ct2_int8_encoder_s": 3.5, "ct2_int8_beam_search_s": 0.6, "ct2_int8_rescoring_s": 0.8}}
+
+
+def test_real_nbest_report_lists_every_configuration_and_target(bench):
+    text = bench.nbest_real.report(sample_real())
+    lines = {line.split()[0]: line for line in text.splitlines() if line}
+    assert lines["transformers_b1"].split()[1:4] == ["30.00", "30.00", "1.60"]
+    assert lines["ctranslate2_int8"].split()[-1] == "88%" and lines["seed_loop"].split()[-2] == "0.300"
+    assert "batching alone (transformers batch 1 / batched)" in text and "1.50x  target >= 1.5x: met" in text
+    assert "1.33x  target >= 2x: NOT met" in text and "98%  target >= 95%: met" in text
+    assert "ctranslate2 int8 encoder 3.50, beam search 0.60, re-scoring 0.80" in text
 
 
 def test_report_shows_targets_devices_stages_and_details(bench):
@@ -140,7 +195,7 @@ def test_skip_pipeline_on_the_tiny_run(bench, tiny_run, tmp_path):
     proc = run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--skip-pipeline", "--project", str(tiny_run),
                 "--configfile", str(tiny_run / "config" / "tiny.yaml"), "--cores", "2", "--out", str(out),
                 "--nbest-utts", "4", "--projector-steps", "2", "--clap-repeats", "1", "--skip-real-shape",
-                "--skip-scaling"], tmp_path)  # both have their own tests; minutes each at full size
+                "--skip-scaling", "--nbest-real-utts", "0"], tmp_path)  # each has its own tests; minutes each at full size
     b = read_json(out)
     assert set(bench.CONTRACT_KEYS) <= set(b), proc.stdout
     for key in ("nbest_batched_speedup", "grid_vectorised_speedup", "projector_cache_speedup", "clap_cache_speedup",
@@ -152,6 +207,7 @@ def test_skip_pipeline_on_the_tiny_run(bench, tiny_run, tmp_path):
     assert {"preprocess", "nbest", "fuse", "train_projector", "report"} <= set(b["stages"])
     assert b["peak_rss_mb"] == max(s["max_rss_mb"] for s in b["stages"].values())
     assert set(b["details"]) == {"rescoring", "projector_cache", "clap_cache"} and b["details"]["rescoring"]["nbest_utts"] == 4
+    assert b["nbest_batching_speedup"] is None and "n-best, real tiny.en: batched vs batch 1  not measured" in proc.stdout
     assert "n-best: batched vs seed loop" in proc.stdout and "stage (rule)" in proc.stdout
     assert not (tiny_run / "results" / "benchmarks.json").exists()  # the run read is left as it was
 
