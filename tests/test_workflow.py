@@ -259,13 +259,15 @@ def test_changing_evaluation_params_reruns_only_evaluation(tiny_run):
 
 
 def test_small_config_shows_the_effect_the_picture_fixes_impaired_speech(tmp_path):
-    """The whole chain on models that learn: a regression anywhere (image ids, normalisation,
+    """The rescoring chain on models that learn: a regression anywhere (image ids, normalisation,
     softmax, alpha selection, splits) that removes the benefit of the picture fails here. And the
     structural checks any realistic picture-description task passes: the picture helps without
     dictating (alone, alpha = 1, it is clearly worse than speech and than the fusion), and it cannot
-    recover what the speaker got wrong or the picture cannot show (fused above the oracle)."""
+    recover what the speaker got wrong or the picture cannot show (fused above the oracle). Only the
+    jobs fusion.json needs run (the projector, CLAP, probe and report have their tiny-run tests)."""
     work = project_copy(tmp_path / "small")
-    run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/small.yaml"], work)
+    run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/small.yaml", "--",
+         "results/metrics/fusion.json"], work)
     m = read_json(work / "results/metrics/fusion.json")
     summary = {k: round(v, 4) for k, v in m.items() if isinstance(v, float)}
     assert m["test_wer_asr_impaired"] > 0, summary  # impaired speech is confused without the picture
