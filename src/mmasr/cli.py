@@ -196,6 +196,24 @@ def cmd_clip_scores(args) -> None:
              len(scored), scored["clip_text"].nunique())
 
 
+def cmd_lm_scores(args) -> None:
+    from mmasr.rescoring.lm import lm_scores, save_lm_cache
+
+    p = _params(args)
+    f = p["fusion"]
+    nbest, meta = pd.read_parquet(args.nbest), read_metadata(args.nbest)
+    bundle = _model("lm", p, args.threads) if f["lm_enabled"] else None
+    if bundle is None:
+        meta["mmasr.lm_skip_reason"] = "fusion.lm_enabled is false: lm_score is empty (the LM was not loaded)"
+        log.warning("LM scores skipped: fusion.lm_enabled is false")
+    else:
+        meta.update({"mmasr.lm_model": bundle.name, "mmasr.lm_revision": bundle.revision})
+    scored, texts, scores = lm_scores(nbest, bundle, f["lm_prefix"], f["lm_batch_size"], progress=not args.quiet)
+    save_lm_cache(args.cache, texts, scores)
+    write_parquet(args.out, scored, metadata=meta)
+    log.info("lm_score for %d hypotheses (%d distinct texts scored)", int(scored["lm_score"].notna().sum()), len(texts))
+
+
 def cmd_fuse(args) -> None:
     from mmasr.rescoring.clip import load_embeddings, load_text_embeddings
     from mmasr.rescoring.fusion import run_fusion
@@ -219,6 +237,9 @@ def cmd_fuse(args) -> None:
              metrics["test_wer_diff_ci_low"], metrics["test_wer_diff_ci_high"], metrics["test_wer_oracle"])
     log.info("interval level: %s; picture-swap control (%d permutations): fused WER %s", metrics["test_wer_diff_ci_level"],
              metrics["test_swap_permutations"], metrics["test_wer_fused_swapped"])
+    if not metrics["lm_skipped"]:
+        log.info("test WER asr+lm %.4f (weights %s), asr+clip+lm %.4f (weights %s)", metrics["test_wer_asr_lm"],
+                 metrics["weights_asr_lm"], metrics["test_wer_asr_clip_lm"], metrics["weights_asr_clip_lm"])
     if metrics["fusion_skipped"]:
         log.warning("rescoring with the picture skipped: %s", metrics["fusion_skip_reason"])
 
@@ -672,8 +693,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--text-embeddings", type=Path, default=Path("data/cache/clip_text_embeddings.npz"),
                     help="where the distinct hypothesis texts' CLIP embeddings go (for fuse's picture-swap control)")
 
-    sp = stage("fuse", cmd_fuse, "Grid-search alpha on dev; test WER, oracle, bootstrap interval.")
+    sp = stage("lm-scores", cmd_lm_scores, "Add each hypothesis's length-normalised LM log-probability (lm_score).")
     sp.add_argument("--nbest", type=Path, default=Path("data/nbest/nbest.parquet"))
+    sp.add_argument("--out", type=Path, default=Path("data/nbest/nbest_lm.parquet"))
+    sp.add_argument("--cache", type=Path, default=Path("data/cache/lm_text_scores.npz"),
+                    help="where the distinct hypothesis texts' LM scores go")
+
+    sp = stage("fuse", cmd_fuse, "Grid-search alpha on dev; test WER, oracle, bootstrap interval.")
+    sp.add_argument("--nbest", type=Path, default=Path("data/nbest/nbest_lm.parquet"))
     sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
     sp.add_argument("--grid", type=Path, default=Path("results/fusion/grid.csv"))
     sp.add_argument("--per-speaker", type=Path, default=Path("results/fusion/per_speaker.csv"))
