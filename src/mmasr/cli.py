@@ -157,6 +157,8 @@ def cmd_nbest(args) -> None:
     from mmasr.data.text import normaliser
 
     p = _params(args)
+    if args.model is not None:  # the adapted Whisper (adapt-whisper's merged folder) in place of models.whisper
+        p["models"] = {**p["models"], "whisper": str(args.model), "whisper_revision": None}
     bundle = _model("whisper", p, args.threads)
     table = run_nbest(bundle, pd.read_parquet(args.manifest), p["nbest"], normaliser(p["text"]),
                       shard=args.shard, num_shards=args.num_shards, limit=args.limit, progress=not args.quiet)
@@ -164,6 +166,29 @@ def cmd_nbest(args) -> None:
                                              **table.attrs["stats"]})
     log.info("shard %d/%d: %d hypotheses for %d utterances", args.shard, args.num_shards, len(table),
              table["utt_id"].nunique())
+
+
+def cmd_adapt_whisper(args) -> None:
+    import torch
+
+    from mmasr.adapt.whisper import adapt_whisper
+    from mmasr.models.loading import load_from_params
+
+    p = _params(args)
+    torch.set_num_threads(max(1, args.threads))
+    bundle = load_from_params("whisper", p["models"], role="trained")
+    summary = adapt_whisper(bundle, pd.read_parquet(args.manifest), args.out, args.log_csv, args.state_dir, p["adapt"],
+                            p["nbest"], p["seed"], resume=args.resume, max_steps=args.max_steps,
+                            stop_after=args.stop_after, progress=not args.quiet,
+                            provenance={"model_whisper": bundle.name, "model_whisper_revision": bundle.revision})
+    if summary is None:
+        log.info("stopped early (--stop-after); run again with --resume to continue")
+        return
+    summary.update(provenance(p, ("adapt", "seed", "nbest", "models.whisper")))
+    write_json(args.metrics, summary)
+    log.info("adapted Whisper written to %s: best dev loss %s at step %d (first %s), %d adapter parameters",
+             args.out, summary["best_dev_loss"], summary["best_step"], summary["first_dev_loss"],
+             summary["n_adapter_params"])
 
 
 def cmd_nbest_merge(args) -> None:
@@ -680,6 +705,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-shards", type=int, default=1)
     sp.add_argument("--limit", type=int, default=None, help="at most this many utterances (smoke runs)")
     sp.add_argument("--out", type=Path, default=Path("data/nbest/shards/0-of-1.parquet"))
+    sp.add_argument("--model", type=Path, default=None,
+                    help="a Whisper folder to use instead of models.whisper (the adapted one)")
+
+    sp = stage("adapt-whisper", cmd_adapt_whisper,
+               "LoRA adapters on models.whisper, trained on the train split (resumable); merged model + peft adapter.")
+    sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+    sp.add_argument("--out", type=Path, default=Path("results/checkpoints/adapt/model"))
+    sp.add_argument("--log-csv", type=Path, default=Path("results/adapt/train_log.csv"))
+    sp.add_argument("--metrics", type=Path, default=Path("results/metrics/adapt.json"))
+    sp.add_argument("--state-dir", type=Path, default=Path("results/checkpoints/adapt/state"))
+    sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the same run")
+    sp.add_argument("--max-steps", type=int, default=None, help="at most this many steps (smoke runs)")
+    sp.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                    help="stop after this step as a kill would (tests of resuming)")
 
     sp = stage("nbest-merge", cmd_nbest_merge, "Gather n-best shards into one table.")
     sp.add_argument("shards", nargs="+", type=Path)
