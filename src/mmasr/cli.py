@@ -280,6 +280,21 @@ def cmd_transcribe(args) -> None:
     print(json.dumps(result, indent=2))
 
 
+def cmd_systems_table(args) -> None:
+    from mmasr.io import read_json
+    from mmasr.report.systems import systems_latex, systems_markdown, systems_rows
+
+    models = {"zero-shot": read_json(args.fusion)}
+    if args.adapted is not None:
+        models["adapted"] = read_json(args.adapted)
+    digest = "+".join(str(m.get("params_hash")) for m in models.values())
+    rows = systems_rows(models)
+    for path, text in ((args.md, systems_markdown(rows, digest)), (args.tex, systems_latex(rows, digest))):
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    log.info("systems table (%d rows) written: %s, %s", len(rows), args.md, args.tex)
+
+
 def cmd_report(args) -> None:
     from mmasr.report.build import build_report
 
@@ -782,6 +797,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--per-speaker", type=Path, default=Path("results/projector/per_speaker.csv"))
     sp.add_argument("--metrics", type=Path, default=Path("results/metrics/projector.json"))
     sp.add_argument("--limit", type=int, default=None, help="at most this many test utterances (smoke runs)")
+
+    sp = stage("systems-table", cmd_systems_table,
+               "The table of systems (zero-shot/adapted x ASR-only, +LM, +CLIP, +CLIP+LM) as Markdown and LaTeX.")
+    sp.add_argument("--fusion", type=Path, default=Path("results/metrics/fusion.json"))
+    sp.add_argument("--adapted", type=Path, default=None, help="fusion_adapted.json (adapt.enabled)")
+    sp.add_argument("--md", type=Path, default=Path("results/tables/systems.md"))
+    sp.add_argument("--tex", type=Path, default=Path("results/tables/systems.tex"))
 
     sp = stage("report", cmd_report, "One self-contained HTML report of the run: data, rescoring, projector, CLAP, "
                                       "probe, provenance. A stage that has not run is reported as such.")
