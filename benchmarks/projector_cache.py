@@ -8,6 +8,15 @@ loss curves must agree to float tolerance). The ratio of wall times is the cache
 
 Run after the pipeline (it reads the manifest, the feature cache and the models in params):
     python benchmarks/projector_cache.py [--params params.yaml] [--steps N] [--out results/benchmarks/projector_cache.json]
+    python benchmarks/projector_cache.py --real-shape [--batch 4] [--steps 2]
+
+``--real-shape`` needs no pipeline run: it builds random-weight checkpoints of Whisper small's architecture
+(12-layer 768-d encoder, 30 s window = 1500 frames) and of SmolLM3-3B at its real width (hidden 2048, 128 k
+vocabulary) with 2 of its 36 layers (the full depth would dominate a CPU step; the real-size tests do the
+same), a projector of the real shape (k=5, hidden 2048), and a batch of synthetic utterances of 2-4 s. Cost is
+what is measured, so random weights do: the live side runs the encoder on the padded 30 s window of every
+utterance every step, the cached side reads only the trimmed frames that cover the audio (~100-200).
+
 By default one epoch of the train split (ceil(n_train / batch_size) steps). The ratio compares
 steady-state steps: each step's wall time is the interval between consecutive reads of the frame
 source (one read per step), and the median step of each side is compared. Fixed set-up (tokenising,
@@ -105,6 +114,69 @@ def measure(p: dict, manifest_path: Path, features: Path, steps: int | None = No
     }
 
 
+def synthetic_utterances(folder: Path, n: int, seed: int = 0) -> pd.DataFrame:
+    """``n`` train utterances of 2-4 s (a tone with a harmonic and a little noise, 16 kHz WAV) and their manifest."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = "a red bear sits by the old tree and eats a small green pear".split()
+    rows = []
+    for i in range(n):
+        seconds = float(rng.uniform(2.0, 4.0))
+        t = np.arange(int(seconds * 16000)) / 16000
+        f0 = rng.uniform(100, 300)
+        audio = 0.5 * np.sin(2 * np.pi * f0 * t) + 0.2 * np.sin(4 * np.pi * f0 * t) + 0.05 * rng.standard_normal(len(t))
+        path = folder / f"utt{i:03d}.wav"
+        sf.write(path, audio.astype(np.float32), 16000, subtype="PCM_16")
+        rows.append({"utt_id": f"utt{i:03d}", "audio_path": str(path), "duration_s": seconds, "split": "train",
+                     "text": " ".join(rng.choice(words, 8)), "speaker": "s0", "group": "control", "image_id": None})
+    return pd.DataFrame(rows)
+
+
+def measure_real_shape(p: dict, batch: int = 4, steps: int = 2, threads: int = 2, seed: int = 0) -> dict:
+    """Live vs cached projector steps at the real shape (see the module docstring): Whisper small's encoder on
+    the 30 s window vs its trimmed cached frames, projector k=5 hidden 2048, SmolLM3 real width, 2 layers.
+    One batch of ``batch`` utterances (each step trains on it); ``steps`` steady-state steps each side."""
+    from mmasr.demo.real_size import build_real_size
+    from mmasr.projector.encoder_cache import encode_manifest
+
+    torch.set_num_threads(threads)
+    work = Path(tempfile.mkdtemp(prefix="mmasr-bench-projector-real-"))
+    try:
+        built = build_real_size(work / "models", which=("whisper", "lm"))
+        models = dict(p["models"], whisper=str(built["whisper"]), lm=str(built["lm"]), whisper_revision=None,
+                      lm_revision=None)
+        p = dict(p, models=models, projector=dict(p["projector"], k=5, hidden=2048, batch_size=batch, bucket_batches=1))
+        manifest = synthetic_utterances(work / "audio", batch, seed)
+        whisper = load_from_params("whisper", models)
+        start = time.perf_counter()
+        encode_manifest(whisper, manifest, work / "features", splits=["train"], batch_size=batch, progress=False)
+        encode_s = time.perf_counter() - start
+        cache, live = FeatureCache(work / "features"), LiveEncoder(whisper, manifest)
+        window = whisper.processor.feature_extractor.nb_max_frames // 2
+        run(cache, p, manifest, 3, work, "warmup")
+        step_cache, _, loss_cache = run(cache, p, manifest, steps + 2, work, "cached")
+        step_live, _, loss_live = run(live, p, manifest, steps + 2, work, "live")
+        device = str(whisper.device)
+        cached_frames = int(cache.index["n_frames"].sum())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    max_diff = float(np.max(np.abs(loss_cache - loss_live)))
+    return {
+        "projector_cache_speedup_real_shape": step_live / step_cache, "real_shape_cached_step_seconds": step_cache,
+        "real_shape_live_step_seconds": step_live, "real_shape_encoder_share_of_live_step": 1 - step_cache / step_live,
+        "real_shape_encode_seconds_per_utt": encode_s / batch, "real_shape_steps": steps, "real_shape_batch": batch,
+        "real_shape_audio_s": [round(float(x), 2) for x in manifest["duration_s"]],
+        "real_shape_frames_cached_per_utt": cached_frames / batch, "real_shape_frames_live_per_utt": window,
+        "real_shape_models": "Whisper small encoder (12 x 768, 30 s window); SmolLM3-3B width (2048, 128k vocab), "
+                             "2 of 36 layers; projector k=5 hidden 2048; random weights",
+        "real_shape_max_loss_diff": max_diff,
+        "projector_real_shape_same_loss_curve": bool(np.allclose(loss_cache, loss_live, atol=1e-3, rtol=1e-3)),
+        "device": device, "threads": threads,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -113,7 +185,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="default: one epoch of the train split (at least 2)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("results/benchmarks/projector_cache.json"))
+    ap.add_argument("--real-shape", action="store_true",
+                    help="Whisper small + SmolLM3 width (2 layers), random weights, synthetic 2-4 s audio; no pipeline run")
+    ap.add_argument("--batch", type=int, default=4, help="--real-shape: utterances per step")
     args = ap.parse_args(argv)
+    if args.real_shape:
+        result = measure_real_shape(config.load(args.params), args.batch, args.steps or 2, args.threads)
+        write_json(args.out, result)
+        print(f"projector training at the real shape ({result['real_shape_models']}), batch {args.batch}, "
+              f"{result['real_shape_steps']} steps, threads {args.threads}, {result['device']}:")
+        print(f"  encoder on the 30 s window: {result['real_shape_live_step_seconds']:8.2f} s a step (median)")
+        print(f"  cached trimmed frames     : {result['real_shape_cached_step_seconds']:8.2f} s a step (median)")
+        ratio = result["projector_cache_speedup_real_shape"]
+        print(f"  speed-up                  : {ratio:8.1f}x   (target >= 10x: {'met' if ratio >= 10 else 'MISSED'})")
+        print(f"  loss curves: max |difference| {result['real_shape_max_loss_diff']:.2e} -> "
+              f"{'same' if result['projector_real_shape_same_loss_curve'] else 'DIFFERENT'}")
+        return 0 if result["projector_real_shape_same_loss_curve"] else 1
 
     result = measure(config.load(args.params), args.manifest, args.features, args.steps, args.threads)
     steps, n_train, t_live, t_cache, max_diff = (result[k] for k in (
@@ -124,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['projector_batch_size']}), threads {args.threads}:")
     print(f"  encoder on the fly : {t_live * 1000:8.1f} ms a step (median)")
     print(f"  cached features    : {t_cache * 1000:8.1f} ms a step (median)")
-    print(f"  speed-up           : {t_live / t_cache:8.1f}x   (target >= 5x)")
+    print(f"  speed-up           : {t_live / t_cache:8.1f}x   (demo config; the target is at the real shape)")
     print(f"  loss curves        : max |difference| {max_diff:.2e} -> "
           f"{'same' if result['projector_same_loss_curve'] else 'DIFFERENT'}")
     print(f"written to {args.out}")

@@ -39,19 +39,18 @@ DTYPES = ("float32", "bfloat16")
 
 PROBE = """
 import json, sys, torch
+from mmasr.memory import peak_rss_bytes, proc_status_bytes
 from mmasr.models import loading
 torch.set_num_threads(1)
-def status(field):  # kB fields of /proc/self/status, in MB
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-out = {{"baseline_rss_mb": loading.peak_rss_bytes() / 2**20}}
+def status(field):  # MB
+    return proc_status_bytes(field) / 2**20
+out = {{"baseline_rss_mb": peak_rss_bytes() / 2**20}}
 if {folder!r}:
     bundle = getattr(loading, {loader!r})({folder!r}, device="cpu", dtype={dtype!r})
     with torch.no_grad():
         touched = sum(float(p.float().sum()) for p in bundle.model.parameters())  # read every weight once
     out.update(parameters=loading.parameter_count(bundle.model), dtype=str(bundle.model.dtype).removeprefix("torch."),
-               model_mb=loading.model_memory_bytes(bundle.model) / 2**20, peak_rss_mb=loading.peak_rss_bytes() / 2**20,
+               model_mb=loading.model_memory_bytes(bundle.model) / 2**20, peak_rss_mb=peak_rss_bytes() / 2**20,
                finite=bool(torch.isfinite(torch.tensor(touched))), anon_mb=status("RssAnon"), file_mb=status("RssFile"))
 print(json.dumps(out))
 """

@@ -101,6 +101,27 @@ def test_parameter_count_and_memory_count_shared_tensors_once():
     assert model_memory_bytes(m.to(torch.bfloat16)) == (40 + 12 + 3) * 2 + 5 * 2  # .to() casts float buffers too
 
 
+def test_process_memory_is_read_from_the_kernel_for_this_and_other_processes():
+    import os
+    import subprocess
+    import sys
+
+    from mmasr.memory import peak_rss_bytes, proc_status_bytes
+
+    before = peak_rss_bytes()
+    block = bytearray(64 * 2**20)  # touched: resident
+    block[:: 4096] = b"x" * len(block[:: 4096])
+    assert peak_rss_bytes() >= before and peak_rss_bytes() >= 64 * 2**20
+    assert proc_status_bytes("VmRSS") <= peak_rss_bytes() and proc_status_bytes("NoSuchField") is None
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert 0 < peak_rss_bytes(child.pid) < peak_rss_bytes()  # a bare interpreter, not this process's peak
+    finally:
+        child.kill()
+        child.wait()
+    assert peak_rss_bytes(child.pid) is None and os.getpid() != child.pid  # ended: no /proc entry
+
+
 def test_format_count_quotes_model_sizes():
     assert format_count(241_734_912) == "241.7 M"
     assert format_count(3_075_098_624) == "3.08 B"

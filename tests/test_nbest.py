@@ -227,3 +227,75 @@ def test_budgets_follow_each_utterance_so_batching_changes_nothing(whisper_bundl
     for b, a in zip(batched, alone):
         assert [h["token_ids"] for h in b] == [h["token_ids"] for h in a]
         np.testing.assert_allclose([h["asr_score"] for h in b], [h["asr_score"] for h in a], atol=1e-4)
+
+
+def test_shared_kv_attention_equals_attention_over_repeated_keys(whisper_bundle):
+    from mmasr.rescoring.nbest import shared_kv_attention
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = whisper_bundle.model.model.decoder.layers[0].encoder_attn
+    g = torch.Generator().manual_seed(0)
+    utts, beams, heads, q_len, dim, positions = 3, 4, 2, 2, 8, 11
+    query = torch.randn(utts * beams, heads, q_len, dim, generator=g)
+    key, value = (torch.randn(utts, heads, positions, dim, generator=g) for _ in range(2))
+    shared, _ = shared_kv_attention(module, query, key, value, None, scaling=1.0)
+    repeated, _ = sdpa_attention_forward(module, query, key.repeat_interleave(beams, 0), value.repeat_interleave(beams, 0),
+                                         None, scaling=1.0)
+    assert shared.shape == repeated.shape == (utts * beams, q_len, heads, dim)
+    torch.testing.assert_close(shared, repeated, atol=1e-6, rtol=1e-5)
+    same, _ = shared_kv_attention(module, query, key.repeat_interleave(beams, 0), value.repeat_interleave(beams, 0),
+                                  None, scaling=1.0)  # one key row per query row: plain SDPA
+    torch.testing.assert_close(same, repeated)
+    with pytest.raises(ValueError, match="7 query rows for 3 key rows"):
+        shared_kv_attention(module, query[:7], key, value, None, scaling=1.0)
+
+
+def test_beams_with_shared_cross_attention_and_cached_masks_equal_the_plain_beam_search(whisper_bundle, tmp_path, monkeypatch):
+    import contextlib
+
+    import mmasr.rescoring.nbest as nbest
+
+    man = processed_corpus(tmp_path, n=4)
+    audios = [read_audio(p) for p in man["audio_path"]]
+    prompt = whisper_prompt_ids(whisper_bundle, None)
+    assert whisper_bundle.model.config._attn_implementation == "sdpa"  # the shared path is the one taken
+    shared = nbest.beam_candidates(whisper_bundle, audios, CFG, prompt, 8)
+    assert whisper_bundle.model.config._attn_implementation == "sdpa"  # switched back afterwards
+    monkeypatch.setattr(nbest, "shared_kv_attention_on", lambda _model: contextlib.nullcontext(False))
+    monkeypatch.setattr(nbest, "suppression_kwargs", lambda _gen, _n: {})  # transformers' own processors
+    plain = nbest.beam_candidates(whisper_bundle, audios, CFG, prompt, 8)
+    for a, b in zip(shared, plain):
+        assert [h["token_ids"] for h in a] == [h["token_ids"] for h in b]
+        np.testing.assert_allclose([h["sum_logprob"] for h in a], [h["sum_logprob"] for h in b], atol=1e-5)
+        np.testing.assert_allclose([h["beam_score"] for h in a], [h["beam_score"] for h in b], atol=1e-5)
+
+
+def test_grouped_teacher_forcing_equals_one_row_per_hypothesis(whisper_bundle, tmp_path):
+    from mmasr.rescoring.nbest import grouped_teacher_forced_logprobs
+
+    man = processed_corpus(tmp_path, n=3)
+    feats = whisper_features(whisper_bundle, [read_audio(p) for p in man["audio_path"]])["input_features"]
+    with torch.inference_mode():
+        states = whisper_bundle.model.get_encoder()(feats).last_hidden_state
+    prompt = whisper_prompt_ids(whisper_bundle, None)
+    hyps = [[5, 6, 2], [7, 8, 9, 10, 11, 2], [12, 2], [5, 2], [9, 9, 9]]
+    owners = [0, 0, 2, 0, 2]  # uneven counts, utterance 1 has none, not grouped in order
+    grouped = grouped_teacher_forced_logprobs(whisper_bundle, states, prompt, hyps, owners)
+    plain = teacher_forced_logprobs(whisper_bundle, states[owners], prompt, hyps)
+    np.testing.assert_allclose(grouped, plain, atol=1e-5)
+
+
+def test_suppress_ids_masks_like_transformers_processors():
+    from transformers.generation.logits_process import (SuppressTokensAtBeginLogitsProcessor,
+                                                        SuppressTokensLogitsProcessor)
+
+    from mmasr.rescoring.nbest import SuppressIds
+
+    scores = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    for length in (2, 3):
+        ids = torch.zeros(3, length, dtype=torch.long)
+        ours = SuppressIds([5, 7, 5], at_length=2)(ids, SuppressIds([1, 39])(ids, scores))
+        theirs = SuppressTokensAtBeginLogitsProcessor([5, 7], 2)(ids, SuppressTokensLogitsProcessor([1, 39])(ids, scores))
+        assert torch.equal(ours, theirs) and torch.isinf(ours[:, [1, 39]]).all()
+        assert torch.isinf(ours[:, [5, 7]]).all() == (length == 2)
+    assert torch.equal(SuppressIds([])(torch.zeros(3, 2, dtype=torch.long), scores), scores)

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -146,9 +148,16 @@ def _stage(tmp_path, require_image=False, workers=1):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_stage_keeps_good_rows_and_accounts_for_every_input(tmp_path, monkeypatch, workers):
+def test_stage_keeps_good_rows_and_accounts_for_every_input(tmp_path, monkeypatch, caplog, workers):
     monkeypatch.chdir(tmp_path)
-    utts, images, rejects, metrics = _stage(tmp_path, workers=workers)
+    with caplog.at_level("INFO", logger="mmasr.data.preprocess"):
+        utts, images, rejects, metrics = _stage(tmp_path, workers=workers)
+    # the workers' own account of their memory: none in one process, 1 or 2 pool processes (who did the 4 jobs)
+    lines = [r.getMessage() for r in caplog.records if "worker processes" in r.getMessage()]
+    if workers == 1:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and re.match(r"preprocess: [12] worker processes, peak RSS up to \d+\.\d MB each$", lines[0])
     assert utts["utt_id"].tolist() == ["u1", "u2"]
     assert utts["image_id"].tolist()[0] == "good" and pd.isna(utts["image_id"].tolist()[1])  # broken picture -> ASR-only
     for path in utts["audio_path"]:
@@ -231,3 +240,12 @@ def test_high_bit_depth_grey_pictures_keep_their_tones():
     assert np.asarray(to_8bit(ramp_f)).tolist() == [[0, 128, 255]]
     rgb = Image.new("RGB", (2, 2))
     assert to_8bit(rgb) is rgb
+
+
+def test_worker_peaks_are_the_largest_per_pool_process_and_leave_out_the_main_one():
+    from mmasr.data.preprocess import worker_peak_rss
+
+    results = [{"pid": 7, "peak_rss": 100}, {"pid": 8, "peak_rss": 50}, {"pid": 7, "peak_rss": 300},
+               {"pid": 7, "peak_rss": 200}, {"pid": 1, "peak_rss": 999}, {"pid": 8, "peak_rss": None}]
+    assert worker_peak_rss(results, main_pid=1) == {7: 300, 8: 50}
+    assert worker_peak_rss([{"pid": 1, "peak_rss": 5}], main_pid=1) == {}

@@ -222,9 +222,7 @@ def test_clap_cache_phase1_phase2_and_retrieval_at_real_size(real, tmp_path):
     assert trained_layers == {"10", "11"}  # phase 2 trained only the last 2 of the 12 layers of each encoder
     assert state["heads.audio.fc1.weight"].shape == (256, 768)
     # the stored layers moved away from the frozen checkpoint's (phase 2 trained them)
-    from safetensors.torch import load_file as load_checkpoint
-
-    original = load_checkpoint(str(Path(real["dirs"]["audio_encoder"]) / "model.safetensors"))
+    original = load_file(str(Path(real["dirs"]["audio_encoder"]) / "model.safetensors"))
     key = next(k for k in encoder_keys if k.startswith("audio_encoder.") and k.endswith("attention.k_proj.weight"))
     assert not torch.equal(state[key], original[key[len("audio_encoder."):]])
     stage(real, "eval-retrieval", "--cache", tmp_path / "cache", "--checkpoint", tmp_path / "clap",

@@ -389,3 +389,28 @@ def test_the_cli_refuses_a_wrong_sha256_and_keeps_the_folder(converted, caplog, 
     assert "no model.bin" in caplog.text
     with pytest.raises(SystemExit):  # one or the other
         main(["convert-whisper", "--sha256", "ab" * 32, "--no-check", "--out", str(tmp_path / "o")])
+
+
+def test_the_ctranslate2_nbest_backend_agrees_with_transformers(bundle, speech, tmp_path):
+    """nbest.backend: ctranslate2 on the real tiny.en, converted from the HF folder by ctranslate2's own converter:
+    on a handful of utterances its best hypothesis is the transformers backend's, scored alike."""
+    from mmasr.config import validate
+    from mmasr.data.text import normaliser
+    from mmasr.rescoring.nbest import nbest_for_batch
+
+    params = validate({})
+    norm = normaliser(params["text"])
+    cfg = {**params["nbest"], "language": None, "max_new_tokens": 40}
+    audios = [speech[i][1] for i in (0, 5, 10, 21)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        reference = nbest_for_batch(bundle, audios, cfg, norm)
+        ct2 = nbest_for_batch(bundle, audios, {**cfg, "backend": "ctranslate2", "compute_type": "float32"}, norm,
+                              ct2_cache=tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert [norm(h[0]["text"]) for h in ct2] == [norm(h[0]["text"]) for h in reference]
+    for a, b in zip(ct2, reference):
+        if a[0]["token_ids"] == b[0]["token_ids"]:
+            assert a[0]["sum_logprob"] == pytest.approx(b[0]["sum_logprob"], abs=1e-3)

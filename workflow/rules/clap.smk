@@ -68,7 +68,7 @@ rule train_clap:
         runtime=60,
         gpu=TRAIN_NPROC,  # training.nproc: one process per GPU under torchrun (common.smk)
     shell:
-        "MMASR_THREADS={threads} " + train_launcher(TRAIN_NPROC) + " train-clap --cfg {params.cfg:q}"
+        f"MMASR_THREADS={{threads}} {TRAIN_MMASR} train-clap --cfg {{params.cfg:q}}"
         " --cache {input.cache} --out {params.out}"
         " --log-csv {output.log} --checkpoint-dir {params.state} --quiet > {log} 2>&1"
 

@@ -33,8 +33,11 @@ TRAIN_NPROC = config["training"]["nproc"]
 
 
 def train_launcher(nproc):
-    """How a training rule starts `mmasr`: as it is for one process, else torchrun with nproc processes of it."""
+    """The command that starts `mmasr` for the trainers: itself for one process, else torchrun with nproc of it."""
     return "mmasr" if nproc == 1 else f"torchrun --standalone --nproc_per_node {nproc} -m mmasr.cli"
+
+
+TRAIN_MMASR = train_launcher(TRAIN_NPROC)
 
 
 # The params `text` keys the normaliser reads (not the caption keys).

@@ -61,7 +61,7 @@ rule train_projector:
         runtime=240,
         gpu=TRAIN_NPROC,  # training.nproc: one process per GPU under torchrun (common.smk)
     shell:
-        "MMASR_THREADS={threads} " + train_launcher(TRAIN_NPROC) + " train-projector --cfg {params.cfg:q}"
+        f"MMASR_THREADS={{threads}} {TRAIN_MMASR} train-projector --cfg {{params.cfg:q}}"
         " --features {input.features}"
         " --manifest {input.manifest} --out {output.model} --log-csv {output.log_csv}"
         " --state-dir {params.state} --resume --quiet > {log} 2>&1"

@@ -7,6 +7,7 @@ process pool and records every input it cannot use in the rejects table, with th
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import struct
 import warnings
@@ -22,6 +23,9 @@ from PIL import Image, UnidentifiedImageError
 from mmasr.data.ingest import display_path, slug
 from mmasr.progress import track
 from mmasr.io import atomic_dir, atomic_path, reject, rejects_frame
+from mmasr.memory import peak_rss_bytes
+
+log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ["utt_id", "speaker", "group", "audio_path", "duration_s", "text", "image_id", "split", "source"]
 IMAGE_COLUMNS = ["image_id", "path", "width", "height", "orig_path", "orig_mode"]
@@ -49,6 +53,8 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     import torch
     import torchaudio.functional as AF
 
+    if _IN_WORKER and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)  # one process per core; nested threads would oversubscribe
     return AF.resample(torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)), orig_sr, target_sr).numpy()
 
 
@@ -193,23 +199,39 @@ def audio_file_name(utt_id: str) -> str:
 def _process_utterance(job: tuple[dict, str, str, dict]) -> dict:
     """Worker: clean one utterance and write it as 16-bit PCM, or return its rejects row."""
     rec, out_dir, final_dir, cfg = job
+    # which process did the work, and its peak memory so far: the stage logs the workers' peaks
+    worker = {"pid": os.getpid(), "peak_rss": peak_rss_bytes()}
     try:
         result = load_and_clean(rec["audio_path"], cfg)
     except Rejected as exc:
-        return {"reject": reject(rec["utt_id"], rec["audio_path"], "utterance", "preprocess", exc.reason, exc.detail)}
+        return {"reject": reject(rec["utt_id"], rec["audio_path"], "utterance", "preprocess", exc.reason, exc.detail),
+                **worker}
     name = audio_file_name(rec["utt_id"])
     with atomic_path(Path(out_dir) / name, suffix=".tmp.wav") as tmp:
         sf.write(str(tmp), result.audio, cfg["sample_rate"], subtype="PCM_16", format="WAV")
     return {"row": {**rec, "audio_path": str(Path(final_dir) / name),
                     "duration_s": round(len(result.audio) / cfg["sample_rate"], 4),
                     "orig_audio_path": rec["audio_path"], "orig_sample_rate": result.orig_sr,
-                    "orig_channels": result.orig_channels}}
+                    "orig_channels": result.orig_channels}, **worker}
+
+
+def worker_peak_rss(results: list[dict], main_pid: int) -> dict[int, int]:
+    """Each worker process's largest reported peak RSS (bytes), by pid; the main process's own rows left out."""
+    peaks: dict[int, int] = {}
+    for res in results:
+        if res["pid"] != main_pid and res["peak_rss"] is not None:
+            peaks[res["pid"]] = max(peaks.get(res["pid"], 0), res["peak_rss"])
+    return peaks
+
+
+_IN_WORKER = False
 
 
 def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # one process per core; nested threads would oversubscribe
+    # torch is imported only when a file needs resampling (it adds ~400 MB to each worker's RSS; 16 kHz
+    # audio never needs it); resample() then limits it to one thread.
+    global _IN_WORKER
+    _IN_WORKER = True
 
 
 # ---------------------------------------------------------------- pictures
@@ -324,6 +346,10 @@ def preprocess(ingested: pd.DataFrame, ingest_rejects: pd.DataFrame, audio_dir: 
             results = [_process_utterance(job) for job in track(jobs, **bar)]
     for res in results:
         (kept.append(res["row"]) if "row" in res else rejects.append(res["reject"]))
+    peaks = worker_peak_rss(results, os.getpid())
+    if peaks:
+        # the workers' own account (benchmarks/scaling.py reads it): polling the process tree misses short-lived ones
+        log.info("preprocess: %d worker processes, peak RSS up to %.1f MB each", len(peaks), max(peaks.values()) / 2**20)
 
     utterances = pd.DataFrame(kept)
     extra = ["orig_audio_path", "orig_sample_rate", "orig_channels"]

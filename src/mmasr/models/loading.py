@@ -42,9 +42,7 @@ import json
 import logging
 import os
 import re
-import resource
 import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -52,6 +50,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import torch
+
+from mmasr.memory import peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,6 @@ __all__ = [
     "model_memory_bytes",
     "parameter_dtypes",
     "format_count",
-    "peak_rss_bytes",
     "describe_model",
     "float32_output_layer",
     "model_revision",
@@ -242,21 +241,6 @@ def format_count(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.{digits}f} {suffix}"
     return str(n)
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far. On Linux ``VmHWM`` of ``/proc/self/status``: ``ru_maxrss``
-    survives ``exec``, so a process started by a large one (Snakemake, a benchmark that built the models)
-    would report its parent's peak. Elsewhere ``ru_maxrss`` (bytes on macOS)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def describe_model(bundle: "ModelBundle", kind: str = "model") -> str:

@@ -1,5 +1,11 @@
 """Whisper n-best lists with scores, batched and sharded, to Parquet.
 
+Two backends run the beam search (``nbest.backend``): ``transformers`` (the loaded model itself) and
+``ctranslate2`` (a CTranslate2 copy of the same weights at ``nbest.compute_type``, converted once and
+cached by :mod:`mmasr.models.ct2`). Both get the same log-mel features, prompt, beam size, number of
+returned beams, length penalty and token budget, and both write the same table (ctranslate2 searches
+with a patience of 2, :data:`CT2_PATIENCE`, to search about as deep as transformers does).
+
 Beam search runs once per utterance, batched across utterances. ``sum_logprob`` of a hypothesis is
 the sum over its generated tokens (end-of-text included) of log P(token | audio, prompt, tokens
 before), read from the beam search's own per-step scores (``compute_transition_scores``: no second
@@ -7,6 +13,22 @@ pass); ``asr_score = sum_logprob / n_tokens ** length_penalty``, the criterion b
 transformers' beam bookkeeping has had version-specific bugs, so the tests recompute every stored
 score with an independent teacher-forced pass (:func:`teacher_forced_logprobs`) and require
 agreement; transformers' ``sequences_scores`` is kept beside it as ``beam_score``.
+
+With ``ctranslate2``, every returned hypothesis is re-scored by that teacher-forced float32 pass (the
+loaded model's decoder, on CTranslate2's own encoder output, all hypotheses of a batch in one pass), so
+``sum_logprob`` and ``asr_score`` mean what they mean for ``transformers``, and both backends rank and
+de-duplicate alike. CTranslate2's own score is kept as ``beam_score``; it is a different quantity:
+the sum of the tokens' log-probabilities *after* the suppressed tokens are masked out (renormalised
+over the rest), end-of-text included, divided by the number of tokens *without* end-of-text to the
+power ``length_penalty`` (:func:`ct2_beam_score` computes it; the tests check it to 1e-4).
+
+Batching. Beam search keeps ``num_beams`` rows per utterance, and every row used to carry its own
+copy of the cross-attention keys and values (1500 encoder positions per layer for a real Whisper):
+projected once per beam, and copied at every step when the beams are reordered. On a real tiny.en
+that copy, ~1.5 GB a step for 16 utterances, made a batch of 16 slower than 16 batches of one.
+Here the cross-attention keys and values are projected once per utterance, held once, shared by its
+beams (a grouped-query attention call) and never reordered (:class:`SharedCrossAttentionCache`); the
+beams' tokens, scores and order are those of the plain call.
 
 Real models need three more things than the demo's one-token-per-word Whisper:
 - **Depth.** Returned beams often differ only in case or punctuation, so they collapse after
@@ -27,22 +49,28 @@ Real models need three more things than the demo's one-token-per-word Whisper:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from transformers import DynamicCache, EncoderDecoderCache
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.utils import GenerationMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_utils import AttentionInterface
 
 from mmasr.data.audio import length_batches, read_audio
 from mmasr.io import read_metadata, write_parquet
 from mmasr.progress import track
+from mmasr.models.ct2 import DEFAULT_CT2_CACHE, load_ct2_whisper
 from mmasr.models.loading import ModelBundle, autocast, float32_output_layer, whisper_features, whisper_prompt_ids
 
 log = logging.getLogger(__name__)
@@ -153,19 +181,33 @@ def distinct_hypotheses(candidates: list[dict], normalise: Callable[[str], str],
 
 @torch.inference_mode()
 def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
-                    normalise: Callable[[str], str], stats: list[dict] | None = None) -> list[list[dict]]:
+                    normalise: Callable[[str], str], stats: list[dict] | None = None,
+                    ct2_cache: str | Path = DEFAULT_CT2_CACHE) -> list[list[dict]]:
     """Beam search over a batch of 16 kHz mono arrays; per utterance, up to ``cfg['keep']`` distinct
     hypotheses (:func:`distinct_hypotheses`). ``stats``, when given, receives one count dict per utterance.
+    ``cfg['backend']`` (default transformers) picks the engine; ``ct2_cache`` is where the ctranslate2
+    backend keeps its converted model.
 
     Each utterance's token budget comes from its own length (:func:`max_new_tokens`), and utterances
-    with different budgets are decoded in separate generate() calls: a budget shared across a batch
-    would make the lists depend on which utterances happen to be batched together."""
+    with different budgets are decoded in separate calls: a budget shared across a batch would make
+    the lists depend on which utterances happen to be batched together."""
     prompt = whisper_prompt_ids(bundle, cfg["language"], cfg["task"])
     budgets = [max_new_tokens(bundle, cfg, len(prompt), len(a) / 16000) for a in audios]
+    backend = cfg.get("backend", "transformers")
+    if backend == "transformers":
+        def decode(batch, budget):
+            return beam_candidates(bundle, batch, cfg, prompt, budget)
+    elif backend == "ctranslate2":
+        engine = load_ct2_whisper(bundle, cfg.get("compute_type", "float32"), ct2_cache)
+
+        def decode(batch, budget):
+            return ct2_candidates(bundle, engine, batch, cfg, prompt, budget)
+    else:
+        raise ValueError(f"nbest.backend {backend!r} is not one of transformers, ctranslate2")
     candidates: list[list[dict]] = [[] for _ in audios]
     for budget in sorted(set(budgets)):
         idx = [i for i, b in enumerate(budgets) if b == budget]
-        for i, cands in zip(idx, beam_candidates(bundle, [audios[i] for i in idx], cfg, prompt, budget)):
+        for i, cands in zip(idx, decode([audios[i] for i in idx], budget)):
             candidates[i] = cands
     results = []
     for cands in candidates:
@@ -174,6 +216,101 @@ def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
         if stats is not None:
             stats.append(counts)
     return results
+
+
+# ------------------------------------------------------------------ transformers: shared cross-attention
+
+SHARED_KV_ATTENTION = "mmasr_shared_kv_sdpa"
+
+
+class SharedCrossAttentionCache(EncoderDecoderCache):
+    """A beam search cache whose cross-attention keys/values hold one row per utterance, not per beam.
+
+    All beams of an utterance attend to the same encoder output, so their cross-attention keys and
+    values are identical: reordering them when beams swap (transformers copies every row at every
+    step) changes nothing but costs a copy of the whole cross cache. Only the self-attention cache,
+    which differs between beams, is reordered."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.self_attention_cache.reorder_cache(beam_idx)
+
+
+def shared_kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    """SDPA (transformers' ``sdpa`` attention function), except when the keys hold one row per
+    utterance and the queries one per beam: then the beams of each utterance become extra query
+    positions of one row (``(b*n, h, q, d)`` -> ``(b, h, n*q, d)``), attended without a mask, and are
+    split back. Each query position is attended independently, so the result is that of repeating
+    the keys and values ``n`` times, without the copy."""
+    if query.shape[0] == key.shape[0]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows, heads, q_len, dim = query.shape
+    utts = key.shape[0]
+    if rows % utts or attention_mask is not None:
+        raise ValueError(f"shared cross-attention: {rows} query rows for {utts} key rows"
+                         f"{' with an attention mask' if attention_mask is not None else ''}")
+    beams = rows // utts
+    grouped = query.view(utts, beams, heads, q_len, dim).transpose(1, 2).reshape(utts, heads, beams * q_len, dim)
+    out, _ = sdpa_attention_forward(module, grouped, key, value, None, **{**kwargs, "is_causal": False})
+    # sdpa_attention_forward returns (batch, positions, heads, dim)
+    return out.reshape(utts, beams, q_len, heads, dim).reshape(rows, q_len, heads, dim), None
+
+
+AttentionInterface.register(SHARED_KV_ATTENTION, shared_kv_attention)
+
+
+def shared_cross_cache(model, encoder_states: torch.Tensor) -> SharedCrossAttentionCache:
+    """Every decoder layer's cross-attention keys and values, projected once per utterance (as the
+    layer itself would project them) and marked as computed."""
+    cross = DynamicCache()
+    utts, positions, _ = encoder_states.shape
+    for i, layer in enumerate(model.model.decoder.layers):
+        attn = layer.encoder_attn
+        shape = (utts, positions, -1, attn.head_dim)
+        keys = attn.k_proj(encoder_states).view(shape).transpose(1, 2).contiguous()
+        values = attn.v_proj(encoder_states).view(shape).transpose(1, 2).contiguous()
+        cross.update(keys, values, i)
+    return SharedCrossAttentionCache(DynamicCache(), cross)
+
+
+@contextlib.contextmanager
+def shared_kv_attention_on(model) -> Iterator[bool]:
+    """Switch the model to :func:`shared_kv_attention` for the duration (yields True), when it runs
+    transformers' SDPA attention; any other implementation is left alone (yields False)."""
+    before = model.config._attn_implementation
+    if before != "sdpa":
+        yield False
+        return
+    model.set_attn_implementation(SHARED_KV_ATTENTION)
+    try:
+        yield True
+    finally:
+        model.set_attn_implementation(before)
+
+
+class SuppressIds(LogitsProcessor):
+    """Scores of ``ids`` set to -inf, at every step or (``at_length``) only when the sequences are that
+    long: transformers' ``SuppressTokensLogitsProcessor`` / ``SuppressTokensAtBeginLogitsProcessor``,
+    which rebuild a vocabulary-sized mask with ``torch.isin`` at every step (two per step, measured at
+    5-75 ms each on 2 busy CPU threads for Whisper's 51,864 tokens: per-step cost that batch 1 pays
+    for every utterance)."""
+
+    def __init__(self, ids, at_length: int | None = None):
+        self.ids = torch.tensor(sorted({int(i) for i in ids}), dtype=torch.long)
+        self.at_length = at_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if not len(self.ids) or (self.at_length is not None and input_ids.shape[-1] != self.at_length):
+            return scores
+        return scores.index_fill(1, self.ids.to(scores.device), -float("inf"))
+
+
+def suppression_kwargs(gen, prompt_len: int) -> dict:
+    """generate() arguments that suppress what the generation config suppresses (``suppress_tokens`` at
+    every step, ``begin_suppress_tokens`` at the first generated one) with :class:`SuppressIds`."""
+    processors = [SuppressIds(gen.suppress_tokens or []), SuppressIds(gen.begin_suppress_tokens or [], prompt_len)]
+    return {"suppress_tokens": None, "begin_suppress_tokens": None,
+            "logits_processor": LogitsProcessorList([p for p in processors if len(p.ids)])}
 
 
 def beam_candidates(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict, prompt: list[int],
@@ -189,14 +326,16 @@ def beam_candidates(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict, pr
     # Whisper's own generate() repeats each input num_return_sequences times and keeps the best beam
     # of every copy (transformers issue 33445): R copies of one hypothesis. The generic beam search,
     # started from the forced prompt, returns the R best distinct beams.
-    with autocast(bundle.device), float32_output_layer(model):
+    with autocast(bundle.device), float32_output_layer(model), shared_kv_attention_on(model) as shared:
         states = model.get_encoder()(feats["input_features"]).last_hidden_state
+        cache = {"past_key_values": shared_cross_cache(model, states)} if shared else {}
         out = GenerationMixin.generate(
             model, encoder_outputs=BaseModelOutput(last_hidden_state=states),
             decoder_input_ids=torch.tensor([prompt] * len(audios), device=bundle.device),
             num_beams=cfg["num_beams"], num_return_sequences=R, length_penalty=cfg["length_penalty"],
             max_new_tokens=budget, eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
-            return_dict_in_generate=True, output_scores=True, do_sample=False)
+            return_dict_in_generate=True, output_scores=True, do_sample=False, **cache,
+            **suppression_kwargs(gen, len(prompt)))
     eos, pad = gen.eos_token_id, gen.pad_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     seqs = out.sequences.cpu().tolist()
@@ -211,6 +350,126 @@ def beam_candidates(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict, pr
               "beam_score": float(beam[k]), "token_ids": hyps[k], "complete": bool(hyps[k]) and hyps[k][-1] == eos}
              for k in range(u * R, (u + 1) * R)]
             for u in range(len(audios))]
+
+
+# ------------------------------------------------------------------ ctranslate2
+
+# CTranslate2 ends an utterance's beam search once num_beams * patience hypotheses have finished;
+# transformers goes on while a running beam could still beat the worst kept one (its early-stopping
+# heuristic with a length penalty). At patience 1 ctranslate2 stopped before finding transformers' best
+# hypothesis on 5 of 48 real utterances (float32, beam 5); at 2 on none (and found a better one on 1).
+CT2_PATIENCE = 2.0
+
+
+def ct2_encoder_states(storage, device: torch.device) -> torch.Tensor:
+    """CTranslate2's encoder output (a StorageView) as a float32 torch tensor on ``device``."""
+    if device.type == "cpu":
+        return torch.from_numpy(np.array(storage)).float()
+    return torch.as_tensor(storage, device=device).float()  # CUDA storage: __cuda_array_interface__
+
+
+def ct2_max_length(budget: int, prompt_len: int) -> int:
+    """CTranslate2's ``max_length`` for a budget of ``budget`` generated tokens (end-of-text included).
+
+    Its Whisper ``generate`` decodes at most ``min(max_length // 2, max_length - (prompt_len - 1))``
+    tokens (the prompt but its last token is fed first; ``src/models/whisper.cc``), so passing
+    ``prompt_len + budget`` would halve the budget."""
+    if budget >= prompt_len - 1:
+        return 2 * budget
+    return budget + prompt_len - 1
+
+
+def ct2_hypothesis(tokens: Sequence[int], budget: int, eos: int) -> tuple[list[int], bool]:
+    """A CTranslate2 hypothesis (prompt and end-of-text stripped) as stored: end-of-text put back when it
+    finished, i.e. when it is shorter than the budget (a beam cut at the budget has no room for it)."""
+    ids = [int(t) for t in tokens]
+    complete = len(ids) < budget
+    return (ids + [eos] if complete else ids), complete
+
+
+def ct2_beam_score(logprobs_masked: Sequence[float], complete: bool, length_penalty: float) -> float:
+    """CTranslate2's ``return_scores`` value of a hypothesis from its tokens' log-probabilities *after*
+    suppressed tokens are masked out (renormalised; end-of-text included when it finished): the sum over
+    the tokens, divided by the number of tokens without end-of-text to the power ``length_penalty``."""
+    n = len(logprobs_masked) - (1 if complete else 0)
+    return float(sum(logprobs_masked)) / max(n, 1) ** length_penalty
+
+
+@torch.inference_mode()
+def grouped_teacher_forced_logprobs(bundle: ModelBundle, encoder_states: torch.Tensor, prompt: list[int],
+                                    hyps: list[list[int]], owners: list[int]) -> np.ndarray:
+    """:func:`teacher_forced_logprobs` for hypotheses of several utterances, ``encoder_states`` holding
+    one row per *utterance* (``owners[k]`` is hypothesis k's row): the cross-attention keys and values
+    are projected once per utterance and shared by its hypotheses (:func:`shared_kv_attention`) instead
+    of once per hypothesis, which is most of the cost of scoring a short hypothesis against a 30 s
+    window. Models that do not run SDPA attention are scored by :func:`teacher_forced_logprobs`."""
+    model = bundle.model
+    index = torch.tensor(owners, device=encoder_states.device)
+    if model.config._attn_implementation != "sdpa":
+        return teacher_forced_logprobs(bundle, encoder_states[index], prompt, hyps)
+    # Rows grouped by utterance, the same number per utterance (padded with repeats of its first hypothesis).
+    by_utt: dict[int, list[int]] = {u: [] for u in range(encoder_states.shape[0])}
+    for k, u in enumerate(owners):
+        by_utt[u].append(k)
+    per_utt = max(1, max(len(ks) for ks in by_utt.values()))
+    order = [ks[i] if i < len(ks) else (ks[0] if ks else None) for ks in by_utt.values() for i in range(per_utt)]
+    rows = [hyps[k] if k is not None else [] for k in order]
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+    longest = max(1, max(len(h) for h in rows))
+    inputs = torch.full((len(rows), len(prompt) + longest), pad, dtype=torch.long)
+    targets = torch.full((len(rows), longest), -1, dtype=torch.long)
+    for i, h in enumerate(rows):
+        inputs[i, : len(prompt) + len(h)] = torch.tensor(prompt + h)
+        targets[i, : len(h)] = torch.tensor(h, dtype=torch.long)
+    mask = targets >= 0
+    encoder_states = encoder_states.to(model.dtype)
+    with autocast(bundle.device), float32_output_layer(model), shared_kv_attention_on(model):
+        hidden = model.model(encoder_outputs=(encoder_states,), decoder_input_ids=inputs[:, :-1].to(bundle.device),
+                             past_key_values=shared_cross_cache(model, encoder_states), use_cache=True).last_hidden_state
+        # The state at position p predicts token p+1: the first hypothesis token follows the last prompt token.
+        # Logits only where a hypothesis token is scored (not at the padding): the vocabulary projection is
+        # the larger part of the pass.
+        logits = model.get_output_embeddings()(hidden[:, len(prompt) - 1:, :][mask.to(hidden.device)])
+    logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+    picked = logp.gather(1, targets[mask].unsqueeze(-1)).squeeze(-1).double()
+    sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, mask.nonzero()[:, 0], picked).numpy()
+    result = np.zeros(len(hyps))
+    for row, k in enumerate(order):
+        if k is not None:
+            result[k] = sums[row]
+    return result
+
+
+def ct2_candidates(bundle: ModelBundle, engine, audios: list[np.ndarray], cfg: dict, prompt: list[int],
+                   budget: int) -> list[list[dict]]:
+    """:func:`beam_candidates` with CTranslate2: one batched beam search on the same features and prompt,
+    every hypothesis re-scored by the teacher-forced float32 pass (see the module docstring)."""
+    import ctranslate2
+
+    tok, gen = bundle.processor.tokenizer, bundle.model.generation_config
+    eos = gen.eos_token_id[0] if isinstance(gen.eos_token_id, list) else gen.eos_token_id
+    feats = whisper_features(bundle, audios)["input_features"].float().cpu().numpy()
+    encoded = engine.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(feats)), to_cpu=False)
+    results = engine.generate(encoded, [list(prompt)] * len(audios), beam_size=cfg["num_beams"],
+                              num_hypotheses=cfg["num_return_sequences"], length_penalty=cfg["length_penalty"],
+                              max_length=ct2_max_length(budget, len(prompt)), return_scores=True, suppress_blank=True,
+                              suppress_tokens=[-1], patience=CT2_PATIENCE)
+    owners, hyps, complete, beam = [], [], [], []
+    for u, res in enumerate(results):
+        for seq, score in zip(res.sequences_ids, res.scores):
+            ids, done = ct2_hypothesis(seq, budget, eos)
+            owners.append(u)
+            hyps.append(ids)
+            complete.append(done)
+            beam.append(float(score))
+    sum_lp = grouped_teacher_forced_logprobs(bundle, ct2_encoder_states(encoded, bundle.device), prompt, hyps, owners)
+    out: list[list[dict]] = [[] for _ in audios]
+    for k, u in enumerate(owners):
+        out[u].append({"text": tok.decode(hyps[k], skip_special_tokens=True).strip(), "n_tokens": len(hyps[k]),
+                       "sum_logprob": float(sum_lp[k]),
+                       "asr_score": float(sum_lp[k]) / max(len(hyps[k]), 1) ** cfg["length_penalty"],
+                       "beam_score": beam[k], "token_ids": hyps[k], "complete": complete[k]})
+    return out
 
 
 STAT_TOTALS = ("utts", "truncated_dropped", "utts_all_truncated")
@@ -244,8 +503,10 @@ def distinct_histogram(metadata: dict[str, str]) -> dict[int, int]:
 
 
 def run_nbest(bundle: ModelBundle, manifest: pd.DataFrame, cfg: dict, normalise: Callable[[str], str],
-              shard: int = 0, num_shards: int = 1, limit: int | None = None, progress: bool = True) -> pd.DataFrame:
-    """n-best table for one shard of the manifest's utterances in ``cfg['splits']``."""
+              shard: int = 0, num_shards: int = 1, limit: int | None = None, progress: bool = True,
+              ct2_cache: str | Path = DEFAULT_CT2_CACHE) -> pd.DataFrame:
+    """n-best table for one shard of the manifest's utterances in ``cfg['splits']`` (``ct2_cache``: where
+    the ctranslate2 backend keeps its converted model)."""
     pool = manifest[manifest["split"].isin(cfg["splits"])]
     ids = shard_ids(pool["utt_id"].tolist(), shard, num_shards)[:limit]
     part = pool.set_index("utt_id").loc[ids].reset_index()
@@ -261,7 +522,7 @@ def run_nbest(bundle: ModelBundle, manifest: pd.DataFrame, cfg: dict, normalise:
     for idx in track(batches, f"n-best shard {shard + 1}/{num_shards}", items=len, item_name="utts", bar=progress):
         recs = part.iloc[idx]
         audios = [read_audio(p) for p in recs["audio_path"]]
-        for utt_id, hyps in zip(recs["utt_id"], nbest_for_batch(bundle, audios, cfg, normalise, stats)):
+        for utt_id, hyps in zip(recs["utt_id"], nbest_for_batch(bundle, audios, cfg, normalise, stats, ct2_cache)):
             rows.extend({"utt_id": utt_id, "rank": r, **h} for r, h in enumerate(hyps))
     df = pd.DataFrame(rows, columns=NBEST_COLUMNS)
     df = df.sort_values(["utt_id", "rank"]).reset_index(drop=True).astype(
@@ -275,9 +536,13 @@ def nbest_metadata(bundle: ModelBundle, cfg: dict, **extra) -> dict[str, str]:
     """Parquet file metadata: which model (and weight dtype) and decoding settings produced the lists."""
     keys = ("num_beams", "num_return_sequences", "keep", "length_penalty", "max_new_tokens", "max_tokens_per_second",
             "language", "task")
+    decoding = {k: cfg[k] for k in keys}
+    decoding["backend"] = cfg.get("backend", "transformers")
+    if decoding["backend"] == "ctranslate2":
+        decoding["compute_type"] = cfg.get("compute_type", "float32")
     return {"mmasr.model": bundle.name, "mmasr.revision": bundle.revision,
             "mmasr.dtype": str(bundle.model.dtype).removeprefix("torch."),
-            "mmasr.decoding": json.dumps({k: cfg[k] for k in keys}, sort_keys=True),
+            "mmasr.decoding": json.dumps(decoding, sort_keys=True),
             **{f"mmasr.{k}": str(v) for k, v in extra.items()}}
 
 
