@@ -60,14 +60,43 @@ def test_only_adapters_train_and_the_base_is_unchanged(demo_model_dirs, corpus, 
     assert len(log) == CFG["steps"] and log["dev_loss"].notna().sum() == 2
 
 
-def test_a_killed_adaptation_resumes_to_the_uninterrupted_result(demo_model_dirs, corpus, tmp_path):
-    args = dict(cfg=CFG, nbest_cfg=P["nbest"], seed=0, progress=False)
-    adapt_whisper(_load(demo_model_dirs), corpus, tmp_path / "a", tmp_path / "a.csv", tmp_path / "sa", **args)
+ARGS = dict(cfg=CFG, nbest_cfg=P["nbest"], seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_model_dirs, corpus, tmp_path_factory):
+    """One adaptation run to the end: the reference the other runs are compared with."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    summary = adapt_whisper(_load(demo_model_dirs), corpus, out / "a", out / "a.csv", out / "sa", **ARGS)
+    return out, summary
+
+
+def test_a_killed_adaptation_resumes_to_the_uninterrupted_result(demo_model_dirs, corpus, uninterrupted, tmp_path):
+    args = ARGS
+    ref, _ = uninterrupted
     stopped = adapt_whisper(_load(demo_model_dirs), corpus, tmp_path / "b", tmp_path / "b.csv", tmp_path / "sb",
                             stop_after=3, **args)
     assert stopped is None and not (tmp_path / "b").exists()
     adapt_whisper(_load(demo_model_dirs), corpus, tmp_path / "b", tmp_path / "b.csv", tmp_path / "sb", resume=True,
                   **args)
-    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    a, b = load_file(ref / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(ref / "a.csv"), pd.read_csv(tmp_path / "b.csv"))
+
+
+def test_adapters_learn_from_train_and_are_selected_on_dev_only(demo_model_dirs, corpus, uninterrupted, tmp_path):
+    ref, summary = uninterrupted
+    # The kept state is the one with the lowest dev loss in the log (not the last step's).
+    log = pd.read_csv(ref / "a.csv").dropna(subset=["dev_loss"])
+    assert summary["best_step"] == int(log.loc[log["dev_loss"].idxmin(), "step"])
+    assert summary["best_dev_loss"] == pytest.approx(log["dev_loss"].min(), rel=1e-6)
+    # Test utterances (here with other transcripts and audio) change nothing: neither training nor selection sees them.
+    changed = corpus.copy()
+    test = changed["split"] == "test"
+    assert test.any()
+    changed.loc[test, "text"] = "three green boats"
+    changed.loc[test, "audio_path"] = changed.loc[~test, "audio_path"].iloc[0]
+    adapt_whisper(_load(demo_model_dirs), changed, tmp_path / "c", tmp_path / "c.csv", tmp_path / "sc", **ARGS)
+    a, c = load_file(ref / "a" / "model.safetensors"), load_file(tmp_path / "c" / "model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    pd.testing.assert_frame_equal(pd.read_csv(ref / "a.csv"), pd.read_csv(tmp_path / "c.csv"))
