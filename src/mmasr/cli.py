@@ -252,6 +252,12 @@ def cmd_fuse(args) -> None:
                     args.text_embeddings)
     grid, metrics, changed, per_speaker = run_fusion(pd.read_parquet(args.nbest), pd.read_parquet(args.manifest),
                                                      p["fusion"], p["text"], p["seed"], embeddings=embeddings)
+    if args.reference_nbest is not None:  # the adapted model's fusion: its ASR-only against the zero-shot one's
+        from mmasr.rescoring.fusion import asr_only_vs_reference
+
+        metrics.update(asr_only_vs_reference(pd.read_parquet(args.nbest), pd.read_parquet(args.reference_nbest),
+                                             pd.read_parquet(args.manifest), p["text"],
+                                             p["fusion"]["bootstrap_resamples"], p["seed"]))
     metrics.update(provenance(p, ("fusion", "text", "seed", "nbest", "models.whisper", "models.clip")))
     write_csv(args.grid, grid)
     write_csv(args.per_speaker, per_speaker)
@@ -760,6 +766,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--per-speaker", type=Path, default=Path("results/fusion/per_speaker.csv"))
     sp.add_argument("--changed", type=Path, default=Path("results/fusion/changed.parquet"))
     sp.add_argument("--metrics", type=Path, default=Path("results/metrics/fusion.json"))
+    sp.add_argument("--reference-nbest", type=Path, default=None,
+                    help="another model's n-best table (the zero-shot Whisper's): adds its test ASR-only WER and "
+                         "the interval of this model's ASR-only minus it (test_wer_asr_vs_reference*)")
     sp.add_argument("--image-embeddings", type=Path, default=Path("data/cache/clip_image_embeddings.npz"),
                     help="picture cache (cache-images), for the picture-swap control")
     sp.add_argument("--text-embeddings", type=Path, default=Path("data/cache/clip_text_embeddings.npz"),

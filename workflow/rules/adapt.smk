@@ -143,6 +143,7 @@ rule fuse_adapted:
         manifest="data/processed/manifest.parquet",
         image_embeddings="data/cache/clip_image_embeddings.npz",
         text_embeddings="data/cache/adapted/clip_text_embeddings.npz",
+        reference="data/nbest/asr_nbest.parquet",  # the zero-shot n-best: adapted ASR-only vs zero-shot ASR-only
     output:
         grid="results/fusion/adapted/grid.csv",
         per_speaker="results/fusion/adapted/per_speaker.csv",
@@ -164,4 +165,4 @@ rule fuse_adapted:
         "mmasr fuse --cfg {params.cfg:q} --nbest {input.nbest} --manifest {input.manifest}"
         " --grid {output.grid} --per-speaker {output.per_speaker} --changed {output.changed}"
         " --metrics {output.metrics} --image-embeddings {input.image_embeddings}"
-        " --text-embeddings {input.text_embeddings} > {log} 2>&1"
+        " --text-embeddings {input.text_embeddings} --reference-nbest {input.reference} > {log} 2>&1"

@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-# system -> (WER key stem, difference-interval key stems (overall, per group)); None: the reference row
+# system -> (WER key stem, difference-interval key stems (overall, per group)). ASR-only is each model's reference;
+# the adapted model's ASR-only row carries the interval against the zero-shot ASR-only (fuse --reference-nbest).
 SYSTEMS = {
-    "ASR-only": ("test_wer_asr", None),
+    "ASR-only": ("test_wer_asr", ("test_wer_asr_vs_reference_ci", "test_wer_asr_vs_reference_ci")),
     "ASR+LM": ("test_wer_asr_lm", ("test_wer_asr_lm_ci", "test_wer_asr_lm_diff_ci")),
     "ASR+CLIP": ("test_wer_fused", ("test_wer_diff_ci", "test_wer_diff_ci")),
     "ASR+CLIP+LM": ("test_wer_asr_clip_lm", ("test_wer_asr_clip_lm_ci", "test_wer_asr_clip_lm_diff_ci")),
@@ -18,10 +19,11 @@ GROUPS = ("all", "impaired", "control")
 
 
 def cell(m: Mapping[str, Any], system: str, group: str) -> tuple[float | None, float | None, float | None]:
-    """(WER, interval low, interval high) of one system in one group ("all": the whole test split)."""
+    """(WER, interval low, interval high) of one system in one group ("all": the whole test split); no interval
+    (None) where the metrics hold none (the zero-shot ASR-only row)."""
     stem, ci = SYSTEMS[system]
     wer = m.get(stem if group == "all" else f"{stem}_{group}")
-    if ci is None or wer is None:
+    if wer is None:
         return wer, None, None
     if group == "all":
         return wer, m.get(f"{ci[0]}_low"), m.get(f"{ci[0]}_high")
@@ -40,7 +42,8 @@ def systems_rows(models: Mapping[str, Mapping[str, Any]]) -> list[dict]:
     return rows
 
 
-def _fmt(c: tuple, dash: str) -> str:
+def format_cell(c: tuple, dash: str) -> str:
+    """``WER [low, high]`` in % and points (the same text in the Markdown and LaTeX tables and the report)."""
     wer, lo, hi = c
     if wer is None:
         return dash
@@ -53,10 +56,11 @@ def _fmt(c: tuple, dash: str) -> str:
 def systems_markdown(rows: list[dict], params_hash: str) -> str:
     lines = [f"<!-- mmasr systems table; params_hash {params_hash} -->",
              "| model | system | WER all | WER impaired | WER control |", "|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['system']} | " + " | ".join(_fmt(r[g], "—") for g in GROUPS) + " |" for r in rows]
+    lines += [f"| {r['model']} | {r['system']} | " + " | ".join(format_cell(r[g], "—") for g in GROUPS) + " |" for r in rows]
     lines.append("")
     lines.append("Test WER in %; in brackets the 95% interval of the difference to the same model's ASR-only, in "
-                 "points (speaker-level bootstrap when every group has 2+ speakers). Weights chosen on dev.")
+                 "points (speaker-level bootstrap when every group has 2+ speakers); for the adapted ASR-only row, "
+                 "against the zero-shot ASR-only. Weights chosen on dev.")
     return "\n".join(lines) + "\n"
 
 
@@ -67,7 +71,7 @@ def systems_latex(rows: list[dict], params_hash: str) -> str:
     for r in rows:
         if last is not None and r["model"] != last:
             lines.append(r"\midrule")
-        cells = [_fmt(r[g], "--").replace("%", r"\%") for g in GROUPS]
+        cells = [format_cell(r[g], "--").replace("%", r"\%") for g in GROUPS]
         lines.append(f"{r['model'] if r['model'] != last else ''} & {r['system']} & " + " & ".join(cells) + r" \\")
         last = r["model"]
     lines += [r"\bottomrule", r"\end{tabular}"]

@@ -472,3 +472,34 @@ def asr_only_wers(nbest: pd.DataFrame, manifest: pd.DataFrame, split: str, text_
     return {f"{split}_wer_asr": pooled_wer(nb.errors[:, 0], nb.ref_words),
             f"{split}_wer_oracle": pooled_wer(take(nb.errors, oracle), nb.ref_words)}
 
+
+
+def asr_only_vs_reference(nbest: pd.DataFrame, reference_nbest: pd.DataFrame, manifest: pd.DataFrame,
+                          text_cfg: dict, n_resamples: int, seed: int) -> dict:
+    """Test ASR-only WER of ``nbest`` (e.g. the adapted Whisper's) minus that of ``reference_nbest`` (the
+    zero-shot one's), overall and per group, each with its interval (speaker-level as the fusion systems'):
+    keys ``test_wer_asr_reference``, ``test_wer_asr_vs_reference`` (+ ``_ci_low``/``_ci_high``/``_ci_level``)
+    and their ``_{group}`` forms. Both tables must hold the same test utterances."""
+    meta = manifest.set_index("utt_id")
+    ids = meta.index[meta["split"] == "test"]
+    nb, ref = (to_arrays(t[t["utt_id"].isin(ids)], meta["text"], text_cfg) for t in (nbest, reference_nbest))
+    if not np.array_equal(nb.utt_ids, ref.utt_ids):
+        raise ValueError(f"the two n-best tables cover different test utterances ({len(nb.utt_ids)} vs "
+                         f"{len(ref.utt_ids)}): the ASR-only difference needs the same ones")
+    err, err_ref = take(nb.errors, fixed_alpha_choice(nb, 0.0, 0.0)), take(ref.errors, fixed_alpha_choice(ref, 0.0, 0.0))
+    test_meta = meta.loc[nb.utt_ids]
+    speakers, groups = test_meta["speaker"].astype(str).to_numpy(), test_meta["group"].astype(str).to_numpy()
+    ci = wer_diff_interval(err_ref, err, nb.ref_words, speakers, groups, n_resamples, seed)
+    out = {"test_wer_asr_reference": pooled_wer(err_ref, nb.ref_words),
+           "test_wer_asr_vs_reference": pooled_wer(err, nb.ref_words) - pooled_wer(err_ref, nb.ref_words),
+           "test_wer_asr_vs_reference_ci_low": ci["low"], "test_wer_asr_vs_reference_ci_high": ci["high"],
+           "test_wer_asr_vs_reference_ci_level": ci["level"]}
+    for group, idx in test_meta.reset_index(drop=True).groupby("group").indices.items():
+        words = nb.ref_words[idx]
+        gci = wer_diff_interval(err_ref[idx], err[idx], words, speakers[idx], np.zeros(len(idx), np.int64),
+                                n_resamples, seed)
+        out.update({f"test_wer_asr_reference_{group}": pooled_wer(err_ref[idx], words),
+                    f"test_wer_asr_vs_reference_{group}": pooled_wer(err[idx], words) - pooled_wer(err_ref[idx], words),
+                    f"test_wer_asr_vs_reference_ci_low_{group}": gci["low"],
+                    f"test_wer_asr_vs_reference_ci_high_{group}": gci["high"]})
+    return out
