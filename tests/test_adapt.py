@@ -72,13 +72,12 @@ def uninterrupted(demo_model_dirs, corpus, tmp_path_factory):
 
 
 def test_a_killed_adaptation_resumes_to_the_uninterrupted_result(demo_model_dirs, corpus, uninterrupted, tmp_path):
-    args = ARGS
     ref, _ = uninterrupted
     stopped = adapt_whisper(_load(demo_model_dirs), corpus, tmp_path / "b", tmp_path / "b.csv", tmp_path / "sb",
-                            stop_after=3, **args)
+                            stop_after=3, **ARGS)
     assert stopped is None and not (tmp_path / "b").exists()
     adapt_whisper(_load(demo_model_dirs), corpus, tmp_path / "b", tmp_path / "b.csv", tmp_path / "sb", resume=True,
-                  **args)
+                  **ARGS)
     a, b = load_file(ref / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     pd.testing.assert_frame_equal(pd.read_csv(ref / "a.csv"), pd.read_csv(tmp_path / "b.csv"))
