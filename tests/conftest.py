@@ -184,6 +184,17 @@ def tiny_run(tmp_path_factory) -> Path:
     return work
 
 
+@pytest.fixture(scope="session")
+def tiny_adapt_run(tiny_run, tmp_path_factory) -> tuple[Path, str]:
+    """The tiny run with the LoRA-adapted Whisper on (config/adapt.yaml): a copy of ``tiny_run`` (mtimes and
+    .snakemake kept, so only the adapted stages, the systems table and the report run), and Snakemake's output."""
+    work = tmp_path_factory.mktemp("tiny_adapt") / "work"
+    shutil.copytree(tiny_run, work, symlinks=True)
+    proc = snakemake(work, "--configfile", "config/tiny.yaml", "config/adapt.yaml")
+    assert "pipeline finished" in proc.stdout + proc.stderr
+    return work, proc.stdout + proc.stderr
+
+
 def save_tiny_ast(folder: Path, layers: int = 2, width: int = 32, classifier: bool = False) -> Path:
     """A random AST with the real geometry (128 mel bins, 1024 frames, 16x16 patches, strides 10: 1212
     patches + CLS + distillation) but a tiny width, beside the stock feature extractor."""

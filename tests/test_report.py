@@ -19,8 +19,9 @@ from mmasr.config import validate
 from mmasr.io import write_json, write_parquet
 from tests.conftest import REPO, write_picture
 
-SECTION_IDS = ["summary", "data", "rescoring", "projector", "clap", "probe", "pretraining", "benchmarks", "provenance"]
-HEADINGS = ["Key results", "Data", "Rescoring with the picture", "Projector (speech encoder → LM)",
+SECTION_IDS = ["summary", "data", "rescoring", "systems", "projector", "clap", "probe", "pretraining", "benchmarks", "provenance"]
+HEADINGS = ["Key results", "Data", "Rescoring with the picture", "Systems (zero-shot and LoRA-adapted Whisper)",
+            "Projector (speech encoder → LM)",
             "CLAP retrieval (speech ↔ text)", "Probe calibration", "Demo model pre-training", "Speed benchmarks",
             "Provenance"]
 
@@ -411,3 +412,54 @@ def test_data_section_shows_what_disjoint_text_moved_out():
     assert "off" in off and "4 dev, 9 test utterances share a normalised transcript with train" in off
     assert report.excluded_part({"train_n_utts": 3}, excluded) == ""  # a split.json from before the key
     assert report.excluded_part(report.Missing("split.json"), excluded) == ""
+
+
+def make_adapted(root: Path) -> dict:
+    """The adapted Whisper's fusion metrics (with its ASR-only against the zero-shot one's), adapt.json, its log."""
+    zero = json.loads((root / "results/metrics/fusion.json").read_text())
+    adapted = {**zero, "test_wer_asr": 0.25, "test_wer_asr_impaired": 0.3, "test_wer_asr_control": 0.2,
+               "test_wer_fused": 0.24, "test_wer_asr_lm": 0.23, "test_wer_asr_lm_ci_low": -0.05,
+               "test_wer_asr_lm_ci_high": 0.01, "test_wer_asr_vs_reference": -0.1821,
+               "test_wer_asr_vs_reference_ci_low": -0.2512, "test_wer_asr_vs_reference_ci_high": -0.1033,
+               "test_wer_asr_vs_reference_ci_level": "speaker", "test_wer_asr_vs_reference_ci_low_impaired": -0.4,
+               "test_wer_asr_vs_reference_ci_high_impaired": -0.2}
+    write_json(root / "results/metrics/fusion_adapted.json", adapted)
+    write_json(root / "results/metrics/adapt.json", {"n_adapter_params": 4096, "n_base_params": 400000, "steps": 10,
+                                                     "n_train_utts": 9, "best_step": 8, "best_dev_loss": 1.234,
+                                                     "first_dev_loss": 2.5})
+    (root / "results/adapt").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"step": range(1, 11), "lr": 1e-3, "loss": [3 - 0.2 * i for i in range(10)], "tokens": 40,
+                  "dev_loss": [None] * 3 + [2.5] + [None] * 3 + [1.234] + [None] * 2}
+                 ).to_csv(root / "results/adapt/train_log.csv", index=False)
+    return adapted
+
+
+def test_systems_section_shows_the_table_rows_and_the_adaptation_curve(full_run):
+    from mmasr.report.systems import format_cell, systems_markdown, systems_rows
+
+    adapted = make_adapted(full_run)
+    on = validate({"adapt": {"enabled": True}})
+    page = report.build_report(full_run, on, "test")
+    systems = section_html(page, "systems")
+    zero = json.loads((full_run / "results/metrics/fusion.json").read_text())
+    rows = systems_rows({"zero-shot": zero, "adapted": adapted})
+    md = systems_markdown(rows, "h")
+    # every cell of the paper table is in the report, the same text
+    for r in rows:
+        for g in ("all", "impaired", "control"):
+            cell = format_cell(r[g], "–")
+            assert f"<td>{cell}</td>" in systems, (r["model"], r["system"], g)
+            if r[g][0] is not None:
+                assert cell in md
+    assert "<td>adapted</td><td>ASR-only</td><td>25.0 [-25.1, -10.3]</td><td>30.0 [-40.0, -20.0]</td>" in systems
+    assert "<td>zero-shot</td><td>ASR-only</td><td>43.2</td>" in systems
+    assert "adapted − zero-shot ASR-only test WER -0.182, 95% interval [-0.251, -0.103] (speaker-level)" in systems
+    assert "adaptation helps" in systems and "kept step 8" in systems
+    assert "<h3>Adaptation loss</h3>" in systems and systems.count('src="data:image/png;base64,') == 1
+    # adaptation on but not run yet: says which file is missing
+    (full_run / "results/metrics/fusion_adapted.json").unlink()
+    assert "not run yet (missing <code>" in section_html(report.build_report(full_run, on, "test"), "systems")
+    # adaptation off: one sentence, no table and no curve, even with the files there
+    make_adapted(full_run)
+    off = section_html(report.build_report(full_run, params(), "test"), "systems")
+    assert "Adaptation is off" in off and "adapt.enabled" in off and "<table" not in off and "<img" not in off

@@ -304,3 +304,34 @@ def test_the_real_model_config_resolves_without_demo_models(tmp_path):
     assert (p["projector"]["k"], p["projector"]["hidden"]) == (5, 2048)
     assert (p["clap"]["hidden_dim"], p["clap"]["embed_dim"], p["clap"]["layers"]) == (256, 256, "last")
     assert p["clap"]["phase2_epochs"] > 0 and p["clap"]["phase2_encoder_lr"] < p["clap"]["lr"]
+
+
+def test_the_adapted_whisper_runs_beside_the_zero_shot_one(tiny_run, tiny_adapt_run):
+    """adapt.enabled on a finished tiny run: only the adapted stages, the systems table and the report run; the
+    adapted fusion has the zero-shot keys plus its ASR-only against the zero-shot one; table and report show both."""
+    work, output = tiny_adapt_run
+    ran = job_counts(output)
+    assert {"adapt_whisper", "nbest_adapted", "fuse_adapted", "systems_table", "report"} <= set(ran)
+    assert not {"nbest", "fuse", "pretrain_demo_whisper", "train_projector"} & set(ran), ran
+    zero, adapted = (read_json(work / "results/metrics" / n) for n in ("fusion.json", "fusion_adapted.json"))
+    assert set(zero) <= set(adapted)
+    assert adapted["test_wer_asr_reference"] == zero["test_wer_asr"]
+    assert adapted["test_wer_asr_vs_reference"] == pytest.approx(adapted["test_wer_asr"] - zero["test_wer_asr"])
+    assert adapted["test_wer_asr_vs_reference_ci_low"] <= adapted["test_wer_asr_vs_reference_ci_high"]
+    summary = read_json(work / "results/metrics/adapt.json")
+    assert summary["steps"] == 6 and 0 < summary["n_adapter_params"] < summary["n_base_params"]
+    log = pd.read_csv(work / "results/adapt/train_log.csv")
+    assert len(log) == 6 and log["dev_loss"].notna().sum() == 2
+    md = (work / "results/tables/systems.md").read_text()
+    tex = (work / "results/tables/systems.tex").read_text()
+    assert f"params_hash {zero['params_hash']}+{adapted['params_hash']}" in md.splitlines()[0]
+    assert md.count("| zero-shot |") == 4 and md.count("| adapted |") == 4
+    assert f"| adapted | ASR-only | {100 * adapted['test_wer_asr']:.1f} [" in md
+    assert r"\toprule" in tex and "adapted & ASR-only" in tex
+    report = (work / "results/report.html").read_text()
+    systems = re.search(r'<section id="systems">(.*?)</section>', report, re.S).group(1)
+    assert "<td>adapted</td><td>ASR-only</td>" in systems and "<h3>Adaptation loss</h3>" in systems
+    # the tiny run without it: the report says adaptation is off, the table has the zero-shot rows only
+    assert "Adaptation is off" in (tiny_run / "results/report.html").read_text()
+    assert "| adapted |" not in (tiny_run / "results/tables/systems.md").read_text()
+    assert not (tiny_run / "results/metrics/fusion_adapted.json").exists()

@@ -157,6 +157,8 @@ def cmd_nbest(args) -> None:
     from mmasr.data.text import normaliser
 
     p = _params(args)
+    if args.model is not None:  # the adapted Whisper (adapt-whisper's merged folder) in place of models.whisper
+        p["models"] = {**p["models"], "whisper": str(args.model), "whisper_revision": None}
     bundle = _model("whisper", p, args.threads)
     table = run_nbest(bundle, pd.read_parquet(args.manifest), p["nbest"], normaliser(p["text"]),
                       shard=args.shard, num_shards=args.num_shards, limit=args.limit, progress=not args.quiet)
@@ -164,6 +166,29 @@ def cmd_nbest(args) -> None:
                                              **table.attrs["stats"]})
     log.info("shard %d/%d: %d hypotheses for %d utterances", args.shard, args.num_shards, len(table),
              table["utt_id"].nunique())
+
+
+def cmd_adapt_whisper(args) -> None:
+    import torch
+
+    from mmasr.adapt.whisper import adapt_whisper
+    from mmasr.models.loading import load_from_params
+
+    p = _params(args)
+    torch.set_num_threads(max(1, args.threads))
+    bundle = load_from_params("whisper", p["models"], role="trained")
+    summary = adapt_whisper(bundle, pd.read_parquet(args.manifest), args.out, args.log_csv, args.state_dir, p["adapt"],
+                            p["nbest"], p["seed"], resume=args.resume, max_steps=args.max_steps,
+                            stop_after=args.stop_after, progress=not args.quiet,
+                            provenance={"model_whisper": bundle.name, "model_whisper_revision": bundle.revision})
+    if summary is None:
+        log.info("stopped early (--stop-after); run again with --resume to continue")
+        return
+    summary.update(provenance(p, ("adapt", "seed", "nbest", "models.whisper")))
+    write_json(args.metrics, summary)
+    log.info("adapted Whisper written to %s: best dev loss %s at step %d (first %s), %d adapter parameters",
+             args.out, summary["best_dev_loss"], summary["best_step"], summary["first_dev_loss"],
+             summary["n_adapter_params"])
 
 
 def cmd_nbest_merge(args) -> None:
@@ -196,6 +221,24 @@ def cmd_clip_scores(args) -> None:
              len(scored), scored["clip_text"].nunique())
 
 
+def cmd_lm_scores(args) -> None:
+    from mmasr.rescoring.lm import lm_scores, save_lm_cache
+
+    p = _params(args)
+    f = p["fusion"]
+    nbest, meta = pd.read_parquet(args.nbest), read_metadata(args.nbest)
+    bundle = _model("lm", p, args.threads) if f["lm_enabled"] else None
+    if bundle is None:
+        meta["mmasr.lm_skip_reason"] = "fusion.lm_enabled is false: lm_score is empty (the LM was not loaded)"
+        log.warning("LM scores skipped: fusion.lm_enabled is false")
+    else:
+        meta.update({"mmasr.lm_model": bundle.name, "mmasr.lm_revision": bundle.revision})
+    scored, texts, scores = lm_scores(nbest, bundle, f["lm_prefix"], f["lm_batch_size"], progress=not args.quiet)
+    save_lm_cache(args.cache, texts, scores)
+    write_parquet(args.out, scored, metadata=meta)
+    log.info("lm_score for %d hypotheses (%d distinct texts scored)", int(scored["lm_score"].notna().sum()), len(texts))
+
+
 def cmd_fuse(args) -> None:
     from mmasr.rescoring.clip import load_embeddings, load_text_embeddings
     from mmasr.rescoring.fusion import run_fusion
@@ -209,6 +252,12 @@ def cmd_fuse(args) -> None:
                     args.text_embeddings)
     grid, metrics, changed, per_speaker = run_fusion(pd.read_parquet(args.nbest), pd.read_parquet(args.manifest),
                                                      p["fusion"], p["text"], p["seed"], embeddings=embeddings)
+    if args.reference_nbest is not None:  # the adapted model's fusion: its ASR-only against the zero-shot one's
+        from mmasr.rescoring.fusion import asr_only_vs_reference
+
+        metrics.update(asr_only_vs_reference(pd.read_parquet(args.nbest), pd.read_parquet(args.reference_nbest),
+                                             pd.read_parquet(args.manifest), p["text"],
+                                             p["fusion"]["bootstrap_resamples"], p["seed"]))
     metrics.update(provenance(p, ("fusion", "text", "seed", "nbest", "models.whisper", "models.clip")))
     write_csv(args.grid, grid)
     write_csv(args.per_speaker, per_speaker)
@@ -219,6 +268,9 @@ def cmd_fuse(args) -> None:
              metrics["test_wer_diff_ci_low"], metrics["test_wer_diff_ci_high"], metrics["test_wer_oracle"])
     log.info("interval level: %s; picture-swap control (%d permutations): fused WER %s", metrics["test_wer_diff_ci_level"],
              metrics["test_swap_permutations"], metrics["test_wer_fused_swapped"])
+    if not metrics["lm_skipped"]:
+        log.info("test WER asr+lm %.4f (weights %s), asr+clip+lm %.4f (weights %s)", metrics["test_wer_asr_lm"],
+                 metrics["weights_asr_lm"], metrics["test_wer_asr_clip_lm"], metrics["weights_asr_clip_lm"])
     if metrics["fusion_skipped"]:
         log.warning("rescoring with the picture skipped: %s", metrics["fusion_skip_reason"])
 
@@ -232,6 +284,21 @@ def cmd_transcribe(args) -> None:
     result = transcribe(args.audio, p, image=args.image, image_id=args.image_id, alpha=args.alpha,
                         embeddings=args.embeddings, fusion_metrics=args.fusion_metrics)
     print(json.dumps(result, indent=2))
+
+
+def cmd_systems_table(args) -> None:
+    from mmasr.io import read_json
+    from mmasr.report.systems import systems_latex, systems_markdown, systems_rows
+
+    models = {"zero-shot": read_json(args.fusion)}
+    if args.adapted is not None:
+        models["adapted"] = read_json(args.adapted)
+    digest = "+".join(str(m.get("params_hash")) for m in models.values())
+    rows = systems_rows(models)
+    for path, text in ((args.md, systems_markdown(rows, digest)), (args.tex, systems_latex(rows, digest))):
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    log.info("systems table (%d rows) written: %s, %s", len(rows), args.md, args.tex)
 
 
 def cmd_report(args) -> None:
@@ -659,6 +726,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-shards", type=int, default=1)
     sp.add_argument("--limit", type=int, default=None, help="at most this many utterances (smoke runs)")
     sp.add_argument("--out", type=Path, default=Path("data/nbest/shards/0-of-1.parquet"))
+    sp.add_argument("--model", type=Path, default=None,
+                    help="a Whisper folder to use instead of models.whisper (the adapted one)")
+
+    sp = stage("adapt-whisper", cmd_adapt_whisper,
+               "LoRA adapters on models.whisper, trained on the train split (resumable); merged model + peft adapter.")
+    sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+    sp.add_argument("--out", type=Path, default=Path("results/checkpoints/adapt/model"))
+    sp.add_argument("--log-csv", type=Path, default=Path("results/adapt/train_log.csv"))
+    sp.add_argument("--metrics", type=Path, default=Path("results/metrics/adapt.json"))
+    sp.add_argument("--state-dir", type=Path, default=Path("results/checkpoints/adapt/state"))
+    sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the same run")
+    sp.add_argument("--max-steps", type=int, default=None, help="at most this many steps (smoke runs)")
+    sp.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                    help="stop after this step as a kill would (tests of resuming)")
 
     sp = stage("nbest-merge", cmd_nbest_merge, "Gather n-best shards into one table.")
     sp.add_argument("shards", nargs="+", type=Path)
@@ -672,13 +753,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--text-embeddings", type=Path, default=Path("data/cache/clip_text_embeddings.npz"),
                     help="where the distinct hypothesis texts' CLIP embeddings go (for fuse's picture-swap control)")
 
-    sp = stage("fuse", cmd_fuse, "Grid-search alpha on dev; test WER, oracle, bootstrap interval.")
+    sp = stage("lm-scores", cmd_lm_scores, "Add each hypothesis's length-normalised LM log-probability (lm_score).")
     sp.add_argument("--nbest", type=Path, default=Path("data/nbest/nbest.parquet"))
+    sp.add_argument("--out", type=Path, default=Path("data/nbest/nbest_lm.parquet"))
+    sp.add_argument("--cache", type=Path, default=Path("data/cache/lm_text_scores.npz"),
+                    help="where the distinct hypothesis texts' LM scores go")
+
+    sp = stage("fuse", cmd_fuse, "Grid-search alpha on dev; test WER, oracle, bootstrap interval.")
+    sp.add_argument("--nbest", type=Path, default=Path("data/nbest/nbest_lm.parquet"))
     sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
     sp.add_argument("--grid", type=Path, default=Path("results/fusion/grid.csv"))
     sp.add_argument("--per-speaker", type=Path, default=Path("results/fusion/per_speaker.csv"))
     sp.add_argument("--changed", type=Path, default=Path("results/fusion/changed.parquet"))
     sp.add_argument("--metrics", type=Path, default=Path("results/metrics/fusion.json"))
+    sp.add_argument("--reference-nbest", type=Path, default=None,
+                    help="another model's n-best table (the zero-shot Whisper's): adds its test ASR-only WER and "
+                         "the interval of this model's ASR-only minus it (test_wer_asr_vs_reference*)")
     sp.add_argument("--image-embeddings", type=Path, default=Path("data/cache/clip_image_embeddings.npz"),
                     help="picture cache (cache-images), for the picture-swap control")
     sp.add_argument("--text-embeddings", type=Path, default=Path("data/cache/clip_text_embeddings.npz"),
@@ -716,6 +806,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--per-speaker", type=Path, default=Path("results/projector/per_speaker.csv"))
     sp.add_argument("--metrics", type=Path, default=Path("results/metrics/projector.json"))
     sp.add_argument("--limit", type=int, default=None, help="at most this many test utterances (smoke runs)")
+
+    sp = stage("systems-table", cmd_systems_table,
+               "The table of systems (zero-shot/adapted x ASR-only, +LM, +CLIP, +CLIP+LM) as Markdown and LaTeX.")
+    sp.add_argument("--fusion", type=Path, default=Path("results/metrics/fusion.json"))
+    sp.add_argument("--adapted", type=Path, default=None, help="fusion_adapted.json (adapt.enabled)")
+    sp.add_argument("--md", type=Path, default=Path("results/tables/systems.md"))
+    sp.add_argument("--tex", type=Path, default=Path("results/tables/systems.tex"))
 
     sp = stage("report", cmd_report, "One self-contained HTML report of the run: data, rescoring, projector, CLAP, "
                                       "probe, provenance. A stage that has not run is reported as such.")

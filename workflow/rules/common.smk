@@ -91,6 +91,10 @@ FINAL_OUTPUTS = [
     "results/metrics/probe.json",
     "results/probe/reliability.csv",
 ]
+FINAL_OUTPUTS += ["results/tables/systems.md", "results/tables/systems.tex"]  # the table of systems, for a paper
+# The adapted Whisper (adapt.enabled): its loss curve and the same fusion as the zero-shot model's.
+if config["adapt"]["enabled"]:
+    FINAL_OUTPUTS += ["results/metrics/adapt.json", "results/adapt/train_log.csv", "results/metrics/fusion_adapted.json"]
 # The demo LM and text encoder serve the projector and CLAP stages; pre-train them with the demo.
 FINAL_OUTPUTS += [config["models"][k] for k in ("lm", "text_encoder") if config["models"][k].startswith(DEMO_CHECKPOINTS)]
 

@@ -1,9 +1,34 @@
-# Phase 4: fuse ASR and CLIP scores, grid-search alpha on dev, report test WER.
+# Phase 4: each hypothesis's LM score; fuse ASR, CLIP and LM scores, weights searched on dev, test WER.
+
+
+rule lm_scores:
+    input:
+        nbest="data/nbest/nbest.parquet",
+        model=model_input("lm") if config["fusion"]["lm_enabled"] else [],
+    output:
+        nbest="data/nbest/nbest_lm.parquet",
+        cache="data/cache/lm_text_scores.npz",  # each distinct hypothesis text's score, once
+    params:
+        cfg=cfg_json("fusion", *model_cfg("lm")),
+    log:
+        "results/logs/lm_scores.log",
+    benchmark:
+        "results/benchmarks/lm_scores.tsv"
+    conda:
+        "../envs/mmasr.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=30,
+        gpu=1,
+    shell:
+        "MMASR_THREADS={threads} mmasr lm-scores --cfg {params.cfg:q} --nbest {input.nbest} --out {output.nbest}"
+        " --cache {output.cache} --quiet > {log} 2>&1"
 
 
 rule fuse:
     input:
-        nbest="data/nbest/nbest.parquet",
+        nbest="data/nbest/nbest_lm.parquet",
         manifest="data/processed/manifest.parquet",
         image_embeddings="data/cache/clip_image_embeddings.npz",  # picture-swap control
         text_embeddings="data/cache/clip_text_embeddings.npz",

@@ -5,6 +5,29 @@
 # nothing upstream changed) - it takes seconds.
 
 
+rule systems_table:
+    input:
+        fusion="results/metrics/fusion.json",
+        adapted=["results/metrics/fusion_adapted.json"] if config["adapt"]["enabled"] else [],
+    output:
+        md="results/tables/systems.md",
+        tex="results/tables/systems.tex",
+    params:
+        adapted="--adapted results/metrics/fusion_adapted.json" if config["adapt"]["enabled"] else "",
+    log:
+        "results/logs/systems_table.log",
+    benchmark:
+        "results/benchmarks/systems_table.tsv"
+    conda:
+        "../envs/mmasr.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "mmasr systems-table --fusion {input.fusion} {params.adapted} --md {output.md} --tex {output.tex} > {log} 2>&1"
+
+
 rule report:
     input:
         FINAL_OUTPUTS,

@@ -58,6 +58,9 @@ DEFAULT_INPUTS: dict[str, str] = {
     "retrieval_metrics": "results/metrics/retrieval.json",
     "recall_at_k": "results/clap/recall_at_k.csv",
     "clap_log": "results/clap/train_log.csv",
+    "fusion_adapted_metrics": "results/metrics/fusion_adapted.json",
+    "adapt_metrics": "results/metrics/adapt.json",
+    "adapt_log": "results/adapt/train_log.csv",
     "probe_metrics": "results/metrics/probe.json",
     "reliability": "results/probe/reliability.csv",
     "benchmarks": "results/benchmarks.json",
@@ -592,6 +595,52 @@ def loss_plot(log_df: pd.DataFrame, title: str, y_cols: Iterable[str], alt: str,
     return figure(fig, alt)
 
 
+ADAPT_OFF = ("Adaptation is off (<code>adapt.enabled: false</code>): set it to true (in a config file, or "
+             "<code>snakemake --config adapt='{enabled: true}'</code>) to add the LoRA-adapted Whisper, this table of "
+             "systems and its loss curve.")
+
+
+def systems_section(d: Mapping[str, Any]) -> str:
+    """Zero-shot and adapted Whisper x ASR-only, +LM, +CLIP, +CLIP+LM: the rows of results/tables/systems.md
+    (:func:`mmasr.report.systems.systems_rows`), and the adaptation's loss curve; one sentence when adaptation
+    is off."""
+    from mmasr.report.systems import GROUPS, format_cell, systems_rows
+
+    sid, title = "systems", "Systems (zero-shot and LoRA-adapted Whisper)"
+    if not d.get("adapt_enabled"):
+        return section(sid, title, note(ADAPT_OFF))
+    zero, adapted = d["fusion_metrics"], d["fusion_adapted_metrics"]
+    for m in (zero, adapted):
+        if missing(m):
+            return not_run(sid, title, m)
+    rows = systems_rows({"zero-shot": zero, "adapted": adapted})
+    parts = [table(["model", "system", "WER all", "WER impaired", "WER control"],
+                   [[r["model"], r["system"], *(format_cell(r[g], "–") for g in GROUPS)] for r in rows]),
+             note("Test WER in %; in brackets the 95% interval of the difference to the same model's ASR-only, in "
+                  "points; for the adapted ASR-only row, against the zero-shot ASR-only. Weights chosen on dev. "
+                  "The same rows as <code>results/tables/systems.md</code> and <code>systems.tex</code>.")]
+    diff = _num(adapted, "test_wer_asr_vs_reference")
+    if diff is not None:
+        lo, hi = _num(adapted, "test_wer_asr_vs_reference_ci_low"), _num(adapted, "test_wer_asr_vs_reference_ci_high")
+        parts.append(note(f"<b>Adaptation</b>: adapted − zero-shot ASR-only test WER {fmt(diff)}, 95% interval "
+                          f"[{fmt(lo)}, {fmt(hi)}] ({esc(adapted.get('test_wer_asr_vs_reference_ci_level', ''))}-level)"
+                          f"{_verdict(lo, hi, 'adaptation')}."))
+    a = d["adapt_metrics"]
+    if not missing(a):
+        parts.append(note(f"LoRA: {fmt(a.get('n_adapter_params'))} adapter parameters on a frozen base of "
+                          f"{fmt(a.get('n_base_params'))}; {fmt(a.get('steps'))} steps on {fmt(a.get('n_train_utts'))} "
+                          f"train utterances; kept step {fmt(a.get('best_step'))} (best dev loss "
+                          f"{fmt(_num(a, 'best_dev_loss'))}, first {fmt(_num(a, 'first_dev_loss'))})."))
+    tl = d["adapt_log"]
+    if missing(tl):
+        parts.append(note(f"Loss curve: {tl.html()}", "missing"))
+    else:
+        plot = loss_plot(tl, "Whisper LoRA adaptation", ("loss", "dev_loss"), "adaptation train and dev loss")
+        if plot:
+            parts.append("<h3>Adaptation loss</h3>" + plot)
+    return section(sid, title, "\n".join(parts))
+
+
 def projector_section(d: Mapping[str, Any], n_examples: int) -> str:
     sid, title = "projector", "Projector (speech encoder → LM)"
     m = d["projector_metrics"]
@@ -1012,8 +1061,8 @@ def collect_provenance(d: Mapping[str, Any], paths: Mapping[str, Path], params: 
 # --------------------------------------------------------------------------- the page
 
 
-SECTIONS = [("data", "Data"), ("rescoring", "Rescoring with the picture"), ("projector", "Projector"),
-            ("clap", "CLAP retrieval"), ("probe", "Probe calibration"), ("pretraining", "Demo model pre-training"),
+SECTIONS = [("data", "Data"), ("rescoring", "Rescoring with the picture"), ("systems", "Systems"),
+            ("projector", "Projector"), ("clap", "CLAP retrieval"), ("probe", "Probe calibration"), ("pretraining", "Demo model pre-training"),
             ("benchmarks", "Speed benchmarks"), ("provenance", "Provenance")]
 
 CSS = """
@@ -1070,6 +1119,7 @@ def render_report(d: Mapping[str, Any], info: Mapping[str, Any], root: Path, n_e
     body = [
         data_section(d),
         rescoring_section(d, root, n_examples, thumb_px),
+        systems_section(d),
         projector_section(d, n_examples),
         clap_section(d),
         probe_section(d),
@@ -1103,6 +1153,7 @@ def build_report(root: Path, params: Mapping[str, Any], params_source: str = "",
     paths = resolve_paths(root, overrides)
     d = load_inputs(paths)
     d["nbest_meta"] = parquet_metadata(paths["nbest"]) if Path(paths["nbest"]).is_file() else {}
+    d["adapt_enabled"] = bool(params.get("adapt", {}).get("enabled", False))
     info = collect_provenance(d, paths, params, params_source, root)
     info["data_source"] = params.get("data", {}).get("source", "")
     cfg = params.get("report", {})

@@ -1,6 +1,9 @@
 """Fusion of ASR and CLIP scores, α grid search on dev, test WER with oracle and a bootstrap interval.
 
 fused(α) = (1-α)·softmax(asr_score) + α·softmax(τ·clip_cos), per utterance over its n-best list.
+With the frozen LM's ``lm_score`` (:mod:`mmasr.rescoring.lm`) a second search runs over weight triples on a
+simplex grid: w_asr·softmax(asr) + w_clip·softmax(τ·cos) + w_lm·softmax(lm); its w_lm = 0 edge is the α grid
+(bit for bit), its w_clip = 0 edge the ASR+LM system.
 The beam search and every CLIP cosine are computed once upstream; here each hypothesis's word errors
 against its reference are counted once (jiwer), so the whole α grid is array arithmetic over
 (α, utterance, hypothesis). Corpus WER pools errors over utterances (icefall/ESPnet convention),
@@ -45,6 +48,36 @@ def fuse(asr: np.ndarray, clip: np.ndarray, valid: np.ndarray, alphas: np.ndarra
     fused = (1 - a) * p_asr[None] + a * p_clip[None]
     asr_only = ~has_clip.any(axis=1)
     fused[:, asr_only, :] = p_asr[None, asr_only, :]
+    return np.where(valid[None], fused, -np.inf)
+
+
+def simplex_grid(step: float) -> np.ndarray:
+    """Weight triples (w_asr, w_clip, w_lm) >= 0 summing to 1 in steps of ``step``, shape (W, 3), ordered by
+    w_lm then w_clip (so the first of equal dev WERs is the simplest system: no LM, then the least picture).
+    w_clip and w_lm are rounded as :func:`alpha_grid` rounds α, and w_asr = 1 - w_clip - w_lm, so the
+    w_lm = 0 rows carry exactly the α grid's weights."""
+    n = int(round(1.0 / step))
+    rows = [(j, k) for k in range(n + 1) for j in range(n + 1 - k)]
+    clip = np.round(step * np.array([j for j, _ in rows], np.float64), 6)
+    lm = np.round(step * np.array([k for _, k in rows], np.float64), 6)
+    return np.stack([np.clip(1 - clip - lm, 0.0, 1.0), clip, lm], axis=1)
+
+
+def fuse_simplex(asr: np.ndarray, clip: np.ndarray, lm: np.ndarray, valid: np.ndarray, weights: np.ndarray,
+                 tau: float) -> np.ndarray:
+    """Fused probabilities (W, U, H) for every weight triple at once (one array expression).
+
+    An utterance without a CLIP score (no picture) or without LM scores gives that term's weight to ASR; with
+    w_lm = 0 the arithmetic is that of :func:`fuse` term for term, so the choices are identical."""
+    p_asr = masked_softmax(asr, valid)
+    has_clip = valid & np.isfinite(clip)
+    has_lm = valid & np.isfinite(lm)
+    p_clip = masked_softmax(tau * np.nan_to_num(clip, nan=0.0), has_clip)
+    p_lm = masked_softmax(np.nan_to_num(lm, nan=0.0), has_lm)
+    w = np.asarray(weights, np.float64)
+    w_clip = np.where(has_clip.any(axis=1)[None, :, None], w[:, 1, None, None], 0.0)  # (W, U, 1)
+    w_lm = np.where(has_lm.any(axis=1)[None, :, None], w[:, 2, None, None], 0.0)
+    fused = (1 - w_clip - w_lm) * p_asr[None] + w_clip * p_clip[None] + w_lm * p_lm[None]
     return np.where(valid[None], fused, -np.inf)
 
 
@@ -127,6 +160,7 @@ class NBest:
     ref_words: np.ndarray   # (U,)
     raw: np.ndarray | None = None         # (U, H) object: the hypothesis text as decoded
     clip_texts: np.ndarray | None = None  # (U, H) object: what CLIP read (``clip_text``), None without it
+    lm: np.ndarray | None = None          # (U, H) float: ``lm_score``, NaN without it
 
     @property
     def errors(self) -> np.ndarray:
@@ -160,12 +194,15 @@ def to_arrays(nbest: pd.DataFrame, references: pd.Series, text_cfg: dict) -> NBe
     if "clip_text" in nb:
         clip_texts = np.full((U, H), None, dtype=object)
         clip_texts[row, slot] = nb["clip_text"].to_numpy()
+    lm = np.full((U, H), np.nan)
+    if "lm_score" in nb:
+        lm[row, slot] = pd.to_numeric(nb["lm_score"], errors="coerce").to_numpy(float)
     refs_norm = [norm(str(references[u])) for u in utt_ids]
     s, d, i, words = count_errors([refs_norm[r] for r in row], hyp_norm)
     sub, dele, ins = (np.zeros((U, H), np.int64) for _ in range(3))
     sub[row, slot], dele[row, slot], ins[row, slot] = s, d, i
     return NBest(utt_ids, texts, asr, clip, valid, sub, dele, ins, np.array([len(r.split()) for r in refs_norm]),
-                 raw, clip_texts)
+                 raw, clip_texts, lm)
 
 
 # ---------------------------------------------------------------- the stage
@@ -191,6 +228,14 @@ def group_intervals(group: str, idx: np.ndarray, err_asr: np.ndarray, err_fused:
         out[f"test_wer_fused_swapped_ci_low_{group}"] = sw["low"]
         out[f"test_wer_fused_swapped_ci_high_{group}"] = sw["high"]
     return out
+
+
+def system_group_interval(name: str, group: str, idx: np.ndarray, err_asr: np.ndarray, err: np.ndarray,
+                          ref_words: np.ndarray, speakers: np.ndarray, n_resamples: int, seed: int) -> dict:
+    """One group's interval of system ``name`` − ASR-only (levels as :func:`group_intervals`)."""
+    ci = wer_diff_interval(err_asr[idx], err[idx], ref_words[idx], speakers[idx], np.zeros(len(idx), np.int64),
+                           n_resamples, seed)
+    return {f"test_wer_{name}_diff_ci_low_{group}": ci["low"], f"test_wer_{name}_diff_ci_high_{group}": ci["high"]}
 
 
 def other_scorings(nb: NBest, references: list[str], picks: dict[str, np.ndarray], text_cfg: dict) -> dict:
@@ -269,6 +314,31 @@ def no_picture_reason(n_dev_with_image: int, n_test_with_image: int, alpha: floa
         return ("no dev utterance has a picture (or a CLIP score): α cannot be tuned on dev (the dev grid is flat) "
                 "and stays 0, so the fused WER equals the ASR-only WER")
     return None
+
+
+LM_SYSTEMS = {"asr_lm": "ASR+LM", "asr_clip_lm": "ASR+CLIP+LM"}
+
+
+def has_lm_scores(nb: NBest) -> bool:
+    return nb.lm is not None and bool(np.isfinite(np.where(nb.valid, nb.lm, np.nan)).any())
+
+
+def lm_systems(dev_nb: NBest, nb: NBest, step: float, tau: float) -> tuple[dict, dict[str, np.ndarray]]:
+    """The simplex search on dev and its two LM systems on test: ASR+LM (the w_clip = 0 edge) and ASR+CLIP+LM
+    (the whole simplex), each at its dev-best weights (ties: the first of :func:`simplex_grid`'s order).
+    Returns (metrics, test choices per system)."""
+    weights = simplex_grid(step)
+    dev_wers = grid_wer(choose(fuse_simplex(dev_nb.asr, dev_nb.clip, dev_nb.lm, dev_nb.valid, weights, tau)),
+                        dev_nb.errors, dev_nb.ref_words)
+    metrics, picks = {"n_weight_triples": int(len(weights))}, {}
+    for name, allowed in (("asr_lm", weights[:, 1] == 0), ("asr_clip_lm", np.ones(len(weights), bool))):
+        rows = np.flatnonzero(allowed)
+        best = rows[best_alpha_index(dev_wers[rows])]
+        w = weights[best:best + 1]
+        picks[name] = choose(fuse_simplex(nb.asr, nb.clip, nb.lm, nb.valid, w, tau))[0]
+        metrics[f"weights_{name}"] = [float(x) for x in w[0]]  # (w_asr, w_clip, w_lm)
+        metrics[f"dev_wer_{name}"] = float(dev_wers[best])
+    return metrics, picks
 
 
 def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg: dict, seed: int,
@@ -352,6 +422,20 @@ def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg:
     per_utt = {"asr": err_asr, "fused": err_fused, "oracle": err_oracle, "alpha1": err_alpha1}
     if swap is not None:
         per_utt["fused_swapped"] = err_swapped
+    lm_errs = {}
+    if has_lm_scores(dev_nb) and has_lm_scores(nb):
+        lm_metrics, lm_picks = lm_systems(dev_nb, nb, cfg["alpha_step"], tau)
+        metrics.update(lm_metrics, lm_skipped=False, lm_skip_reason=None)
+        for name, pick in lm_picks.items():
+            err = lm_errs[name] = per_utt[name] = take(nb.errors, pick)
+            sys_ci = wer_diff_interval(err_asr, err, nb.ref_words, speakers, groups, n_boot, seed)
+            metrics.update({f"test_wer_{name}": pooled_wer(err, nb.ref_words), f"test_wer_{name}_ci_low": sys_ci["low"],
+                            f"test_wer_{name}_ci_high": sys_ci["high"], f"test_wer_{name}_ci_level": sys_ci["level"]})
+    else:
+        reason = "no lm_score in the n-best table (fusion.lm_enabled off, or lm-scores not run)"
+        metrics.update(lm_skipped=True, lm_skip_reason=reason)
+        for name in LM_SYSTEMS:
+            metrics.update({f"test_wer_{name}": None, f"test_wer_{name}_ci_low": None, f"test_wer_{name}_ci_high": None})
     per_speaker = group_wer_table(test_meta, nb.ref_words, {f"wer_{name}": err for name, err in per_utt.items()})
     group_idx = test_meta.reset_index(drop=True).groupby("group").indices
     for rec in per_speaker:
@@ -361,6 +445,9 @@ def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg:
                 metrics[f"test_wer_{name}_{value}"] = rec[f"wer_{name}"]
             metrics.update(group_intervals(str(value), group_idx[value], err_asr, err_fused, err_swapped, nb.ref_words,
                                            speakers, n_boot, seed))
+            for name, err in lm_errs.items():
+                metrics.update(system_group_interval(name, str(value), group_idx[value], err_asr, err, nb.ref_words,
+                                                     speakers, n_boot, seed))
 
     changed = np.flatnonzero(asr_pick != fused_pick)
     changed_df = pd.DataFrame({
@@ -385,3 +472,34 @@ def asr_only_wers(nbest: pd.DataFrame, manifest: pd.DataFrame, split: str, text_
     return {f"{split}_wer_asr": pooled_wer(nb.errors[:, 0], nb.ref_words),
             f"{split}_wer_oracle": pooled_wer(take(nb.errors, oracle), nb.ref_words)}
 
+
+
+def asr_only_vs_reference(nbest: pd.DataFrame, reference_nbest: pd.DataFrame, manifest: pd.DataFrame,
+                          text_cfg: dict, n_resamples: int, seed: int) -> dict:
+    """Test ASR-only WER of ``nbest`` (e.g. the adapted Whisper's) minus that of ``reference_nbest`` (the
+    zero-shot one's), overall and per group, each with its interval (speaker-level as the fusion systems'):
+    keys ``test_wer_asr_reference``, ``test_wer_asr_vs_reference`` (+ ``_ci_low``/``_ci_high``/``_ci_level``)
+    and their ``_{group}`` forms. Both tables must hold the same test utterances."""
+    meta = manifest.set_index("utt_id")
+    ids = meta.index[meta["split"] == "test"]
+    nb, ref = (to_arrays(t[t["utt_id"].isin(ids)], meta["text"], text_cfg) for t in (nbest, reference_nbest))
+    if not np.array_equal(nb.utt_ids, ref.utt_ids):
+        raise ValueError(f"the two n-best tables cover different test utterances ({len(nb.utt_ids)} vs "
+                         f"{len(ref.utt_ids)}): the ASR-only difference needs the same ones")
+    err, err_ref = take(nb.errors, fixed_alpha_choice(nb, 0.0, 0.0)), take(ref.errors, fixed_alpha_choice(ref, 0.0, 0.0))
+    test_meta = meta.loc[nb.utt_ids]
+    speakers, groups = test_meta["speaker"].astype(str).to_numpy(), test_meta["group"].astype(str).to_numpy()
+    ci = wer_diff_interval(err_ref, err, nb.ref_words, speakers, groups, n_resamples, seed)
+    out = {"test_wer_asr_reference": pooled_wer(err_ref, nb.ref_words),
+           "test_wer_asr_vs_reference": pooled_wer(err, nb.ref_words) - pooled_wer(err_ref, nb.ref_words),
+           "test_wer_asr_vs_reference_ci_low": ci["low"], "test_wer_asr_vs_reference_ci_high": ci["high"],
+           "test_wer_asr_vs_reference_ci_level": ci["level"]}
+    for group, idx in test_meta.reset_index(drop=True).groupby("group").indices.items():
+        words = nb.ref_words[idx]
+        gci = wer_diff_interval(err_ref[idx], err[idx], words, speakers[idx], np.zeros(len(idx), np.int64),
+                                n_resamples, seed)
+        out.update({f"test_wer_asr_reference_{group}": pooled_wer(err_ref[idx], words),
+                    f"test_wer_asr_vs_reference_{group}": pooled_wer(err[idx], words) - pooled_wer(err_ref[idx], words),
+                    f"test_wer_asr_vs_reference_ci_low_{group}": gci["low"],
+                    f"test_wer_asr_vs_reference_ci_high_{group}": gci["high"]})
+    return out

@@ -25,6 +25,8 @@ CLAP_ORDER = 301
 CLAP_PHASE2_ORDER = 302
 # SLAM-ASR projector (mmasr.projector); was 301 too, the same stream as CLAP phase 1's order
 PROJECTOR_ORDER = 401
+# LoRA adaptation of Whisper (mmasr.adapt)
+ADAPT_ORDER = 501
 
 
 def all_tags() -> dict[str, int]:

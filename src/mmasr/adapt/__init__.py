@@ -1,0 +1,1 @@
+"""Parameter-efficient adaptation of Whisper (LoRA adapters, the peft library)."""
