@@ -120,7 +120,7 @@ rule lm_scores_adapted:
         nbest="data/nbest/adapted/nbest_lm.parquet",
         cache="data/cache/adapted/lm_text_scores.npz",
     params:
-        cfg=cfg_json("fusion", *model_cfg("lm")),
+        cfg=cfg_json(*LM_SCORE_KEYS, *model_cfg("lm")),
     log:
         "results/logs/lm_scores_adapted.log",
     benchmark:

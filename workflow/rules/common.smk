@@ -19,6 +19,10 @@ def cfg_json(*keys):
     return json.dumps(picked, sort_keys=True, separators=(",", ":"))
 
 
+# What lm_scores reads of `fusion` (not the whole section: a new tau or grid must not re-score with the LM).
+LM_SCORE_KEYS = ("fusion.lm_enabled", "fusion.lm_prefix", "fusion.lm_batch_size")
+
+
 def model_cfg(*kinds):
     """The `models` keys that loading the named models reads."""
     keys = ["models.device", "models.dtype", "models.trust_remote_code"]

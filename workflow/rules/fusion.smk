@@ -9,7 +9,7 @@ rule lm_scores:
         nbest="data/nbest/nbest_lm.parquet",
         cache="data/cache/lm_text_scores.npz",  # each distinct hypothesis text's score, once
     params:
-        cfg=cfg_json("fusion", *model_cfg("lm")),
+        cfg=cfg_json(*LM_SCORE_KEYS, *model_cfg("lm")),
     log:
         "results/logs/lm_scores.log",
     benchmark:
