@@ -123,11 +123,7 @@ def adapt_whisper(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | Pa
     trainer = Trainer("adapt whisper", adapters, optimizer, cfg, steps=steps, checkpoint_dir=state, fingerprint=fp,
                       log_columns=LOG_COLUMNS, decay="cosine", items_per_step=per_step,
                       schedule_extra={"grad_accum": cfg["grad_accum"]}, progress=progress)
-    best_dir = state / "best"
-    dev_losses = [float(r["dev_loss"]) for r in trainer.log.rows() if r.get("dev_loss")]
-    best = min(dev_losses) if dev_losses else math.inf
-    if trainer.start == 0 or saved_step(best_dir) > trainer.start:
-        shutil.rmtree(best_dir, ignore_errors=True)
+    trainer.resume_best()
     n_train = sum(p.numel() for p in adapters.parameters())
     n_base = sum(p.numel() for p in peft_model.parameters()) - n_train
     log.info("LoRA r=%d alpha=%g on %s: %d adapter parameters (%.2f%% of %d frozen); %d train / %d dev utterances",
@@ -154,7 +150,6 @@ def adapt_whisper(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | Pa
 
     @torch.no_grad()
     def evaluate(done: int) -> dict:
-        nonlocal best
         peft_model.eval()
         total, count = 0.0, 0
         for start in range(0, len(dev_items), cfg["batch_size"]):
@@ -162,20 +157,17 @@ def adapt_whisper(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | Pa
             total, count = total + float(loss), count + n
         peft_model.train()
         dev_loss = total / max(1, count)
-        if dev_loss < best:
-            best = dev_loss
-            trainer.save(done, name="best")
+        trainer.keep_if_best(done, dev_loss)
         return {"dev_loss": dev_loss}
 
     if not trainer.run(train_step, evaluate if len(dev_items) else None, stop_after=stop_after):
         return None
-    if not best_dir.is_dir():  # no dev set: the last state is the best we know
-        trainer.save(steps, name="best")
+    best_dir = trainer.finish_best()
     from safetensors.torch import load_model
 
     load_model(adapters, str(best_dir / "model.safetensors"), strict=True)
     rows = trainer.log.rows()
-    summary = {"steps": steps, "best_step": saved_step(best_dir), "best_dev_loss": None if math.isinf(best) else best,
+    summary = {"steps": steps, "best_step": saved_step(best_dir), "best_dev_loss": None if math.isinf(trainer.best_dev_loss) else trainer.best_dev_loss,
                "first_dev_loss": next((float(r["dev_loss"]) for r in rows if r.get("dev_loss")), None),
                "final_train_loss": float(np.mean([float(r["loss"]) for r in rows[-20:]])),
                "n_adapter_params": n_train, "n_base_params": n_base, "n_train_utts": len(train),

@@ -299,14 +299,7 @@ def train_projector(model: SpeechLM, cache, manifest: pd.DataFrame, out_dir: str
     trainer = Trainer("train projector", projector, optimizer, cfg, steps=steps, checkpoint_dir=state, fingerprint=fp,
                       log_columns=LOG_COLUMNS, decay="linear", items_per_step=cfg["batch_size"] * cfg["grad_accum"],
                       schedule_extra={"grad_accum": cfg["grad_accum"]}, progress=progress)
-    best_dir = state / "best"
-    best = math.inf
-    if trainer.main:
-        dev_losses = [float(r["dev_loss"]) for r in trainer.log.rows() if r.get("dev_loss")]
-        best = min(dev_losses) if dev_losses else math.inf
-        if trainer.start == 0 or saved_step(best_dir) > trainer.start:
-            shutil.rmtree(best_dir, ignore_errors=True)  # written after the resumed step: it will be re-made
-    best = distributed.broadcast_object(best)
+    trainer.resume_best()
     log.info("projector: %d trainable parameters (%d -> %d, k=%d, hidden %d); LM frozen; %d train / %d dev "
              "utterances; %d steps of %d x %d", n_trainable(projector), projector.net[0].in_features,
              projector.net[-1].out_features, cfg["k"], cfg["hidden"], len(train), len(dev_items), steps,
@@ -348,26 +341,22 @@ def train_projector(model: SpeechLM, cache, manifest: pd.DataFrame, out_dir: str
         return {"loss": total / n_tokens, "train_loss": total / n_tokens, "tokens": n_tokens}
 
     def evaluate(done: int) -> dict:
-        nonlocal best
         projector.eval()
         dev_loss = mean_loss(model, dev_items, cache, cfg["batch_size"])
         projector.train()
-        if dev_loss < best:
-            best = dev_loss
-            trainer.save(done, name="best")
+        trainer.keep_if_best(done, dev_loss)
         return {"dev_loss": dev_loss}
 
     if not trainer.run(train_step, evaluate if len(dev_items) else None, stop_after=stop_after):
         return None
     csv_log = trainer.log
 
-    if distributed.broadcast_object(not best_dir.is_dir()):  # no dev set: the last step is the best we know
-        trainer.save(steps, name="best")
+    best_dir = trainer.finish_best()
     if not trainer.main:
         return None
     rows = csv_log.rows()
     summary = {
-        "steps": steps, "best_dev_loss": None if math.isinf(best) else best,
+        "steps": steps, "best_dev_loss": None if math.isinf(trainer.best_dev_loss) else trainer.best_dev_loss,
         "best_step": saved_step(best_dir), "final_train_loss": float(np.mean([float(r["train_loss"]) for r in rows[-20:]])),
         "first_dev_loss": next((float(r["dev_loss"]) for r in rows if r.get("dev_loss")), None),
         "n_trainable_params": n_trainable(projector), "n_train_utts": len(train), "n_dev_utts": len(dev_items),

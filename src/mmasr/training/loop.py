@@ -373,6 +373,7 @@ class Trainer:
                     torch.manual_seed(distributed.rank_seed(torch.initial_seed(), self.rank))
                 self.log = CsvLog(path, log_columns, None)  # read-only here: rank 0 writes it
         self.start = resumed or self.first_step
+        self.best_dev_loss = math.inf  # see resume_best / keep_if_best
         self.module = model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -409,6 +410,37 @@ class Trainer:
                                     self.schedule, keep, name=name, rank_rng=rank_rng)
         distributed.barrier()
         return final
+
+    # The state with the lowest dev loss, kept as ``best/`` beside the step checkpoints.
+
+    @property
+    def best_dir(self) -> Path:
+        return Path(self.checkpoint_dir) / "best"
+
+    def resume_best(self) -> float:
+        """The lowest dev loss logged so far (inf when none), to compare later evaluations with; a ``best``
+        state saved after the step this run resumes from is removed (the steps after it are re-made).
+        Several processes: rank 0 reads and removes, every rank gets its answer."""
+        best = math.inf
+        if self.main:
+            dev_losses = [float(r["dev_loss"]) for r in self.log.rows() if r.get("dev_loss")]
+            best = min(dev_losses) if dev_losses else math.inf
+            if self.start == 0 or saved_step(self.best_dir) > self.start:
+                shutil.rmtree(self.best_dir, ignore_errors=True)
+        self.best_dev_loss = distributed.broadcast_object(best)
+        return self.best_dev_loss
+
+    def keep_if_best(self, done: int, dev_loss: float) -> None:
+        """Save the state after step ``done`` as ``best`` when ``dev_loss`` is the lowest so far."""
+        if dev_loss < self.best_dev_loss:
+            self.best_dev_loss = dev_loss
+            self.save(done, name="best")
+
+    def finish_best(self) -> Path:
+        """The ``best`` folder after :meth:`run`; with no dev set (no evaluation) the last state is the best known."""
+        if distributed.broadcast_object(not self.best_dir.is_dir()):
+            self.save(self.steps, name="best")
+        return self.best_dir
 
     def run(self, train_step: Callable[[int], dict], evaluate: Callable[[int], dict] | None = None, *,
             stop_after: int | None = None) -> bool:
