@@ -63,7 +63,7 @@ import yaml  # noqa: E402
 from mmasr import config  # noqa: E402
 from mmasr.io import write_json  # noqa: E402
 from mmasr.models.loading import pick_device  # noqa: E402
-from mmasr.report.build import _hms, benchmark_table, per_rule_times  # noqa: E402
+from mmasr.report.build import benchmark_table, hms, per_rule_times  # noqa: E402
 
 # What a user's clone holds that a pipeline run needs (the copy gets nothing else: no data, no results).
 PROJECT_FILES = ("Snakefile", "params.yaml", "dvc.yaml", ".dvcignore")
@@ -360,7 +360,7 @@ def summary_rows(r: dict) -> list[list[str]]:
         ("n-best, real tiny.en: ctranslate2 float32", "nbest_ct2_fp32_speedup", lambda v: f"{v:.2f}x"),
         ("n-best, real tiny.en: ctranslate2 int8", "nbest_ct2_int8_speedup", lambda v: f"{v:.2f}x"),
         ("n-best, real tiny.en: ct2 top-1 agreement", "nbest_ct2_top1_agreement", lambda v: f"{v:.0%}"),
-        ("full pipeline from scratch", "pipeline_wall_s", lambda v: f"{v:.0f} s ({_hms(v)})"),
+        ("full pipeline from scratch", "pipeline_wall_s", lambda v: f"{v:.0f} s ({hms(v)})"),
         ("re-run after changing fusion.tau", "incremental_tau_fraction",
          lambda v: f"{v:.1%} ({r['incremental_tau_wall_s']:.1f} s: {', '.join(jobs or [])})"),
         ("preprocessing (audio s / wall s / core)", "preprocess_audio_s_per_wall_s_per_core", lambda v: f"{v:.1f}"),

@@ -46,7 +46,8 @@ def test_only_adapters_train_and_the_base_is_unchanged(demo_model_dirs, corpus, 
     assert adapter_cfg["r"] == CFG["rank"] and set(adapter_cfg["target_modules"]) == set(CFG["target_modules"])
     merged = load_file(tmp_path / "out" / "model.safetensors")
     changed = {k for k in base if k in merged and not torch.equal(base[k], merged[k])}
-    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+    assert changed and all(k.endswith(tuple(f"{m}.weight" for m in CFG["target_modules"])) for k in changed)
+    assert {k.rsplit(".", 2)[-2] for k in changed} == set(CFG["target_modules"])  # every target module moved
     from peft import PeftModel
 
     fresh = _load(demo_model_dirs)

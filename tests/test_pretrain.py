@@ -180,6 +180,17 @@ def test_training_reads_only_the_train_split(corpus, tmp_path, monkeypatch):
     assert opened and {p.rsplit("/", 1)[-1][:-4] for p in opened} <= train_images
 
 
+def test_whisper_groups_keep_only_those_train_speakers(corpus):
+    manifest = corpus["manifest"]
+    train = manifest[manifest["split"] == "train"]
+    control = pretrain.whisper_training_items(manifest, ["control"])
+    assert set(control["utt_id"]) == set(train.loc[train["group"] == "control", "utt_id"])
+    assert len(control) < len(pretrain.whisper_training_items(manifest)) == len(train)
+    assert set(pretrain.whisper_training_items(manifest, ["control", "impaired"])["utt_id"]) == set(train["utt_id"])
+    with pytest.raises(ValueError, match="group.*nobody"):
+        pretrain.whisper_training_items(manifest, ["nobody"])
+
+
 def test_no_train_rows_is_an_error(corpus):
     with pytest.raises(ValueError, match="train"):
         pretrain.whisper_training_items(corpus["manifest"].assign(split="test"))
@@ -195,7 +206,10 @@ def test_whisper_loss_decreases(corpus, tmp_path):
     assert list(log.columns) == ["step", "lr", "loss", "train_loss_noaug", "dev_loss"]
     assert log["step"].tolist() == list(range(1, 41))
     assert log["loss"].tail(5).mean() < 0.6 * log["loss"].head(5).mean()
-    assert summary["whisper_steps"] == 40 and summary["whisper_n_train_utts"] == 10
+    manifest = corpus["manifest"]
+    n_control_train = int(((manifest["split"] == "train") & (manifest["group"] == "control")).sum())
+    assert summary["whisper_steps"] == 40 and summary["whisper_n_train_utts"] == n_control_train < 10
+    assert summary["whisper_train_groups"] == ["control"]  # the default pretrain.whisper.groups
 
 
 def test_whisper_resume_equals_uninterrupted(corpus, tmp_path):

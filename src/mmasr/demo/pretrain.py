@@ -212,11 +212,15 @@ def clip_pool(anchors: Sequence[int], neighbours: Sequence[Sequence[int]], hard_
 # --------------------------------------------------------------------------------------------
 
 
-def whisper_training_items(manifest: pd.DataFrame) -> pd.DataFrame:
-    """The utterances Whisper trains on: split == "train" and a non-empty transcript, by utt_id."""
+def whisper_training_items(manifest: pd.DataFrame, groups: Sequence[str] | None = None) -> pd.DataFrame:
+    """The utterances Whisper trains on: split == "train" and a non-empty transcript, by utt_id; with
+    ``groups``, only speakers of those groups (``pretrain.whisper.groups``)."""
     train = manifest[(manifest["split"] == "train") & manifest["text"].fillna("").str.strip().astype(bool)]
+    if groups is not None:
+        train = train[train["group"].isin(list(groups))]
     if train.empty:
-        raise ValueError("no train-split utterances with a transcript in the manifest: nothing to pre-train on")
+        where = f" of group(s) {', '.join(groups)}" if groups is not None else ""
+        raise ValueError(f"no train-split utterances{where} with a transcript in the manifest: nothing to pre-train on")
     return train.sort_values("utt_id").reset_index(drop=True)
 
 
@@ -336,10 +340,11 @@ def train_whisper(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | P
     prompt = whisper_prompt_ids(bundle, language, task)
     max_len = int(model.config.max_target_positions)
 
-    train = whisper_training_items(manifest)
+    train = whisper_training_items(manifest, cfg.get("groups"))
     inputs, labels = teacher_forcing_arrays(prompt, caption_token_ids(tok, train["text"], max_len, len(prompt)), eos, pad)
-    log.info("Whisper pre-training on %d train utterances (%d speakers), %d steps; prompt %s", len(train),
-             train["speaker"].nunique(), steps, tok.convert_ids_to_tokens(prompt))
+    log.info("Whisper pre-training on %d train utterances (%d speakers; groups %s), %d steps; prompt %s", len(train),
+             train["speaker"].nunique(), ", ".join(sorted(train["group"].astype(str).unique())), steps,
+             tok.convert_ids_to_tokens(prompt))
     feats = _whisper_features(bundle, train["audio_path"].tolist())
     frames_per_s = bundle.processor.feature_extractor.sampling_rate / bundle.processor.feature_extractor.hop_length
     n_frames = np.minimum(feats.shape[-1], np.ceil(train["duration_s"].to_numpy(float) * frames_per_s)).astype(int)
@@ -386,6 +391,7 @@ def train_whisper(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | P
         "whisper_final_train_loss_noaug": float(last_eval["train_loss_noaug"]) if last_eval else None,
         "whisper_final_dev_loss": float(last_eval["dev_loss"]) if last_eval.get("dev_loss") else None,
         "whisper_n_train_utts": len(train), "whisper_n_train_speakers": int(train["speaker"].nunique()),
+        "whisper_train_groups": sorted(train["group"].astype(str).unique()),
         "whisper_n_params": int(sum(p.numel() for p in model.parameters())),
         "whisper_init_revision": bundle.revision,
     }

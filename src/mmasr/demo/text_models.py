@@ -121,9 +121,9 @@ def _section(cfg: dict | None, name: str) -> dict[str, Any]:
 
 
 def training_texts(manifest: pd.DataFrame) -> list[str]:
-    """The transcripts both text models train on: the train split only (non-empty, by utt_id; the
-    same rows as the Whisper pre-training, :func:`mmasr.demo.pretrain.whisper_training_items`), stripped.
-    Raises ValueError when the manifest has no such row."""
+    """The transcripts both text models train on: the train split only, every group (non-empty, by
+    utt_id; :func:`mmasr.demo.pretrain.whisper_training_items` without a group filter: the words say
+    nothing of the speaker's group), stripped. Raises ValueError when the manifest has no such row."""
     return [str(t).strip() for t in whisper_training_items(manifest)["text"]]
 
 

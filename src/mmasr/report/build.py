@@ -1019,15 +1019,16 @@ def provenance_section(d: Mapping[str, Any], info: Mapping[str, Any]) -> str:
         parts.append(note(f"No benchmark files found ({esc(info['bench_dir'])}).", "missing"))
     else:
         rules = per_rule_times(bench)
-        rows = [[r["rule"], int(r["jobs"]), r["s"], _hms(r["s"]), r["cpu_time_s"], r["max_rss_mb"]]
+        rows = [[r["rule"], int(r["jobs"]), r["s"], hms(r["s"]), r["cpu_time_s"], r["max_rss_mb"]]
                 for r in rules.to_dict("records")]
         rows.append(["total (sum over jobs)", int(rules["jobs"].sum()), float(rules["s"].sum()),
-                     _hms(float(rules["s"].sum())), float(rules["cpu_time_s"].sum()), float(rules["max_rss_mb"].max())])
+                     hms(float(rules["s"].sum())), float(rules["cpu_time_s"].sum()), float(rules["max_rss_mb"].max())])
         parts.append(table(["rule", "jobs", "wall s", "h:m:s", "CPU s", "max RSS MB"], rows, cls="compact"))
     return section(sid, title, "\n".join(parts))
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
+    """``seconds`` as h:mm:ss (rounded to the second)."""
     s = int(round(seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
