@@ -424,7 +424,7 @@ def test_exp_run_with_another_tau_reruns_only_fusion_and_what_reads_it(dvc_repro
 def test_push_clone_pull_leaves_nothing_to_do(dvc_repro, tmp_path):
     """Share through a (local) remote; a fresh clone pulls it and neither tool has anything to do. DVC does
     not keep modification times, so after `dvc pull` Snakemake sees inputs newer than outputs:
-    `snakemake --touch --forceall` (README) marks the pulled outputs up to date and records Snakemake's
+    `snakemake --touch --forceall` (docs/dvc.md) marks the pulled outputs up to date and records Snakemake's
     metadata, so a later params change still re-runs exactly the jobs that read it."""
     work = clone_of(dvc_repro, tmp_path / "origin")
     dvc(work, "remote", "add", "-d", "storage", str(tmp_path / "remote"))
