@@ -1,8 +1,9 @@
 import numpy as np
 import torch
 
-from mmasr.projector.encoder_cache import FeatureCache, encode_batch, n_encoder_frames, write_index, write_shard
+from mmasr.models.layers import n_encoder_frames
 from mmasr.models.loading import whisper_features
+from mmasr.projector.encoder_cache import FeatureCache, encode_batch, write_index, write_shard
 from tests.conftest import tone
 
 

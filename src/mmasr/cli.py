@@ -583,7 +583,7 @@ def cmd_train_probe(args) -> None:
 def cmd_dvc_yaml(args) -> int:
     from mmasr.pipeline.dvc_yaml import check, generate
 
-    text = generate(args.root, args.configfile)
+    text = generate(args.root, args.configfile, parser=build_parser())
     if args.check:
         diff = check(args.root, text, args.out)
         if diff:

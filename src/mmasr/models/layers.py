@@ -241,6 +241,12 @@ def audio_kind(model) -> str:
                      f"(known: whisper, {', '.join(WAVEFORM_TYPES)}, {', '.join(PATCH_FAMILIES)})")
 
 
+def n_encoder_frames(n_samples: int, hop_length: int, window_frames: int) -> int:
+    """Whisper encoder frames covering ``n_samples`` of audio: mel frames (one per hop) halved by the
+    encoder's stride-2 convolution, never more than the window holds."""
+    return min(window_frames, max(1, math.ceil(n_samples / hop_length / 2)))
+
+
 def fbank_frames(n_samples: int, sr: int = 16000, frame_ms: float = 25.0, shift_ms: float = 10.0) -> int:
     """Frames of a Kaldi fbank (torchaudio.compliance.kaldi, ``snip_edges``: only whole windows) of
     ``n_samples`` samples: what AST's feature extractor computes before padding."""
@@ -278,8 +284,6 @@ def _warn_cut(bundle: ModelBundle, seconds: float, window_s: float) -> None:
 
 
 def _whisper_inputs(bundle: ModelBundle, arrays: list[np.ndarray], sr: int) -> tuple[dict, torch.Tensor]:
-    from mmasr.projector.encoder_cache import n_encoder_frames
-
     fe = bundle.processor
     longest = max(len(a) for a in arrays)
     if longest > fe.n_samples:

@@ -24,6 +24,7 @@ params sorted), so the same workflow and params give the same bytes and CI can c
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import json
@@ -394,11 +395,10 @@ class SourceTree:
         return sorted(self.module_file(m).relative_to(self.src_dir.parent).as_posix() for m in modules)
 
 
-def command_function(argv: list[str]) -> str:
-    """The name of the cli function that runs ``mmasr <argv>``."""
-    from mmasr.cli import build_parser
-
-    return build_parser().parse_args(argv).func.__name__
+def command_function(parser: argparse.ArgumentParser, argv: list[str]) -> str:
+    """The name of the cli function that runs ``mmasr <argv>``, as ``parser`` (the ``mmasr`` command line's,
+    handed in by its caller: this module never imports mmasr.cli) dispatches it."""
+    return parser.parse_args(argv).func.__name__
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -481,13 +481,14 @@ def is_metrics(path: str) -> bool:
     return path.startswith("results/metrics/") and path.endswith(".json")
 
 
-def build_stage(job: Job, rule_file: str, tree: SourceTree | None, files: dict[str, dict]) -> Stage:
+def build_stage(job: Job, rule_file: str, tree: SourceTree | None, files: dict[str, dict],
+                parser: argparse.ArgumentParser) -> Stage:
     cmd = dvc_command(job.shell, job.threads, list(files))
     parsed = parse_command(job.shell)
     code = []
     if tree is not None:
         _, tokens = command_tokens(job.shell)
-        code = tree.command_files(command_function(tokens[1:]), f"{tree.package}.cli")
+        code = tree.command_files(command_function(parser, tokens[1:]), f"{tree.package}.cli")
     deps = list(dict.fromkeys([*code, rule_file, *job.input_list]))
     params = declared_params(leaves(parsed.cfg), files) if parsed.cfg else []
     outs, metrics = [], []
@@ -515,8 +516,10 @@ def stage_order(jobs: dict[str, Job], defined: list[str]) -> list[str]:
     return order
 
 
-def generate_stages(root: Path, configfiles: Sequence[str] = (), cores: int = DVC_CORES) -> list[Stage]:
-    """The DVC stages of the Snakemake workflow in ``root`` for params.yaml with ``configfiles`` merged over it."""
+def generate_stages(root: Path, configfiles: Sequence[str] = (), cores: int = DVC_CORES, *,
+                    parser: argparse.ArgumentParser) -> list[Stage]:
+    """The DVC stages of the Snakemake workflow in ``root`` for params.yaml with ``configfiles`` merged over it;
+    ``parser``: the ``mmasr`` command line's (``mmasr.cli.build_parser()``), which names each command's function."""
     root = Path(root)
     files = load_params_files(root, configfiles)
     with tempfile.TemporaryDirectory() as tmp:
@@ -531,7 +534,8 @@ def generate_stages(root: Path, configfiles: Sequence[str] = (), cores: int = DV
     src = root / "src"
     tree = SourceTree(src) if (src / "mmasr" / "cli.py").is_file() else None
     by_rule = {name: found[0] for name, found in rules.items()}
-    return [build_stage(by_rule[name], defined[name], tree, files) for name in stage_order(by_rule, list(defined))]
+    return [build_stage(by_rule[name], defined[name], tree, files, parser)
+            for name in stage_order(by_rule, list(defined))]
 
 
 # ------------------------------------------------------------------------------------------ writing dvc.yaml
@@ -683,9 +687,10 @@ def plot_definitions(root: Path, outputs: set[str]) -> list:
     return kept
 
 
-def generate(root: Path, configfiles: Sequence[str] = ()) -> str:
-    """dvc.yaml's text for the workflow in ``root`` and params.yaml with ``configfiles`` merged over it."""
-    stages = generate_stages(root, configfiles)
+def generate(root: Path, configfiles: Sequence[str] = (), *, parser: argparse.ArgumentParser) -> str:
+    """dvc.yaml's text for the workflow in ``root`` and params.yaml with ``configfiles`` merged over it
+    (``parser``: the ``mmasr`` command line's, see generate_stages)."""
+    stages = generate_stages(root, configfiles, parser=parser)
     outputs = {p for s in stages for p, _ in (*s.outs, *s.metrics)}
     return render(stages, configfiles, plot_definitions(Path(root), outputs))
 

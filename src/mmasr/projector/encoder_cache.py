@@ -8,7 +8,6 @@ safetensors shards (one tensor per utterance, keyed by utterance id) with an ind
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,15 +17,10 @@ import soundfile as sf
 import torch
 
 from mmasr.io import atomic_dir, atomic_path, read_metadata, write_parquet
+from mmasr.models.layers import n_encoder_frames
 from mmasr.models.loading import ModelBundle, autocast, whisper_features
 
 INDEX_COLUMNS = ["utt_id", "shard", "n_frames", "dim"]
-
-
-def n_encoder_frames(n_samples: int, hop_length: int, window_frames: int) -> int:
-    """Encoder frames covering ``n_samples`` of audio: mel frames (one per hop) halved by the encoder's
-    stride-2 convolution, never more than the window holds."""
-    return min(window_frames, max(1, math.ceil(n_samples / hop_length / 2)))
 
 
 @torch.inference_mode()
