@@ -184,17 +184,28 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(speech_setup, tmp_path)
 
 def test_gradient_accumulation_matches_one_big_batch(speech_setup, tmp_path):
     setup = speech_setup
-    outs = {}
+    outs, moments = {}, {}
     for name, over in (("big", {"batch_size": 4, "grad_accum": 1}), ("accum", {"batch_size": 2, "grad_accum": 2})):
-        cfg = tiny_cfg(steps=1, bucket_batches=1, **over)
+        # grad_clip out of reach: clipping rescales the gradient to a fixed norm and would hide a scale error
+        cfg = tiny_cfg(steps=1, bucket_batches=1, grad_clip=1e9, **over)
         model = build_speech_lm(load_lm(str(setup["lm"]), device="cpu"), 8, cfg)
         train_projector(model, setup["cache"], setup["manifest"], tmp_path / name, tmp_path / f"{name}.csv",
                         tmp_path / f"{name}-state", cfg, 5, progress=False)
         outs[name] = model.projector.state_dict()
+        moments[name] = torch.load(tmp_path / name / "last" / "state.pt", weights_only=True)["optimizer"]["state"]
     # the same 4 utterances as 2 x 2 micro-batches: the update is the same only because the loss is
     # normalised over the step's tokens (averaging per micro-batch would weigh tokens differently)
     for key in outs["big"]:
         torch.testing.assert_close(outs["big"][key], outs["accum"][key], atol=1e-6, rtol=1e-5)
+    # AdamW's first update is nearly sign(g) * lr whatever g's scale, so equal weights cannot catch a uniform
+    # scale error (e.g. forgetting to divide by the step's tokens or by grad_accum). After one step its
+    # moments are (1 - beta1) g and (1 - beta2) g^2: the accumulated gradient itself, compared here.
+    big, accum = moments["big"], moments["accum"]
+    assert big.keys() == accum.keys() and len(big) == len(outs["big"])
+    for name in ("exp_avg", "exp_avg_sq"):
+        for i in big:
+            assert float(big[i][name].abs().max()) > 0, (name, i)  # a real gradient, not zeros on both sides
+            torch.testing.assert_close(accum[i][name], big[i][name], rtol=1e-4, atol=1e-7 * float(big[i][name].abs().max()))
 
 
 def test_batched_decoding_equals_one_at_a_time(speech_setup, tmp_path):

@@ -3,7 +3,7 @@ and `snakemake --workflow-profile workflow/profiles/slurm`, compared with a loca
 config; the n-best shards' retries; the SLURM profile's resources.
 
 The SLURM tests skip, saying why, where no cluster can be started (SLURM not installed, not root);
-`.ci/run` installs and starts one, so they run in CI. Every `mmasr` call goes through a test double
+`.ci/run` installs and starts one, so they run in CI, and under CI=true a missing cluster fails them. Every `mmasr` call goes through a test double
 (tests/cluster/mmasr_shim.sh) that records the SLURM job it ran in and the GPU SLURM granted it, and
 fails n-best shard 1 on purpose: locally on every call (the run fails; the next run re-does only that
 shard), on the cluster in its first SLURM job (which fails; Snakemake submits a second one).
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import IN_CI, REPO, missing_prerequisite
 from tests.test_workflow import job_counts, project_copy
 
 pytestmark = pytest.mark.slow
@@ -201,6 +201,8 @@ def runs(tmp_path_factory) -> Runs:
     start-up, status checks, the one GPU slot)."""
     root = tmp_path_factory.mktemp("cluster")
     cluster = start_cluster()
+    if isinstance(cluster, str) and IN_CI:
+        missing_prerequisite(cluster)  # fails at once, before the local run's minutes
     cores = min(LOCAL_CORES, cluster["cpus"]) if isinstance(cluster, dict) else LOCAL_CORES
     with ThreadPoolExecutor(max_workers=2) as pool:
         local = pool.submit(run_local, workdir(root, "local"), cores)
@@ -210,7 +212,7 @@ def runs(tmp_path_factory) -> Runs:
 
 def finished_slurm_run(runs: Runs) -> Run:
     if runs.slurm is None:
-        pytest.skip(runs.skip_reason)
+        missing_prerequisite(runs.skip_reason)
     assert runs.slurm.returncode == 0, explain(runs.slurm)
     return runs.slurm
 

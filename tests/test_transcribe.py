@@ -48,3 +48,58 @@ def test_unusable_audio_is_a_clear_error(params, tmp_path):
     with pytest.raises(ValueError, match="cannot transcribe .*bad.wav: empty_audio"):
         transcribe(tmp_path / "bad.wav", params)
     assert tuned_alpha(tmp_path / "missing.json") is None
+
+
+def test_the_command_picks_what_fuse_picks_for_the_same_utterance_and_alpha(params, demo_model_dirs, tmp_path):
+    """`mmasr transcribe` run as a command, against the pipeline's own route for the same utterance: the
+    nbest stage's n-best (run_nbest on the preprocessed audio), the clip_scores stage's cosines and the fuse
+    stage's choice at one α (fixed_alpha_choice)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from mmasr.data.preprocess import load_and_clean
+    from mmasr.data.text import normaliser
+    from mmasr.models.loading import clip_image_embeddings, load_from_params
+    from mmasr.rescoring.clip import clip_scores
+    from mmasr.rescoring.fusion import fixed_alpha_choice, to_arrays
+    from mmasr.rescoring.nbest import run_nbest
+
+    audio = write_wav(tmp_path / "a.wav", tone(1.2, 22050, freq=180.0), sr=22050)
+    picture = write_picture(tmp_path / "p.png")
+    # the pipeline's route: preprocess, then the stages' functions on a one-utterance manifest
+    samples = load_and_clean(audio, params["preprocess"]).audio
+    cleaned = write_wav(tmp_path / "processed.wav", samples, sr=params["preprocess"]["sample_rate"])
+    manifest = pd.DataFrame([{"utt_id": "u1", "split": params["nbest"]["splits"][0], "audio_path": str(cleaned),
+                              "duration_s": len(samples) / params["preprocess"]["sample_rate"], "image_id": "pic"}])
+    nbest = run_nbest(load_from_params("whisper", params["models"]), manifest, params["nbest"],
+                      normaliser(params["text"]), progress=False)
+    clip = load_from_params("clip", params["models"])
+    with Image.open(picture) as img:
+        embeddings = {"pic": clip_image_embeddings(clip, [img.convert("RGB")])[0]}
+    scored, _, _ = clip_scores(nbest, manifest, embeddings, clip, params["text"], progress=False)
+    nb = to_arrays(scored, pd.Series({"u1": "unused"}), params["text"])
+    tau = params["fusion"]["tau"]
+    picks = {float(a): int(fixed_alpha_choice(nb, a, tau)[0]) for a in np.round(np.linspace(0, 1, 21), 2)}
+    # an α at which the picture changes fuse's pick (not Whisper's own first): the command must fuse to match
+    alpha = next((a for a, c in picks.items() if c != picks[0.0]), None)
+    assert alpha is not None, f"the picture never changes the pick here: {picks}, n-best {scored['text'].tolist()}"
+
+    cfg = {"models": params["models"], "nbest": {"max_new_tokens": params["nbest"]["max_new_tokens"]}}
+    mmasr = Path(sys.executable).parent / "mmasr"
+    proc = subprocess.run([str(mmasr), "transcribe", str(audio), "--image", str(picture), "--alpha", str(alpha),
+                           "--cfg", json.dumps(cfg)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["mode"] == "multimodal" and out["alpha"] == alpha and out["tau"] == tau and "warning" not in out
+    assert out["transcription"] == nb.raw[0, picks[alpha]] != nb.raw[0, picks[0.0]]
+    # the same hypotheses with the same ASR and CLIP scores as the stages'
+    stage = scored.set_index("text")
+    assert sorted(h["text"] for h in out["hypotheses"]) == sorted(stage.index)
+    for h in out["hypotheses"]:
+        assert h["asr_score"] == pytest.approx(stage.at[h["text"], "asr_score"], abs=1e-5)
+        assert h["clip_score"] == pytest.approx(stage.at[h["text"], "clip_cos"], abs=1e-5)

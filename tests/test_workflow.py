@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from mmasr.io import read_json
-from tests.conftest import file_digest, job_counts, project_copy, run, snakemake, tiny_params
+from tests.conftest import ReportPage, file_digest, job_counts, project_copy, run, snakemake, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -76,9 +76,18 @@ def test_long_jobs_report_progress_in_their_logs(tiny_run):
 def test_the_report_is_the_last_job_and_reports_what_ran(tiny_run):
     page = (tiny_run / "results/report.html").read_text()
     fusion = read_json(tiny_run / "results/metrics/fusion.json")
-    assert "<h2>Rescoring with the picture</h2>" in page and f"{fusion['test_wer_asr']:.3f}" in page
     projector = read_json(tiny_run / "results/metrics/projector.json")
-    assert "<h2>Projector" in page and f"{projector['test_wer']:.3f}" in page
+    assert "<h2>Rescoring with the picture</h2>" in page and "<h2>Projector" in page
+    # each WER in its place: the key-results box that names it, and its row and column of the section's table
+    report = ReportPage(page)
+    for name, value in (("fusion.test_wer_asr", fusion["test_wer_asr"]), ("fusion.test_wer_fused", fusion["test_wer_fused"]),
+                        ("fusion.test_wer_oracle", fusion["test_wer_oracle"]), ("projector.test_wer", projector["test_wer"])):
+        assert float(report.metrics[name]) == pytest.approx(value, abs=5e-4), name
+    assert float(report.cell("rescoring", "ASR only (Whisper 1-best)", "test WER")) == pytest.approx(fusion["test_wer_asr"], abs=5e-4)
+    assert float(report.cell("rescoring", "ASR only (Whisper 1-best)", "dev WER")) == pytest.approx(fusion["dev_wer_asr"], abs=5e-4)
+    assert float(report.cell("rescoring", f"fused (α = {fusion['best_alpha']:.2f})", "test WER")) == \
+        pytest.approx(fusion["test_wer_fused"], abs=5e-4)
+    assert float(report.cell("projector", "projector + LM", "test WER")) == pytest.approx(projector["test_wer"], abs=5e-4)
     assert "missing <code>results/metrics/" not in page  # every stage ran (benchmarks.json comes from benchmarks/)
     assert "<td>fuse</td>" in page  # run time per rule, from the Snakemake benchmarks
     assert 'src="http' not in page and "data:image/png;base64," in page

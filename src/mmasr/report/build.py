@@ -1087,29 +1087,33 @@ img.plot{display:block;max-width:100%;margin:6px 0}img.thumb{display:block;borde
 
 def key_results(d: Mapping[str, Any]) -> str:
     """Headline numbers from whichever stages ran."""
-    kpis = []
+    kpis = []  # (value, label, metric): metric names the value's source as data-metric="<stage>.<key>"
     f, p, r, pr = d["fusion_metrics"], d["projector_metrics"], d["retrieval_metrics"], d["probe_metrics"]
     if not missing(f):
-        kpis += [(fmt(_num(f, "test_wer_asr")), "test WER, Whisper alone"),
+        kpis += [(fmt(_num(f, "test_wer_asr")), "test WER, Whisper alone", "fusion.test_wer_asr"),
                  (fmt(_num(f, "test_wer_fused")),
                   "test WER, fused = ASR-only (picture rescoring skipped)" if f.get("fusion_skipped") else
-                  f"test WER, with the picture (α = {fmt(_num(f, 'best_alpha'), 2)})"),
+                  f"test WER, with the picture (α = {fmt(_num(f, 'best_alpha'), 2)})", "fusion.test_wer_fused"),
                  (f"[{fmt(_num(f, 'test_wer_diff_ci_low'))}, {fmt(_num(f, 'test_wer_diff_ci_high'))}]",
-                  f"95% interval, fused − ASR-only ({f.get('test_wer_diff_ci_level', 'utterance')}-level)"),
-                 (fmt(_num(f, "test_wer_oracle")), "test WER, n-best oracle")]
+                  f"95% interval, fused − ASR-only ({f.get('test_wer_diff_ci_level', 'utterance')}-level)",
+                  "fusion.test_wer_diff_ci"),
+                 (fmt(_num(f, "test_wer_oracle")), "test WER, n-best oracle", "fusion.test_wer_oracle")]
         if _num(f, "test_wer_fused_swapped") is not None:
-            kpis.append((fmt(_num(f, "test_wer_fused_swapped")), "test WER, pictures swapped (control)"))
+            kpis.append((fmt(_num(f, "test_wer_fused_swapped")), "test WER, pictures swapped (control)",
+                         "fusion.test_wer_fused_swapped"))
     if not missing(p):
-        kpis.append((fmt(_num(p, "test_wer")), "test WER, projector + LM"))
+        kpis.append((fmt(_num(p, "test_wer")), "test WER, projector + LM", "projector.test_wer"))
     if not missing(r):
-        kpis.append((fmt(_num(r, "a2t_r1")), f"CLAP audio→text R@1 (zero-shot {fmt(_num(r, 'zeroshot_a2t_r1'))})"))
+        kpis.append((fmt(_num(r, "a2t_r1")), f"CLAP audio→text R@1 (zero-shot {fmt(_num(r, 'zeroshot_a2t_r1'))})",
+                     "retrieval.a2t_r1"))
     if not missing(pr):
-        kpis.append((fmt(_num(pr, "auc")), f"probe AUC (ECE {fmt(_num(pr, 'ece_calibrated'))} calibrated)"))
+        kpis.append((fmt(_num(pr, "auc")), f"probe AUC (ECE {fmt(_num(pr, 'ece_calibrated'))} calibrated)", "probe.auc"))
     if not kpis:
         return note("No results yet: no stage after the data preparation has run.", "missing") + skipped_note(
             skipped_stages(d))
-    return '<div class="kpis">' + "".join(f'<div class="kpi"><b>{esc(v)}</b><span>{esc(t)}</span></div>'
-                                          for v, t in kpis) + "</div>" + skipped_note(skipped_stages(d))
+    return '<div class="kpis">' + "".join(
+        f'<div class="kpi" data-metric="{esc(k)}"><b>{esc(v)}</b><span>{esc(t)}</span></div>'
+        for v, t, k in kpis) + "</div>" + skipped_note(skipped_stages(d))
 
 
 def render_report(d: Mapping[str, Any], info: Mapping[str, Any], root: Path, n_examples: int = 8,
