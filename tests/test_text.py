@@ -55,7 +55,7 @@ TEXT = validate({})["text"]
 TRICKY = ["I like red pears", "well it is a well", "so the boy is falling", "twenty-one birds", "21 birds",
           "1,000 cats", "3.5", "[laughter] the <unk> bear", "colour", "the the the the bear", "uh the boy um falls",
           "you know, i mean okay", "Don't stop", "Oh, OK, like, the bear", "it's Mr. Smith's 305 hats",
-          "  two   red\tpears  ", ""]
+          "  two   red\tpears  ", "Um...", "a red bear...", ""]  # Whisper's normaliser keeps a lone "." there
 
 # Seed 000's normaliser (main at 1a90f6d, `normaliser(params.text)` with the then-default text section:
 # collapse_repeats on, seed 000's fillers), computed by that code before text.normaliser existed and
@@ -156,3 +156,21 @@ def test_one_caption_format_per_list_around_the_threshold():
     assert clip_texts(["red pear"], {**cfg, "caption_style": False}) == ["red pear"]
     # a transcript on its own (a reference) is a list of one
     assert clip_text("red pear", cfg) == "an image showing red pear" and clip_text("a red pear", cfg) == "a red pear"
+
+
+def test_the_rules_pass_every_key_the_normaliser_reads():
+    """workflow/rules/common.smk's TEXT_NORM_KEYS (the rules that normalise re-run when one changes) are
+    mmasr.data.text.NORMALISER_KEYS, and normaliser() reads nothing else."""
+    import ast
+    import re
+    from pathlib import Path
+
+    from mmasr.data.text import NORMALISER_KEYS
+
+    smk = (Path(__file__).resolve().parents[1] / "workflow/rules/common.smk").read_text()
+    keys = ast.literal_eval(re.search(r"TEXT_NORM_KEYS = (\[.*?\])", smk, re.S).group(1))
+    assert keys == [f"text.{k}" for k in NORMALISER_KEYS]
+    only = {k: TEXT[k] for k in NORMALISER_KEYS}
+    for mode in ("whisper_english", "seed"):
+        assert normaliser({**only, "normaliser": mode})("Well, the the bear") == normaliser({**TEXT, "normaliser": mode})(
+            "Well, the the bear")

@@ -379,6 +379,7 @@ def cmd_pretrain_clip(args) -> None:
 
 def cmd_pretrain_text_model(args) -> None:
     """Build the random init (inside the resumable state folder) and train the demo LM or text encoder."""
+    from mmasr.data.text import NORMALISER_KEYS
     from mmasr.demo import text_models as demo_text
 
     kind = args.kind
@@ -387,9 +388,11 @@ def cmd_pretrain_text_model(args) -> None:
     build, train = {"lm": (demo_text.build_demo_lm, demo_text.train_lm),
                     "text_encoder": (demo_text.build_demo_text_encoder, demo_text.train_text_encoder)}[kind]
     init = build(Path(args.checkpoint_dir) / "init", cfg, p["seed"])  # deterministic: same bytes every time
+    reads = {"text_cfg": p["text"]} if kind == "text_encoder" else {}  # CLAP reads normalised transcripts
     summary = train(init, pd.read_parquet(args.manifest), args.out, args.log_csv, args.checkpoint_dir, cfg, p["seed"],
-                    max_steps=args.max_steps, progress=not args.quiet, device=p["models"]["device"])
-    summary.update(provenance(p, ("seed", f"pretrain.{kind}", "models.device")))
+                    max_steps=args.max_steps, progress=not args.quiet, device=p["models"]["device"], **reads)
+    norm_keys = tuple(f"text.{k}" for k in NORMALISER_KEYS) if reads else ()
+    summary.update(provenance(p, ("seed", f"pretrain.{kind}", "models.device", *norm_keys)))
     write_json(args.metrics, summary)
     log.info("demo %s pre-trained: %s; written to %s", kind, summary, args.out)
 

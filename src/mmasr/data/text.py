@@ -37,6 +37,10 @@ from collections.abc import Callable, Iterable, Sequence
 DEFAULT_FILLERS = ("um", "uh", "uh-huh", "hmm", "hm", "ah", "er", "oh", "like", "you know", "i mean",
                    "okay", "ok", "so", "well")
 NORMALISERS = ("whisper_english", "seed")
+# The params ``text`` keys :func:`normaliser` reads (not the caption keys); workflow/rules/common.smk's
+# TEXT_NORM_KEYS are these.
+NORMALISER_KEYS = ("normaliser", "lowercase", "remove_punctuation", "collapse_repeats", "remove_fillers", "fillers",
+                   "numbers_as_words")
 # Seed 000's text settings: ``normaliser(SEED_000_TEXT)`` is seed 000's normaliser (the ``_seed_norm`` scorings).
 SEED_000_TEXT = {"normaliser": "seed", "lowercase": True, "remove_punctuation": True, "collapse_repeats": True,
                  "remove_fillers": True, "fillers": list(DEFAULT_FILLERS), "numbers_as_words": True}
