@@ -46,7 +46,7 @@ if (REPO / "src" / "mmasr").is_dir():
 from mmasr import config  # noqa: E402
 from mmasr.io import write_json  # noqa: E402
 from mmasr.memory import peak_rss_bytes  # noqa: E402
-from mmasr.rescoring.clip import clip_text, save_embeddings, save_text_embeddings  # noqa: E402
+from mmasr.rescoring.clip import nbest_clip_texts, save_embeddings, save_text_embeddings  # noqa: E402
 from mmasr.rescoring.nbest import NBEST_COLUMNS  # noqa: E402
 
 STAGES = ("ingest", "preprocess", "split", "fuse", "report")
@@ -121,7 +121,7 @@ def synthetic_nbest(manifest: pd.DataFrame, text_cfg: dict, seed: int = 0, n_hyp
                             "beam_score": -0.5 * (rank + 1), "token_ids": list(range(len(hyp) + 1)), "complete": True,
                             "image_id": image if isinstance(image, str) else None})
     nbest = pd.DataFrame(records)
-    nbest["clip_text"] = [clip_text(t, text_cfg) for t in nbest["text"]]
+    nbest["clip_text"] = nbest_clip_texts(nbest, text_cfg)
     texts = sorted(set(nbest["clip_text"]))
     text_vecs = rng.standard_normal((len(texts), dim)).astype(np.float32)
     text_vecs /= np.linalg.norm(text_vecs, axis=1, keepdims=True)

@@ -376,9 +376,9 @@ def test_cache_from_real_encoders_and_phase2_with_resume(tmp_path, demo_model_di
     cache = build_cache(manifest, load_audio_encoder(p["models"]["audio_encoder"], device="cpu"),
                         load_text_encoder(p["models"]["text_encoder"], device="cpu"), p["clap"], p["text"],
                         tmp_path / "cache", progress=False)
-    assert cache.texts == ["a red bear", "two green goats"]  # normalised, distinct, sorted
+    assert cache.texts == ["2 green goats", "a red bear"]  # normalised (whisper_english: digits), distinct, sorted
     assert cache.audio.shape == (8, 4 * 128) and cache.text.shape == (2, 4 * 16)
-    assert cache.utts["text_row"].tolist() == [0, 1] * 4
+    assert cache.utts["text_row"].tolist() == [1, 0] * 4
     meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
     assert meta["audio_layers"] == [1, 1, 2, 2] and meta["text_pooling"] == "cls" and meta["audio_revision"].startswith("sha256:")
     assert meta["n_rejected_empty_transcript"] == 0 and len(pd.read_parquet(tmp_path / "cache" / "rejects.parquet")) == 0
@@ -453,7 +453,7 @@ def test_cli_names_a_missing_cache(tmp_path, caplog):
 def test_empty_transcripts_get_a_rejects_row():
     from mmasr.clap.cache import cache_items, empty_transcript_rejects
 
-    manifest = pd.DataFrame({"utt_id": ["u1", "u2", "u3"], "text": ["a red bear", "um, uh...", None],
+    manifest = pd.DataFrame({"utt_id": ["u1", "u2", "u3"], "text": ["a red bear", "um, uh!", None],
                              "audio_path": ["a.wav", "b.wav", "c.wav"], "speaker": "s", "group": "control",
                              "split": "train", "duration_s": 1.0})
     utts, _ = cache_items(manifest, validate({})["text"])

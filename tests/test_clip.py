@@ -47,7 +47,7 @@ def test_embedding_file_is_byte_stable_and_round_trips(tmp_path):
 
 def test_clip_scores_encode_each_text_once_and_leave_nan_without_picture(clip_bundle, monkeypatch):
     nbest = pd.DataFrame({"utt_id": ["u1", "u1", "u2", "u2", "u3"], "rank": [0, 1, 0, 1, 0],
-                          "text": ["a red bear", "a red pear", "a red bear", "bear", "a red bear"]})
+                          "text": ["a red bear", "a red pear", "red bear", "bear", "a red bear"]})
     manifest = pd.DataFrame({"utt_id": ["u1", "u2", "u3"], "image_id": ["img", "img", None]})
     dim = clip_bundle.model.config.projection_dim
     img = np.ones(dim, np.float32) / np.sqrt(dim)
@@ -55,10 +55,29 @@ def test_clip_scores_encode_each_text_once_and_leave_nan_without_picture(clip_bu
     real = clip_mod.clip_text_embeddings
     monkeypatch.setattr(clip_mod, "clip_text_embeddings", lambda b, texts: (encoded.extend(texts), real(b, texts))[1])
     out = add_clip_scores(nbest, manifest, {"img": img}, clip_bundle, TEXT, progress=False)
-    assert sorted(encoded) == ["a red bear", "a red pear", "an image showing bear"]  # distinct texts, once each
+    # distinct texts, once each; u2's list (at most 2 words) is read as captions, u1's (3 words) bare
+    assert sorted(encoded) == ["a red bear", "a red pear", "an image showing bear", "an image showing red bear"]
     assert out["clip_cos"].isna().tolist() == [False, False, False, False, True]
-    assert out.loc[0, "clip_cos"] == pytest.approx(out.loc[2, "clip_cos"])
-    assert out.loc[3, "clip_text"] == "an image showing bear"
+    assert out["clip_text"].tolist() == ["a red bear", "a red pear", "an image showing red bear",
+                                         "an image showing bear", "a red bear"]
+
+
+def test_one_caption_format_per_list_whatever_the_row_order(clip_bundle):
+    """Hypotheses that differ by one word around caption_max_words get the same format: "red pear" is
+    read bare beside "a red pear" and as a caption beside "pear"; rows of a list need not be adjacent."""
+    nbest = pd.DataFrame({"utt_id": ["u1", "u2", "u1", "u2"], "rank": [0, 0, 1, 1],
+                          "text": ["red pear", "red pear", "a red pear", "pear"]})
+    manifest = pd.DataFrame({"utt_id": ["u1", "u2"], "image_id": ["img", "img"]})
+    dim = clip_bundle.model.config.projection_dim
+    img = np.ones(dim, np.float32) / np.sqrt(dim)
+    out, texts, vecs = clip_scores(nbest, manifest, {"img": img}, clip_bundle, {**TEXT, "caption_max_words": 2},
+                                   progress=False)
+    assert out["clip_text"].tolist() == ["red pear", "an image showing red pear", "a red pear", "an image showing pear"]
+    # the text-embedding cache is keyed by what CLIP read, and reproduces every cosine
+    assert texts == sorted(set(out["clip_text"]))
+    by_text = dict(zip(texts, vecs))
+    for text, cos in zip(out["clip_text"], out["clip_cos"]):
+        assert float(by_text[text] @ img) == pytest.approx(cos, abs=1e-6)
 
 
 def test_text_embedding_cache_round_trips_free_text_and_is_byte_stable(tmp_path):
@@ -82,7 +101,7 @@ def test_stored_text_embeddings_reproduce_clip_cos(clip_bundle):
     dim = clip_bundle.model.config.projection_dim
     img = np.ones(dim, np.float32) / np.sqrt(dim)
     out, texts, vecs = clip_scores(nbest, manifest, {"img": img}, clip_bundle, TEXT, progress=False)
-    assert texts == ["a red bear", "an image showing bear"]  # only texts scored against a picture
+    assert texts == ["a red bear", "bear"]  # only texts scored against a picture; u1's list is read bare
     by_text = dict(zip(texts, vecs))
     for text, cos in zip(out["clip_text"][:2], out["clip_cos"][:2]):
         assert float(by_text[text] @ img) == pytest.approx(cos, abs=1e-6)
@@ -94,7 +113,7 @@ def test_clip_scores_without_any_picture_embedding_need_no_model():
     manifest = pd.DataFrame({"utt_id": ["u1", "u2"], "image_id": pd.array([None, None], dtype="string")})
     assert not clip_mod.rows_with_picture(nbest, manifest, {}).any()
     out = add_clip_scores(nbest, manifest, {}, None, TEXT, progress=False)
-    assert out["clip_cos"].isna().all() and out["clip_text"].tolist()[1] == "an image showing bear"
+    assert out["clip_cos"].isna().all() and out["clip_text"].tolist() == ["a red bear", "bear", "an image showing pear"]
     with pytest.raises(ValueError, match="needs the CLIP model"):
         add_clip_scores(nbest, manifest.assign(image_id=["img", None]), {"img": np.ones(4, np.float32)}, None, TEXT,
                         progress=False)

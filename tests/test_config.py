@@ -151,3 +151,16 @@ def test_a_bad_section_value_is_named_alone_and_in_the_whole_file(path, section,
 ])
 def test_the_edges_of_the_ranges_are_accepted(path, section):
     config.validate_section(path, section)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config").glob("*.yaml")), ids=lambda p: p.name)
+def test_real_model_configs_ask_for_twice_the_beams_they_keep(path):
+    """A real Whisper's beams often differ only in case or punctuation and collapse after normalisation, so a
+    config that names a real model (models.whisper) asks for at least twice the beams it keeps (5 of 5 left
+    lists of 1-3 hypotheses). A test rather than a schema rule: the demo's one-token-per-word Whisper keeps 5 of 5."""
+    override = yaml.safe_load(path.read_text()) or {}
+    if "whisper" not in (override.get("models") or {}):
+        pytest.skip(f"{path.name} names no Whisper")
+    n = config.load([REPO / "params.yaml", path])["nbest"]
+    assert n["num_beams"] >= 2 * n["keep"] and n["num_return_sequences"] >= 2 * n["keep"], (
+        f"{path.name}: nbest asks for {n['num_beams']} beams, returns {n['num_return_sequences']}, keeps {n['keep']}")

@@ -262,3 +262,14 @@ def test_build_is_byte_identical_per_seed(inits, tmp_path):
         for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
             assert (again / name).read_bytes() == (inits[kind] / name).read_bytes(), (kind, name)
         assert (other / "model.safetensors").read_bytes() != (again / "model.safetensors").read_bytes()
+
+
+def test_text_encoder_trains_on_what_clap_reads_when_given_the_text_section(inits, tokenized_texts):
+    """CLAP embeds normalised transcripts (mmasr.clap.cache.cache_items): with params ``text`` the demo text
+    encoder trains on the same strings (whisper_english writes "two" as "2")."""
+    from mmasr.config import validate
+
+    summary, _ = _train("te", inits, "te_norm", max_steps=2, text_cfg=validate({})["text"])
+    seen = {t.strip() for t in tokenized_texts}
+    assert {"2 green goats", "3 blue cups", "a red bear"} <= seen and "two green goats" not in seen
+    assert summary["text_encoder_n_train_utts"] == 24

@@ -154,7 +154,7 @@ def test_missing_split_is_a_clear_error():
 
 
 def test_to_arrays_normalises_both_sides():
-    nb = pd.DataFrame({"utt_id": ["u", "u"], "rank": [0, 1], "text": ["A red, red bear!", "um a red pear"],
+    nb = pd.DataFrame({"utt_id": ["u", "u"], "rank": [0, 1], "text": ["A red bear!", "um a red pear"],
                        "asr_score": [-0.1, -0.2], "clip_cos": [None, None]})
     arr = to_arrays(nb, pd.Series({"u": "A Red Bear."}), TEXT)
     assert arr.texts[0].tolist() == ["a red bear", "a red pear"]
@@ -314,9 +314,31 @@ def test_cer_and_raw_wer():
     nb = to_arrays(pd.DataFrame({"utt_id": ["u", "u"], "rank": [0, 1], "text": ["Well a red pear", "well, a red bear."],
                                  "asr_score": [-0.1, -0.2]}), pd.Series({"u": "Well, a red bear."}), TEXT)
     out = other_scorings(nb, ["Well, a red bear."], {"asr": np.array([0]), "fused": np.array([1])}, TEXT)
-    assert out["test_cer_fused"] == 0.0 and out["test_cer_asr"] == pytest.approx(1 / len("a red bear"))
+    assert out["test_cer_fused"] == 0.0 and out["test_cer_asr"] == pytest.approx(1 / len("well a red bear"))
     assert out["test_wer_fused_raw"] == 0.0  # lower-cased only: punctuation and "well" are words here
     assert out["test_wer_asr_raw"] == pytest.approx(2 / 4)  # "well" vs "well,", "pear" vs "bear."
+
+
+def test_headline_wers_under_the_other_normaliser():
+    """fusion.json's _seed_norm (seed 000's normaliser: fillers such as "well"/"like" dropped, repeats collapsed)
+    or _whisper_norm keys, for the same picks; the oracle is the best hypothesis under that scoring."""
+    from mmasr.data.text import SEED_000_TEXT
+    from mmasr.rescoring.fusion import other_normaliser_wers
+
+    table = pd.DataFrame({"utt_id": ["u"] * 3, "rank": [0, 1, 2], "asr_score": [-0.1, -0.2, -0.3],
+                          "text": ["I like the red pear", "i like the the red bear", "Well, I like a red bear."]})
+    ref = "Well, I like the red bear."
+    picks = {"asr": np.array([0]), "fused": np.array([1])}
+    nb = to_arrays(table, pd.Series({"u": ref}), TEXT)
+    assert nb.errors[0].tolist() == [2, 2, 1] and nb.ref_words.tolist() == [6]  # whisper_english: all words count
+    out = other_normaliser_wers(nb, [ref], picks, TEXT)
+    # seed 000: ref "i the red bear"; hyps "i the red pear", "i the red bear", "i a red bear"
+    assert out == {"test_wer_asr_seed_norm": pytest.approx(1 / 4), "test_wer_fused_seed_norm": 0.0,
+                   "test_wer_oracle_seed_norm": 0.0}
+    seed = {**TEXT, **SEED_000_TEXT}
+    out = other_normaliser_wers(to_arrays(table, pd.Series({"u": ref}), seed), [ref], picks, seed)
+    assert out == {"test_wer_asr_whisper_norm": pytest.approx(2 / 6), "test_wer_fused_whisper_norm": pytest.approx(2 / 6),
+                   "test_wer_oracle_whisper_norm": pytest.approx(1 / 6)}
 
 
 def test_fusion_json_has_the_issue_15_keys():
@@ -324,7 +346,8 @@ def test_fusion_json_has_the_issue_15_keys():
     _, m, _, _ = run_fusion(nb, man, FUSION, TEXT, seed=0, embeddings=emb)
     assert {"test_wer_alpha1", "test_wer_fused_swapped", "test_wer_fused_swapped_ci_low",
             "test_wer_fused_swapped_ci_high", "test_wer_diff_ci_low_utt", "test_wer_diff_ci_high_utt",
-            "test_cer_asr", "test_cer_fused", "test_wer_asr_raw", "test_wer_fused_raw"} <= set(m)
+            "test_cer_asr", "test_cer_fused", "test_wer_asr_raw", "test_wer_fused_raw",
+            "test_wer_asr_seed_norm", "test_wer_fused_seed_norm", "test_wer_oracle_seed_norm"} <= set(m)
 
 
 def test_a_corpus_without_pictures_fuses_to_asr_only_and_says_so():
@@ -363,7 +386,7 @@ def test_a_mixed_corpus_is_not_marked_skipped():
 
 
 def test_a_hypothesis_that_normalises_to_nothing_scores_as_deletions():
-    nb = pd.DataFrame({"utt_id": ["u", "u"], "rank": [0, 1], "text": ["Um...", "a red bear"],
+    nb = pd.DataFrame({"utt_id": ["u", "u"], "rank": [0, 1], "text": ["Um, uh!", "a red bear"],
                        "asr_score": [-0.1, -0.2], "clip_cos": [0.2, 0.3]})
     arr = to_arrays(nb, pd.Series({"u": "A red bear."}), TEXT)
     assert arr.texts[0].tolist() == ["", "a red bear"] and arr.valid[0].all()

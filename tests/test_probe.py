@@ -182,16 +182,103 @@ def test_train_probe_command_writes_json_only(tmp_path):
     from mmasr.cli import main
     from mmasr.rescoring.clip import save_embeddings
 
-    emb, manifest = synthetic()
+    import soundfile as sf
+
+    emb, manifest = synthetic(per=6)
     ids = sorted(emb)
     save_embeddings(tmp_path / "emb.npz", ids, np.stack([emb[i] for i in ids]),
                     {"audio_encoder": "x", "audio_revision": "r", "audio_layers": [1, 2]})
-    manifest.to_parquet(tmp_path / "manifest.parquet")
+    rng = np.random.default_rng(0)
+    paths = []
+    for uid, group in zip(manifest["utt_id"], manifest["group"]):  # impaired: longer and noisier
+        seconds, noise = (1.0, 0.05) if group == "impaired" else (0.5, 0.005)
+        t = np.arange(int(seconds * 16000)) / 16000
+        paths.append(str(tmp_path / f"{uid}.wav"))
+        sf.write(paths[-1], (0.5 * np.sin(2 * np.pi * 300 * t) + noise * rng.standard_normal(len(t))).astype(np.float32),
+                 16000)
+    manifest.assign(audio_path=paths, text="a red bear").to_parquet(tmp_path / "manifest.parquet")
     out = {k: tmp_path / v for k, v in (("metrics", "probe.json"), ("reliability", "rel.csv"), ("model", "m/probe.json"))}
     assert main(["train-probe", "--embeddings", str(tmp_path / "emb.npz"), "--manifest", str(tmp_path / "manifest.parquet"),
                  *[a for k, v in out.items() for a in (f"--{k}", str(v))]]) == 0
     metrics = json.loads(out["metrics"].read_text())
     assert metrics["probe_audio_layers"] == [1, 2] and "params_hash" in metrics
+    assert metrics["baseline_features"] == ["duration_s", "speech_rate_wps", "rms_dbfs", "snr_db", "spectral_centroid_hz"]
+    assert metrics["baseline_auc"] == 1.0 and metrics["baseline_speaker_auc"] == 1.0  # the channel gives it away
+    for key in ("speaker_auc", "auc_ci_low", "auc_ci_high", "baseline_accuracy", "baseline_auc_ci_low"):
+        assert key in metrics
     model = json.loads(out["model"].read_text())
     assert model["format"] == "mmasr.probe.train/1" and model["uncalibrated"]["kind"] == "logreg"
     assert pd.read_csv(out["reliability"])["calibration"].unique().tolist() == ["uncalibrated", "calibrated"]
+
+
+# ---------------------------------------------------------------- the trivial baseline and speaker-level AUC
+
+from mmasr.probe.baseline import BASELINE_FEATURES, baseline_features, signal_features  # noqa: E402
+from mmasr.probe.train import speaker_auc, speaker_bootstrap_auc  # noqa: E402
+
+
+def test_signal_features_of_a_tone_and_of_noise_then_tone():
+    sr = 16000
+    t = np.arange(2 * sr) / sr
+    tone = 0.5 * np.sin(2 * np.pi * 1000 * t)
+    f = dict(zip(BASELINE_FEATURES, signal_features(tone, sr, "a red bear")))
+    assert f["duration_s"] == 2.0 and f["speech_rate_wps"] == 1.5
+    assert f["rms_dbfs"] == pytest.approx(20 * np.log10(0.5 / np.sqrt(2)), abs=1e-3)  # -9.03 dB
+    assert f["snr_db"] == pytest.approx(0.0, abs=0.01)  # every frame as loud as every other
+    assert f["spectral_centroid_hz"] == pytest.approx(1000, abs=5)
+    noise = 0.01 * np.random.default_rng(0).standard_normal(sr)
+    f = dict(zip(BASELINE_FEATURES, signal_features(np.concatenate([noise, tone[:sr]]), sr, None)))
+    assert f["speech_rate_wps"] == 0.0
+    assert f["snr_db"] == pytest.approx(10 * np.log10(0.125 / 1e-4), abs=0.5)  # tone power / noise power: 31 dB
+    assert 1000 < f["spectral_centroid_hz"] < 1500  # white noise pulls the centroid up a little
+    short = signal_features(np.ones(10), sr, "x")  # shorter than a frame: padded, still finite
+    assert np.isfinite(short).all()
+    with pytest.raises(ValueError, match="non-empty mono"):
+        signal_features(np.zeros(0), sr, "x")
+
+
+def test_baseline_features_read_every_manifest_row():
+    manifest = pd.DataFrame({"utt_id": ["a", "b"], "audio_path": ["pa", "pb"], "text": ["one two", None]})
+    audio = {"pa": np.full(16000, 0.1), "pb": np.full(8000, 0.1)}
+    feats = baseline_features(manifest, audio.__getitem__)
+    assert sorted(feats) == ["a", "b"] and feats["a"][:2].tolist() == [1.0, 2.0] and feats["b"][:2].tolist() == [0.5, 0.0]
+
+
+def test_speaker_level_auc_and_its_bootstrap_interval():
+    speakers = np.array(["A", "A", "B", "B", "C", "C", "D", "D"])
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    p = np.array([0.9, 0.2, 0.6, 0.6, 0.5, 0.5, 0.1, 0.1])
+    # speakers' means: A 0.55, B 0.6 (positive) vs C 0.5, D 0.1: every positive speaker above every negative
+    assert speaker_auc(y, p, speakers) == 1.0
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(y, p) < 1.0  # utterance level: A's 0.2 is below C's 0.5
+    assert speaker_auc(y, np.array([0.1, 0.1, 0.9, 0.9, 0.5, 0.5, 0.2, 0.2]), speakers) == 0.5
+    assert speaker_auc(np.array([1, 0, 1, 1, 0, 0, 0, 0]), p, speakers) is None  # A has both labels
+    low, high = speaker_bootstrap_auc(y, p, speakers, 300, seed=0)
+    assert 0.0 <= low <= roc_auc_score(y, p) <= high <= 1.0 and low < high
+    assert speaker_bootstrap_auc(y, p, speakers, 300, seed=0) == (low, high)  # seeded
+    # the vectorised resamples are roc_auc_score on the drawn speakers' utterances, draw for draw
+    g = np.random.default_rng(5)
+    spk = np.array([f"S{i:02d}" for i in range(12)])
+    many_spk, many_y = np.repeat(spk, 3), np.repeat([0] * 6 + [1] * 6, 3)
+    many_p = np.round(g.random(36) * 0.6 + 0.4 * many_y, 2)  # ties happen (two decimals)
+    rng = np.random.default_rng(0)
+    neg, pos = (members[rng.integers(0, 6, size=(300, 6))] for members in (spk[:6], spk[6:]))  # class 0 first
+    brute = [roc_auc_score(*(np.concatenate([a[many_spk == d] for d in np.concatenate([neg[r], pos[r]])])
+                             for a in (many_y, many_p))) for r in range(300)]
+    for level in (0.95, 0.5):
+        tail = (1 - level) / 2 * 100
+        assert speaker_bootstrap_auc(many_y, many_p, many_spk, 300, 0, level) == pytest.approx(
+            tuple(np.percentile(brute, [tail, 100 - tail])), abs=1e-12)
+    perfect = speaker_bootstrap_auc(y, y.astype(float), speakers, 50, seed=0)
+    assert perfect == (1.0, 1.0)
+    assert speaker_bootstrap_auc(y, p, speakers, 0, seed=0) == (None, None)
+
+
+def test_probe_reports_speaker_level_auc_beside_the_utterance_auc():
+    emb, manifest = synthetic()
+    metrics, _, _ = train_probe(emb, manifest, probe_cfg(calibration_check=False), seed=0)
+    assert metrics["n_eval_speakers_positive"] == metrics["n_eval_speakers_negative"] == 2
+    assert metrics["speaker_auc"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 2 x 2 speakers: four pairs
+    assert metrics["auc_ci_low"] <= metrics["auc"] <= metrics["auc_ci_high"]

@@ -255,3 +255,43 @@ def test_wer_table_pools_errors_per_group_and_speaker():
     assert (metrics["test_substitutions"], metrics["test_deletions"], metrics["test_insertions"]) == (1, 1, 0)
     assert metrics["test_wer_impaired"] == pytest.approx(2 / 6) and metrics["test_wer_control"] == 0.0
     assert table.set_index(["level", "name"]).loc[("speaker", "A"), "S"] == 1
+
+
+def test_projector_and_whisper_are_compared_on_the_same_utterances_with_a_paired_interval():
+    """eval-projector --limit decodes the first N test utterances: Whisper is scored on those N only, and the
+    difference gets a speaker-level interval from the same resamples (mmasr.metrics.intervals)."""
+    from mmasr.metrics.intervals import wer_diff_interval
+    from mmasr.projector.speech_lm import versus_whisper
+
+    refs = {f"u{i}": r for i, r in enumerate(["a red bear", "two blue goats", "a cup", "one green hat",
+                                                 "a big dog", "three cats"])}
+    speakers = ["A", "A", "B", "C", "D", "D"]
+    groups = ["impaired", "impaired", "impaired", "control", "control", "control"]
+    manifest = pd.DataFrame({"utt_id": list(refs), "speaker": speakers, "group": groups, "split": "test",
+                             "text": list(refs.values())})
+    # Whisper: right on u0..u3, two words wrong on u4 and u5 (outside the decoded subset); rank 1 is worse
+    nbest = pd.DataFrame({"utt_id": [u for u in refs for _ in range(2)], "rank": [0, 1] * 6,
+                          "asr_score": [-0.1, -0.2] * 6,
+                          "text": [t for u, r in refs.items() for t in ((r if u < "u4" else "x y"), "zzz")]})
+    limit = manifest.iloc[:4]  # --limit 4
+    hyps = pd.DataFrame({"utt_id": limit["utt_id"], "speaker": limit["speaker"], "group": limit["group"],
+                         "ref": limit["text"], "hyp": ["a red pear", "two blue goats", "a cup", "one hat"]})
+    text = validate({})["text"]
+    out = versus_whisper(hyps, nbest, manifest, text, n_resamples=200, seed=0)
+    projector = wer_table(hyps, text)[0]["test_wer"]
+    assert projector == pytest.approx(2 / 11) and out["n_whisper_compared_utts"] == 4
+    assert out["whisper_test_wer_asr"] == 0.0 and out["whisper_test_wer_oracle"] == 0.0
+    from mmasr.rescoring.fusion import asr_only_wers
+    assert asr_only_wers(nbest, manifest, "test", text)["test_wer_asr"] == pytest.approx(5 / 16)  # all of test
+    assert out["test_wer_vs_whisper"] == pytest.approx(projector - 0.0)
+    assert out["whisper_test_wer_asr_impaired"] == out["whisper_test_wer_asr_control"] == 0.0
+    assert out["test_wer_vs_whisper_impaired"] == pytest.approx(1 / 8)
+    assert out["test_wer_vs_whisper_control"] == pytest.approx(1 / 3)
+    # one control speaker in the subset: utterance-level; the numbers are those of the interval module
+    err_p, err_w, words = np.array([1, 0, 0, 1]), np.zeros(4, np.int64), np.array([3, 3, 2, 3])
+    ci = wer_diff_interval(err_w, err_p, words, np.array(speakers[:4]), np.array(groups[:4]), 200, 0)
+    assert out["test_wer_vs_whisper_ci_level"] == ci["level"] == "utterance"
+    assert (out["test_wer_vs_whisper_ci_low"], out["test_wer_vs_whisper_ci_high"]) == (ci["low"], ci["high"])
+    assert out["test_wer_vs_whisper_ci_low"] <= out["test_wer_vs_whisper"] <= out["test_wer_vs_whisper_ci_high"]
+    with pytest.raises(ValueError, match="no Whisper n-best list"):
+        versus_whisper(hyps, nbest[nbest["utt_id"] != "u2"], manifest, text, 200, 0)

@@ -99,7 +99,9 @@ def make_later_stages(root: Path) -> None:
     write_json(root / "results/metrics/projector.json", {
         "test_wer": 0.3456, "best_dev_loss": 0.789, "n_trainable_params": 123456, "steps": 500,
         "test_wer_impaired": 0.5, "test_wer_control": 0.19, "test_substitutions": 5, "test_deletions": 2,
-        "test_insertions": 1, "whisper_test_wer_asr": 0.4321, "whisper_test_wer_fused": 0.2109})
+        "test_insertions": 1, "whisper_test_wer_asr": 0.4321, "whisper_test_wer_fused": 0.2109,
+        "test_wer_vs_whisper": 0.1234, "test_wer_vs_whisper_ci_low": 0.0451, "test_wer_vs_whisper_ci_high": 0.2,
+        "test_wer_vs_whisper_ci_level": "utterance", "n_whisper_compared_utts": 2})
     (root / "results/projector").mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"step": range(1, 11), "lr": 1e-3, "train_loss": [3 - 0.2 * i for i in range(10)],
                   "dev_loss": [None] * 4 + [2.2] + [None] * 4 + [1.5]}).to_csv(root / "results/projector/train_log.csv", index=False)
@@ -121,7 +123,12 @@ def make_later_stages(root: Path) -> None:
                   "dev_loss": [None, None, 2.8]}).to_csv(root / "results/clap/train_log.csv", index=False)
     write_json(root / "results/metrics/probe.json", {"accuracy": 0.81, "auc": 0.8766, "brier": 0.1432,
                                                      "ece_uncalibrated": 0.1876, "ece_calibrated": 0.0321,
-                                                     "calibration_method": "platt"})
+                                                     "calibration_method": "platt", "speaker_auc": 0.75,
+                                                     "auc_ci_low": 0.6123, "auc_ci_high": 0.9456,
+                                                     "baseline_auc": 0.9912, "baseline_accuracy": 0.93,
+                                                     "baseline_speaker_auc": 1.0, "baseline_brier": 0.05,
+                                                     "baseline_features": ["duration_s", "snr_db"],
+                                                     "n_eval_speakers_positive": 2, "n_eval_speakers_negative": 2})
     (root / "results/probe").mkdir(parents=True, exist_ok=True)
     pd.DataFrame([{"calibration": c, "bin": b, "mean_predicted": (b + 0.5) / 5,
                    "fraction_positive": (b + 0.5) / 5 * (0.6 if c == "uncalibrated" else 1.0), "count": 10 + b}
@@ -172,11 +179,13 @@ def test_every_section_shows_the_stage_values(full_run):
     assert "&lt;script&gt;" in resc and "<script>" not in page  # data text is escaped
     proj = section_html(page, "projector")
     assert "0.346" in proj and "123,456 trainable parameters" in proj and "Whisper + picture (fused)" in proj
+    assert "Projector − Whisper alone on the same 2 test utterances: 0.123 [0.045, 0.200]" in proj
     assert "1 of 2 test transcripts differ" in proj and "<mark>pear</mark>" in proj
     clap = section_html(page, "clap")
     assert "0.654" in clap and "60 candidates" in clap and "zero-shot" in clap and clap.count("<img") == 2
     probe = section_html(page, "probe")
-    for value in ("0.877", "0.143", "0.188", "0.032", "platt"):
+    for value in ("0.877", "0.143", "0.188", "0.032", "platt", "[0.612, 0.946]", "0.750", "signal baseline", "0.991",
+                  "duration_s, snr_db", "2 positive"):
         assert value in probe, value
     assert probe.count("<img") == 1
     assert "125.400" in section_html(page, "benchmarks")

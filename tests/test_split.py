@@ -86,6 +86,24 @@ def test_manifest_splits_are_kept_but_must_be_speaker_disjoint():
         assign_splits(utts, CFG, seed=0)
 
 
+def test_a_partial_split_column_stops_split_naming_the_rows():
+    utts = corpus(2, 2, preset="train")  # 4 speakers x 3 utterances
+    utts.loc[utts["speaker"] == "F00", "split"] = "test"
+    missing = utts.index[utts["speaker"].isin(["F01", "FC01"])]
+    utts.loc[missing, "split"] = None
+    with pytest.raises(ValueError, match=r"split for 6 of 12 utterances; 6 have none "
+                                         r"\(F01_0, F01_1, F01_2, FC01_0, FC01_1, \.\.\.\)") as err:
+        assign_splits(utts, CFG, seed=0)
+    assert "FC01_2" not in str(err.value)  # the first five, then the count
+    utts.loc[missing[:2], "split"] = "dev"  # F01_2 and FC01_* still have none
+    with pytest.raises(ValueError, match=r"4 have none \(F01_2, FC01_0, FC01_1, FC01_2\):"):
+        assign_splits(utts, CFG, seed=0)
+    # no split anywhere: a random speaker-disjoint split, as before; params lists still take precedence
+    assert set(assign_splits(utts.assign(split=None), CFG, seed=0)["split"]) == {"train", "dev", "test"}
+    listed = assign_splits(utts, {**CFG, "speakers": {"train": [], "dev": [], "test": ["F01"]}}, seed=0)
+    assert set(listed.loc[listed["split"] == "test", "speaker"]) == {"F01"}
+
+
 def test_random_split_ignores_input_order():
     speakers = corpus(4, 4, utts=1)[["speaker", "group"]]
     assert random_speaker_splits(speakers, 0.2, 0.2, 1) == random_speaker_splits(speakers.iloc[::-1], 0.2, 0.2, 1)
@@ -117,7 +135,7 @@ def demo_shaped(n_prompts=400, utts=12, seed=0):
     """Like the demo: every utterance draws one of many prompts, each with exactly one picture; speakers
     say it with their own case, punctuation and fillers, which the normaliser removes."""
     rng = np.random.default_rng(seed)
-    styles = ["{}", "{}.", "Um, {}", "The the {}", "{}!"]
+    styles = ["{}", "{}.", "Um, {}", "Uh, {}", "{}!"]
     rows = []
     for group, prefix in (("impaired", "F"), ("control", "FC")):
         for i in range(8):

@@ -379,6 +379,7 @@ def cmd_pretrain_clip(args) -> None:
 
 def cmd_pretrain_text_model(args) -> None:
     """Build the random init (inside the resumable state folder) and train the demo LM or text encoder."""
+    from mmasr.data.text import NORMALISER_KEYS
     from mmasr.demo import text_models as demo_text
 
     kind = args.kind
@@ -387,9 +388,11 @@ def cmd_pretrain_text_model(args) -> None:
     build, train = {"lm": (demo_text.build_demo_lm, demo_text.train_lm),
                     "text_encoder": (demo_text.build_demo_text_encoder, demo_text.train_text_encoder)}[kind]
     init = build(Path(args.checkpoint_dir) / "init", cfg, p["seed"])  # deterministic: same bytes every time
+    reads = {"text_cfg": p["text"]} if kind == "text_encoder" else {}  # CLAP reads normalised transcripts
     summary = train(init, pd.read_parquet(args.manifest), args.out, args.log_csv, args.checkpoint_dir, cfg, p["seed"],
-                    max_steps=args.max_steps, progress=not args.quiet, device=p["models"]["device"])
-    summary.update(provenance(p, ("seed", f"pretrain.{kind}", "models.device")))
+                    max_steps=args.max_steps, progress=not args.quiet, device=p["models"]["device"], **reads)
+    norm_keys = tuple(f"text.{k}" for k in NORMALISER_KEYS) if reads else ()
+    summary.update(provenance(p, ("seed", f"pretrain.{kind}", "models.device", *norm_keys)))
     write_json(args.metrics, summary)
     log.info("demo %s pre-trained: %s; written to %s", kind, summary, args.out)
 
@@ -455,7 +458,7 @@ def cmd_train_projector(args) -> None:
 
 def cmd_eval_projector(args) -> None:
     from mmasr.io import read_json
-    from mmasr.projector.speech_lm import load_trained, transcribe_split, wer_table
+    from mmasr.projector.speech_lm import load_trained, transcribe_split, versus_whisper, wer_table
 
     p = _params(args)
     cache, lm = _speech_lm_setup(args, p)
@@ -468,12 +471,10 @@ def cmd_eval_projector(args) -> None:
     metrics.update({k: training[k] for k in ("steps", "best_dev_loss", "best_step", "first_dev_loss",
                                              "n_trainable_params", "final_train_loss", "train_seconds")})
     metrics.update({"num_beams": p["projector"]["num_beams"], "k": config["k"], "hidden": config["hidden"]})
-    if args.nbest and Path(args.nbest).is_file():  # the n-best route on the same utterances, for comparison
-        from mmasr.rescoring.fusion import asr_only_wers
-
-        whisper = asr_only_wers(pd.read_parquet(args.nbest), manifest, "test", p["text"])
-        metrics.update({f"whisper_{k}": v for k, v in whisper.items()})
-    metrics.update(provenance(p, ("projector", "seed", "text")))
+    if args.nbest and Path(args.nbest).is_file():  # the n-best route on the same utterances, with a paired interval
+        metrics.update(versus_whisper(hyps, pd.read_parquet(args.nbest), manifest, p["text"],
+                                      p["fusion"]["bootstrap_resamples"], p["seed"]))
+    metrics.update(provenance(p, ("projector", "seed", "text", "fusion.bootstrap_resamples")))
     metrics.update({k: v for k, v in config.items() if k.startswith("model_")})
     write_parquet(args.hyps, hyps, metadata={"mmasr.model_lm": lm.name, "mmasr.num_beams": str(p["projector"]["num_beams"])})
     write_csv(args.per_speaker, table)
@@ -562,13 +563,19 @@ def cmd_layer_embeddings(args) -> None:
 def cmd_train_probe(args) -> None:
     from mmasr.rescoring.clip import load_embeddings
     from mmasr.io import read_json
-    from mmasr.probe.train import train_probe
+    from mmasr.data.audio import read_audio
+    from mmasr.probe.baseline import BASELINE_FEATURES, baseline_features
+    from mmasr.probe.train import baseline_summary, train_probe
 
     p = _params(args)
     meta = read_json(f"{args.embeddings}.json")
-    metrics, reliability, model = train_probe(load_embeddings(args.embeddings), pd.read_parquet(args.manifest),
-                                              p["probe"], p["seed"], meta={"embeddings": meta})
+    manifest = pd.read_parquet(args.manifest)
+    metrics, reliability, model = train_probe(load_embeddings(args.embeddings), manifest, p["probe"], p["seed"],
+                                              meta={"embeddings": meta})
     metrics.update({f"probe_{k}": meta[k] for k in ("audio_encoder", "audio_revision", "audio_layers")})
+    # the trivial baseline: the same probe on plain signal features of the processed audio
+    baseline, _, _ = train_probe(baseline_features(manifest, read_audio), manifest, p["probe"], p["seed"])
+    metrics.update(baseline_summary(baseline, BASELINE_FEATURES))
     metrics.update(provenance(p, ("probe", "seed")))
     with atomic_path(args.reliability) as tmp:
         reliability.to_csv(tmp, index=False, float_format="%.6f")
@@ -578,6 +585,9 @@ def cmd_train_probe(args) -> None:
              "ECE %.4f uncalibrated -> %.4f calibrated", metrics["classifier"], metrics["calibration_method"],
              metrics["accuracy"], metrics["auc"], metrics["brier"], metrics["ece_uncalibrated"],
              metrics["ece_calibrated"])
+    log.info("probe baseline on %s: accuracy %.3f, AUC %.3f (speaker-level AUC: embeddings %s, baseline %s)",
+             ", ".join(BASELINE_FEATURES), metrics["baseline_accuracy"], metrics["baseline_auc"],
+             _num(metrics["speaker_auc"]), _num(metrics["baseline_speaker_auc"]))
 
 
 def cmd_dvc_yaml(args) -> int:

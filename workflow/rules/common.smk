@@ -45,7 +45,7 @@ TRAIN_MMASR = train_launcher(TRAIN_NPROC)
 
 
 # The params `text` keys the normaliser reads (not the caption keys).
-TEXT_NORM_KEYS = ["text.lowercase", "text.remove_punctuation", "text.collapse_repeats", "text.remove_fillers",
+TEXT_NORM_KEYS = ["text.normaliser", "text.lowercase", "text.remove_punctuation", "text.collapse_repeats", "text.remove_fillers",
                   "text.fillers", "text.numbers_as_words"]
 
 

@@ -12,7 +12,7 @@ PRETRAIN_CFG = {
     "whisper": cfg_json("seed", "pretrain.whisper", "models.device", "nbest.language", "nbest.task"),
     "clip": cfg_json("seed", "pretrain.clip", "models.device", "text"),
     "lm": cfg_json("seed", "pretrain.lm", "models.device"),
-    "text_encoder": cfg_json("seed", "pretrain.text_encoder", "models.device"),
+    "text_encoder": cfg_json("seed", "pretrain.text_encoder", "models.device", *TEXT_NORM_KEYS),  # CLAP's text
 }
 
 rule pretrain_demo_whisper:

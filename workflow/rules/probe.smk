@@ -1,6 +1,7 @@
 # Phase 5c: a calibrated probe. Pooled multi-layer embeddings of every utterance from the frozen audio
 # encoder (layer_embeddings), then a classifier of a manifest label (probe.label, default group) with
-# probabilities calibrated in speaker-grouped folds, evaluated on held-out speakers (train_probe).
+# probabilities calibrated in speaker-grouped folds, evaluated on held-out speakers (train_probe); beside it the
+# same probe on five plain signal features of the processed audio (duration, speech rate, RMS, SNR, centroid).
 
 
 rule layer_embeddings:
@@ -34,6 +35,7 @@ rule train_probe:
         embeddings="data/cache/layer_embeddings.npz",
         meta="data/cache/layer_embeddings.npz.json",
         manifest="data/processed/manifest.parquet",
+        audio="data/processed/audio",  # the baseline's signal features
     output:
         metrics="results/metrics/probe.json",
         reliability="results/probe/reliability.csv",

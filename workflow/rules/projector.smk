@@ -79,7 +79,7 @@ rule eval_projector:
         per_speaker="results/projector/per_speaker.csv",
         metrics="results/metrics/projector.json",
     params:
-        cfg=cfg_json("seed", "text", "projector", *model_cfg("lm", "whisper", "clip")),
+        cfg=cfg_json("seed", "text", "projector", "fusion.bootstrap_resamples", *model_cfg("lm", "whisper", "clip")),
     log:
         "results/logs/eval_projector.log",
     benchmark:

@@ -2,7 +2,8 @@
 
 Speakers, not utterances, are assigned to splits, so no voice is heard in training and test alike.
 Precedence: a leave-one-speaker-out ``holdout_speaker``; else explicit speaker lists from params;
-else splits given in the manifest; else a seeded split stratified by group, so each split holds
+else splits given in the manifest (every row must have one: a partial ``split`` column is an error naming
+the rows without one); else a seeded split stratified by group, so each split holds
 impaired and control speakers whenever the data has enough of each.
 
 With ``split.disjoint_text`` the held-out splits are prompt-disjoint from train as well: a dev/test
@@ -57,6 +58,20 @@ def random_speaker_splits(speakers: pd.DataFrame, dev_fraction: float, test_frac
             **{s: "test" for s in test["speaker"]}}
 
 
+def check_manifest_splits(utts: pd.DataFrame) -> None:
+    """A manifest that gives splits must give one for every row: raise ValueError naming the rows without
+    one (their utt_id, else their row number; the first five and how many), instead of silently drawing a
+    random split for all of them."""
+    missing = utts.loc[utts["split"].isna()]
+    if missing.empty:
+        return
+    names = (missing["utt_id"].astype(str) if "utt_id" in missing else pd.Series(missing.index.astype(str))).tolist()
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    raise ValueError(f"the manifest gives a split for {len(utts) - len(missing)} of {len(utts)} utterances; "
+                     f"{len(missing)} have none ({shown}): give every row a split (train, dev or test), or none "
+                     "to let split draw a speaker-disjoint one")
+
+
 def assign_splits(utts: pd.DataFrame, cfg: dict, seed: int) -> pd.DataFrame:
     """Return ``utts`` with a ``split`` column filled; raise ValueError naming any conflict."""
     speakers = utts[["speaker", "group"]].drop_duplicates("speaker")
@@ -81,7 +96,8 @@ def assign_splits(utts: pd.DataFrame, cfg: dict, seed: int) -> pd.DataFrame:
                     raise ValueError(f"speaker '{spk}' is listed in split.speakers.{mapping[spk]} and .{name}")
                 mapping[spk] = name
         mapping.update({spk: "train" for spk in known if spk not in mapping})
-    elif "split" in utts and utts["split"].notna().all() and len(utts):
+    elif "split" in utts and utts["split"].notna().any():
+        check_manifest_splits(utts)
         per_speaker = utts.groupby("speaker")["split"].unique()
         mixed = per_speaker[per_speaker.map(len) > 1]
         if len(mixed):

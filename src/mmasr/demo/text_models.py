@@ -451,11 +451,14 @@ def train_lm(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | Path, 
 
 def train_text_encoder(init_dir: str | Path, manifest: pd.DataFrame, out_dir: str | Path, log_csv: str | Path,
                        checkpoint_dir: str | Path, cfg: dict | None, seed: int, *, max_steps: int | None = None,
-                       stop_after: int | None = None, progress: bool = True, device: str = "cpu") -> dict | None:
+                       stop_after: int | None = None, progress: bool = True, device: str = "cpu",
+                       text_cfg: dict | None = None) -> dict | None:
     """Train the demo BERT (from ``init_dir``, :func:`build_demo_text_encoder`) with masked-language
     modelling on the train-split transcripts and write the *encoder* (a ``BertModel``) with its
     tokenizer to ``out_dir`` atomically. ``cfg`` is the ``text_encoder`` section; the other
-    arguments as in :func:`train_lm`. Returns the summary metrics (None when stopped early)."""
+    arguments as in :func:`train_lm`. With ``text_cfg`` (params ``text``) the transcripts are normalised
+    first, as CLAP reads them (:func:`mmasr.clap.cache.cache_items`: e.g. digits under whisper_english), and
+    those that normalise to nothing are left out. Returns the summary metrics (None when stopped early)."""
     from transformers import BertForMaskedLM, BertModel
 
     from mmasr.models.loading import pick_device
@@ -466,6 +469,13 @@ def train_text_encoder(init_dir: str | Path, manifest: pd.DataFrame, out_dir: st
     set_determinism(seed, dev)
     steps = run_steps(cfg, max_steps)
     texts = training_texts(manifest)
+    if text_cfg is not None:
+        from mmasr.data.text import normaliser
+
+        norm = normaliser(text_cfg)
+        texts = [t for t in map(norm, texts) if t]
+        if not texts:
+            raise ValueError("every train transcript is empty after normalisation: nothing to pre-train on")
     model, tok = _load_local("text encoder", init_dir, BertForMaskedLM, dev)
     max_len = int(model.config.max_position_embeddings)
     enc = tok(texts, padding=True, return_special_tokens_mask=True, return_tensors="np")

@@ -19,8 +19,9 @@ the whole fit-then-calibrate procedure is first repeated in the speaker-grouped 
 training speakers (:func:`calibration_check`); when calibrating raises the held-out Brier score
 there, the classifier's own probabilities are kept, and that fallback is logged and recorded too.
 
-Everything is evaluated on held-out speakers (``probe.eval_split``): accuracy at 0.5, ROC AUC,
-Brier score and expected calibration error (equal-width bins, ``sum_b n_b / N |mean p_b - frac
+Everything is evaluated on held-out speakers (``probe.eval_split``): accuracy at 0.5, ROC AUC (also at the
+speaker level, :func:`speaker_auc`, and with a speaker-bootstrap interval, :func:`speaker_bootstrap_auc`: the
+held-out speakers are few, and their utterances are not independent), Brier score and expected calibration error (equal-width bins, ``sum_b n_b / N |mean p_b - frac
 positive_b|``; :mod:`mmasr.metrics.calibration`) of the uncalibrated and the calibrated
 probabilities, and the reliability-diagram data of both.
 
@@ -49,7 +50,10 @@ __all__ = [
     "export_probe",
     "ProbeModel",
     "probe_data",
+    "speaker_auc",
+    "speaker_bootstrap_auc",
     "train_probe",
+    "baseline_summary",
 ]
 
 FORMAT = "mmasr.probe.train/1"
@@ -284,6 +288,63 @@ def _check_classes(manifest: pd.DataFrame, cfg: dict) -> list[str]:
     return classes
 
 
+def speaker_auc(y: np.ndarray, p: np.ndarray, speakers: np.ndarray) -> float | None:
+    """ROC AUC over speakers: each speaker's mean probability against its label. None when some speaker's
+    utterances carry both labels (the label is then not a speaker trait) or one class has no speaker."""
+    from sklearn.metrics import roc_auc_score
+
+    df = pd.DataFrame({"y": np.asarray(y), "p": np.asarray(p, np.float64), "s": np.asarray(speakers)})
+    per = df.groupby("s").agg(y_min=("y", "min"), y_max=("y", "max"), p=("p", "mean"))
+    if (per["y_min"] != per["y_max"]).any() or per["y_min"].nunique() < 2:
+        return None
+    return float(roc_auc_score(per["y_min"], per["p"]))
+
+
+def speaker_bootstrap_auc(y: np.ndarray, p: np.ndarray, speakers: np.ndarray, n_resamples: int, seed: int,
+                          level: float = 0.95) -> tuple[float | None, float | None]:
+    """Percentile interval of the utterance-level ROC AUC when speakers are resampled with replacement
+    within each class (a speaker's class: its first utterance's label), all their utterances kept. (None,
+    None) without resamples or when a class has no speaker.
+
+    Vectorised over resamples: ``M[s, t]`` counts the (positive utterance of speaker s, negative utterance of
+    speaker t) pairs ranked right, ties as 1/2 (the Mann-Whitney form of the AUC, as roc_auc_score); a
+    resample that draws speaker s ``c_s`` times has AUC ``c·M·c / ((c·n_pos)(c·n_neg))``."""
+    y, p, speakers = np.asarray(y), np.asarray(p, np.float64), np.asarray(speakers)
+    spk_ids, first, inverse = np.unique(speakers, return_index=True, return_inverse=True)
+    classes = [np.flatnonzero(y[first] == c) for c in (0, 1)]
+    if n_resamples < 1 or any(len(c) == 0 for c in classes):
+        return None, None
+    n_spk, pos = len(spk_ids), y == 1
+    pairs = np.zeros((n_spk, n_spk))
+    for t in range(n_spk):
+        neg_t = np.sort(p[(inverse == t) & ~pos])
+        below = np.searchsorted(neg_t, p[pos], "left")
+        ties = np.searchsorted(neg_t, p[pos], "right") - below
+        pairs[:, t] = np.bincount(inverse[pos], weights=below + 0.5 * ties, minlength=n_spk)
+    n_pos = np.bincount(inverse, weights=pos.astype(float), minlength=n_spk)
+    n_neg = np.bincount(inverse, weights=(~pos).astype(float), minlength=n_spk)
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((n_resamples, n_spk))
+    for members in classes:
+        draws = members[rng.integers(0, len(members), size=(n_resamples, len(members)))]
+        np.add.at(counts, (np.arange(n_resamples)[:, None], draws), 1)
+    den = (counts @ n_pos) * (counts @ n_neg)
+    aucs = np.einsum("rs,st,rt->r", counts, pairs, counts)[den > 0] / den[den > 0]
+    if not len(aucs):
+        return None, None
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(aucs, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+BASELINE_KEYS = ("accuracy", "auc", "brier", "speaker_auc", "auc_ci_low", "auc_ci_high", "calibration_method", "C")
+
+
+def baseline_summary(metrics: dict, features: tuple[str, ...]) -> dict:
+    """probe.json's ``baseline_*`` keys: the same probe on plain signal features (:mod:`mmasr.probe.baseline`)."""
+    return {**{f"baseline_{k}": metrics[k] for k in BASELINE_KEYS}, "baseline_features": list(features)}
+
+
 def train_probe(embeddings: dict[str, np.ndarray], manifest: pd.DataFrame, cfg: dict, seed: int,
                 meta: dict | None = None) -> tuple[dict, pd.DataFrame, dict]:
     """Fit, calibrate and evaluate the probe; returns (metrics, reliability table, exported model)."""
@@ -332,6 +393,10 @@ def train_probe(embeddings: dict[str, np.ndarray], manifest: pd.DataFrame, cfg: 
                "n_train_utts": int(len(y)), "n_train_speakers": int(len(set(spk))), "n_eval_utts": int(len(yt)),
                "n_eval_speakers": int(len(set(spk_t))), "eval_positive_fraction": float(yt.mean()),
                "n_features": int(X.shape[1]), "C": cfg["C"] if cfg["classifier"] == "logreg" else None}
+    low, high = speaker_bootstrap_auc(yt, p_cal, spk_t, cfg["bootstrap_resamples"], seed)
+    metrics.update(speaker_auc=speaker_auc(yt, p_cal, spk_t), auc_ci_low=low, auc_ci_high=high,
+                   n_eval_speakers_positive=int(len(set(spk_t[yt == 1]))),
+                   n_eval_speakers_negative=int(len(set(spk_t[yt == 0]))))
     tables = [reliability_table(yt, p, cfg["n_bins"]).assign(calibration=name)
               for name, p in (("uncalibrated", p_uncal), ("calibrated", p_cal))]
     reliability = pd.concat(tables, ignore_index=True)[RELIABILITY_COLUMNS]

@@ -454,6 +454,36 @@ def wer_table(hyps: pd.DataFrame, text_cfg: dict) -> tuple[dict, pd.DataFrame]:
     return metrics, pd.DataFrame(table)
 
 
+def versus_whisper(hyps: pd.DataFrame, nbest: pd.DataFrame, manifest: pd.DataFrame, text_cfg: dict,
+                   n_resamples: int, seed: int) -> dict:
+    """The projector against Whisper's n-best route on exactly the utterances the projector decoded (all of
+    test, or the first ``--limit``): Whisper's ASR-only and oracle WERs there (``whisper_test_wer_asr``,
+    ``whisper_test_wer_oracle``, ``whisper_test_wer_asr_{group}``) and projector − Whisper ASR-only with its
+    paired interval, speaker-level when every group has 2 speakers (``test_wer_vs_whisper``,
+    ``_ci_low``/``_ci_high``/``_ci_level``, and ``_{group}`` forms; :mod:`mmasr.metrics.intervals`).
+    Raises ValueError when Whisper has no n-best list for some decoded utterance."""
+    from mmasr.rescoring.fusion import asr_only_vs_reference, asr_only_wers
+
+    ids = set(hyps["utt_id"])
+    lacking = sorted(ids - set(nbest["utt_id"]))
+    if lacking:
+        raise ValueError(f"{len(lacking)} decoded test utterance(s) have no Whisper n-best list (e.g. {lacking[0]}): "
+                         "the comparison needs the same utterances")
+    same = manifest[manifest["utt_id"].isin(ids)]
+    one_best = pd.DataFrame({"utt_id": hyps["utt_id"].to_numpy(), "rank": 0, "text": hyps["hyp"].fillna("").to_numpy(),
+                             "asr_score": 0.0})
+    diff = asr_only_vs_reference(one_best, nbest[nbest["utt_id"].isin(ids)], same, text_cfg, n_resamples, seed)
+    whisper = asr_only_wers(nbest, same, "test", text_cfg)
+    out = {"whisper_test_wer_asr": diff.pop("test_wer_asr_reference"),
+           "whisper_test_wer_oracle": whisper["test_wer_oracle"], "n_whisper_compared_utts": len(ids)}
+    for key, value in diff.items():
+        if key.startswith("test_wer_asr_reference_"):
+            out["whisper_test_wer_asr_" + key.removeprefix("test_wer_asr_reference_")] = value
+        else:
+            out[key.replace("test_wer_asr_vs_reference", "test_wer_vs_whisper")] = value
+    return out
+
+
 def load_trained(folder: str | Path, lm_bundle, which: str = "best") -> SpeechLM:
     """A trained projector (``folder/{best,last}``, as :func:`train_projector` writes it) in front of the LM."""
     from safetensors.torch import load_model

@@ -658,9 +658,16 @@ def projector_section(d: Mapping[str, Any], n_examples: int) -> str:
         if value is None:
             value = _num(f, f"test_wer_{fkey}")
         if value is not None:
-            rows.append([name, value, _num(f, f"test_wer_{fkey}_impaired"), _num(f, f"test_wer_{fkey}_control"),
-                         _num(f, f"test_S_{fkey}"), _num(f, f"test_D_{fkey}"), _num(f, f"test_I_{fkey}")])
+            same = fkey == "asr" and _num(m, "whisper_test_wer_asr_impaired") is not None  # on the projector's utterances
+            rows.append([name, value] + [_num(m, f"whisper_test_wer_asr_{g}") if same else _num(f, f"test_wer_{fkey}_{g}")
+                                         for g in ("impaired", "control")]
+                        + [_num(f, f"test_S_{fkey}"), _num(f, f"test_D_{fkey}"), _num(f, f"test_I_{fkey}")])
     parts.append(table(["system", "test WER", "impaired", "control", "S", "D", "I"], rows))
+    if _num(m, "test_wer_vs_whisper") is not None:
+        parts.append(note(f"Projector − Whisper alone on the same {fmt(m.get('n_whisper_compared_utts'))} test "
+                          f"utterances: {fmt(_num(m, 'test_wer_vs_whisper'))} "
+                          f"[{fmt(_num(m, 'test_wer_vs_whisper_ci_low'))}, {fmt(_num(m, 'test_wer_vs_whisper_ci_high'))}] "
+                          f"(95% {m.get('test_wer_vs_whisper_ci_level', 'speaker')}-level bootstrap interval)."))
     tl = d["projector_log"]
     if missing(tl):
         parts.append(note(f"Loss curves: {tl.html()}", "missing"))
@@ -746,9 +753,24 @@ def probe_section(d: Mapping[str, Any]) -> str:
     m = d["probe_metrics"]
     if missing(m):
         return not_run(sid, title, m)
-    parts = [table(["accuracy", "AUC", "Brier", "ECE uncalibrated", "ECE calibrated", "calibration"],
-                   [[_num(m, "accuracy"), _num(m, "auc"), _num(m, "brier"), _num(m, "ece_uncalibrated"),
-                     _num(m, "ece_calibrated"), m.get("calibration_method", "–")]])]
+    def interval(prefix: str) -> str:
+        low, high = _num(m, f"{prefix}auc_ci_low"), _num(m, f"{prefix}auc_ci_high")
+        return "–" if low is None or high is None else f"[{fmt(low)}, {fmt(high)}]"
+
+    rows = [["audio-encoder embeddings", _num(m, "accuracy"), _num(m, "auc"), interval(""), _num(m, "speaker_auc"),
+             _num(m, "brier"), _num(m, "ece_uncalibrated"), _num(m, "ece_calibrated"), m.get("calibration_method", "–")]]
+    if _num(m, "baseline_auc") is not None:  # the same probe on plain signal features (mmasr.probe.baseline)
+        rows.append(["signal baseline", _num(m, "baseline_accuracy"), _num(m, "baseline_auc"), interval("baseline_"),
+                     _num(m, "baseline_speaker_auc"), _num(m, "baseline_brier"), None, None,
+                     m.get("baseline_calibration_method", "–")])
+    parts = [table(["features", "accuracy", "AUC", "AUC 95% interval (speakers)", "speaker-level AUC", "Brier",
+                    "ECE uncalibrated", "ECE calibrated", "calibration"], rows)]
+    if _num(m, "baseline_auc") is not None:
+        parts.append(note(f"The signal baseline is the same probe on {esc(', '.join(m.get('baseline_features', [])))} "
+                          "of the processed audio: where it scores as well, the embeddings' AUC shows no more than "
+                          "tempo and recording channel. Speaker-level AUC compares each held-out speaker's mean "
+                          f"probability ({fmt(m.get('n_eval_speakers_positive'))} positive, "
+                          f"{fmt(m.get('n_eval_speakers_negative'))} negative speakers)."))
     if m.get("calibration_fallback"):
         parts.append(note(f"Calibration requested: {esc(m.get('calibration_requested', '?'))}; "
                           f"{esc(m['calibration_fallback'])}."))

@@ -17,7 +17,7 @@ from mmasr.progress import track
 
 from mmasr.io import atomic_path, reject, rejects_frame, write_json
 from mmasr.models.loading import ModelBundle, clip_image_embeddings, clip_text_embeddings
-from mmasr.data.text import clip_text
+from mmasr.data.text import clip_texts
 
 _FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed entry times: the same embeddings give the same bytes
 
@@ -89,10 +89,21 @@ def rows_with_picture(nbest: pd.DataFrame, manifest: pd.DataFrame, embeddings: d
     return np.array([isinstance(i, str) and i in embeddings for i in nbest["utt_id"].map(image_of)], dtype=bool)
 
 
+def nbest_clip_texts(nbest: pd.DataFrame, text_cfg: dict) -> np.ndarray:
+    """What CLIP reads for each row of an n-best table (``utt_id``, ``text``): one format per utterance's
+    list, all captions or all bare (:func:`mmasr.data.text.clip_texts`), whatever the row order."""
+    out = np.full(len(nbest), "", dtype=object)
+    texts = nbest["text"].fillna("").astype(str).to_numpy()
+    for idx in nbest.groupby("utt_id", sort=False).indices.values():
+        out[idx] = clip_texts(texts[idx].tolist(), text_cfg)
+    return out
+
+
 def add_clip_scores(nbest: pd.DataFrame, manifest: pd.DataFrame, embeddings: dict[str, np.ndarray],
                     bundle: ModelBundle | None, text_cfg: dict, batch_size: int = 256,
                     progress: bool = True) -> pd.DataFrame:
-    """Add ``clip_text`` and ``clip_cos`` (cosine with the utterance's picture; NaN without one)."""
+    """Add ``clip_text`` (what CLIP read: one caption format per utterance's list, :func:`mmasr.data.text.clip_texts`)
+    and ``clip_cos`` (cosine with the utterance's picture; NaN without one)."""
     return clip_scores(nbest, manifest, embeddings, bundle, text_cfg, batch_size, progress)[0]
 
 
@@ -110,7 +121,7 @@ def clip_scores(nbest: pd.DataFrame, manifest: pd.DataFrame, embeddings: dict[st
     and every ``clip_cos`` is NaN."""
     out = nbest.copy()
     image_of = manifest.set_index("utt_id")["image_id"]
-    out["clip_text"] = [clip_text(t, text_cfg) for t in out["text"].fillna("")]
+    out["clip_text"] = nbest_clip_texts(out, text_cfg)
     image_ids = out["utt_id"].map(image_of)
     has_image = rows_with_picture(out, manifest, embeddings)
     if bundle is None and has_image.any():

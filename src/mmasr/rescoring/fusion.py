@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from mmasr.data.text import normalise, normaliser
+from mmasr.data.text import normalise, normaliser, other_normaliser
 from mmasr.metrics.intervals import wer_diff_interval
 from mmasr.metrics.wer import count_errors, gap_closed, group_wer_table, pooled_cer, pooled_wer
 
@@ -252,6 +252,24 @@ def other_scorings(nb: NBest, references: list[str], picks: dict[str, np.ndarray
     return out
 
 
+def other_normaliser_wers(nb: NBest, references: list[str], picks: dict[str, np.ndarray], text_cfg: dict) -> dict:
+    """The headline WERs under the normaliser the run is not scored with (:func:`mmasr.data.text.other_normaliser`):
+    ``test_wer_{name}_{seed_norm|whisper_norm}`` of each system's picks, and of the oracle under that
+    normaliser (the hypothesis with the fewest errors by its scoring), for comparison with seed 000's numbers
+    or with the field's (Whisper's normaliser)."""
+    suffix, cfg = other_normaliser(text_cfg)
+    norm = normaliser(cfg)
+    refs = [norm(r) for r in references]
+    rows, slots = np.nonzero(nb.valid)
+    sub, dele, ins, words = count_errors([refs[r] for r in rows], [norm(t) for t in nb.raw[rows, slots]])
+    errors = np.zeros(nb.valid.shape, np.int64)
+    errors[rows, slots] = sub + dele + ins
+    ref_words = np.array([len(r.split()) for r in refs])
+    out = {f"test_wer_{name}_{suffix}": pooled_wer(take(errors, pick), ref_words) for name, pick in picks.items()}
+    out[f"test_wer_oracle_{suffix}"] = pooled_wer(take(errors, oracle_choice(errors, nb.valid)), ref_words)
+    return out
+
+
 def fixed_alpha_choice(nb: NBest, alpha: float, tau: float, clip: np.ndarray | None = None) -> np.ndarray:
     """Choices (U,) at one α, independent of the grid: α = 0 is Whisper's own pick (ASR-only), α = 1 the
     picture alone."""
@@ -418,6 +436,8 @@ def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg:
         metrics[f"test_I_{name}"] = int(take(nb.ins, pick).sum())
     metrics.update(other_scorings(nb, [str(meta.at[u, "text"]) for u in nb.utt_ids],
                                   {"asr": asr_pick, "fused": fused_pick}, text_cfg))
+    metrics.update(other_normaliser_wers(nb, [str(meta.at[u, "text"]) for u in nb.utt_ids],
+                                         {"asr": asr_pick, "fused": fused_pick}, text_cfg))
 
     per_utt = {"asr": err_asr, "fused": err_fused, "oracle": err_oracle, "alpha1": err_alpha1}
     if swap is not None:

@@ -13,7 +13,7 @@ from mmasr.rescoring.fusion import fuse, masked_softmax
 from mmasr.models.loading import clip_image_embeddings, clip_text_embeddings, load_from_params
 from mmasr.rescoring.nbest import nbest_for_batch
 from mmasr.data.preprocess import Rejected, load_and_clean
-from mmasr.data.text import clip_text, normaliser
+from mmasr.data.text import clip_texts, normaliser
 
 log = logging.getLogger(__name__)
 UNTUNED_ALPHA = 0.3  # seed 000's default, used only when no tuned alpha exists
@@ -82,7 +82,7 @@ def transcribe(audio: str | Path, p: dict, image=None, image_id=None, alpha: flo
         if alpha is None:
             alpha = UNTUNED_ALPHA
             result["warning"] = f"no tuned alpha at {fusion_metrics}; using {UNTUNED_ALPHA}"
-    texts = [clip_text(h["text"], p["text"]) for h in hyps]
+    texts = clip_texts([h["text"] for h in hyps], p["text"])
     cos = clip_text_embeddings(clip_bundle, texts) @ vec
     tau = p["fusion"]["tau"]
     fused = fuse(asr, cos[None, :], valid, np.array([alpha]), tau)[0, 0]
