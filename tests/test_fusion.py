@@ -90,7 +90,8 @@ def _toy(n_per_split=6, n_speakers=2):
             hyps = [("a red pear", -0.10, 0.20), ("a red bear", -0.15, 0.30)] if wrong_first else \
                    [("a red bear", -0.10, 0.30), ("a red pear", -0.15, 0.20)]
             for rank, (text, asr, cos) in enumerate(hyps):
-                nb.append({"utt_id": utt, "rank": rank, "text": text, "asr_score": asr, "clip_cos": cos})
+                nb.append({"utt_id": utt, "rank": rank, "text": text, "asr_score": asr, "clip_cos": cos,
+                           "n_tokens": 4, "sum_logprob": 4 * asr})
     return pd.DataFrame(nb), pd.DataFrame(man)
 
 
@@ -116,7 +117,7 @@ def _pictured_toy(n_per_split=12, n_speakers=4, no_picture=()):
             for rank, word in enumerate(order):
                 text = f"a red {word}"
                 nb.append({"utt_id": utt, "rank": rank, "text": text, "asr_score": -0.10 - 0.05 * rank,
-                           "clip_text": text, "clip_cos": float(texts[text] @ images[pic]) if pic else np.nan})
+                           "n_tokens": 4, "sum_logprob": 4 * (-0.10 - 0.05 * rank), "clip_text": text, "clip_cos": float(texts[text] @ images[pic]) if pic else np.nan})
     return pd.DataFrame(nb), pd.DataFrame(man), (images, texts)
 
 

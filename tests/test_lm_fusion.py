@@ -106,16 +106,18 @@ def _lm_toy(n_per_split=12, n_speakers=4, lm_right_on_test=True):
             for rank, word in enumerate(order):
                 right = word == noun
                 lm_right = right if (split == "dev" or lm_right_on_test) else not right
+                lm = -1.0 if lm_right else -3.0
                 nb.append({"utt_id": utt, "rank": rank, "text": f"a red {word}", "asr_score": -0.10 - 0.05 * rank,
+                           "n_tokens": 4, "sum_logprob": 4 * (-0.10 - 0.05 * rank),
                            "clip_cos": 0.30 if right else 0.29,  # the picture helps a little (τ·Δ = 1)
-                           "lm_score": -1.0 if lm_right else -3.0})
+                           "lm_score": lm, "lm_logprob": 4 * lm})
     return pd.DataFrame(nb), pd.DataFrame(man)
 
 
 def test_four_systems_with_intervals_and_alpha_grid_unchanged():
     nb, man = _lm_toy()
     grid, m, _, per_speaker = run_fusion(nb, man, FUSION, TEXT, seed=0)
-    grid0, m0, _, _ = run_fusion(nb.drop(columns="lm_score"), man, FUSION, TEXT, seed=0)
+    grid0, m0, _, _ = run_fusion(nb.drop(columns=["lm_score", "lm_logprob"]), man, FUSION, TEXT, seed=0)
     assert grid.equals(grid0)
     def two_term(d):  # every key that is not about the LM
         return {k: v for k, v in d.items() if "lm" not in k and k != "n_weight_triples"}
