@@ -50,6 +50,11 @@ def test_lm_score_equals_a_direct_log_probability(lm_bundle, tmp_path):
     for text, got in zip(texts, scored["lm_score"]):
         assert got == pytest.approx(direct_logprob(lm_bundle.model, lm_bundle.processor, prefix, text), abs=1e-4)
     assert scored["lm_score"].iloc[0] == scored["lm_score"].iloc[3]
+    tok = lm_bundle.processor
+    for text, n, total in zip(texts, scored["lm_n_tokens"], scored["lm_logprob"]):  # the total the log-linear form weighs
+        n_direct = len((tok(" " + text, add_special_tokens=False).input_ids if text else [])) + 1
+        assert n == n_direct
+        assert total == pytest.approx(n_direct * direct_logprob(lm_bundle.model, tok, prefix, text), abs=1e-3)
     save_lm_cache(tmp_path / "c.npz", distinct, scores)
     cache = load_lm_cache(tmp_path / "c.npz")
     assert cache == pytest.approx(dict(zip(distinct, scores)), abs=1e-5)
@@ -61,7 +66,7 @@ def test_empty_prefix_conditions_on_bos_and_off_gives_nan(lm_bundle):
     assert target_ids(tok, "")[-1] == tok.eos_token_id
     nb = pd.DataFrame({"utt_id": ["u0"], "rank": [0], "text": ["a red bear"]})
     off, texts, _ = lm_scores(nb, None, "", 4, progress=False)
-    assert off["lm_score"].isna().all() and texts == []
+    assert off["lm_score"].isna().all() and off["lm_logprob"].isna().all() and texts == []
 
 
 # ---------------------------------------------------------------- the simplex
