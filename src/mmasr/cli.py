@@ -288,14 +288,15 @@ def cmd_transcribe(args) -> None:
 
 def cmd_systems_table(args) -> None:
     from mmasr.io import read_json
-    from mmasr.report.systems import systems_latex, systems_markdown, systems_rows
+    from mmasr.report.systems import speaker_counts, systems_latex, systems_markdown, systems_rows
 
     models = {"zero-shot": read_json(args.fusion)}
     if args.adapted is not None:
         models["adapted"] = read_json(args.adapted)
     digest = "+".join(str(m.get("params_hash")) for m in models.values())
-    rows = systems_rows(models)
-    for path, text in ((args.md, systems_markdown(rows, digest)), (args.tex, systems_latex(rows, digest))):
+    rows, counts = systems_rows(models), speaker_counts(models)
+    for path, text in ((args.md, systems_markdown(rows, digest, counts)),
+                       (args.tex, systems_latex(rows, digest, counts))):
         with atomic_path(path) as tmp:
             tmp.write_text(text, encoding="utf-8")
     log.info("systems table (%d rows) written: %s, %s", len(rows), args.md, args.tex)

@@ -7,7 +7,9 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["paired_bootstrap_ci", "paired_bootstrap_draws", "speaker_bootstrap_ci", "speaker_bootstrap_draws",
-           "min_speakers_per_group", "wer_diff_interval", "n_speakers"]
+           "min_speakers_per_group", "wer_diff_interval", "n_speakers", "FEW_SPEAKERS", "few_speakers_warning"]
+
+FEW_SPEAKERS = 4  # below this many test speakers in a group, a speaker-level interval rests on very few draws
 
 # The resamples depend only on the seed, the number of utterances and (speaker level) which utterances belong to
 # which speaker and stratum, never on the errors: every difference computed with one seed on one test split is
@@ -91,6 +93,17 @@ def n_speakers(speakers: np.ndarray) -> int:
     """Distinct speakers: the number of clusters a speaker-level interval resamples (with 2 there are only 3
     distinct draws of the pair, so such an interval says little)."""
     return int(len(np.unique(np.asarray(speakers)))) if len(speakers) else 0
+
+
+def few_speakers_warning(counts: dict[str, int | None]) -> str | None:
+    """One sentence naming the groups with fewer than :data:`FEW_SPEAKERS` test speakers (``counts``: group ->
+    speakers; None entries are skipped), or None when there are none."""
+    few = {g: n for g, n in counts.items() if n is not None and n < FEW_SPEAKERS}
+    if not few:
+        return None
+    listed = ", ".join(f"{g} ({n})" for g, n in few.items())
+    return (f"Fewer than {FEW_SPEAKERS} test speakers in {listed}: a speaker-level bootstrap there draws from very "
+            "few speakers (with 2, only 3 distinct draws of the pair; with 1, none), so its interval says little.")
 
 
 def wer_diff_interval(errors_a: np.ndarray, errors_b: np.ndarray, ref_words: np.ndarray, speakers: np.ndarray,
