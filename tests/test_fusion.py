@@ -7,9 +7,10 @@ from mmasr.config import validate
 from mmasr.metrics.intervals import (paired_bootstrap_ci, paired_bootstrap_draws, speaker_bootstrap_ci,
                                      speaker_bootstrap_draws, wer_diff_interval)
 from mmasr.metrics.wer import count_errors, gap_closed, pooled_cer, pooled_wer
-from mmasr.rescoring.fusion import (VERDICTS, alpha_grid, best_alpha_index, choose, fixed_alpha_choice, fuse,
+from mmasr.metrics.verdict import VERDICTS, picture_verdict
+from mmasr.rescoring.fusion import (alpha_grid, best_alpha_index, choose, fixed_alpha_choice, fuse,
                                     lambda_grid, log_linear_choices, log_linear_grid, masked_softmax, oracle_choice,
-                                    other_scorings, picture_derangement, picture_verdict, run_fusion, take, to_arrays)
+                                    other_scorings, picture_derangement, run_fusion, take, to_arrays)
 
 P = validate({})
 FUSION, TEXT = P["fusion"], P["text"]

@@ -469,9 +469,9 @@ def test_systems_section_shows_the_table_rows_and_the_adaptation_curve(full_run)
 def test_both_forms_the_picture_verdict_and_speakers_from_a_real_fusion(full_run):
     """fusion.json as run_fusion writes it (issue 27): the headline form and the other one, the paired fused − swapped
     interval with its number of speakers beside it, the verdict, and the warning for groups under 4 speakers."""
-    from mmasr.rescoring.fusion import VERDICTS
-    from tests.test_fusion import _pictured_toy, _text_prior_toy
+    from mmasr.metrics.verdict import VERDICTS
     from mmasr.rescoring.fusion import run_fusion
+    from tests.test_fusion import _pictured_toy, _text_prior_toy
 
     p = validate({})
     for toy, verdict in ((_pictured_toy, "picture_helps"), (_text_prior_toy, "text_prior")):

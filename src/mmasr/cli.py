@@ -263,14 +263,20 @@ def cmd_fuse(args) -> None:
     write_csv(args.per_speaker, per_speaker)
     write_parquet(args.changed, changed)
     write_json(args.metrics, metrics)
-    log.info("alpha=%.2f (dev); test WER asr-only %.4f, fused %.4f [%.4f, %.4f], oracle %.4f",
-             metrics["best_alpha"], metrics["test_wer_asr"], metrics["test_wer_fused"],
-             metrics["test_wer_diff_ci_low"], metrics["test_wer_diff_ci_high"], metrics["test_wer_oracle"])
-    log.info("interval level: %s; picture-swap control (%d permutations): fused WER %s", metrics["test_wer_diff_ci_level"],
-             metrics["test_swap_permutations"], metrics["test_wer_fused_swapped"])
+    form = metrics["fusion_form"]
+    log.info("form %s, weights %s (dev); test WER asr-only %.4f, fused %.4f [%.4f, %.4f] (%d speakers), oracle %.4f; "
+             "the other form's fused %s", form, metrics[f"weights_fused_{form}_form"], metrics["test_wer_asr"],
+             metrics["test_wer_fused"], metrics["test_wer_diff_ci_low"], metrics["test_wer_diff_ci_high"],
+             metrics["test_n_speakers"], metrics["test_wer_oracle"],
+             metrics["test_wer_fused_seed_form" if form != "seed" else "test_wer_fused_log_linear_form"])
+    log.info("interval level: %s; picture-swap control (%d permutations): fused WER %s, fused - swapped [%s, %s]; "
+             "picture verdict: %s", metrics["test_wer_diff_ci_level"], metrics["test_swap_permutations"],
+             metrics["test_wer_fused_swapped"], metrics["test_wer_fused_vs_swapped_ci_low"],
+             metrics["test_wer_fused_vs_swapped_ci_high"], metrics["picture_verdict"])
     if not metrics["lm_skipped"]:
         log.info("test WER asr+lm %.4f (weights %s), asr+clip+lm %.4f (weights %s)", metrics["test_wer_asr_lm"],
-                 metrics["weights_asr_lm"], metrics["test_wer_asr_clip_lm"], metrics["weights_asr_clip_lm"])
+                 metrics[f"weights_asr_lm_{form}_form"], metrics["test_wer_asr_clip_lm"],
+                 metrics[f"weights_asr_clip_lm_{form}_form"])
     if metrics["fusion_skipped"]:
         log.warning("rescoring with the picture skipped: %s", metrics["fusion_skip_reason"])
 

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from mmasr.metrics.intervals import few_speakers_warning
+from mmasr.metrics.verdict import picture_verdict
 
 log = logging.getLogger("mmasr")
 
@@ -527,10 +528,8 @@ def speakers_text(m: Mapping[str, Any], group: str | None = None) -> str:
 
 
 def verdict_note(m: Mapping[str, Any]) -> str:
-    """The picture verdict (:func:`mmasr.rescoring.fusion.picture_verdict`) from the fused − ASR-only and the paired
+    """The picture verdict (:func:`mmasr.metrics.verdict.picture_verdict`) from the fused − ASR-only and the paired
     fused − swapped intervals, with its reason."""
-    from mmasr.rescoring.fusion import picture_verdict
-
     lo, hi = _num(m, "test_wer_diff_ci_low"), _num(m, "test_wer_diff_ci_high")
     vs_lo, vs_hi = _num(m, "test_wer_fused_vs_swapped_ci_low"), _num(m, "test_wer_fused_vs_swapped_ci_high")
     if lo is None or hi is None:
@@ -546,8 +545,6 @@ def interval_text(m: Mapping[str, Any], low_key: str, high_key: str, group: str 
 
 def group_intervals_table(m: Mapping[str, Any], groups: Iterable[str]) -> str:
     """Per group: test speakers, fused − ASR-only, fused − swapped (and CLIP over LM) intervals, and the verdict."""
-    from mmasr.rescoring.fusion import picture_verdict
-
     rows = []
     with_lm = _num(m, "test_wer_clip_over_lm_ci_low") is not None
     for g in groups:
