@@ -870,7 +870,8 @@ def build_parser() -> argparse.ArgumentParser:
     pic = sp.add_mutually_exclusive_group()
     pic.add_argument("--image", type=Path, help="picture file")
     pic.add_argument("--image-id", help="picture id in the embedding cache")
-    sp.add_argument("--alpha", type=float, default=None, help="default: best_alpha of results/metrics/fusion.json")
+    sp.add_argument("--alpha", type=float, default=None, help="the seed form with this alpha; default: fusion.json's headline form and its dev-chosen "
+                         "weights (log-linear lambda_clip and beta, or the seed form's best_alpha)")
     sp.add_argument("--embeddings", type=Path, default=Path("data/cache/clip_image_embeddings.npz"))
     sp.add_argument("--fusion-metrics", type=Path, default=Path("results/metrics/fusion.json"))
 
