@@ -4,10 +4,13 @@ import pandas as pd
 import pytest
 
 from mmasr.config import validate
-from mmasr.metrics.intervals import paired_bootstrap_ci, speaker_bootstrap_ci, wer_diff_interval
+from mmasr.metrics.intervals import (paired_bootstrap_ci, paired_bootstrap_draws, speaker_bootstrap_ci,
+                                     speaker_bootstrap_draws, wer_diff_interval)
 from mmasr.metrics.wer import count_errors, gap_closed, pooled_cer, pooled_wer
-from mmasr.rescoring.fusion import (alpha_grid, best_alpha_index, choose, fuse, masked_softmax, oracle_choice,
-                                    other_scorings, picture_derangement, run_fusion, to_arrays)
+from mmasr.metrics.verdict import VERDICTS, picture_verdict
+from mmasr.rescoring.fusion import (alpha_grid, best_alpha_index, choose, fixed_alpha_choice, fuse,
+                                    lambda_grid, log_linear_choices, log_linear_grid, masked_softmax, oracle_choice,
+                                    other_scorings, picture_derangement, run_fusion, take, to_arrays)
 
 P = validate({})
 FUSION, TEXT = P["fusion"], P["text"]
@@ -90,7 +93,8 @@ def _toy(n_per_split=6, n_speakers=2):
             hyps = [("a red pear", -0.10, 0.20), ("a red bear", -0.15, 0.30)] if wrong_first else \
                    [("a red bear", -0.10, 0.30), ("a red pear", -0.15, 0.20)]
             for rank, (text, asr, cos) in enumerate(hyps):
-                nb.append({"utt_id": utt, "rank": rank, "text": text, "asr_score": asr, "clip_cos": cos})
+                nb.append({"utt_id": utt, "rank": rank, "text": text, "asr_score": asr, "clip_cos": cos,
+                           "n_tokens": 4, "sum_logprob": 4 * asr})
     return pd.DataFrame(nb), pd.DataFrame(man)
 
 
@@ -116,7 +120,7 @@ def _pictured_toy(n_per_split=12, n_speakers=4, no_picture=()):
             for rank, word in enumerate(order):
                 text = f"a red {word}"
                 nb.append({"utt_id": utt, "rank": rank, "text": text, "asr_score": -0.10 - 0.05 * rank,
-                           "clip_text": text, "clip_cos": float(texts[text] @ images[pic]) if pic else np.nan})
+                           "n_tokens": 4, "sum_logprob": 4 * (-0.10 - 0.05 * rank), "clip_text": text, "clip_cos": float(texts[text] @ images[pic]) if pic else np.nan})
     return pd.DataFrame(nb), pd.DataFrame(man), (images, texts)
 
 
@@ -391,3 +395,202 @@ def test_a_hypothesis_that_normalises_to_nothing_scores_as_deletions():
     arr = to_arrays(nb, pd.Series({"u": "A red bear."}), TEXT)
     assert arr.texts[0].tolist() == ["", "a red bear"] and arr.valid[0].all()
     assert (arr.sub[0, 0], arr.dele[0, 0], arr.ins[0, 0]) == (0, 3, 0) and arr.errors[0, 1] == 0
+
+
+# ---------------------------------------------------------------- the log-linear form (issue 27)
+
+def _random_toy(seed=7, n_per_split=16, n_speakers=8):
+    """A seeded toy with irregular scores (three hypotheses an utterance, random ASR, CLIP and LM scores)."""
+    rng = np.random.default_rng(seed)
+    man, nb = [], []
+    for split in ("dev", "test"):
+        for i in range(n_per_split):
+            utt, noun = f"{split}{i:02d}", NOUNS[i % 4]
+            man.append({"utt_id": utt, "split": split, "text": f"a red {noun}", "speaker": f"{split}-s{i % n_speakers}",
+                        "group": "impaired" if i % 2 else "control", "image_id": noun})
+            words = [noun, NOUNS[(i + 1) % 4], NOUNS[(i + 2) % 4]]
+            rng.shuffle(words)
+            asr = np.sort(rng.normal(-0.3, 0.1, 3))[::-1]
+            for rank, word in enumerate(words):
+                n_tok = 4 + rank % 2
+                nb.append({"utt_id": utt, "rank": rank, "text": f"a red {word}", "asr_score": float(asr[rank]),
+                           "n_tokens": n_tok, "sum_logprob": float(asr[rank]) * n_tok,
+                           "clip_cos": float(0.25 + 0.02 * (word == noun) + rng.normal(0, 0.01)),
+                           "lm_score": float(rng.normal(-2, 0.5)), "lm_logprob": float(rng.normal(-8, 2))})
+    return pd.DataFrame(nb), pd.DataFrame(man)
+
+
+def test_seed_form_is_unchanged_against_a_pinned_example():
+    """Values from main at 1a90f6d (before the log-linear form) on the same toy: the seed form reproduces them, and
+    under the log-linear headline the seed form's systems are still reported beside it."""
+    nb, man = _random_toy()
+    grid, m, _, _ = run_fusion(nb, man, {**FUSION, "form": "seed"}, TEXT, seed=0)
+    pinned = {"best_alpha": 0.15, "dev_wer_fused": 0.0625, "test_wer_asr": 0.25, "test_wer_fused": 1 / 12,
+              "test_wer_diff_ci_low": -0.25, "test_wer_diff_ci_high": -1 / 12, "test_wer_asr_lm": 0.25,
+              "test_wer_asr_clip_lm": 1 / 24, "test_wer_asr_clip_lm_ci_low": -7 / 24, "test_wer_fused_impaired": 1 / 24}
+    for key, value in pinned.items():
+        assert m[key] == pytest.approx(value, abs=1e-12), key
+    assert m["weights_asr_lm"] == pytest.approx([0.7, 0.0, 0.3]) and m["weights_asr_clip_lm"] == pytest.approx([0.2, 0.65, 0.15])
+    assert m["fusion_form"] == "seed" and m["test_wer_fused_seed_form"] == m["test_wer_fused"]
+    assert m["weights_fused_seed_form"] == {"alpha": 0.15}
+    _, ll, _, _ = run_fusion(nb, man, FUSION, TEXT, seed=0)
+    assert ll["fusion_form"] == "log_linear" and ll["test_wer_fused_seed_form"] == pytest.approx(1 / 12)
+    assert ll["best_alpha"] == 0.15 and ll["test_wer_fused"] == ll["test_wer_fused_log_linear_form"]
+    assert m["test_wer_fused_log_linear_form"] == ll["test_wer_fused"]  # both forms in every run
+    assert set(ll["weights_asr_clip_lm_log_linear_form"]) == {"lambda_clip", "lambda_lm", "beta"}
+    for form in ("seed", "log_linear"):
+        for group in ("impaired", "control"):
+            assert ll[f"test_wer_asr_clip_lm_{form}_form_diff_ci_low_{group}"] <= ll[
+                f"test_wer_asr_clip_lm_{form}_form_diff_ci_high_{group}"]
+
+
+def test_lambda_and_beta_grids():
+    lambdas = lambda_grid({"lambda_start": 0.01, "lambda_stop": 10.0, "lambda_num": 4})
+    assert lambdas.tolist() == [0.0, 0.01, 0.1, 1.0, 10.0]
+    grid = log_linear_grid(lambdas, [1.0, -0.5, 0.0], with_lm=False)
+    assert grid.shape == (15, 3) and (grid[:, 1] == 0).all()
+    assert grid[:3].tolist() == [[0.0, 0.0, 0.0], [0.0, 0.0, -0.5], [0.0, 0.0, 1.0]]  # simplest first: |β| ascending
+    with_lm = log_linear_grid(lambdas, [0.0], with_lm=True)
+    assert with_lm.shape == (25, 3) and (with_lm[:5, 1] == 0).all() and with_lm[5].tolist() == [0.0, 0.01, 0.0]
+
+
+def test_log_linear_at_zero_weights_picks_the_best_total_logprob_not_rank_0():
+    # rank 0 by the length-normalised score (-0.2 a token over 6 tokens) loses on total log-probability (-1.2 < -0.6)
+    nb = pd.DataFrame({"utt_id": ["u", "u", "v", "v"], "rank": [0, 1, 0, 1],
+                       "text": ["a red bear on a hill", "a red bear", "a goat", "a boat"],
+                       "n_tokens": [6, 2, 3, 3], "sum_logprob": [-1.2, -0.6, -0.3, -0.9],
+                       "asr_score": [-0.2, -0.3, -0.1, -0.3], "clip_cos": [0.3, 0.2, np.nan, np.nan]})
+    arr = to_arrays(nb, pd.Series({"u": "a red bear", "v": "a goat"}), TEXT)
+    zero = np.zeros((1, 3))
+    got = log_linear_choices(arr.total, arr.clip, arr.lm_total, arr.length, arr.valid, zero, 100.0)[0]
+    assert got.tolist() == [1, 0] == np.argmax(np.where(arr.valid, arr.total, -np.inf), axis=1).tolist()
+    assert fixed_alpha_choice(arr, 0.0, 100.0).tolist() == [0, 0]  # ASR-only stays rank 0
+    # a length bonus of 0.2 a token ties them (-1.2 + 1.2 = -0.6 + 0.4 + 0.2); the better ASR rank wins ties
+    assert log_linear_choices(arr.total, arr.clip, arr.lm_total, arr.length, arr.valid, np.array([[0, 0, 0.2]]),
+                              100.0)[0, 0] == 0
+    # the CLIP term moves u (it has a picture) and nothing moves v (no cosines: the term is 0 across the list)
+    w = np.array([[0.01, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    assert log_linear_choices(arr.total, arr.clip, arr.lm_total, arr.length, arr.valid, w, 100.0).tolist() == [[1, 0], [0, 0]]
+    # chunked in memory: the same choices whatever the chunk
+    big = log_linear_grid(lambda_grid(FUSION), FUSION["beta_grid"], with_lm=True)
+    full = log_linear_choices(arr.total, arr.clip, arr.lm_total, arr.length, arr.valid, big, 100.0)
+    assert np.array_equal(full, log_linear_choices(arr.total, arr.clip, arr.lm_total, arr.length, arr.valid, big,
+                                                   100.0, max_cells=7))
+
+
+def test_run_fusion_log_linear_with_zero_grids_is_the_total_logprob_argmax():
+    nb, man = _random_toy()
+    cfg = {**FUSION, "lambda_num": 1, "lambda_start": 1e-9, "lambda_stop": 1e-9, "beta_grid": [0.0]}
+    _, m, _, _ = run_fusion(nb.assign(clip_cos=np.nan), man.assign(image_id=None), cfg, TEXT, seed=0)
+    meta = man.set_index("utt_id")
+    test = to_arrays(nb[nb["utt_id"].str.startswith("test")], meta["text"], TEXT)
+    best_total = np.argmax(np.where(test.valid, test.total, -np.inf), axis=1)
+    assert m["test_wer_fused"] == pytest.approx(pooled_wer(take(test.errors, best_total), test.ref_words))
+    assert m["test_wer_asr"] == pytest.approx(pooled_wer(test.errors[:, 0], test.ref_words))
+    assert m["weights_fused_log_linear_form"] == {"lambda_clip": 0.0, "lambda_lm": 0.0, "beta": 0.0}
+    assert m["fusion_skipped"] and "total log-probability" in m["fusion_skip_reason"]
+
+
+def test_log_linear_weights_are_chosen_on_dev_only():
+    nb, man = _random_toy()
+    _, base, _, _ = run_fusion(nb, man, FUSION, TEXT, seed=0)
+    moved_nb = nb.copy()
+    test_rows = moved_nb["utt_id"].str.startswith("test")
+    rng = np.random.default_rng(1)
+    for col in ("clip_cos", "sum_logprob", "lm_logprob", "asr_score", "lm_score"):
+        moved_nb.loc[test_rows, col] = moved_nb.loc[test_rows, col] + rng.normal(0, 0.5, int(test_rows.sum()))
+    _, moved, _, _ = run_fusion(moved_nb, man, FUSION, TEXT, seed=0)
+    for form in ("log_linear", "seed"):
+        for name in ("fused", "asr_lm", "asr_clip_lm"):
+            assert moved[f"weights_{name}_{form}_form"] == base[f"weights_{name}_{form}_form"]
+            assert moved[f"dev_wer_{name}_{form}_form"] == base[f"dev_wer_{name}_{form}_form"]
+    assert any(moved[f"test_wer_{n}_{f}_form"] != base[f"test_wer_{n}_{f}_form"]
+               for n in ("fused", "asr_lm", "asr_clip_lm") for f in ("log_linear", "seed"))
+
+
+def test_log_linear_without_total_logprob_is_a_clear_error_and_null_under_seed():
+    nb, man = _toy()
+    nb = nb.drop(columns=["sum_logprob", "n_tokens"])
+    with pytest.raises(ValueError, match="sum_logprob.*fusion.form: seed"):
+        run_fusion(nb, man, FUSION, TEXT, seed=0)
+    _, m, _, _ = run_fusion(nb, man, {**FUSION, "form": "seed"}, TEXT, seed=0)
+    assert m["test_wer_fused_log_linear_form"] is None and "sum_logprob" in m["log_linear_skip_reason"]
+    assert m["test_wer_fused"] == 0.0
+    with pytest.raises(ValueError, match="form"):
+        validate({"fusion": {"form": "linear"}})
+    with pytest.raises(ValueError, match="lambda_stop"):
+        validate({"fusion": {"lambda_start": 1.0, "lambda_stop": 0.1}})
+
+
+# ---------------------------------------------------------------- the picture verdict and speakers (issue 27)
+
+def test_the_same_resamples_pair_every_difference():
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.integers(0, 3, 40) for _ in range(3))
+    c = c + 0.5  # a mean over permutations need not be whole
+    words, spk, grp = rng.integers(2, 6, 40), np.repeat(np.arange(8), 5), np.repeat([0, 1], 20)
+    ab, ac, cb = (speaker_bootstrap_draws(x, y, words, spk, grp, 300, 4) for x, y in ((a, b), (a, c), (c, b)))
+    np.testing.assert_allclose(ab - ac, cb, atol=1e-12)
+    ab, ac, cb = (paired_bootstrap_draws(x, y, words, 300, 4) for x, y in ((a, b), (a, c), (c, b)))
+    np.testing.assert_allclose(ab - ac, cb, atol=1e-12)
+
+
+def test_picture_verdict_rules():
+    assert picture_verdict((-0.1, -0.02), (-0.05, -0.01))[0] == "picture_helps"
+    code, sentence = picture_verdict((-0.1, -0.02), (-0.03, 0.01))
+    assert code == "text_prior" and sentence.startswith("CLIP's text prior helps, the picture does not")
+    assert picture_verdict((-0.1, -0.02), None)[0] == "no_control"
+    assert picture_verdict((-0.1, 0.0), (-0.05, -0.01))[0] == "not_shown"  # an interval touching 0 is not below it
+    assert "right picture does beat a wrong one" in picture_verdict((-0.1, 0.0), (-0.05, -0.01))[1]
+    assert picture_verdict((0.01, 0.05), (0.0, 0.1)) == ("not_shown", VERDICTS["not_shown"])
+    assert picture_verdict((None, None), (-0.05, -0.01))[0] == "not_shown"
+
+
+def _text_prior_toy(n_per_split=12, n_speakers=4):
+    """CLIP prefers the right transcript whatever the picture: the wrong hypotheses are the right noun with an
+    inserted "the", and their text embeddings lack the "fluent" direction every picture shares; so a swapped picture
+    picks the right transcript as well as the own one does."""
+    dim = len(NOUNS) + 1
+    def vec(noun, fluent):
+        v = np.zeros(dim, np.float32)
+        v[NOUNS.index(noun)] = 0.6 if fluent else 1.0
+        v[-1] = 0.8 if fluent else 0.0
+        return v
+    images = {noun: vec(noun, True) for noun in NOUNS}
+    texts = {**{f"a red {n}": vec(n, True) for n in NOUNS}, **{f"a red {n} the": vec(n, False) for n in NOUNS}}
+    man, nb = [], []
+    for split in ("dev", "test"):
+        for i in range(n_per_split):
+            utt, noun = f"{split}{i:02d}", NOUNS[i % len(NOUNS)]
+            man.append({"utt_id": utt, "split": split, "text": f"a red {noun}", "speaker": f"{split}-s{i % n_speakers}",
+                        "group": "impaired" if i % 2 else "control", "image_id": noun})
+            right, wrong = f"a red {noun}", f"a red {noun} the"
+            for rank, text in enumerate([wrong, right] if i % 3 else [right, wrong]):
+                nb.append({"utt_id": utt, "rank": rank, "text": text, "asr_score": -0.10 - 0.05 * rank, "n_tokens": 4,
+                           "sum_logprob": 4 * (-0.10 - 0.05 * rank), "clip_text": text,
+                           "clip_cos": float(texts[text] @ images[noun])})
+    return pd.DataFrame(nb), pd.DataFrame(man), (images, texts)
+
+
+@pytest.mark.parametrize("form", ["log_linear", "seed"])
+def test_verdict_separates_the_picture_from_clips_text_prior(form):
+    cfg = {**FUSION, "form": form, "swap_permutations": 3}
+    nb, man, emb = _pictured_toy()  # CLIP needs the right picture
+    _, m, _, _ = run_fusion(nb, man, cfg, TEXT, seed=0, embeddings=emb)
+    assert m["test_wer_diff_ci_high"] < 0 and m["test_wer_fused_vs_swapped_ci_high"] < 0
+    assert m["picture_verdict"] == "picture_helps"
+    assert m["test_wer_fused_vs_swapped"] == pytest.approx(m["test_wer_fused"] - m["test_wer_fused_swapped"])
+    assert m["test_wer_fused_vs_swapped_ci_low"] <= m["test_wer_fused_vs_swapped"]
+    for group in ("impaired", "control"):
+        assert m[f"test_wer_fused_vs_swapped_ci_low_{group}"] <= m[f"test_wer_fused_vs_swapped_ci_high_{group}"] < 0
+    nb, man, emb = _text_prior_toy()  # CLIP prefers the fluent transcript with any picture
+    _, m, _, _ = run_fusion(nb, man, cfg, TEXT, seed=0, embeddings=emb)
+    assert m["test_wer_fused"] == 0.0 < m["test_wer_asr"] and m["test_wer_diff_ci_high"] < 0
+    assert m["test_wer_fused_swapped"] == 0.0 and m["test_wer_fused_vs_swapped_ci_high"] >= 0
+    assert m["picture_verdict"] == "text_prior"
+
+
+def test_speakers_are_counted_beside_every_interval():
+    nb, man, emb = _pictured_toy()
+    _, m, _, _ = run_fusion(nb, man, FUSION, TEXT, seed=0, embeddings=emb)
+    assert m["test_n_speakers"] == 4 and m["test_n_speakers_impaired"] == m["test_n_speakers_control"] == 2

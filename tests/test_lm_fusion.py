@@ -50,6 +50,11 @@ def test_lm_score_equals_a_direct_log_probability(lm_bundle, tmp_path):
     for text, got in zip(texts, scored["lm_score"]):
         assert got == pytest.approx(direct_logprob(lm_bundle.model, lm_bundle.processor, prefix, text), abs=1e-4)
     assert scored["lm_score"].iloc[0] == scored["lm_score"].iloc[3]
+    tok = lm_bundle.processor
+    for text, n, total in zip(texts, scored["lm_n_tokens"], scored["lm_logprob"]):  # the total the log-linear form weighs
+        n_direct = len((tok(" " + text, add_special_tokens=False).input_ids if text else [])) + 1
+        assert n == n_direct
+        assert total == pytest.approx(n_direct * direct_logprob(lm_bundle.model, tok, prefix, text), abs=1e-3)
     save_lm_cache(tmp_path / "c.npz", distinct, scores)
     cache = load_lm_cache(tmp_path / "c.npz")
     assert cache == pytest.approx(dict(zip(distinct, scores)), abs=1e-5)
@@ -61,7 +66,7 @@ def test_empty_prefix_conditions_on_bos_and_off_gives_nan(lm_bundle):
     assert target_ids(tok, "")[-1] == tok.eos_token_id
     nb = pd.DataFrame({"utt_id": ["u0"], "rank": [0], "text": ["a red bear"]})
     off, texts, _ = lm_scores(nb, None, "", 4, progress=False)
-    assert off["lm_score"].isna().all() and texts == []
+    assert off["lm_score"].isna().all() and off["lm_logprob"].isna().all() and texts == []
 
 
 # ---------------------------------------------------------------- the simplex
@@ -106,16 +111,18 @@ def _lm_toy(n_per_split=12, n_speakers=4, lm_right_on_test=True):
             for rank, word in enumerate(order):
                 right = word == noun
                 lm_right = right if (split == "dev" or lm_right_on_test) else not right
+                lm = -1.0 if lm_right else -3.0
                 nb.append({"utt_id": utt, "rank": rank, "text": f"a red {word}", "asr_score": -0.10 - 0.05 * rank,
+                           "n_tokens": 4, "sum_logprob": 4 * (-0.10 - 0.05 * rank),
                            "clip_cos": 0.30 if right else 0.29,  # the picture helps a little (τ·Δ = 1)
-                           "lm_score": -1.0 if lm_right else -3.0})
+                           "lm_score": lm, "lm_logprob": 4 * lm})
     return pd.DataFrame(nb), pd.DataFrame(man)
 
 
 def test_four_systems_with_intervals_and_alpha_grid_unchanged():
     nb, man = _lm_toy()
     grid, m, _, per_speaker = run_fusion(nb, man, FUSION, TEXT, seed=0)
-    grid0, m0, _, _ = run_fusion(nb.drop(columns="lm_score"), man, FUSION, TEXT, seed=0)
+    grid0, m0, _, _ = run_fusion(nb.drop(columns=["lm_score", "lm_logprob"]), man, FUSION, TEXT, seed=0)
     assert grid.equals(grid0)
     def two_term(d):  # every key that is not about the LM
         return {k: v for k, v in d.items() if "lm" not in k and k != "n_weight_triples"}

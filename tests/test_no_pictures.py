@@ -117,11 +117,14 @@ def test_a_torgo_corpus_without_pictures_runs_end_to_end(tmp_path):
     nbest = pd.read_parquet(work / "data/nbest/nbest.parquet")
     assert len(nbest) and nbest["clip_cos"].isna().all()
 
-    # Fusion: ASR-only on every test utterance, and it says so.
+    # Fusion: no CLIP term on any test utterance, and it says so: the seed form is ASR-only, the log-linear form
+    # (the headline) keeps λ_clip at 0 and re-ranks by Whisper's total log-probability and the length term only.
     fusion = read_json(work / "results/metrics/fusion.json")
     n_test = int((manifest["split"] == "test").sum())
     assert n_test > 0 and fusion["n_test_utts"] == n_test and fusion["n_no_image"] == n_test
-    assert fusion["test_wer_fused"] == fusion["test_wer_asr"] and fusion["test_wer_diff"] == 0.0
+    assert fusion["fusion_form"] == "log_linear" and fusion["weights_fused_log_linear_form"]["lambda_clip"] == 0.0
+    assert fusion["test_wer_fused_seed_form"] == fusion["test_wer_asr"]
+    assert fusion["test_wer_diff"] == pytest.approx(fusion["test_wer_fused"] - fusion["test_wer_asr"])
     assert fusion["fusion_skipped"] and "no test utterance has a picture" in fusion["fusion_skip_reason"]
     assert all(math.isfinite(v) for v in finite_numbers(fusion).values())
     grid = pd.read_csv(work / "results/fusion/grid.csv")

@@ -169,7 +169,8 @@ def test_every_section_shows_the_stage_values(full_run):
     assert re.search(r"<td>test</td><td class=\"num\">3</td><td class=\"num\">1</td><td class=\"num\">3</td>", data)
     assert "<td>empty_audio</td><td class=\"num\">2</td>" in data  # rejects grouped by reason
     resc = section_html(page, "rescoring")
-    for value in ("0.432", "0.211", "0.123", "[-0.301, -0.150]", "α = <b>0.35</b>", "the picture helps"):
+    for value in ("0.432", "0.211", "0.123", "[-0.301, -0.150]", "α = <b>0.35</b>", "rescoring helps",
+                  "the swap control could not run"):
         assert value in resc, value
     assert "<td>M03</td><td>impaired</td>" in resc  # per-speaker table with the group from the manifest
     assert "3 test transcripts changed: 2 better, 1 worse" in resc
@@ -483,8 +484,8 @@ def test_systems_section_shows_the_table_rows_and_the_adaptation_curve(full_run)
             assert f"<td>{cell}</td>" in systems, (r["model"], r["system"], g)
             if r[g][0] is not None:
                 assert cell in md
-    assert "<td>adapted</td><td>ASR-only</td><td>25.0 [-25.1, -10.3]</td><td>30.0 [-40.0, -20.0]</td>" in systems
-    assert "<td>zero-shot</td><td>ASR-only</td><td>43.2</td>" in systems
+    assert "<td>adapted</td><td>ASR-only</td><td>–</td><td>25.0 [-25.1, -10.3]</td><td>30.0 [-40.0, -20.0]</td>" in systems
+    assert "<td>zero-shot</td><td>ASR-only</td><td>–</td><td>43.2</td>" in systems
     assert "adapted − zero-shot ASR-only test WER -0.182, 95% interval [-0.251, -0.103] (speaker-level)" in systems
     assert "adaptation helps" in systems and "kept step 8" in systems
     assert "<h3>Adaptation loss</h3>" in systems and systems.count('src="data:image/png;base64,') == 1
@@ -495,3 +496,27 @@ def test_systems_section_shows_the_table_rows_and_the_adaptation_curve(full_run)
     make_adapted(full_run)
     off = section_html(report.build_report(full_run, params(), "test"), "systems")
     assert "Adaptation is off" in off and "adapt.enabled" in off and "<table" not in off and "<img" not in off
+
+
+def test_both_forms_the_picture_verdict_and_speakers_from_a_real_fusion(full_run):
+    """fusion.json as run_fusion writes it (issue 27): the headline form and the other one, the paired fused − swapped
+    interval with its number of speakers beside it, the verdict, and the warning for groups under 4 speakers."""
+    from mmasr.metrics.verdict import VERDICTS
+    from mmasr.rescoring.fusion import run_fusion
+    from tests.test_fusion import _pictured_toy, _text_prior_toy
+
+    p = validate({})
+    for toy, verdict in ((_pictured_toy, "picture_helps"), (_text_prior_toy, "text_prior")):
+        nb, man, emb = toy()
+        _, m, _, _ = run_fusion(nb, man, p["fusion"], p["text"], seed=0, embeddings=emb)
+        write_json(full_run / "results/metrics/fusion.json", m)
+        page = report.build_report(full_run, params(), "test")
+        resc = section_html(page, "rescoring")
+        assert m["picture_verdict"] == verdict and report.esc(VERDICTS[verdict]) in resc
+        assert "Headline form <code>log_linear</code>" in resc and "fused, seed form (α = 0.05" in resc
+        assert (f"<b>Fused − swapped test WER: {report.fmt(m['test_wer_fused_vs_swapped'])}</b>, paired" in resc
+                and f"[{report.fmt(m['test_wer_fused_vs_swapped_ci_low'])}, "
+                    f"{report.fmt(m['test_wer_fused_vs_swapped_ci_high'])}] (4 test speakers)" in resc)
+        assert "<h3>Intervals per group (test)</h3>" in resc and "(2 test speakers)" in resc
+        assert "Fewer than 4 test speakers in control (2), impaired (2)" in resc
+        assert verdict.replace("_", " ") in section_html(page, "summary")

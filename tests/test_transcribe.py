@@ -35,6 +35,22 @@ def test_with_a_picture_is_multimodal_and_uses_the_tuned_alpha(params, tmp_path)
         assert h["fused_score"] == pytest.approx(0.65 * h["asr_prob"] + 0.35 * h["clip_prob"])
 
 
+def test_a_log_linear_headline_fuses_log_linearly_with_its_dev_weights(params, tmp_path):
+    audio = write_wav(tmp_path / "a.flac", tone(1.0, 22050), sr=22050)
+    picture = write_picture(tmp_path / "p.png")
+    metrics = tmp_path / "fusion.json"
+    metrics.write_text(json.dumps({"best_alpha": 0.35, "fusion_form": "log_linear",
+                                   "weights_fused_log_linear_form": {"lambda_clip": 0.1, "lambda_lm": 0.0, "beta": 0.5}}))
+    out = transcribe(audio, params, image=picture, fusion_metrics=metrics)
+    assert out["mode"] == "multimodal" and out["form"] == "log_linear" and "alpha" not in out
+    assert (out["lambda_clip"], out["beta"]) == (0.1, 0.5)
+    hyps = out["hypotheses"]
+    assert out["transcription"] == hyps[0]["text"]
+    for h in hyps:
+        assert h["fused_score"] == pytest.approx(h["sum_logprob"] + 0.1 * 100.0 * h["clip_score"] + 0.5 * h["n_tokens"])
+    assert transcribe(audio, params, image=picture, fusion_metrics=metrics, alpha=0.35)["form"] == "seed"
+
+
 def test_missing_picture_falls_back_to_asr_only(params, tmp_path):
     audio = write_wav(tmp_path / "a.wav", tone())
     out = transcribe(audio, params, image=tmp_path / "nope.png", alpha=0.5)

@@ -159,7 +159,10 @@ FUSION_KEYS = ("best_alpha", "tau", "dev_wer_asr", "dev_wer_fused", "test_wer_as
                "test_wer_asr_impaired", "test_wer_fused_impaired", "test_wer_asr_control", "test_wer_fused_control",
                "test_wer_alpha1", "test_wer_fused_swapped", "test_wer_fused_swapped_ci_low",
                "test_wer_fused_swapped_ci_high", "test_wer_diff_ci_low_utt", "test_wer_diff_ci_high_utt",
-               "test_wer_diff_ci_level", "test_cer_asr", "test_cer_fused", "test_wer_asr_raw", "test_wer_fused_raw")
+               "test_wer_diff_ci_level", "test_cer_asr", "test_cer_fused", "test_wer_asr_raw", "test_wer_fused_raw",
+               "fusion_form", "test_wer_fused_seed_form", "test_wer_fused_log_linear_form", "weights_fused_seed_form",
+               "weights_fused_log_linear_form", "test_n_speakers", "test_wer_fused_vs_swapped_ci_low",
+               "test_wer_fused_vs_swapped_ci_high", "picture_verdict")
 
 
 def test_rescoring_outputs_follow_the_contracts(tiny_run):
@@ -187,6 +190,7 @@ def test_rescoring_outputs_follow_the_contracts(tiny_run):
     assert metrics["test_wer_diff_ci_level"] in ("speaker", "utterance")
     assert metrics["test_wer_fused_swapped"] is not None and metrics["test_swap_permutations"] == 5
     assert metrics["test_wer_fused_swapped_ci_low"] <= metrics["test_wer_fused_swapped_ci_high"]
+    assert metrics["test_wer_fused_vs_swapped_ci_low"] <= metrics["test_wer_fused_vs_swapped_ci_high"]
 
 
 def test_projector_outputs_follow_the_contracts(tiny_run):

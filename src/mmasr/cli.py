@@ -263,14 +263,20 @@ def cmd_fuse(args) -> None:
     write_csv(args.per_speaker, per_speaker)
     write_parquet(args.changed, changed)
     write_json(args.metrics, metrics)
-    log.info("alpha=%.2f (dev); test WER asr-only %.4f, fused %.4f [%.4f, %.4f], oracle %.4f",
-             metrics["best_alpha"], metrics["test_wer_asr"], metrics["test_wer_fused"],
-             metrics["test_wer_diff_ci_low"], metrics["test_wer_diff_ci_high"], metrics["test_wer_oracle"])
-    log.info("interval level: %s; picture-swap control (%d permutations): fused WER %s", metrics["test_wer_diff_ci_level"],
-             metrics["test_swap_permutations"], metrics["test_wer_fused_swapped"])
+    form = metrics["fusion_form"]
+    log.info("form %s, weights %s (dev); test WER asr-only %.4f, fused %.4f [%.4f, %.4f] (%d speakers), oracle %.4f; "
+             "the other form's fused %s", form, metrics[f"weights_fused_{form}_form"], metrics["test_wer_asr"],
+             metrics["test_wer_fused"], metrics["test_wer_diff_ci_low"], metrics["test_wer_diff_ci_high"],
+             metrics["test_n_speakers"], metrics["test_wer_oracle"],
+             metrics["test_wer_fused_seed_form" if form != "seed" else "test_wer_fused_log_linear_form"])
+    log.info("interval level: %s; picture-swap control (%d permutations): fused WER %s, fused - swapped [%s, %s]; "
+             "picture verdict: %s", metrics["test_wer_diff_ci_level"], metrics["test_swap_permutations"],
+             metrics["test_wer_fused_swapped"], metrics["test_wer_fused_vs_swapped_ci_low"],
+             metrics["test_wer_fused_vs_swapped_ci_high"], metrics["picture_verdict"])
     if not metrics["lm_skipped"]:
         log.info("test WER asr+lm %.4f (weights %s), asr+clip+lm %.4f (weights %s)", metrics["test_wer_asr_lm"],
-                 metrics["weights_asr_lm"], metrics["test_wer_asr_clip_lm"], metrics["weights_asr_clip_lm"])
+                 metrics[f"weights_asr_lm_{form}_form"], metrics["test_wer_asr_clip_lm"],
+                 metrics[f"weights_asr_clip_lm_{form}_form"])
     if metrics["fusion_skipped"]:
         log.warning("rescoring with the picture skipped: %s", metrics["fusion_skip_reason"])
 
@@ -288,14 +294,15 @@ def cmd_transcribe(args) -> None:
 
 def cmd_systems_table(args) -> None:
     from mmasr.io import read_json
-    from mmasr.report.systems import systems_latex, systems_markdown, systems_rows
+    from mmasr.report.systems import speaker_counts, systems_latex, systems_markdown, systems_rows
 
     models = {"zero-shot": read_json(args.fusion)}
     if args.adapted is not None:
         models["adapted"] = read_json(args.adapted)
     digest = "+".join(str(m.get("params_hash")) for m in models.values())
-    rows = systems_rows(models)
-    for path, text in ((args.md, systems_markdown(rows, digest)), (args.tex, systems_latex(rows, digest))):
+    rows, counts = systems_rows(models), speaker_counts(models)
+    for path, text in ((args.md, systems_markdown(rows, digest, counts)),
+                       (args.tex, systems_latex(rows, digest, counts))):
         with atomic_path(path) as tmp:
             tmp.write_text(text, encoding="utf-8")
     log.info("systems table (%d rows) written: %s, %s", len(rows), args.md, args.tex)
@@ -873,7 +880,8 @@ def build_parser() -> argparse.ArgumentParser:
     pic = sp.add_mutually_exclusive_group()
     pic.add_argument("--image", type=Path, help="picture file")
     pic.add_argument("--image-id", help="picture id in the embedding cache")
-    sp.add_argument("--alpha", type=float, default=None, help="default: best_alpha of results/metrics/fusion.json")
+    sp.add_argument("--alpha", type=float, default=None, help="the seed form with this alpha; default: fusion.json's headline form and its dev-chosen "
+                         "weights (log-linear lambda_clip and beta, or the seed form's best_alpha)")
     sp.add_argument("--embeddings", type=Path, default=Path("data/cache/clip_image_embeddings.npz"))
     sp.add_argument("--fusion-metrics", type=Path, default=Path("results/metrics/fusion.json"))
 

@@ -167,6 +167,9 @@ def _fusion_rules(f: dict[str, Any]) -> Iterator[tuple[str, str]]:
     if f["alpha_stop"] < f["alpha_start"]:
         yield "alpha_stop", (f"{f['alpha_stop']} is below fusion.alpha_start={f['alpha_start']} "
                              "(the alpha grid would be empty)")
+    if f["lambda_stop"] < f["lambda_start"]:
+        yield "lambda_stop", (f"{f['lambda_stop']} is below fusion.lambda_start={f['lambda_start']} "
+                              "(the log-linear lambda grid would run backwards)")
 
 
 def _nbest_rules(n: dict[str, Any]) -> Iterator[tuple[str, str]]:

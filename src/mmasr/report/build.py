@@ -33,6 +33,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmasr.metrics.intervals import few_speakers_warning
+from mmasr.metrics.verdict import picture_verdict
+
 log = logging.getLogger("mmasr")
 
 # Where each input lies, relative to the project root (the pipeline's layout). Override any with
@@ -498,24 +501,95 @@ def swap_note(m: Mapping[str, Any], kind: str) -> str:
                 "or reverses here.")
 
 
+FORM_FORMULAS = {
+    "log_linear": "score = Whisper's total log-probability + λ_clip · τ · CLIP cosine (+ λ_lm · LM total "
+                  "log-probability) + β · Whisper tokens",
+    "seed": "fused = (1 − α) · softmax(ASR score) + α · softmax(τ · CLIP cosine)",
+}
+
+
+def form_weights(m: Mapping[str, Any], form: str, system: str = "fused") -> str:
+    """The dev-chosen weights of one form's system, as text ("α = 0.15", "λ_clip = 0.316, β = 0.5")."""
+    w = m.get(f"weights_{system}_{form}_form")
+    if form == "seed" and not w and system == "fused":
+        w = {"alpha": _num(m, "best_alpha")}  # a fusion.json written before the forms
+    if not w:
+        return "not run"
+    names = {"alpha": "α", "lambda_clip": "λ_clip", "lambda_lm": "λ_lm", "beta": "β", "w_asr": "w_asr",
+             "w_clip": "w_clip", "w_lm": "w_lm"}
+    return ", ".join(f"{names.get(k, k)} = {fmt(v, 3)}" for k, v in w.items()
+                     if not (system == "fused" and k == "lambda_lm"))
+
+
+def speakers_text(m: Mapping[str, Any], group: str | None = None) -> str:
+    """" (N test speakers)" beside an interval, from fusion.json's ``test_n_speakers[_group]`` ("" when absent)."""
+    n = m.get("test_n_speakers" if group is None else f"test_n_speakers_{group}")
+    return "" if n is None else f" ({n} test speaker{'s' if n != 1 else ''})"
+
+
+def verdict_note(m: Mapping[str, Any]) -> str:
+    """The picture verdict (:func:`mmasr.metrics.verdict.picture_verdict`) from the fused − ASR-only and the paired
+    fused − swapped intervals, with its reason."""
+    lo, hi = _num(m, "test_wer_diff_ci_low"), _num(m, "test_wer_diff_ci_high")
+    vs_lo, vs_hi = _num(m, "test_wer_fused_vs_swapped_ci_low"), _num(m, "test_wer_fused_vs_swapped_ci_high")
+    if lo is None or hi is None:
+        return ""
+    _, sentence = picture_verdict((lo, hi), None if vs_lo is None or vs_hi is None else (vs_lo, vs_hi))
+    return note(f"<b>Verdict</b>: {esc(sentence)}.")
+
+
+def interval_text(m: Mapping[str, Any], low_key: str, high_key: str, group: str | None = None) -> str:
+    lo, hi = _num(m, low_key), _num(m, high_key)
+    return "–" if lo is None or hi is None else f"[{fmt(lo)}, {fmt(hi)}]{speakers_text(m, group)}"
+
+
+def group_intervals_table(m: Mapping[str, Any], groups: Iterable[str]) -> str:
+    """Per group: test speakers, fused − ASR-only, fused − swapped (and CLIP over LM) intervals, and the verdict."""
+    rows = []
+    with_lm = _num(m, "test_wer_clip_over_lm_ci_low") is not None
+    for g in groups:
+        diff = (_num(m, f"test_wer_diff_ci_low_{g}"), _num(m, f"test_wer_diff_ci_high_{g}"))
+        vs = (_num(m, f"test_wer_fused_vs_swapped_ci_low_{g}"), _num(m, f"test_wer_fused_vs_swapped_ci_high_{g}"))
+        code = picture_verdict(diff, None if None in vs else vs)[0] if None not in diff else "–"
+        row = [g, m.get(f"test_n_speakers_{g}"),
+               interval_text(m, f"test_wer_diff_ci_low_{g}", f"test_wer_diff_ci_high_{g}", g),
+               interval_text(m, f"test_wer_fused_vs_swapped_ci_low_{g}", f"test_wer_fused_vs_swapped_ci_high_{g}", g)]
+        if with_lm:
+            row.append(interval_text(m, f"test_wer_clip_over_lm_ci_low_{g}", f"test_wer_clip_over_lm_ci_high_{g}", g))
+        rows.append(row + [code.replace("_", " ")])
+    heads = ["group", "test speakers", "fused − ASR-only (95%)", "fused − swapped (95%)"]
+    heads += ["ASR+CLIP+LM − ASR+LM (95%)"] if with_lm else []
+    return "<h3>Intervals per group (test)</h3>" + table(heads + ["verdict"], rows)
+
+
 def rescoring_section(d: Mapping[str, Any], root: Path, n_examples: int, thumb_px: int) -> str:
     sid, title = "rescoring", "Rescoring with the picture"
     m = d["fusion_metrics"]
     if missing(m):
         return not_run(sid, title, m)
     parts = []
+    form = m.get("fusion_form") or "seed"
+    other = next(f for f in FORM_FORMULAS if f != form)
     if m.get("fusion_skipped"):
         parts.append(note(f"<b>Rescoring with the picture skipped</b>: {esc(m.get('fusion_skip_reason') or '')}. "
-                          "The fused row below is the ASR-only result.", "missing"))
+                          + ("The fused row below is the ASR-only result." if form == "seed" else
+                             "The fused row below has no CLIP term."), "missing"))
     alpha = _num(m, "best_alpha")
+    chosen = f"<b>{esc(form_weights(m, form))}</b>" if form != "seed" else f"α = <b>{fmt(alpha, 2)}</b>"
     parts.append(note(
-        f"fused = (1 − α) · softmax(ASR score) + α · softmax(τ · CLIP cosine), α = <b>{fmt(alpha, 2)}</b> chosen "
-        f"on dev, τ = {fmt(_num(m, 'tau'), 1)}. Test: {fmt(m.get('n_test_utts'))} utterances "
-        f"({fmt(m.get('test_ref_words'))} reference words), {fmt(m.get('n_no_image'))} without a picture "
-        f"(scored ASR-only). Corpus WER from pooled errors."))
-    rows = [_wer_row("ASR only (Whisper 1-best)", m, "asr"), _wer_row(f"fused (α = {fmt(alpha, 2)})", m, "fused")]
+        f"Headline form <code>{form}</code>: {esc(FORM_FORMULAS[form])}, {chosen} chosen on dev, "
+        f"τ = {fmt(_num(m, 'tau'), 1)}"
+        + (f"; the {other.replace('_', '-')} form ({esc(FORM_FORMULAS[other])}, {esc(form_weights(m, other))}) is "
+           "reported beside it" if "fusion_form" in m else "")
+        + f". ASR-only is Whisper's own first hypothesis. Test: {fmt(m.get('n_test_utts'))} utterances "
+        f"({fmt(m.get('test_ref_words'))} reference words, {fmt(m.get('test_n_speakers'))} speakers), "
+        f"{fmt(m.get('n_no_image'))} without a picture (no CLIP term). Corpus WER from pooled errors."))
+    label = f"α = {fmt(alpha, 2)}" if form == "seed" else form_weights(m, form)
+    rows = [_wer_row("ASR only (Whisper 1-best)", m, "asr"), _wer_row(f"fused, {form.replace('_', '-')} ({label})", m, "fused")]
+    if m.get(f"test_wer_fused_{other}_form") is not None:
+        rows.append(_wer_row(f"fused, {other.replace('_', '-')} form ({form_weights(m, other)})", m, f"fused_{other}_form"))
     if "test_wer_fused_swapped" in m:
-        rows.append(_wer_row(f"fused, pictures swapped (control, α = {fmt(alpha, 2)})", m, "fused_swapped"))
+        rows.append(_wer_row(f"fused, pictures swapped (control, {label})", m, "fused_swapped"))
     if "test_wer_alpha1" in m:
         rows.append(_wer_row("picture alone (α = 1)", m, "alpha1"))
     rows.append(_wer_row("n-best oracle (lower bound)", m, "oracle"))
@@ -529,9 +603,28 @@ def rescoring_section(d: Mapping[str, Any], root: Path, n_examples: int, thumb_p
         m.get("test_wer_diff_ci_level"), "paired bootstrap")
     if diff is not None:
         ci = f", {kind} 95% interval [{fmt(lo)}, {fmt(hi)}]" if lo is not None and hi is not None else ""
-        parts.append(note(f"<b>Fused − ASR-only test WER: {fmt(diff)}</b>{ci}{_verdict(lo, hi)}. Share of the gap "
-                          f"between ASR-only and the oracle closed: {pct(_num(m, 'test_gap_closed'))}."))
+        ci = f", {kind} 95% interval [{fmt(lo)}, {fmt(hi)}]{speakers_text(m)}" if lo is not None and hi is not None else ""
+        parts.append(note(f"<b>Fused − ASR-only test WER: {fmt(diff)}</b>{ci}{_verdict(lo, hi, 'rescoring')}. Share of "
+                          f"the gap between ASR-only and the oracle closed: {pct(_num(m, 'test_gap_closed'))}."))
     parts.append(swap_note(m, kind))
+    vs, vs_lo, vs_hi = (_num(m, k) for k in ("test_wer_fused_vs_swapped", "test_wer_fused_vs_swapped_ci_low",
+                                             "test_wer_fused_vs_swapped_ci_high"))
+    if vs is not None and vs_lo is not None and vs_hi is not None:
+        parts.append(note(f"<b>Fused − swapped test WER: {fmt(vs)}</b>, paired {kind} 95% interval [{fmt(vs_lo)}, "
+                          f"{fmt(vs_hi)}]{speakers_text(m)} (the same resamples as fused − ASR-only; each utterance's "
+                          f"swapped errors averaged over the permutations){_verdict(vs_lo, vs_hi, 'the right picture')}."))
+    co, co_lo, co_hi = (_num(m, k) for k in ("test_wer_clip_over_lm", "test_wer_clip_over_lm_ci_low",
+                                             "test_wer_clip_over_lm_ci_high"))
+    if co is not None and co_lo is not None and co_hi is not None:
+        parts.append(note(f"<b>ASR+CLIP+LM − ASR+LM test WER: {fmt(co)}</b>, paired 95% interval [{fmt(co_lo)}, "
+                          f"{fmt(co_hi)}]{speakers_text(m)}{_verdict(co_lo, co_hi, 'CLIP over the LM')}."))
+    parts.append(verdict_note(m))
+    groups = sorted(k.removeprefix("test_n_speakers_") for k in m if k.startswith("test_n_speakers_"))
+    if groups:
+        parts.append(group_intervals_table(m, groups))
+    few = few_speakers_warning({g: m.get(f"test_n_speakers_{g}") for g in groups})
+    if few:
+        parts.append(note(esc(few), "missing"))
     depth = nbest_depth_note(d.get("nbest_meta") or {})
     if depth:
         parts.append(note(depth))
@@ -604,7 +697,7 @@ def systems_section(d: Mapping[str, Any]) -> str:
     """Zero-shot and adapted Whisper x ASR-only, +LM, +CLIP, +CLIP+LM: the rows of results/tables/systems.md
     (:func:`mmasr.report.systems.systems_rows`), and the adaptation's loss curve; one sentence when adaptation
     is off."""
-    from mmasr.report.systems import GROUPS, format_cell, systems_rows
+    from mmasr.report.systems import GROUPS, NOTE, format_cell, headers, speaker_counts, systems_rows
 
     sid, title = "systems", "Systems (zero-shot and LoRA-adapted Whisper)"
     if not d.get("adapt_enabled"):
@@ -613,12 +706,14 @@ def systems_section(d: Mapping[str, Any]) -> str:
     for m in (zero, adapted):
         if missing(m):
             return not_run(sid, title, m)
-    rows = systems_rows({"zero-shot": zero, "adapted": adapted})
-    parts = [table(["model", "system", "WER all", "WER impaired", "WER control"],
-                   [[r["model"], r["system"], *(format_cell(r[g], "–") for g in GROUPS)] for r in rows]),
-             note("Test WER in %; in brackets the 95% interval of the difference to the same model's ASR-only, in "
-                  "points; for the adapted ASR-only row, against the zero-shot ASR-only. Weights chosen on dev. "
-                  "The same rows as <code>results/tables/systems.md</code> and <code>systems.tex</code>.")]
+    models = {"zero-shot": zero, "adapted": adapted}
+    rows, counts = systems_rows(models), speaker_counts(models)
+    parts = [table(["model", "system", "form", *headers(counts)],
+                   [[r["model"], r["system"], r["form"] or "–", *(format_cell(r[g], "–") for g in GROUPS)] for r in rows]),
+             note(esc(NOTE) + " The same rows as <code>results/tables/systems.md</code> and <code>systems.tex</code>.")]
+    few = few_speakers_warning({g: counts.get(g) for g in GROUPS[1:]})
+    if few:
+        parts.append(note(esc(few), "missing"))
     diff = _num(adapted, "test_wer_asr_vs_reference")
     if diff is not None:
         lo, hi = _num(adapted, "test_wer_asr_vs_reference_ci_low"), _num(adapted, "test_wer_asr_vs_reference_ci_high")
@@ -1107,6 +1202,11 @@ img.plot{display:block;max-width:100%;margin:6px 0}img.thumb{display:block;borde
 """
 
 
+def _fused_label(f: Mapping[str, Any]) -> str:
+    form = f.get("fusion_form") or "seed"
+    return f"α = {fmt(_num(f, 'best_alpha'), 2)}" if form == "seed" else f"log-linear, {form_weights(f, form)}"
+
+
 def key_results(d: Mapping[str, Any]) -> str:
     """Headline numbers from whichever stages ran."""
     kpis = []  # (value, label, metric): metric names the value's source as data-metric="<stage>.<key>"
@@ -1114,15 +1214,23 @@ def key_results(d: Mapping[str, Any]) -> str:
     if not missing(f):
         kpis += [(fmt(_num(f, "test_wer_asr")), "test WER, Whisper alone", "fusion.test_wer_asr"),
                  (fmt(_num(f, "test_wer_fused")),
-                  "test WER, fused = ASR-only (picture rescoring skipped)" if f.get("fusion_skipped") else
-                  f"test WER, with the picture (α = {fmt(_num(f, 'best_alpha'), 2)})", "fusion.test_wer_fused"),
+                  ("test WER, fused = ASR-only (picture rescoring skipped)" if f.get("fusion_form", "seed") == "seed"
+                   else "test WER, fused without a CLIP term (picture rescoring skipped)") if f.get("fusion_skipped") else
+                  f"test WER, with the picture ({_fused_label(f)})", "fusion.test_wer_fused"),
                  (f"[{fmt(_num(f, 'test_wer_diff_ci_low'))}, {fmt(_num(f, 'test_wer_diff_ci_high'))}]",
-                  f"95% interval, fused − ASR-only ({f.get('test_wer_diff_ci_level', 'utterance')}-level)",
-                  "fusion.test_wer_diff_ci"),
+                  f"95% interval, fused − ASR-only ({f.get('test_wer_diff_ci_level', 'utterance')}-level"
+                  f"{speakers_text(f).replace(' (', ', ').rstrip(')')})", "fusion.test_wer_diff_ci"),
                  (fmt(_num(f, "test_wer_oracle")), "test WER, n-best oracle", "fusion.test_wer_oracle")]
         if _num(f, "test_wer_fused_swapped") is not None:
             kpis.append((fmt(_num(f, "test_wer_fused_swapped")), "test WER, pictures swapped (control)",
                          "fusion.test_wer_fused_swapped"))
+        if _num(f, "test_wer_fused_vs_swapped_ci_low") is not None:
+            kpis.append((f"[{fmt(_num(f, 'test_wer_fused_vs_swapped_ci_low'))}, "
+                         f"{fmt(_num(f, 'test_wer_fused_vs_swapped_ci_high'))}]", "95% interval, fused − swapped",
+                         "fusion.test_wer_fused_vs_swapped_ci"))
+        if f.get("picture_verdict"):
+            kpis.append((f["picture_verdict"].replace("_", " "), "picture verdict (fused against ASR-only and swapped)",
+                         "fusion.picture_verdict"))
     if not missing(p):
         kpis.append((fmt(_num(p, "test_wer")), "test WER, projector + LM", "projector.test_wer"))
     if not missing(r):

@@ -1,24 +1,36 @@
-"""Fusion of ASR and CLIP scores, α grid search on dev, test WER with oracle and a bootstrap interval.
+"""Fusion of ASR, CLIP (and LM) scores over n-best lists: weights tuned on dev, test WER with oracle and intervals.
 
-fused(α) = (1-α)·softmax(asr_score) + α·softmax(τ·clip_cos), per utterance over its n-best list.
-With the frozen LM's ``lm_score`` (:mod:`mmasr.rescoring.lm`) a second search runs over weight triples on a
-simplex grid: w_asr·softmax(asr) + w_clip·softmax(τ·cos) + w_lm·softmax(lm); its w_lm = 0 edge is the α grid
-(bit for bit), its w_clip = 0 edge the ASR+LM system.
+Two forms (``fusion.form`` picks the headline; both are computed in every run, the grids are cheap):
+
+- ``log_linear`` (default), as n-best rescoring in the field (shallow/LM fusion in ESPnet and k2):
+  score = sum_logprob + λ_clip·τ·cos + λ_lm·lm_logprob + β·n_tokens, with Whisper's TOTAL log-probability
+  (``sum_logprob``), the LM's total log-probability (``lm_logprob``) and a length bonus per Whisper token
+  (``n_tokens``); λ on a dev grid of 0 and log-spaced values, β on a small grid (:func:`log_linear_grid`).
+- ``seed``: the seed's softmax mixture, kept exactly:
+  fused(α) = (1-α)·softmax(asr_score) + α·softmax(τ·clip_cos), per utterance over its n-best list, and with the
+  frozen LM's ``lm_score`` (:mod:`mmasr.rescoring.lm`) a simplex grid of weight triples:
+  w_asr·softmax(asr) + w_clip·softmax(τ·cos) + w_lm·softmax(lm); its w_lm = 0 edge is the α grid (bit for bit),
+  its w_clip = 0 edge the ASR+LM system.
+
+ASR-only is always Whisper's own first hypothesis (rank 0), whatever the form.
 The beam search and every CLIP cosine are computed once upstream; here each hypothesis's word errors
-against its reference are counted once (jiwer), so the whole α grid is array arithmetic over
-(α, utterance, hypothesis). Corpus WER pools errors over utterances (icefall/ESPnet convention),
+against its reference are counted once (jiwer), so every grid is array arithmetic over
+(weights, utterance, hypothesis). Corpus WER pools errors over utterances (icefall/ESPnet convention),
 never averages per-utterance WERs (:mod:`mmasr.metrics.wer`).
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from mmasr.data.text import normalise, normaliser, other_normaliser
-from mmasr.metrics.intervals import wer_diff_interval
+from mmasr.metrics.intervals import n_speakers, wer_diff_interval
+from mmasr.metrics.verdict import picture_verdict
 from mmasr.metrics.wer import count_errors, gap_closed, group_wer_table, pooled_cer, pooled_wer
 
 
@@ -107,6 +119,61 @@ def oracle_choice(errors: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.argmin(np.where(valid, errors, np.iinfo(np.int64).max), axis=-1)
 
 
+# ---------------------------------------------------------------- the log-linear form
+
+FORMS = ("log_linear", "seed")
+MAX_GRID_CELLS = 1 << 22  # (weights x utterances x hypotheses) scores held at once by the log-linear grid search
+
+
+def lambda_grid(cfg: dict) -> np.ndarray:
+    """λ values from params: 0, then ``lambda_num`` log-spaced values from ``lambda_start`` to ``lambda_stop``
+    (inclusive, rounded to 6 decimals so the values print and compare as written)."""
+    logs = np.geomspace(cfg["lambda_start"], cfg["lambda_stop"], cfg["lambda_num"])
+    return np.concatenate([[0.0], np.round(logs, 6)])
+
+
+def log_linear_grid(lambdas: np.ndarray, betas: np.ndarray, with_lm: bool) -> np.ndarray:
+    """Weight rows (λ_clip, λ_lm, β), shape (C, 3): every λ_clip x β, and x λ_lm when ``with_lm`` (else λ_lm = 0).
+    Ordered by λ_lm, then λ_clip, then |β| (then β), so the first of equal dev WERs is the simplest system: no LM,
+    then the least picture, then the smallest length bonus."""
+    lambdas = np.unique(np.asarray(lambdas, np.float64))
+    betas = sorted(set(float(b) for b in betas), key=lambda b: (abs(b), b))
+    lms = lambdas if with_lm else np.array([0.0])
+    return np.array([(c, lm, b) for lm, c, b in itertools.product(lms, lambdas, betas)], np.float64).reshape(-1, 3)
+
+
+def filled(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """A per-hypothesis term (U, H) ready to be weighted: 0 for a whole list without it (no picture, no LM: the term
+    then moves nothing), and, in a list where only some hypotheses have it, the list's lowest value for the others;
+    0 in the padding."""
+    has = valid & np.isfinite(x)
+    low = np.min(np.where(has, x, np.inf), axis=-1, keepdims=True)
+    low = np.where(np.isfinite(low), low, 0.0)
+    return np.where(has, x, np.where(valid, low, 0.0))
+
+
+def log_linear_scores(total: np.ndarray, clip: np.ndarray, lm: np.ndarray, length: np.ndarray, valid: np.ndarray,
+                      weights: np.ndarray, tau: float) -> np.ndarray:
+    """Log-linear scores (C, U, H) for weight rows (λ_clip, λ_lm, β):
+    sum_logprob + λ_clip·τ·cos + λ_lm·lm_logprob + β·n_tokens; -inf in the padding."""
+    w = np.asarray(weights, np.float64)[:, :, None, None]
+    s = (np.where(valid, total, 0.0)[None] + w[:, 0] * (tau * filled(clip, valid))[None]
+         + w[:, 1] * filled(lm, valid)[None] + w[:, 2] * np.where(valid, length, 0.0)[None])
+    return np.where(valid[None], s, -np.inf)
+
+
+def log_linear_choices(total: np.ndarray, clip: np.ndarray, lm: np.ndarray, length: np.ndarray, valid: np.ndarray,
+                       weights: np.ndarray, tau: float, max_cells: int = MAX_GRID_CELLS) -> np.ndarray:
+    """The chosen hypothesis (C, U) for every weight row, scored in chunks of at most ``max_cells`` scores so that
+    memory stays bounded whatever the grid and n-best sizes; ties go to the better ASR rank (lower index)."""
+    per_row = max(1, valid.size)
+    step = max(1, max_cells // per_row)
+    out = np.empty((len(weights), valid.shape[0]), np.int64)
+    for start in range(0, len(weights), step):
+        out[start:start + step] = choose(log_linear_scores(total, clip, lm, length, valid, weights[start:start + step], tau))
+    return out
+
+
 def picture_derangement(image_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
     """A random permutation ``perm`` with ``image_ids[perm[i]] != image_ids[i]`` for every i: each
     utterance gets another utterance's picture, never one showing its own picture (utterances can share
@@ -161,6 +228,9 @@ class NBest:
     raw: np.ndarray | None = None         # (U, H) object: the hypothesis text as decoded
     clip_texts: np.ndarray | None = None  # (U, H) object: what CLIP read (``clip_text``), None without it
     lm: np.ndarray | None = None          # (U, H) float: ``lm_score``, NaN without it
+    total: np.ndarray | None = None       # (U, H) float: ``sum_logprob`` (Whisper's total), NaN without it
+    length: np.ndarray | None = None      # (U, H) float: ``n_tokens`` (Whisper tokens, end-of-text included)
+    lm_total: np.ndarray | None = None    # (U, H) float: ``lm_logprob`` (the LM's total), NaN without it
 
     @property
     def errors(self) -> np.ndarray:
@@ -194,18 +264,20 @@ def to_arrays(nbest: pd.DataFrame, references: pd.Series, text_cfg: dict) -> NBe
     if "clip_text" in nb:
         clip_texts = np.full((U, H), None, dtype=object)
         clip_texts[row, slot] = nb["clip_text"].to_numpy()
-    lm = np.full((U, H), np.nan)
-    if "lm_score" in nb:
-        lm[row, slot] = pd.to_numeric(nb["lm_score"], errors="coerce").to_numpy(float)
+    def column(name: str) -> np.ndarray:
+        out = np.full((U, H), np.nan)
+        if name in nb:
+            out[row, slot] = pd.to_numeric(nb[name], errors="coerce").to_numpy(float)
+        return out
     refs_norm = [norm(str(references[u])) for u in utt_ids]
     s, d, i, words = count_errors([refs_norm[r] for r in row], hyp_norm)
     sub, dele, ins = (np.zeros((U, H), np.int64) for _ in range(3))
     sub[row, slot], dele[row, slot], ins[row, slot] = s, d, i
     return NBest(utt_ids, texts, asr, clip, valid, sub, dele, ins, np.array([len(r.split()) for r in refs_norm]),
-                 raw, clip_texts, lm)
+                 raw, clip_texts, column("lm_score"), column("sum_logprob"), column("n_tokens"), column("lm_logprob"))
 
 
-# ---------------------------------------------------------------- the stage
+# ---------------------------------------------------------------- grids, intervals and the swap control
 
 def alpha_grid(cfg: dict) -> np.ndarray:
     """α values from params: start..stop inclusive in steps, rounded to avoid float drift."""
@@ -217,16 +289,24 @@ def group_intervals(group: str, idx: np.ndarray, err_asr: np.ndarray, err_fused:
                     err_swapped: np.ndarray | None, ref_words: np.ndarray, speakers: np.ndarray, n_resamples: int,
                     seed: int) -> dict:
     """One group's fused − ASR-only difference and its interval (speaker-level with ≥ 2 speakers in the
-    group, else utterance-level), and the swap control's interval."""
+    group, else utterance-level), its number of test speakers, and the swap control's intervals: swapped −
+    ASR-only and the paired fused − swapped (the same resamples as fused − ASR-only: one seed, one split)."""
     words, spk, one = ref_words[idx], speakers[idx], np.zeros(len(idx), np.int64)
     ci = wer_diff_interval(err_asr[idx], err_fused[idx], words, spk, one, n_resamples, seed)
     out = {f"test_wer_diff_{group}": pooled_wer(err_fused[idx], words) - pooled_wer(err_asr[idx], words),
            f"test_wer_diff_ci_low_{group}": ci["low"], f"test_wer_diff_ci_high_{group}": ci["high"],
-           f"test_wer_diff_ci_level_{group}": ci["level"]}
+           f"test_wer_diff_ci_level_{group}": ci["level"], f"test_n_speakers_{group}": n_speakers(spk)}
     if err_swapped is not None:
         sw = wer_diff_interval(err_asr[idx], err_swapped[idx], words, spk, one, n_resamples, seed)
         out[f"test_wer_fused_swapped_ci_low_{group}"] = sw["low"]
         out[f"test_wer_fused_swapped_ci_high_{group}"] = sw["high"]
+        vs = wer_diff_interval(err_swapped[idx], err_fused[idx], words, spk, one, n_resamples, seed)
+        out[f"test_wer_fused_vs_swapped_{group}"] = pooled_wer(err_fused[idx], words) - pooled_wer(err_swapped[idx], words)
+        out[f"test_wer_fused_vs_swapped_ci_low_{group}"] = vs["low"]
+        out[f"test_wer_fused_vs_swapped_ci_high_{group}"] = vs["high"]
+    else:
+        out.update({f"test_wer_fused_vs_swapped_{group}": None, f"test_wer_fused_vs_swapped_ci_low_{group}": None,
+                    f"test_wer_fused_vs_swapped_ci_high_{group}": None})
     return out
 
 
@@ -277,10 +357,11 @@ def fixed_alpha_choice(nb: NBest, alpha: float, tau: float, clip: np.ndarray | N
 
 
 def swap_choices(nb: NBest, image_ids: np.ndarray, images: dict[str, np.ndarray], texts: dict[str, np.ndarray],
-                 alpha: float, tau: float, n_permutations: int, seed: int) -> np.ndarray | None:
-    """The picture-swap control: choices (K, U) at ``alpha`` when every utterance with a picture is scored
+                 rescore: Callable[[np.ndarray], np.ndarray], n_permutations: int, seed: int) -> np.ndarray | None:
+    """The picture-swap control: choices (K, U) of the fused system (``rescore`` maps cosines (U, H) to its
+    choices (U,) at its dev-chosen weights) when every utterance with a picture is scored
     against another utterance's picture (K seeded derangements over the pictured utterances, never one
-    showing its own picture); utterances without a picture stay ASR-only. None when no derangement
+    showing its own picture); utterances without a picture keep their cosines (none). None when no derangement
     exists (fewer than 2 pictured utterances, or one picture held by more than half of them).
 
     The swapped cosines come from the CLIP embeddings ``clip-scores`` already computed: ``images`` is the
@@ -318,27 +399,36 @@ def swap_choices(nb: NBest, image_ids: np.ndarray, images: dict[str, np.ndarray]
             return None
         clip = nb.clip.copy()
         clip[pictured] = swapped_cosines(text_vecs, has_text, own[perm])
-        out.append(fixed_alpha_choice(nb, alpha, tau, clip))
+        out.append(rescore(clip))
     return np.stack(out)
 
 
-def no_picture_reason(n_dev_with_image: int, n_test_with_image: int, alpha: float) -> str | None:
+def no_picture_reason(n_dev_with_image: int, n_test_with_image: int, picture_weight: float,
+                      form: str = "seed") -> str | None:
     """Why the picture changes no test transcript (a corpus without pictures, or without them in test, or in
-    dev so that α stays 0), or None when it can. Utterances without a picture are always scored ASR-only."""
+    dev so that the picture's weight (α, or λ_clip in the log-linear form) stays 0), or None when it can.
+    Utterances without a picture get no CLIP term."""
+    same = ("so the fused WER equals the ASR-only WER" if form == "seed" else
+            "so the fused system is Whisper's total log-probability with the length term (the CLIP term is 0)")
     if n_test_with_image == 0:
-        return ("no test utterance has a picture (or a CLIP score): every test utterance is scored ASR-only, "
-                "so the fused WER equals the ASR-only WER and the α grid is flat")
-    if n_dev_with_image == 0 and alpha == 0:
-        return ("no dev utterance has a picture (or a CLIP score): α cannot be tuned on dev (the dev grid is flat) "
-                "and stays 0, so the fused WER equals the ASR-only WER")
+        return ("no test utterance has a picture (or a CLIP score): every test utterance is scored without CLIP, "
+                f"{same} and the picture's weight changes nothing")
+    if n_dev_with_image == 0 and picture_weight == 0:
+        return ("no dev utterance has a picture (or a CLIP score): the picture's weight cannot be tuned on dev (the dev "
+                f"grid is flat) and stays 0, {same}")
     return None
 
 
 LM_SYSTEMS = {"asr_lm": "ASR+LM", "asr_clip_lm": "ASR+CLIP+LM"}
+SYSTEMS = ("fused", *LM_SYSTEMS)  # ASR+CLIP, ASR+LM, ASR+CLIP+LM: every form reports these three
+
+
+def has_values(x: np.ndarray | None, valid: np.ndarray) -> bool:
+    return x is not None and bool(np.isfinite(np.where(valid, x, np.nan)).any())
 
 
 def has_lm_scores(nb: NBest) -> bool:
-    return nb.lm is not None and bool(np.isfinite(np.where(nb.valid, nb.lm, np.nan)).any())
+    return has_values(nb.lm, nb.valid)
 
 
 def lm_systems(dev_nb: NBest, nb: NBest, step: float, tau: float) -> tuple[dict, dict[str, np.ndarray]]:
@@ -359,13 +449,121 @@ def lm_systems(dev_nb: NBest, nb: NBest, step: float, tau: float) -> tuple[dict,
     return metrics, picks
 
 
+# ---------------------------------------------------------------- the two forms' systems
+
+@dataclass
+class FormResult:
+    """One form's systems at their dev-chosen weights: test choices (U,), dev WER and named weights per system
+    (the LM systems only with LM scores), and ``rescore``: the ASR+CLIP system's test choices for other cosines
+    (U, H), at its weights (the swap control)."""
+    form: str
+    picks: dict[str, np.ndarray]
+    dev_wers: dict[str, float]
+    weights: dict[str, dict[str, float]]
+    rescore: Callable[[np.ndarray], np.ndarray]
+    picture_weight: float  # the ASR+CLIP system's weight of the picture (α or λ_clip)
+
+
+def seed_form(dev_nb: NBest, nb: NBest, alphas: np.ndarray, dev_alpha_wers: np.ndarray, test_alpha_choices: np.ndarray,
+              cfg: dict) -> FormResult:
+    """The seed's softmax mixture, exactly as seed 000 (α grid) and issue 15 (the simplex with the LM)."""
+    tau = cfg["tau"]
+    best = best_alpha_index(dev_alpha_wers)
+    alpha = float(alphas[best])
+    picks, dev_wers = {"fused": test_alpha_choices[best]}, {"fused": float(dev_alpha_wers[best])}
+    weights = {"fused": {"alpha": alpha}}
+    if has_lm_scores(dev_nb) and has_lm_scores(nb):
+        m, lm_picks = lm_systems(dev_nb, nb, cfg["alpha_step"], tau)
+        for name in LM_SYSTEMS:
+            picks[name], dev_wers[name] = lm_picks[name], m[f"dev_wer_{name}"]
+            weights[name] = dict(zip(("w_asr", "w_clip", "w_lm"), m[f"weights_{name}"]))
+    return FormResult("seed", picks, dev_wers, weights, lambda clip: fixed_alpha_choice(nb, alpha, tau, clip), alpha)
+
+
+def log_linear_unavailable(*parts: NBest) -> str | None:
+    """Why the log-linear form cannot run on these n-best lists (a hypothesis without ``sum_logprob`` or
+    ``n_tokens``), or None."""
+    for nb in parts:
+        lacking = nb.valid & ~(np.isfinite(nb.total) & np.isfinite(nb.length))
+        if lacking.any():
+            u, h = np.argwhere(lacking)[0]
+            return (f"{int(lacking.sum())} hypotheses have no sum_logprob or n_tokens (e.g. {nb.utt_ids[u]!s} rank "
+                    f"slot {int(h)}): the log-linear form needs Whisper's total log-probability, which mmasr nbest writes")
+    return None
+
+
+def log_linear_wers(nb: NBest, weights: np.ndarray, tau: float, max_cells: int = MAX_GRID_CELLS) -> np.ndarray:
+    """Pooled WER (C,) of every log-linear weight row on ``nb``, chunked as :func:`log_linear_choices`."""
+    step = max(1, max_cells // max(1, nb.valid.size))
+    return np.concatenate([grid_wer(log_linear_choices(nb.total, nb.clip, nb.lm_total, nb.length, nb.valid,
+                                                       weights[i:i + step], tau, max_cells), nb.errors, nb.ref_words)
+                           for i in range(0, len(weights), step)])
+
+
+def log_linear_form(dev_nb: NBest, nb: NBest, cfg: dict) -> FormResult:
+    """The log-linear form: one dev search over (λ_clip, λ_lm, β) (:func:`log_linear_grid`; λ_lm only with the LM's
+    total ``lm_logprob`` on dev and test); ASR+CLIP is its λ_lm = 0 part, ASR+LM its λ_clip = 0 part, ASR+CLIP+LM
+    the whole grid, each at its dev-best row (ties: the first in the grid's order)."""
+    tau = cfg["tau"]
+    with_lm = has_values(dev_nb.lm_total, dev_nb.valid) and has_values(nb.lm_total, nb.valid)
+    grid = log_linear_grid(lambda_grid(cfg), np.asarray(cfg["beta_grid"], np.float64), with_lm)
+    dev_wers = log_linear_wers(dev_nb, grid, tau)
+    systems = {"fused": grid[:, 1] == 0}
+    if with_lm:
+        systems.update(asr_lm=grid[:, 0] == 0, asr_clip_lm=np.ones(len(grid), bool))
+    picks, wers, weights, rows = {}, {}, {}, {}
+    for name, allowed in systems.items():
+        allowed_rows = np.flatnonzero(allowed)
+        best = rows[name] = allowed_rows[best_alpha_index(dev_wers[allowed_rows])]
+        picks[name] = log_linear_choices(nb.total, nb.clip, nb.lm_total, nb.length, nb.valid, grid[best:best + 1], tau)[0]
+        wers[name] = float(dev_wers[best])
+        weights[name] = dict(zip(("lambda_clip", "lambda_lm", "beta"), (float(x) for x in grid[best])))
+    fused_w = grid[rows["fused"]:rows["fused"] + 1]
+
+    def rescore(clip: np.ndarray) -> np.ndarray:
+        return log_linear_choices(nb.total, clip, nb.lm_total, nb.length, nb.valid, fused_w, tau)[0]
+
+    return FormResult("log_linear", picks, wers, weights, rescore, weights["fused"]["lambda_clip"])
+
+
+def form_metrics(form: str, result: FormResult | None, nb: NBest, err_asr: np.ndarray, speakers: np.ndarray,
+                 groups: np.ndarray, group_idx: dict, n_resamples: int, seed: int) -> dict:
+    """Every system of one form under ``{system}_{form}_form`` keys: dev and test WER, chosen weights, the
+    interval against ASR-only (overall and per group, as the headline's); None where the form or system did
+    not run."""
+    out = {}
+    for name in SYSTEMS:
+        key = f"{name}_{form}_form"
+        pick = None if result is None else result.picks.get(name)
+        if pick is None:
+            out.update({f"dev_wer_{key}": None, f"test_wer_{key}": None, f"test_wer_{key}_ci_low": None,
+                        f"test_wer_{key}_ci_high": None, f"weights_{key}": None})
+            continue
+        err = take(nb.errors, pick)
+        ci = wer_diff_interval(err_asr, err, nb.ref_words, speakers, groups, n_resamples, seed)
+        out.update({f"dev_wer_{key}": result.dev_wers[name], f"test_wer_{key}": pooled_wer(err, nb.ref_words),
+                    f"test_wer_{key}_ci_low": ci["low"], f"test_wer_{key}_ci_high": ci["high"],
+                    f"weights_{key}": result.weights[name]})
+        for group, idx in group_idx.items():
+            out[f"test_wer_{key}_{group}"] = pooled_wer(err[idx], nb.ref_words[idx])
+            out.update(system_group_interval(key, str(group), idx, err_asr, err, nb.ref_words, speakers, n_resamples,
+                                             seed))
+    return out
+
+
+# ---------------------------------------------------------------- the stage
+
 def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg: dict, seed: int,
                embeddings: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None):
-    """Grid-search α on dev, report on test. Returns (grid table, metrics dict, changed table, per-speaker table).
+    """Tune both forms on dev, report on test (the headline: ``fusion.form``'s). Returns (grid table — the seed
+    form's α grid —, metrics dict, changed table, per-speaker table).
 
     ``embeddings`` (picture cache, hypothesis-text cache) enable the picture-swap control; without them
-    its keys are None. A corpus without pictures runs too: every utterance keeps its ASR scores, fused =
-    ASR-only, and the metrics say so (``n_no_image``, ``fusion_skipped``, ``fusion_skip_reason``)."""
+    its keys are None. A corpus without pictures runs too: every utterance gets no CLIP term, and the metrics
+    say so (``n_no_image``, ``fusion_skipped``, ``fusion_skip_reason``)."""
+    form = cfg.get("form", "log_linear")
+    if form not in FORMS:
+        raise ValueError(f"fusion.form {form!r} is not one of {', '.join(FORMS)}")
     alphas = alpha_grid(cfg)
     meta = manifest.set_index("utt_id")
     arrays = {}
@@ -384,52 +582,68 @@ def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg:
                               "I": int(take(nb.ins, ch).sum()), "ref_words": int(nb.ref_words.sum())})
     grid = pd.DataFrame(grid_rows)
     dev_wers = grid.loc[grid["split"] == "dev", "wer"].to_numpy()
-    best = best_alpha_index(dev_wers)
 
     nb, choice = arrays["test"]
     dev_nb = arrays["dev"][0]
     tau, n_boot = cfg["tau"], cfg["bootstrap_resamples"]
-    # ASR-only and the oracle do not depend on the grid (which need not start at α = 0).
-    asr_pick, fused_pick, oracle_pick = fixed_alpha_choice(nb, 0.0, tau), choice[best], oracle_choice(nb.errors, nb.valid)
+    forms: dict[str, FormResult | None] = {"seed": seed_form(dev_nb, nb, alphas, dev_wers, choice, cfg)}
+    ll_reason = log_linear_unavailable(dev_nb, nb)
+    if ll_reason is not None and form == "log_linear":
+        raise ValueError(f"fusion.form is log_linear, but {ll_reason}; re-run nbest, or set fusion.form: seed")
+    forms["log_linear"] = None if ll_reason is not None else log_linear_form(dev_nb, nb, cfg)
+    chosen = forms[form]
+
+    # ASR-only (Whisper's rank 0) and the oracle do not depend on the form or the grid (which need not start at 0).
+    asr_pick, fused_pick, oracle_pick = fixed_alpha_choice(nb, 0.0, tau), chosen.picks["fused"], oracle_choice(nb.errors, nb.valid)
     alpha1_pick = fixed_alpha_choice(nb, 1.0, tau)
     err_asr, err_fused, err_oracle, err_alpha1 = (take(nb.errors, c) for c in (asr_pick, fused_pick, oracle_pick,
                                                                                 alpha1_pick))
     wer_asr, wer_fused, wer_oracle = (pooled_wer(e, nb.ref_words) for e in (err_asr, err_fused, err_oracle))
     test_meta = meta.loc[nb.utt_ids]
     speakers, groups = test_meta["speaker"].astype(str).to_numpy(), test_meta["group"].astype(str).to_numpy()
+    group_idx = test_meta.reset_index(drop=True).groupby("group").indices
     ci = wer_diff_interval(err_asr, err_fused, nb.ref_words, speakers, groups, n_boot, seed)
     swap = None if embeddings is None else swap_choices(
-        nb, test_meta["image_id"].to_numpy(), embeddings[0], embeddings[1], float(alphas[best]), tau,
-        cfg["swap_permutations"], seed)
-    err_swapped = None if swap is None else take(nb.errors, swap).mean(axis=0)  # mean errors over permutations
+        nb, test_meta["image_id"].to_numpy(), embeddings[0], embeddings[1], chosen.rescore, cfg["swap_permutations"], seed)
+    # The per-utterance swapped error is the mean over the permutations, so the swap pairs with fused per utterance.
+    err_swapped = None if swap is None else take(nb.errors, swap).mean(axis=0)
     swap_ci = None if swap is None else wer_diff_interval(err_asr, err_swapped, nb.ref_words, speakers, groups,
                                                           n_boot, seed)
+    vs_swap_ci = None if swap is None else wer_diff_interval(err_swapped, err_fused, nb.ref_words, speakers, groups,
+                                                             n_boot, seed)
     no_image = ~np.isfinite(np.where(nb.valid, nb.clip, np.nan)).any(axis=1)
     n_dev_no_image = int((~np.isfinite(np.where(dev_nb.valid, dev_nb.clip, np.nan)).any(axis=1)).sum())
-    skip_reason = no_picture_reason(len(dev_nb.utt_ids) - n_dev_no_image, int((~no_image).sum()), float(alphas[best]))
+    skip_reason = no_picture_reason(len(dev_nb.utt_ids) - n_dev_no_image, int((~no_image).sum()),
+                                    chosen.picture_weight, form)
 
     metrics = {
-        "best_alpha": float(alphas[best]), "tau": float(cfg["tau"]),
+        "fusion_form": form, "log_linear_skip_reason": ll_reason,
+        "best_alpha": forms["seed"].weights["fused"]["alpha"], "tau": float(cfg["tau"]),
         "dev_wer_asr": pooled_wer(take(dev_nb.errors, fixed_alpha_choice(dev_nb, 0.0, tau)), dev_nb.ref_words),
-        "dev_wer_fused": float(dev_wers[best]),
-        "dev_wer_oracle": pooled_wer(take(arrays["dev"][0].errors, oracle_choice(arrays["dev"][0].errors, arrays["dev"][0].valid)),
-                                     arrays["dev"][0].ref_words),
+        "dev_wer_fused": chosen.dev_wers["fused"],
+        "dev_wer_oracle": pooled_wer(take(dev_nb.errors, oracle_choice(dev_nb.errors, dev_nb.valid)), dev_nb.ref_words),
         "test_wer_asr": wer_asr, "test_wer_fused": wer_fused, "test_wer_oracle": wer_oracle,
         "test_wer_diff": wer_fused - wer_asr, "test_wer_diff_ci_low": ci["low"], "test_wer_diff_ci_high": ci["high"],
         "test_wer_diff_ci_level": ci["level"],
         "test_wer_diff_ci_low_utt": ci["low_utt"], "test_wer_diff_ci_high_utt": ci["high_utt"],
+        "test_n_speakers": n_speakers(speakers),
         "test_wer_alpha1": pooled_wer(err_alpha1, nb.ref_words),
         "test_wer_fused_swapped": None if swap is None else pooled_wer(err_swapped, nb.ref_words),
         "test_wer_fused_swapped_ci_low": None if swap is None else swap_ci["low"],
         "test_wer_fused_swapped_ci_high": None if swap is None else swap_ci["high"],
+        "test_wer_fused_vs_swapped": None if swap is None else wer_fused - pooled_wer(err_swapped, nb.ref_words),
+        "test_wer_fused_vs_swapped_ci_low": None if swap is None else vs_swap_ci["low"],
+        "test_wer_fused_vs_swapped_ci_high": None if swap is None else vs_swap_ci["high"],
         "test_swap_permutations": 0 if swap is None else len(swap),
         "test_gap_closed": gap_closed(wer_asr, wer_fused, wer_oracle),
-        "n_dev_utts": int(len(arrays["dev"][0].utt_ids)), "n_test_utts": int(len(nb.utt_ids)),
+        "n_dev_utts": int(len(dev_nb.utt_ids)), "n_test_utts": int(len(nb.utt_ids)),
         "n_no_image": int(no_image.sum()), "n_dev_no_image": n_dev_no_image,
         "fusion_skipped": skip_reason is not None, "fusion_skip_reason": skip_reason,
         "n_empty_hypotheses": int(((nb.texts == "") & nb.valid).sum()),
         "test_ref_words": int(nb.ref_words.sum()),
     }
+    metrics["picture_verdict"] = picture_verdict((ci["low"], ci["high"]), None if swap is None else
+                                                 (vs_swap_ci["low"], vs_swap_ci["high"]))[0]
     for name, pick in (("asr", asr_pick), ("fused", fused_pick), ("oracle", oracle_pick)):
         metrics[f"test_S_{name}"] = int(take(nb.sub, pick).sum())
         metrics[f"test_D_{name}"] = int(take(nb.dele, pick).sum())
@@ -438,36 +652,58 @@ def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg:
                                   {"asr": asr_pick, "fused": fused_pick}, text_cfg))
     metrics.update(other_normaliser_wers(nb, [str(meta.at[u, "text"]) for u in nb.utt_ids],
                                          {"asr": asr_pick, "fused": fused_pick}, text_cfg))
+    for name, result in forms.items():
+        metrics.update(form_metrics(name, result, nb, err_asr, speakers, groups, group_idx, n_boot, seed))
 
     per_utt = {"asr": err_asr, "fused": err_fused, "oracle": err_oracle, "alpha1": err_alpha1}
     if swap is not None:
         per_utt["fused_swapped"] = err_swapped
     lm_errs = {}
-    if has_lm_scores(dev_nb) and has_lm_scores(nb):
-        lm_metrics, lm_picks = lm_systems(dev_nb, nb, cfg["alpha_step"], tau)
-        metrics.update(lm_metrics, lm_skipped=False, lm_skip_reason=None)
-        for name, pick in lm_picks.items():
-            err = lm_errs[name] = per_utt[name] = take(nb.errors, pick)
+    if all(name in chosen.picks for name in LM_SYSTEMS):
+        metrics.update(lm_skipped=False, lm_skip_reason=None)
+        if "asr_lm" in forms["seed"].weights:  # the simplex's size and the seed triples (w_asr, w_clip, w_lm), as ever
+            metrics["n_weight_triples"] = int(len(simplex_grid(cfg["alpha_step"])))
+        for name in LM_SYSTEMS:
+            err = lm_errs[name] = per_utt[name] = take(nb.errors, chosen.picks[name])
             sys_ci = wer_diff_interval(err_asr, err, nb.ref_words, speakers, groups, n_boot, seed)
-            metrics.update({f"test_wer_{name}": pooled_wer(err, nb.ref_words), f"test_wer_{name}_ci_low": sys_ci["low"],
+            seed_w = forms["seed"].weights.get(name)
+            metrics.update({f"weights_{name}": None if seed_w is None else list(seed_w.values()),
+                            f"dev_wer_{name}": chosen.dev_wers[name],
+                            f"test_wer_{name}": pooled_wer(err, nb.ref_words), f"test_wer_{name}_ci_low": sys_ci["low"],
                             f"test_wer_{name}_ci_high": sys_ci["high"], f"test_wer_{name}_ci_level": sys_ci["level"]})
+        # CLIP's share over the LM: ASR+CLIP+LM − ASR+LM, on the same resamples as every other difference.
+        clip_ci = wer_diff_interval(lm_errs["asr_lm"], lm_errs["asr_clip_lm"], nb.ref_words, speakers, groups, n_boot, seed)
+        metrics.update({"test_wer_clip_over_lm": metrics["test_wer_asr_clip_lm"] - metrics["test_wer_asr_lm"],
+                        "test_wer_clip_over_lm_ci_low": clip_ci["low"], "test_wer_clip_over_lm_ci_high": clip_ci["high"]})
     else:
-        reason = "no lm_score in the n-best table (fusion.lm_enabled off, or lm-scores not run)"
-        metrics.update(lm_skipped=True, lm_skip_reason=reason)
+        reason = ("no lm_score in the n-best table (fusion.lm_enabled off, or lm-scores not run)" if not has_lm_scores(nb)
+                  else f"no lm_logprob (the LM's total log-probability) in the n-best table: the {form} form's LM term "
+                       "needs it (re-run lm-scores)")
+        metrics.update(lm_skipped=True, lm_skip_reason=reason, test_wer_clip_over_lm=None,
+                       test_wer_clip_over_lm_ci_low=None, test_wer_clip_over_lm_ci_high=None)
         for name in LM_SYSTEMS:
             metrics.update({f"test_wer_{name}": None, f"test_wer_{name}_ci_low": None, f"test_wer_{name}_ci_high": None})
     per_speaker = group_wer_table(test_meta, nb.ref_words, {f"wer_{name}": err for name, err in per_utt.items()})
-    group_idx = test_meta.reset_index(drop=True).groupby("group").indices
     for rec in per_speaker:
         if rec["level"] == "group":
             value = rec["name"]
             for name in per_utt:
                 metrics[f"test_wer_{name}_{value}"] = rec[f"wer_{name}"]
-            metrics.update(group_intervals(str(value), group_idx[value], err_asr, err_fused, err_swapped, nb.ref_words,
+            idx = group_idx[value]
+            metrics.update(group_intervals(str(value), idx, err_asr, err_fused, err_swapped, nb.ref_words,
                                            speakers, n_boot, seed))
+            g_vs = (metrics[f"test_wer_fused_vs_swapped_ci_low_{value}"], metrics[f"test_wer_fused_vs_swapped_ci_high_{value}"])
+            metrics[f"picture_verdict_{value}"] = picture_verdict(
+                (metrics[f"test_wer_diff_ci_low_{value}"], metrics[f"test_wer_diff_ci_high_{value}"]),
+                None if swap is None else g_vs)[0]
             for name, err in lm_errs.items():
-                metrics.update(system_group_interval(name, str(value), group_idx[value], err_asr, err, nb.ref_words,
+                metrics.update(system_group_interval(name, str(value), idx, err_asr, err, nb.ref_words,
                                                      speakers, n_boot, seed))
+            if lm_errs:
+                cg = system_group_interval("clip_over_lm", str(value), idx, lm_errs["asr_lm"], lm_errs["asr_clip_lm"],
+                                           nb.ref_words, speakers, n_boot, seed)
+                metrics[f"test_wer_clip_over_lm_ci_low_{value}"] = cg[f"test_wer_clip_over_lm_diff_ci_low_{value}"]
+                metrics[f"test_wer_clip_over_lm_ci_high_{value}"] = cg[f"test_wer_clip_over_lm_diff_ci_high_{value}"]
 
     changed = np.flatnonzero(asr_pick != fused_pick)
     changed_df = pd.DataFrame({

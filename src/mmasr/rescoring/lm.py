@@ -6,6 +6,9 @@
 (the projector prompt, then the caption and eos), and a general LM reads a prompt-then-text sequence as well.
 Texts are scored in batches (right-padded: a causal LM's positions before the padding do not see it) and
 cached as ``text -> score`` beside the table, like the CLIP text embeddings, so fusion never calls a model.
+The table also gets ``lm_n_tokens`` (the scored tokens: the text's and the eos) and ``lm_logprob`` =
+``lm_score · lm_n_tokens``, the total log-probability, which the log-linear fusion form weighs (as shallow fusion
+weighs an LM's total), while the seed form softmaxes the mean.
 """
 
 from __future__ import annotations
@@ -83,16 +86,19 @@ def score_texts(bundle: ModelBundle, texts: list[str], prefix: str, batch_size: 
 
 def lm_scores(nbest: pd.DataFrame, bundle: ModelBundle | None, prefix: str, batch_size: int,
               progress: bool = True) -> tuple[pd.DataFrame, list[str], np.ndarray]:
-    """The n-best table with ``lm_score`` (NaN for every row when ``bundle`` is None: the LM term is off), and
-    the distinct texts scored with their scores (each text once)."""
+    """The n-best table with ``lm_score``, ``lm_n_tokens`` and ``lm_logprob`` (NaN for every row when ``bundle`` is
+    None: the LM term is off), and the distinct texts scored with their scores (each text once)."""
     out = nbest.copy()
     keys = [lm_text(t) for t in out["text"]]
     if bundle is None:
-        out["lm_score"] = np.nan
+        out["lm_score"], out["lm_n_tokens"], out["lm_logprob"] = np.nan, np.nan, np.nan
         return out, [], np.zeros(0)
     texts = sorted(set(keys))
     scores = score_texts(bundle, texts, prefix, batch_size, progress)
-    out["lm_score"] = scores[pd.Index(texts).get_indexer(keys)]
+    counts = np.array([len(target_ids(bundle.processor, t)) for t in texts], np.float64)
+    idx = pd.Index(texts).get_indexer(keys)
+    out["lm_score"], out["lm_n_tokens"] = scores[idx], counts[idx]
+    out["lm_logprob"] = scores[idx] * counts[idx]
     return out, texts, scores
 
 

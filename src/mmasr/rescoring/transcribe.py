@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmasr.rescoring.fusion import fuse, masked_softmax
+from mmasr.rescoring.fusion import fuse, log_linear_scores, masked_softmax
 from mmasr.models.loading import clip_image_embeddings, clip_text_embeddings, load_from_params
 from mmasr.rescoring.nbest import nbest_for_batch
 from mmasr.data.preprocess import Rejected, load_and_clean
@@ -23,6 +23,17 @@ def tuned_alpha(fusion_metrics: str | Path | None) -> float | None:
     path = Path(fusion_metrics) if fusion_metrics else None
     if path and path.is_file():
         return float(json.loads(path.read_text())["best_alpha"])
+    return None
+
+
+def tuned_log_linear(fusion_metrics: str | Path | None) -> dict | None:
+    """The dev-chosen log-linear ASR+CLIP weights (lambda_clip, beta) of a fusion.json whose headline form is
+    log_linear, else None (then the seed form's alpha is used)."""
+    path = Path(fusion_metrics) if fusion_metrics else None
+    if path and path.is_file():
+        m = json.loads(path.read_text())
+        if m.get("fusion_form") == "log_linear":
+            return m.get("weights_fused_log_linear_form")
     return None
 
 
@@ -52,7 +63,9 @@ def picture_embedding(clip_bundle, image: str | Path | None, image_id: str | Non
 
 def transcribe(audio: str | Path, p: dict, image=None, image_id=None, alpha: float | None = None,
                embeddings=None, fusion_metrics=None) -> dict:
-    """Seed 000's ``transcribe``: n-best from Whisper, fused with CLIP when a picture is available."""
+    """Seed 000's ``transcribe``: n-best from Whisper, fused with CLIP when a picture is available: in the headline
+    form of ``fusion_metrics`` (log-linear with its dev-chosen lambda_clip and beta, or the seed form with its alpha);
+    an explicit ``alpha`` means the seed form."""
     try:
         cleaned = load_and_clean(audio, p["preprocess"]).audio
     except Rejected as exc:
@@ -77,7 +90,8 @@ def transcribe(audio: str | Path, p: dict, image=None, image_id=None, alpha: flo
                                   for h, q in zip(hyps, p_asr)])
         return result
 
-    if alpha is None:
+    log_linear = tuned_log_linear(fusion_metrics) if alpha is None else None
+    if alpha is None and log_linear is None:
         alpha = tuned_alpha(fusion_metrics)
         if alpha is None:
             alpha = UNTUNED_ALPHA
@@ -85,12 +99,22 @@ def transcribe(audio: str | Path, p: dict, image=None, image_id=None, alpha: flo
     texts = clip_texts([h["text"] for h in hyps], p["text"])
     cos = clip_text_embeddings(clip_bundle, texts) @ vec
     tau = p["fusion"]["tau"]
-    fused = fuse(asr, cos[None, :], valid, np.array([alpha]), tau)[0, 0]
+    if log_linear is None:  # the seed form: (1 - alpha) softmax(asr_score) + alpha softmax(tau cos)
+        fused = fuse(asr, cos[None, :], valid, np.array([alpha]), tau)[0, 0]
+        result.update(form="seed", alpha=alpha)
+    else:  # the log-linear form with the dev-chosen ASR+CLIP weights: sum_logprob + lambda_clip tau cos + beta n_tokens
+        total = np.array([[h["sum_logprob"] for h in hyps]])
+        length = np.array([[h["n_tokens"] for h in hyps]], np.float64)
+        weights = np.array([[log_linear["lambda_clip"], 0.0, log_linear["beta"]]])
+        fused = log_linear_scores(total, cos[None, :], np.full_like(total, np.nan), length, valid, weights, tau)[0, 0]
+        result.update(form="log_linear", lambda_clip=log_linear["lambda_clip"], beta=log_linear["beta"])
     p_clip = masked_softmax(tau * cos[None, :], valid)[0]
     order = np.argsort(-fused, kind="stable")
-    result.update(mode="multimodal", alpha=alpha, tau=tau, clip=clip_bundle.name,
+    result.update(mode="multimodal", tau=tau, clip=clip_bundle.name,
                   transcription=hyps[order[0]]["text"],
-                  hypotheses=[{"text": hyps[i]["text"], "asr_score": hyps[i]["asr_score"], "asr_prob": float(p_asr[i]),
+                  hypotheses=[{"text": hyps[i]["text"], "asr_score": hyps[i]["asr_score"],
+                               "sum_logprob": hyps[i]["sum_logprob"], "n_tokens": hyps[i]["n_tokens"],
+                               "asr_prob": float(p_asr[i]),
                                "clip_score": float(cos[i]), "clip_prob": float(p_clip[i]), "fused_score": float(fused[i])}
                               for i in order])
     return result
