@@ -88,6 +88,8 @@ FINAL_OUTPUTS = [
     "results/fusion/grid.csv",
     "results/fusion/per_speaker.csv",
     "results/fusion/changed.parquet",
+    "results/scoring",  # trn files, S/D/I table (sdi.tsv: git ignores it, DVC caches it), sclite report, HyPoradise JSON (docs/scoring.md)
+    "results/metrics/scoring.json",
     "results/metrics/projector.json",
     "results/projector/train_log.csv",
     "results/metrics/retrieval.json",
