@@ -40,7 +40,12 @@ def cmd_ingest(args) -> None:
     from mmasr.data.ingest import ingest
 
     p = _params(args)
-    ingested, rejects = ingest(p["data"], demo_dir=args.demo_dir)
+    if p["data"]["source"] == "lhotse":
+        from mmasr.data.lhotse_ingest import ingest_lhotse
+
+        ingested, rejects = ingest_lhotse(p["data"])
+    else:
+        ingested, rejects = ingest(p["data"], demo_dir=args.demo_dir)
     write_parquet(args.out, ingested)
     write_parquet(args.rejects, rejects)
     log.info("ingested %d utterances (%d rejected) from source=%s", len(ingested), len(rejects), p["data"]["source"])

@@ -56,6 +56,8 @@ def corpus_input(wildcards):
         return "data/raw/demo"
     if source == "manifest":
         return config["data"]["manifest"]
+    if source == "lhotse":  # the manifest file(s), so a changed manifest reruns ingest
+        return [config["data"][k] for k in ("lhotse_cuts", "lhotse_recordings", "lhotse_supervisions") if config["data"][k]]
     return config["data"]["torgo_root"]
 
 
