@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 from PIL import Image
 
 from mmasr.rescoring.fusion import fuse, masked_softmax
@@ -50,21 +53,75 @@ def picture_embedding(clip_bundle, image: str | Path | None, image_id: str | Non
     return None, "no picture given: ASR-only"
 
 
-def transcribe(audio: str | Path, p: dict, image=None, image_id=None, alpha: float | None = None,
-               embeddings=None, fusion_metrics=None) -> dict:
-    """Seed 000's ``transcribe``: n-best from Whisper, fused with CLIP when a picture is available."""
-    try:
-        cleaned = load_and_clean(audio, p["preprocess"]).audio
-    except Rejected as exc:
-        raise ValueError(f"cannot transcribe {audio}: {exc.reason}: {exc.detail}") from None
-    whisper = load_from_params("whisper", p["models"])
-    hyps = nbest_for_batch(whisper, [cleaned], p["nbest"], normaliser(p["text"]))[0]
-    result: dict = {"audio": str(audio), "whisper": whisper.name}
+def _rescore(hyps: list[dict], p: dict, clip_bundle, vec: np.ndarray | None, alpha: float | None) -> dict:
+    """One stretch of audio's n-best: ASR-only without a picture vector, else fused at ``alpha``."""
     asr = np.array([[h["asr_score"] for h in hyps]])
     valid = np.ones_like(asr, bool)
     p_asr = masked_softmax(asr, valid)[0]
+    if vec is None or not hyps:
+        return {"transcription": hyps[0]["text"] if hyps else "",
+                "hypotheses": [{"text": h["text"], "asr_score": h["asr_score"], "asr_prob": float(q)}
+                               for h, q in zip(hyps, p_asr)]}
+    texts = [clip_text(h["text"], p["text"]) for h in hyps]
+    cos = clip_text_embeddings(clip_bundle, texts) @ vec
+    tau = p["fusion"]["tau"]
+    fused = fuse(asr, cos[None, :], valid, np.array([alpha]), tau)[0, 0]
+    p_clip = masked_softmax(tau * cos[None, :], valid)[0]
+    order = np.argsort(-fused, kind="stable")
+    return {"transcription": hyps[order[0]]["text"],
+            "hypotheses": [{"text": hyps[i]["text"], "asr_score": hyps[i]["asr_score"], "asr_prob": float(p_asr[i]),
+                            "clip_score": float(cos[i]), "clip_prob": float(p_clip[i]), "fused_score": float(fused[i])}
+                           for i in order]}
 
-    vec, warning = None, None
+
+def load_long(audio: str | Path, cfg: dict) -> np.ndarray:
+    """The whole recording, decoded, mono, resampled and peak-normalised as ``preprocess`` does, but neither
+    trimmed (segment times count from the file's first sample) nor bounded by ``max_duration_s`` (only by
+    ``max_input_duration_s``)."""
+    untrimmed = {**cfg, "trim_db": math.inf, "min_duration_s": 0.0, "max_duration_s": math.inf}
+    try:
+        return load_and_clean(audio, untrimmed).audio
+    except Rejected as exc:
+        raise ValueError(f"cannot transcribe {audio}: {exc.reason}: {exc.detail}") from None
+
+
+def header_duration(audio: str | Path) -> float:
+    """The file's length in seconds from its header (0 when it cannot be read: decoding then says why)."""
+    try:
+        info = sf.info(str(audio))
+    except Exception:  # libsndfile's errors share no type; load_and_clean reports them with the reason
+        return 0.0
+    return info.frames / info.samplerate if info.samplerate > 0 else 0.0
+
+
+def transcribe(audio: str | Path, p: dict, image=None, image_id=None, alpha: float | None = None,
+               embeddings=None, fusion_metrics=None) -> dict:
+    """Seed 000's ``transcribe``: n-best from Whisper, fused with CLIP when a picture is available.
+
+    A recording longer than ``transcribe.long_after_s`` (Whisper's 30 s window) is cut into speech segments
+    by Silero VAD; each is transcribed and rescored with the same picture, the transcriptions are joined
+    with spaces, and ``segments`` lists each one's ``start``/``end`` (seconds from the file's start), its
+    transcription and hypotheses."""
+    sr = p["preprocess"]["sample_rate"]
+    long_file = header_duration(audio) > p["transcribe"]["long_after_s"]
+    if long_file:
+        from mmasr.rescoring.vad import speech_segments
+
+        full = load_long(audio, p["preprocess"])
+        spans = speech_segments(full, sr, p["transcribe"])
+        pieces = [full[int(round(a * sr)):int(round(b * sr))] for a, b in spans]
+    else:
+        try:
+            pieces = [load_and_clean(audio, p["preprocess"]).audio]
+        except Rejected as exc:
+            raise ValueError(f"cannot transcribe {audio}: {exc.reason}: {exc.detail}") from None
+    whisper = load_from_params("whisper", p["models"])
+    step, norm = p["nbest"]["batch_size"], normaliser(p["text"])
+    nbests = [hyps for i in range(0, len(pieces), step)  # nbest.batch_size segments per beam search
+              for hyps in nbest_for_batch(whisper, pieces[i:i + step], p["nbest"], norm)]
+    result: dict = {"audio": str(audio), "whisper": whisper.name}
+
+    vec, warning, clip_bundle = None, None, None
     if image is not None or image_id is not None:
         clip_bundle = load_from_params("clip", p["models"])
         vec, warning = picture_embedding(clip_bundle, image, image_id, embeddings)
@@ -72,25 +129,24 @@ def transcribe(audio: str | Path, p: dict, image=None, image_id=None, alpha: flo
         warning = "no picture given: ASR-only"
     if vec is None:
         log.warning("%s", warning)
-        result.update(mode="asr_only", warning=warning, transcription=hyps[0]["text"] if hyps else "",
-                      hypotheses=[{"text": h["text"], "asr_score": h["asr_score"], "asr_prob": float(q)}
-                                  for h, q in zip(hyps, p_asr)])
-        return result
-
-    if alpha is None:
-        alpha = tuned_alpha(fusion_metrics)
+        result.update(mode="asr_only", warning=warning)
+    else:
         if alpha is None:
-            alpha = UNTUNED_ALPHA
-            result["warning"] = f"no tuned alpha at {fusion_metrics}; using {UNTUNED_ALPHA}"
-    texts = [clip_text(h["text"], p["text"]) for h in hyps]
-    cos = clip_text_embeddings(clip_bundle, texts) @ vec
-    tau = p["fusion"]["tau"]
-    fused = fuse(asr, cos[None, :], valid, np.array([alpha]), tau)[0, 0]
-    p_clip = masked_softmax(tau * cos[None, :], valid)[0]
-    order = np.argsort(-fused, kind="stable")
-    result.update(mode="multimodal", alpha=alpha, tau=tau, clip=clip_bundle.name,
-                  transcription=hyps[order[0]]["text"],
-                  hypotheses=[{"text": hyps[i]["text"], "asr_score": hyps[i]["asr_score"], "asr_prob": float(p_asr[i]),
-                               "clip_score": float(cos[i]), "clip_prob": float(p_clip[i]), "fused_score": float(fused[i])}
-                              for i in order])
+            alpha = tuned_alpha(fusion_metrics)
+            if alpha is None:
+                alpha = UNTUNED_ALPHA
+                result["warning"] = f"no tuned alpha at {fusion_metrics}; using {UNTUNED_ALPHA}"
+        result.update(mode="multimodal", alpha=alpha, tau=p["fusion"]["tau"], clip=clip_bundle.name)
+    scored = [_rescore(hyps, p, clip_bundle, vec, alpha) for hyps in nbests]
+    if not long_file:
+        result.update(scored[0])
+        return result
+    segments = [{"start": round(a, 3), "end": round(b, 3), **one} for (a, b), one in zip(spans, scored)]
+    result.update(transcription=" ".join(s["transcription"] for s in segments if s["transcription"]),
+                  duration_s=round(len(full) / sr, 3), segments=segments,
+                  vad={"model": f"silero-vad {version('silero-vad')}", **p["transcribe"]})
+    if not segments:
+        result["warning"] = (result.get("warning", "") + "; " if result.get("warning") else "") + \
+            "Silero VAD found no speech"
     return result
+
