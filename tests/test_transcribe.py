@@ -62,7 +62,7 @@ VAD_TOLERANCE_S = 0.35  # speech_pad_ms (0.1 s) + Silero's 32 ms windows + its o
 
 @pytest.fixture(scope="module")
 def long_recording(tmp_path_factory):
-    """eSpeak NG utterances separated by silences, over 40 s in all; returns (path, [(start, end) of each
+    """eSpeak NG utterances separated by silences, about 40 s in all; returns (path, [(start, end) of each
     utterance's speech in seconds])."""
     tts = pytest.importorskip("mmasr.demo.tts")
     if not tts.espeak_available():
