@@ -1,6 +1,8 @@
 import json
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 from mmasr.config import validate
 from mmasr.rescoring.transcribe import transcribe, tuned_alpha
@@ -119,3 +121,77 @@ def test_the_command_picks_what_fuse_picks_for_the_same_utterance_and_alpha(para
     for h in out["hypotheses"]:
         assert h["asr_score"] == pytest.approx(stage.at[h["text"], "asr_score"], abs=1e-5)
         assert h["clip_score"] == pytest.approx(stage.at[h["text"], "clip_cos"], abs=1e-5)
+
+
+# ---------------------------------------------------------------- long recordings (Silero VAD)
+
+LONG_TEXTS = ["the boy is reaching for the cookie jar", "a red bear sits under the tree",
+              "the mother is washing the dishes", "water is running over the sink", "the girl laughs at her brother"]
+LONG_GAPS_S = [2.0, 6.0, 5.0, 7.0, 4.5, 6.0]  # before, between and after the utterances: 30.5 s of silence
+VAD_TOLERANCE_S = 0.35  # speech_pad_ms (0.1 s) + Silero's 32 ms windows + its onset/offset lag, with margin
+
+
+@pytest.fixture(scope="module")
+def long_recording(tmp_path_factory):
+    """eSpeak NG utterances separated by silences, about 40 s in all; returns (path, [(start, end) of each
+    utterance's speech in seconds])."""
+    tts = pytest.importorskip("mmasr.demo.tts")
+    if not tts.espeak_available():
+        pytest.skip("eSpeak NG does not load here")
+    from mmasr.data.preprocess import speech_bounds
+
+    pieces, placed, t = [], [], 0.0
+    sr = None
+    for gap, text in zip(LONG_GAPS_S, LONG_TEXTS + [None]):
+        audio, sr = tts.espeak_synthesise(text, "en-us", rate_wpm=150) if text else (None, sr)
+        pieces.append(np.zeros(int(round(gap * sr)), np.float32))
+        t += gap
+        if text:
+            a, b = speech_bounds(audio, sr, threshold_db=40, frame_ms=10, pad_ms=0)
+            placed.append((t + a / sr, t + b / sr))
+            pieces.append(audio)
+            t += len(audio) / sr
+    rng = np.random.default_rng(0)
+    signal = np.concatenate(pieces)
+    signal = signal + rng.normal(0, 1e-4, len(signal)).astype(np.float32)  # a quiet room, not digital silence
+    path = write_wav(tmp_path_factory.mktemp("long") / "visit.wav", 0.5 * signal / np.abs(signal).max(), sr=sr)
+    return path, placed
+
+
+def test_a_long_recording_is_cut_by_silero_vad_where_the_speech_is(params, long_recording, tmp_path):
+    path, placed = long_recording
+    assert sf.info(str(path)).duration > params["transcribe"]["long_after_s"]
+    picture = write_picture(tmp_path / "p.png")
+    out = transcribe(path, params, image=picture, alpha=0.4)
+    assert out["mode"] == "multimodal" and out["duration_s"] == pytest.approx(sf.info(str(path)).duration, abs=1e-3)
+    segs = out["segments"]
+    assert len(segs) == len(placed), [(s["start"], s["end"]) for s in segs]
+    print("VAD minus placed (s):", [(round(s["start"] - a, 3), round(s["end"] - b, 3)) for s, (a, b) in zip(segs, placed)])
+    for seg, (start, end) in zip(segs, placed):
+        assert abs(seg["start"] - start) <= VAD_TOLERANCE_S and abs(seg["end"] - end) <= VAD_TOLERANCE_S, (seg, start, end)
+        hyps = seg["hypotheses"]
+        assert seg["transcription"] == hyps[0]["text"]
+        for h in hyps:  # each segment rescored with the picture
+            assert h["fused_score"] == pytest.approx(0.6 * h["asr_prob"] + 0.4 * h["clip_prob"])
+    assert out["transcription"] == " ".join(s["transcription"] for s in segs if s["transcription"])
+    assert out["vad"]["model"].startswith("silero-vad 6.2.3")
+
+
+def test_a_long_recording_without_a_picture_and_a_short_one_keep_their_forms(params, long_recording, tmp_path):
+    path, placed = long_recording
+    out = transcribe(path, {**params, "transcribe": {**params["transcribe"], "max_segment_s": 4.0},
+                            "nbest": {**params["nbest"], "batch_size": 2}})
+    assert out["mode"] == "asr_only" and all("fused_score" not in h for s in out["segments"] for h in s["hypotheses"])
+    assert all(s["end"] - s["start"] <= 4.0 + 1e-6 for s in out["segments"])
+    short = transcribe(write_wav(tmp_path / "short.wav", tone(2.0)), params)
+    assert "segments" not in short and "duration_s" not in short
+
+
+def test_silero_vad_finds_no_speech_in_a_quiet_long_file(params, tmp_path):
+    from mmasr.rescoring.vad import merge_close
+
+    hum = 0.01 * np.sin(2 * np.pi * 50 * np.arange(35 * 16000) / 16000).astype(np.float32)
+    out = transcribe(write_wav(tmp_path / "hum.wav", hum), params)
+    assert out["segments"] == [] and out["transcription"] == "" and "no speech" in out["warning"]
+    assert merge_close([(0, 1), (1.5, 2), (5, 6)], 1.0, 30) == [(0, 2), (5, 6)]
+    assert merge_close([(0, 1), (1.5, 2)], 1.0, 1.5) == [(0, 1), (1.5, 2)]

@@ -40,7 +40,12 @@ def cmd_ingest(args) -> None:
     from mmasr.data.ingest import ingest
 
     p = _params(args)
-    ingested, rejects = ingest(p["data"], demo_dir=args.demo_dir)
+    if p["data"]["source"] == "lhotse":
+        from mmasr.data.lhotse_ingest import ingest_lhotse
+
+        ingested, rejects = ingest_lhotse(p["data"])
+    else:
+        ingested, rejects = ingest(p["data"], demo_dir=args.demo_dir)
     write_parquet(args.out, ingested)
     write_parquet(args.rejects, rejects)
     log.info("ingested %d utterances (%d rejected) from source=%s", len(ingested), len(rejects), p["data"]["source"])
@@ -279,6 +284,22 @@ def cmd_fuse(args) -> None:
                  metrics[f"weights_asr_clip_lm_{form}_form"])
     if metrics["fusion_skipped"]:
         log.warning("rescoring with the picture skipped: %s", metrics["fusion_skip_reason"])
+
+
+def cmd_score_formats(args) -> None:
+    from mmasr.rescoring.formats import find_sclite, write_scoring
+
+    p = _params(args)
+    sclite = None if args.no_sclite else find_sclite()
+    summary = write_scoring(pd.read_parquet(args.nbest), pd.read_parquet(args.manifest),
+                            json.loads(args.fusion_metrics.read_text()), p["text"], args.out,
+                            splits=p["nbest"]["splits"], sclite=sclite)
+    write_json(args.metrics, summary)
+    if sclite is None:
+        log.info("sclite not found (Debian package sctk): trn files written, no sclite report")
+    elif not summary["sclite_agrees"]:
+        log.warning("sclite's totals differ from the project's: see %s", args.metrics)
+    log.info("trn files, S/D/I table and HyPoradise JSON in %s", args.out)
 
 
 def cmd_transcribe(args) -> None:
@@ -790,6 +811,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="picture cache (cache-images), for the picture-swap control")
     sp.add_argument("--text-embeddings", type=Path, default=Path("data/cache/clip_text_embeddings.npz"),
                     help="hypothesis-text cache (clip-scores), for the picture-swap control")
+
+    sp = stage("score-formats", cmd_score_formats,
+               "sclite trn files, a per-speaker/per-group S/D/I table, sclite's report (when installed) and "
+               "HyPoradise n-best JSON.")
+    sp.add_argument("--nbest", type=Path, default=Path("data/nbest/nbest_lm.parquet"))
+    sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+    sp.add_argument("--fusion-metrics", type=Path, default=Path("results/metrics/fusion.json"),
+                    help="the fuse stage's metrics (its tuned alpha picks the fused hypotheses)")
+    sp.add_argument("--out", type=Path, default=Path("results/scoring"))
+    sp.add_argument("--metrics", type=Path, default=Path("results/metrics/scoring.json"))
+    sp.add_argument("--no-sclite", action="store_true", help="do not run sclite even when it is installed")
 
     sp = stage("encode-audio", cmd_encode_audio,
                "Run the frozen Whisper encoder once per utterance; cache its trimmed outputs (float16 shards).")

@@ -56,6 +56,8 @@ def corpus_input(wildcards):
         return "data/raw/demo"
     if source == "manifest":
         return config["data"]["manifest"]
+    if source == "lhotse":  # the manifest file(s), so a changed manifest reruns ingest
+        return [config["data"][k] for k in ("lhotse_cuts", "lhotse_recordings", "lhotse_supervisions") if config["data"][k]]
     return config["data"]["torgo_root"]
 
 
@@ -88,6 +90,8 @@ FINAL_OUTPUTS = [
     "results/fusion/grid.csv",
     "results/fusion/per_speaker.csv",
     "results/fusion/changed.parquet",
+    "results/scoring",  # trn files, S/D/I table (sdi.tsv: git ignores it, DVC caches it), sclite report, HyPoradise JSON (docs/scoring.md)
+    "results/metrics/scoring.json",
     "results/metrics/projector.json",
     "results/projector/train_log.csv",
     "results/metrics/retrieval.json",

@@ -274,6 +274,11 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
     return df
 
 
+def ingested_frame(rows: list[dict]) -> pd.DataFrame:
+    """The ingested table from row dicts, typed as every source's (columns a row lacks are empty)."""
+    return _frame(rows)
+
+
 def ingest(data_cfg: dict, demo_dir: str | Path | None = None):
     """Dispatch on ``data.source``; return (ingested, rejects)."""
     source = data_cfg["source"]
@@ -289,4 +294,6 @@ def ingest(data_cfg: dict, demo_dir: str | Path | None = None):
         if not data_cfg.get("torgo_root"):
             raise ValueError("data.source=torgo needs data.torgo_root (folder holding F01, FC01, ...)")
         return ingest_torgo(data_cfg["torgo_root"], data_cfg.get("torgo_mic", "array"))
+    if source == "lhotse":  # mmasr.data.lhotse_ingest imports this module, so the command dispatches to it
+        raise ValueError("data.source=lhotse is read by mmasr.data.lhotse_ingest.ingest_lhotse")
     raise ValueError(f"unknown data.source '{source}'")

@@ -356,6 +356,16 @@ def fixed_alpha_choice(nb: NBest, alpha: float, tau: float, clip: np.ndarray | N
     return choose(fuse(nb.asr, nb.clip if clip is None else clip, nb.valid, np.array([alpha]), tau))[0]
 
 
+def headline_fused_choice(nb: NBest, metrics: dict, tau: float) -> np.ndarray:
+    """The fused (ASR+CLIP) choices (U,) of a fusion.json's headline form at its dev-chosen weights: the log-linear
+    form's (λ_clip, λ_lm = 0, β), or the seed form's α; for stages that re-derive fuse's pick (scoring formats)."""
+    if metrics.get("fusion_form", "seed") == "log_linear":
+        w = metrics["weights_fused_log_linear_form"]
+        row = np.array([[w["lambda_clip"], w.get("lambda_lm", 0.0), w["beta"]]], np.float64)
+        return log_linear_choices(nb.total, nb.clip, nb.lm_total, nb.length, nb.valid, row, tau)[0]
+    return fixed_alpha_choice(nb, float(metrics["best_alpha"]), tau)
+
+
 def swap_choices(nb: NBest, image_ids: np.ndarray, images: dict[str, np.ndarray], texts: dict[str, np.ndarray],
                  rescore: Callable[[np.ndarray], np.ndarray], n_permutations: int, seed: int) -> np.ndarray | None:
     """The picture-swap control: choices (K, U) of the fused system (``rescore`` maps cosines (U, H) to its
