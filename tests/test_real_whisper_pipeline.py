@@ -106,6 +106,6 @@ def test_fusion_metrics_on_real_whisper(real_run):
 # words), ASR-only WER 0.530 (control 0.436 = 24/55 words, impaired 0.617 = 37/60), n-best oracle 0.339,
 # picture alone 0.452, best alpha 0.0 (fused = ASR-only); 37 n-best lists, 36 with >= 2 distinct
 # hypotheses (0.97), at most 5 kept, all complete. eSpeak NG is clean but synthetic: tiny.en hears
-# "three" as "free" ("three blue bears" -> "Free blue bears!"). Margins: control WER + 0.11 (6 more errors of its 55 words);
-# the oracle and impaired gaps about half of what was measured.
+# "three" as "free" ("three blue bears" -> "Free blue bears!"). Margins: control WER + 0.11 (6 more errors
+# of its 55 words); the oracle and impaired gaps about half of what was measured.
 CONTROL_WER_BOUND = 0.55
