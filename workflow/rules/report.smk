@@ -56,6 +56,7 @@ rule browser:
         nbest="data/nbest/nbest_lm.parquet",
         manifest="data/processed/manifest.parquet",
         images="data/processed/images.parquet",
+        audio="data/processed/audio",  # embedded (or linked) in the page
         metrics="results/metrics/fusion.json",  # after fuse: the dev-chosen weights and the WERs to match
     output:
         BROWSER,
