@@ -18,7 +18,7 @@ import pytest
 from mmasr.config import validate
 from mmasr.report.browser import audio_mode, build_browser
 from mmasr.report.build import fmt
-from mmasr.rescoring.fusion import (fixed_alpha_choice, lambda_grid, log_linear_choices, pooled_wer, run_fusion, take,
+from mmasr.rescoring.fusion import (choose, fixed_alpha_choice, fuse_simplex, lambda_grid, log_linear_choices, pooled_wer, run_fusion, take,
                                     to_arrays)
 from tests.conftest import missing_prerequisite, tone, write_picture, write_wav
 
@@ -55,16 +55,21 @@ def synthetic(root: Path, n_dev: int, n_test: int, seed: int = 0, audio: str = "
             asr = np.sort(rng.normal(-0.3, 0.15, n_h))[::-1]
             for rank in range(n_h):
                 words = ref.split()
-                for _ in range(int(rng.integers(0, 3))):  # a few word edits
+                for _ in range(int(rng.integers(0, 3))):  # a few word edits: substitutions and deletions
                     j = int(rng.integers(0, len(words)))
-                    words[j] = str(rng.choice(WORDS))
+                    if rng.random() < 0.5 and len(words) > 1:
+                        del words[j]
+                    else:
+                        words[j] = str(rng.choice(WORDS))
                 text = " ".join(words) if rank else (ref if rng.random() < 0.2 else " ".join(words))
                 n_tok = len(text.split()) + 2
                 row = {"utt_id": utt, "rank": rank, "text": text, "asr_score": float(asr[rank]), "n_tokens": n_tok,
                        "sum_logprob": float(asr[rank]) * n_tok + float(rng.normal(0, 0.2)), "clip_text": text,
                        "clip_cos": float(rng.uniform(0.15, 0.25)) + 0.03 * (text == ref) if i % 7 != 3 else np.nan}
                 if lm:
-                    row.update(lm_score=float(rng.normal(-3, 1)), lm_logprob=float(rng.normal(-12, 3)))
+                    right = text == ref  # the LM, like the picture, knows a little
+                    row.update(lm_score=float(rng.normal(-3, 1)) + 1.0 * right,
+                               lm_logprob=float(rng.normal(-12, 3)) + 3.0 * right)
                 nb.append(row)
     return pd.DataFrame(nb), pd.DataFrame(man), pd.DataFrame(pics)
 
@@ -155,7 +160,7 @@ def test_page_at_dev_weights_shows_fuses_choices_and_wer(built, chromium, tmp_pa
     assert changed == set(built["changed"]["utt_id"])  # fuse's own record of the changed choices
     assert dom.wer_text == fmt(m["test_wer_fused"]) and dom.wer == pytest.approx(m["test_wer_fused"], abs=1e-12)
     assert {r["utt"]: int(r["choice"]) for r in dom.rows} == dict(zip(map(str, nb.utt_ids), fused.tolist()))
-    assert 0 < m["weights_fused_log_linear_form"]["lambda_clip"], "the synthetic data should make the picture count"
+    assert w["lambda_clip"] > 0 and w["beta"] != 0, "the synthetic data should make the picture and the length count"
 
 
 def test_log_linear_slider_ends_are_fuses_definitions(built, chromium, tmp_path):
@@ -169,8 +174,12 @@ def test_log_linear_slider_ends_are_fuses_definitions(built, chromium, tmp_path)
     assert float(far.body["clip"]) == top and far.wer == pytest.approx(ll_wer(built, [top, 0.0, beta]), abs=1e-12)
     assert far.wer_text == fmt(ll_wer(built, [top, 0.0, beta]))
     w = m["weights_asr_clip_lm_log_linear_form"]  # the LM slider: ASR+CLIP+LM at its dev weights
+    assert w["lambda_lm"] > 0
     lm = open_page(chromium, built["out"], f"?clip={w['lambda_clip']}&lm={w['lambda_lm']}&beta={w['beta']}", tmp_path)
     assert lm.wer == pytest.approx(m["test_wer_asr_clip_lm_log_linear_form"], abs=1e-12)
+    nb = built["nb"]
+    assert lm.choices == log_linear_choices(nb.total, nb.clip, nb.lm_total, nb.length, nb.valid,
+                                            np.array([[w["lambda_clip"], w["lambda_lm"], w["beta"]]]), m["tau"])[0].tolist()
 
 
 def test_seed_form_slider_gives_asr_fused_and_picture_alone(built, chromium, tmp_path):
@@ -186,8 +195,12 @@ def test_seed_form_slider_gives_asr_fused_and_picture_alone(built, chromium, tmp
     assert one.wer == pytest.approx(m["test_wer_alpha1"], abs=1e-12) and one.wer_text == fmt(m["test_wer_alpha1"])
     assert m["test_wer_alpha1"] != m["test_wer_asr"]  # the two ends differ, so the check can fail
     w_asr, w_clip, w_lm = m["weights_asr_clip_lm_seed_form"].values()
+    assert w_lm > 0 and m["test_wer_asr_clip_lm_seed_form"] != m["test_wer_fused_seed_form"]
     lm = open_page(chromium, built["out"], f"?form=seed&clip={w_clip}&lm={w_lm}", tmp_path)
     assert lm.wer == pytest.approx(m["test_wer_asr_clip_lm_seed_form"], abs=1e-12)
+    nb = built["nb"]
+    assert lm.choices == choose(fuse_simplex(nb.asr, nb.clip, nb.lm, nb.valid, np.array([[w_asr, w_clip, w_lm]]),
+                                             m["tau"]))[0].tolist()
 
 
 def test_filters_leave_only_matching_rows(built, chromium, tmp_path):
