@@ -23,7 +23,7 @@ from mmasr.rescoring.fusion import (choose, fixed_alpha_choice, fuse_simplex, la
 from tests.conftest import missing_prerequisite, tone, write_picture, write_wav
 
 WORDS = ("a", "red", "bear", "pear", "goat", "boat", "big", "small", "the", "on", "hill", "two")
-SIZE_BOUND_5000 = 12_000_000  # bytes: the page over 5,000 test utterances (5 hypotheses each, audio linked)
+SIZE_BOUND_5000 = 8_000_000  # bytes: the page over 5,000 test utterances (5 hypotheses each, audio linked)
 
 
 def synthetic(root: Path, n_dev: int, n_test: int, seed: int = 0, audio: str = "wav", n_pictures: int = 4,
