@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import html
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from mmasr.report.browser import audio_mode, build_browser
 from mmasr.report.build import fmt
 from mmasr.rescoring.fusion import (choose, fixed_alpha_choice, fuse_simplex, lambda_grid, log_linear_choices, pooled_wer, run_fusion, take,
                                     to_arrays)
-from tests.conftest import missing_prerequisite, tone, write_picture, write_wav
+from tests.conftest import chromium_flags, tone, write_picture, write_wav
 
 WORDS = ("a", "red", "bear", "pear", "goat", "boat", "big", "small", "the", "on", "hill", "two")
 SIZE_BOUND_5000 = 8_000_000  # bytes: the page over 5,000 test utterances (5 hypotheses each, audio linked)
@@ -95,21 +94,6 @@ def built(tmp_path_factory):
     return {"root": root, "out": out, "metrics": metrics, "changed": changed, "nb": arrays, "manifest": test, "p": p}
 
 
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        missing_prerequisite("no `chromium` on PATH: the browser test needs Debian's `chromium` package "
-                             "(apt-get install chromium)")
-    return found
-
-
-def browser_flags(chromium: str, profile: Path) -> list[str]:
-    return [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={profile}"]
-
-
 class Dom:
     """The page's DOM after its script ran (``chromium --dump-dom``), read by the attributes the page writes."""
 
@@ -132,7 +116,7 @@ class Dom:
 
 
 def open_page(chromium: str, page: Path, query: str, tmp_path: Path) -> Dom:
-    proc = subprocess.run([*browser_flags(chromium, tmp_path / "profile"), "--dump-dom", page.as_uri() + query],
+    proc = subprocess.run([*chromium_flags(chromium, tmp_path / "profile"), "--dump-dom", page.as_uri() + query],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return Dom(proc.stdout)
