@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from mmasr.data.text import normaliser
-from mmasr.rescoring.fusion import alpha_grid, filled, lambda_grid, masked_softmax, to_arrays
+from mmasr.rescoring.fusion import alpha_grid, filled, fixed_alpha_choice, lambda_grid, masked_softmax, to_arrays
 from mmasr.report.build import thumbnail_png
 
 PCM_BYTES_PER_S = 16000 * 2  # 16 kHz, 16-bit mono: the processed audio's size, an upper bound of its FLAC
@@ -106,6 +106,7 @@ def browser_data(nbest: pd.DataFrame, manifest: pd.DataFrame, images: pd.DataFra
     lm_term = filled(nb.lm_total, valid)
     with_lm_ll = ll_ok and bool(np.isfinite(np.where(valid, nb.lm_total, np.nan)).any())
     with_lm_seed = bool(has_lm.any())
+    whisper = fixed_alpha_choice(nb, 0.0, tau)  # fuse's ASR-only pick: Whisper's first hypothesis
 
     test_meta = meta.loc[nb.utt_ids]
     speakers = sorted(test_meta["speaker"].astype(str).unique())
@@ -149,7 +150,7 @@ def browser_data(nbest: pd.DataFrame, manifest: pd.DataFrame, images: pd.DataFra
         utts.append({"id": str(utt_id), "s": speakers.index(str(row["speaker"])), "g": groups.index(str(row["group"])),
                      "p": pic, "a": src, "r": " ".join(str(meta.at[utt_id, "text"]).split()),
                      "rn": norm(str(meta.at[utt_id, "text"])), "w": int(nb.ref_words[u]),
-                     "c": bool(has_clip[u].any()), "l": bool(has_lm[u].any()), "h": hyps})
+                     "t": int(whisper[u]), "c": bool(has_clip[u].any()), "l": bool(has_lm[u].any()), "h": hyps})
     keys = ("test_wer_asr", "test_wer_fused", "test_wer_alpha1", "test_wer_oracle", "test_wer_fused_seed_form",
             "test_wer_fused_log_linear_form", "test_wer_asr_clip_lm", "fusion_form", "test_ref_words")
     return {
@@ -318,11 +319,11 @@ function visible() {
     const u = U[i];
     if (g !== "" && D.groups[u.g] !== g) continue;
     if (sp !== "" && D.speakers[u.s] !== sp) continue;
-    if (ch && choice[i] === 0) continue;
+    if (ch && choice[i] === U[i].t) continue;
     if (er && u.h[choice[i]][1] === 0) continue;
     idx.push(i);
   }
-  const key = $("sort").value, e = i => U[i].h[choice[i]][1], gain = i => U[i].h[0][1] - e(i);
+  const key = $("sort").value, e = i => U[i].h[choice[i]][1], gain = i => U[i].h[U[i].t][1] - e(i);
   const by = {id: (a, b) => (U[a].id < U[b].id ? -1 : U[a].id > U[b].id ? 1 : 0),
     err: (a, b) => e(b) - e(a) || a - b, gain: (a, b) => gain(b) - gain(a) || a - b,
     loss: (a, b) => gain(a) - gain(b) || a - b,
@@ -347,15 +348,15 @@ function render() {
   const idx = visible(), per = D.page_rows, pages = Math.max(1, Math.ceil(idx.length / per));
   if (S.page >= pages) S.page = pages - 1;
   const rows = idx.slice(S.page * per, (S.page + 1) * per).map(i => {
-    const u = U[i], c = choice[i], top = u.h[0], pick = u.h[c];
+    const u = U[i], c = choice[i], top = u.h[u.t], pick = u.h[c];
     const audio = u.a ? '<audio controls preload="none" src="' + esc(u.a) + '"></audio>' : '<span class="dim">no audio file</span>';
     const pic = u.p >= 0 ? '<img class="thumb" alt="picture" src="' + D.pics[u.p] + '">' : '<span class="dim">no picture</span>';
     return '<tr class="utt" data-utt="' + esc(u.id) + '" data-group="' + esc(D.groups[u.g]) + '" data-speaker="' +
       esc(D.speakers[u.s]) + '" data-choice="' + c + '" data-errors="' + pick[1] + '"><td>' + audio + "</td><td>" + pic +
       "</td><td>" + esc(u.id) + '<br><span class="dim">' + esc(D.speakers[u.s]) + " · " + esc(D.groups[u.g]) + " · " +
-      u.w + " words</span></td><td><div>" + esc(u.r) + '</div><div><span class="dim">Whisper (' + top[1] + " err):</span> " +
+      u.w + " words</span></td><td><div>" + esc(u.r) + '</div><div><span class="dim">Whisper, #' + u.t + " (" + top[1] + " err):</span> " +
       diff(u.rn, top[0]) + '</div><div><span class="dim">fused, #' + c + " (" + pick[1] + " err):</span> " + diff(u.rn, pick[0]) +
-      "</div></td><td><details" + (c !== 0 ? " open" : "") + "><summary>" + u.h.length + " hypotheses</summary>" +
+      "</div></td><td><details" + (c !== u.t ? " open" : "") + "><summary>" + u.h.length + " hypotheses</summary>" +
       nbestTable(i) + "</details></td></tr>";
   });
   document.querySelector("#rows tbody").innerHTML = rows.join("");
