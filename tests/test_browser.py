@@ -152,11 +152,12 @@ def test_log_linear_slider_ends_are_fuses_definitions(built, chromium, tmp_path)
     λ_clip = lambda_stop at the dev β. Both are checked against fusion.py's own choices."""
     m, beta = built["metrics"], built["metrics"]["weights_fused_log_linear_form"]["beta"]
     top = float(lambda_grid(built["p"]["fusion"])[-1])
-    zero = open_page(chromium, built["out"], "?clip=0", tmp_path)
+    zero = open_page(chromium, built["out"], "?move=clip:0", tmp_path)  # the slider dragged to its 0 end
     assert zero.body["clip"] == "0" and zero.wer == pytest.approx(ll_wer(built, [0.0, 0.0, beta]), abs=1e-12)
-    far = open_page(chromium, built["out"], "?clip=max", tmp_path)
+    far = open_page(chromium, built["out"], "?move=clip:max", tmp_path)
     assert float(far.body["clip"]) == top and far.wer == pytest.approx(ll_wer(built, [top, 0.0, beta]), abs=1e-12)
     assert far.wer_text == fmt(ll_wer(built, [top, 0.0, beta]))
+    assert open_page(chromium, built["out"], f"?clip={top}", tmp_path).choices == far.choices  # the query form agrees
     w = m["weights_asr_clip_lm_log_linear_form"]  # the LM slider: ASR+CLIP+LM at its dev weights
     assert w["lambda_lm"] > 0
     lm = open_page(chromium, built["out"], f"?clip={w['lambda_clip']}&lm={w['lambda_lm']}&beta={w['beta']}", tmp_path)
@@ -172,10 +173,11 @@ def test_seed_form_slider_gives_asr_fused_and_picture_alone(built, chromium, tmp
     assert dev.body["dev"] == "1" and float(dev.body["clip"]) == m["best_alpha"]
     assert dev.wer == pytest.approx(m["test_wer_fused_seed_form"], abs=1e-12)
     assert dev.wer_text == fmt(m["test_wer_fused_seed_form"])
-    zero = open_page(chromium, built["out"], "?form=seed&clip=0", tmp_path)
+    zero = open_page(chromium, built["out"], "?form=seed&move=clip:0", tmp_path)  # the α slider dragged to 0
     assert zero.wer == pytest.approx(m["test_wer_asr"], abs=1e-12) and zero.wer_text == fmt(m["test_wer_asr"])
     assert zero.choices == fixed_alpha_choice(built["nb"], 0.0, m["tau"]).tolist()
-    one = open_page(chromium, built["out"], "?form=seed&clip=1", tmp_path)
+    one = open_page(chromium, built["out"], "?form=seed&move=clip:max", tmp_path)
+    assert one.body["clip"] == "1" and one.body["dev"] == "0"
     assert one.wer == pytest.approx(m["test_wer_alpha1"], abs=1e-12) and one.wer_text == fmt(m["test_wer_alpha1"])
     assert m["test_wer_alpha1"] != m["test_wer_asr"]  # the two ends differ, so the check can fail
     w_asr, w_clip, w_lm = m["weights_asr_clip_lm_seed_form"].values()

@@ -394,6 +394,13 @@ function init() {
   $("devbtn").onclick = () => { toDev(); setRanges(); update(); };
   for (const k of ["group", "speaker", "sort", "changed", "errors"]) $(k).onchange = () => { S.page = 0; render(); };
   update();
+  // ?move=clip:0,beta:max drags the sliders after load, through their own input handlers (as a user would).
+  for (const item of (q.get("move") || "").split(",").filter(Boolean)) {
+    const [name, v] = item.split(":"), el = $(name);
+    const grid = name === "beta" ? D.betas : name === "clip" ? clipGrid() : (S.form === "seed" ? D.alphas : D.lambdas);
+    el.value = v === "max" ? el.max : v === "min" ? 0 : nearest(grid, parseFloat(v));
+    el.dispatchEvent(new Event("input"));
+  }
   document.body.dataset.ready = "1";
 }
 init();
