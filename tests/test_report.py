@@ -508,3 +508,8 @@ def test_both_forms_the_picture_verdict_and_speakers_from_a_real_fusion(full_run
         assert "<h3>Intervals per group (test)</h3>" in resc and "(2 test speakers)" in resc
         assert "Fewer than 4 test speakers in control (2), impaired (2)" in resc
         assert verdict.replace("_", " ") in section_html(page, "summary")
+
+
+def test_rescoring_section_links_the_error_browser(full_run):
+    resc = section_html(report.build_report(full_run, params(), "test"), "rescoring")
+    assert '<a href="browser.html" id="browser-link">' in resc and "results/browser.html" in resc
