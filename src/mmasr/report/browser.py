@@ -105,7 +105,9 @@ def browser_data(nbest: pd.DataFrame, manifest: pd.DataFrame, images: pd.DataFra
     clip_term = tau * filled(nb.clip, valid)
     lm_term = filled(nb.lm_total, valid)
     with_lm_ll = ll_ok and bool(np.isfinite(np.where(valid, nb.lm_total, np.nan)).any())
-    with_lm_seed = bool(has_lm.any())
+    alphas = alpha_grid(fcfg)
+    # the seed form's LM slider walks the simplex on the α grid, which needs the grid to start at 0 (w_lm = 0)
+    with_lm_seed = bool(has_lm.any()) and float(alphas[0]) == 0.0
     whisper = fixed_alpha_choice(nb, 0.0, tau)  # fuse's ASR-only pick: Whisper's first hypothesis
 
     test_meta = meta.loc[nb.utt_ids]
@@ -156,7 +158,7 @@ def browser_data(nbest: pd.DataFrame, manifest: pd.DataFrame, images: pd.DataFra
     return {
         "form": metrics.get("fusion_form", "seed"), "tau": tau, "ll": ll_ok,
         "lambdas": [float(x) for x in lambda_grid(fcfg)], "betas": sorted(float(b) for b in fcfg["beta_grid"]),
-        "alphas": [float(x) for x in alpha_grid(fcfg)],
+        "alphas": [float(x) for x in alphas],
         "lm_ll": with_lm_ll, "lm_seed": with_lm_seed, "dev": dev_weights(metrics),
         "metrics": {k: metrics.get(k) for k in keys}, "speakers": speakers, "groups": groups, "pics": pics,
         "audio": mode, "page_rows": int(rcfg.get("browser_page_rows", 100)), "utts": utts,
