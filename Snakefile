@@ -36,6 +36,7 @@ rule all:
     default_target: True
     input:
         REPORT,
+        BROWSER,
         FINAL_OUTPUTS,
 
 

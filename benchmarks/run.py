@@ -4,7 +4,7 @@
    are not touched): ``snakemake --cores N`` with the default profile, timed -> pipeline_wall_s.
 2. In that copy, fusion.tau changed in params.yaml (as a user edits it) and Snakemake run again ->
    incremental_tau_wall_s, incremental_tau_fraction (of the full run; target < 0.10) and the rules that
-   re-ran (incremental_tau_jobs: fuse, report, systems_table).
+   re-ran (incremental_tau_jobs: browser, fuse, report, scoring, systems_table).
 3. Wall seconds and peak memory (max RSS) of every stage, from the copy's Snakemake benchmark files
    (results/benchmarks/<rule>.tsv of the full run) -> stages, peak_rss_mb.
 4. Preprocessing throughput: seconds of audio kept / wall seconds of the preprocess job / its processes

@@ -32,6 +32,23 @@ def missing_prerequisite(reason: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's headless browser (render tests); without it those tests skip (fail under CI=true)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        missing_prerequisite("no `chromium` on PATH: the headless render needs Debian's `chromium` package "
+                             "(apt-get install chromium)")
+    return found
+
+
+def chromium_flags(binary: str, profile: Path) -> list[str]:
+    """The headless Chromium command line the render tests share (its own profile folder, nothing fetched)."""
+    return [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={profile}"]
+
+
 def tone(seconds: float = 1.0, sr: int = 16000, freq: float = 220.0, amp: float = 0.5,
          lead: float = 0.3, tail: float = 0.3, channels: int = 1) -> np.ndarray:
     """A harmonic tone with silent lead-in and tail, shape (frames,) or (frames, channels)."""

@@ -218,7 +218,7 @@ def test_changing_only_tau_reruns_fusion_and_what_reads_it(bench, tiny_run, tmp_
     work = tmp_path / "copy"
     shutil.copytree(tiny_run, work, symlinks=True)
     result = bench.incremental_tau(work, 2, "config/tiny.yaml", tmp_path / "tau.log")
-    assert result["incremental_tau_jobs"] == ["fuse", "report", "systems_table"], (tmp_path / "tau.log").read_text()[-3000:]
+    assert result["incremental_tau_jobs"] == ["browser", "fuse", "report", "scoring", "systems_table"], (tmp_path / "tau.log").read_text()[-3000:]
     assert result["incremental_tau_wall_s"] > 0 and result["incremental_tau_change"] == "fusion.tau 100.0 -> 50.0"
     assert read_json(work / "results/metrics/fusion.json")["tau"] == 50.0
 

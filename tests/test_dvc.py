@@ -411,10 +411,12 @@ def test_exp_run_with_another_tau_reruns_only_fusion_and_what_reads_it(dvc_repro
     work = clone_of(dvc_repro, tmp_path / "exp")
     before = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
     proc = dvc(work, "exp", "run", "-S", "fusion.tau=50")
-    # the systems table, the report and the scoring formats read fusion.json
-    assert sorted(ran_stages(proc.stdout + proc.stderr)) == ["fuse", "report", "scoring", "systems_table"], proc.stdout[-3000:]
+    # the systems table, the report, the scoring formats and the error browser read fusion.json
+    assert sorted(ran_stages(proc.stdout + proc.stderr)) == ["browser", "fuse", "report", "scoring", "systems_table"], \
+        proc.stdout[-3000:]
     after = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
-    assert {name for name in before if before[name] != after[name]} == {"fuse", "report", "scoring", "systems_table"}
+    assert {name for name in before if before[name] != after[name]} == {"browser", "fuse", "report", "scoring",
+                                                                        "systems_table"}
     assert read_json(work / "results/metrics/fusion.json")["tau"] == 50.0
     diff = json.loads(dvc(work, "metrics", "diff", "--json").stdout)
     assert diff["results/metrics/fusion.json"]["tau"] == {"old": 100.0, "new": 50.0, "diff": -50.0}
@@ -445,4 +447,5 @@ def test_push_clone_pull_leaves_nothing_to_do(dvc_repro, tmp_path):
     assert git(clone, "status", "--porcelain") == ""
     (clone / "config" / "tau.yaml").write_text("fusion:\n  tau: 50.0\n")
     proc = run([sys.executable, "-m", "snakemake", "--cores", "2", "-n", "--configfile", "config/tau.yaml"], clone)
-    assert job_counts(proc.stdout + proc.stderr) == {"fuse": 1, "scoring": 1, "systems_table": 1, "report": 1, "all": 1}
+    assert job_counts(proc.stdout + proc.stderr) == {"fuse": 1, "scoring": 1, "browser": 1, "systems_table": 1,
+                                                      "report": 1, "all": 1}

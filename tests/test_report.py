@@ -17,7 +17,7 @@ from mmasr.report import build as report
 from mmasr.cli import main
 from mmasr.config import validate
 from mmasr.io import write_json, write_parquet
-from tests.conftest import REPO, ReportPage, missing_prerequisite, write_picture
+from tests.conftest import REPO, ReportPage, chromium_flags, write_picture
 
 SECTION_IDS = ["summary", "data", "rescoring", "systems", "projector", "clap", "probe", "pretraining", "benchmarks", "provenance"]
 HEADINGS = ["Key results", "Data", "Rescoring with the picture", "Systems (zero-shot and LoRA-adapted Whisper)",
@@ -344,22 +344,10 @@ def test_key_results_and_table_cells_are_found_in_their_place(full_run):
         page.cell("rescoring", "no such system", "test WER")
 
 
-@pytest.fixture
-def chromium() -> str:
-    """The headless browser; without it the render test skips (fails under CI=true)."""
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        missing_prerequisite("no `chromium` on PATH: the headless render needs Debian's `chromium` package "
-                             "(apt-get install chromium)")
-    return found
-
-
 def test_report_renders_in_headless_chromium(chromium, full_run, tmp_path):
     page = tmp_path / "report.html"
     page.write_text(report.build_report(full_run, params(), "test"), encoding="utf-8")
-    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+    flags = chromium_flags(chromium, tmp_path / "chromium-profile")
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     headings = re.findall(r"<h2>(.*?)</h2>", dom.stdout)
@@ -520,3 +508,8 @@ def test_both_forms_the_picture_verdict_and_speakers_from_a_real_fusion(full_run
         assert "<h3>Intervals per group (test)</h3>" in resc and "(2 test speakers)" in resc
         assert "Fewer than 4 test speakers in control (2), impaired (2)" in resc
         assert verdict.replace("_", " ") in section_html(page, "summary")
+
+
+def test_rescoring_section_links_the_error_browser(full_run):
+    resc = section_html(report.build_report(full_run, params(), "test"), "rescoring")
+    assert '<a href="browser.html" id="browser-link">' in resc and "results/browser.html" in resc

@@ -55,7 +55,8 @@ def test_every_demo_defect_is_rejected_with_its_reason(tiny_run):
 
 def test_every_rule_left_a_log_and_a_benchmark(tiny_run):
     for rule in ("make_demo", "ingest", "preprocess", "split", "fuse", "scoring", "encode_audio", "train_projector",
-                 "eval_projector", "clap_embeddings", "train_clap", "eval_retrieval", "layer_embeddings", "train_probe", "report"):
+                 "eval_projector", "clap_embeddings", "train_clap", "eval_retrieval", "layer_embeddings", "train_probe",
+                 "report", "browser"):
         assert (tiny_run / "results/logs" / f"{rule}.log").is_file()
         assert (tiny_run / "results/benchmarks" / f"{rule}.tsv").is_file()
 
@@ -218,7 +219,8 @@ def test_changing_tau_or_the_alpha_grid_reruns_only_fusion(tiny_run):
     proc = run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--configfile", "config/tiny.yaml",
                 "config/tau.yaml"], tiny_run)
     out = proc.stdout + proc.stderr
-    assert job_counts(out) == {"fuse": 1, "scoring": 1, "systems_table": 1, "report": 1, "all": 1}, out[-2000:]
+    assert job_counts(out) == {"fuse": 1, "scoring": 1, "browser": 1, "systems_table": 1, "report": 1, "all": 1}, \
+        out[-2000:]
 
 
 RETRIEVAL_KEYS = [f"{prefix}{d}_{m}" for prefix in ("", "zeroshot_") for d in ("a2t", "t2a")

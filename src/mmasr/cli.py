@@ -348,6 +348,19 @@ def cmd_report(args) -> None:
     log.info("report written: %s (%.0f kB)", args.out, len(page.encode()) / 1024)
 
 
+def cmd_browser(args) -> None:
+    from mmasr.io import read_json
+    from mmasr.report.browser import build_browser
+
+    p = _params(args)
+    images = pd.read_parquet(args.images) if args.images is not None and args.images.is_file() else None
+    page = build_browser(pd.read_parquet(args.nbest), pd.read_parquet(args.manifest), images, read_json(args.metrics),
+                         p, args.out, args.root)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    log.info("error browser written: %s (%.0f kB)", args.out, len(page.encode()) / 1024)
+
+
 def _pretrain_setup(args, kind: str) -> dict:
     """Params, torch threads, and a warning when params do not name the demo model being trained."""
     import torch
@@ -822,6 +835,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", type=Path, default=Path("results/scoring"))
     sp.add_argument("--metrics", type=Path, default=Path("results/metrics/scoring.json"))
     sp.add_argument("--no-sclite", action="store_true", help="do not run sclite even when it is installed")
+
+    sp = stage("browser", cmd_browser,
+               "The error browser (results/browser.html): every test utterance, its n-best scores, live re-fusion.")
+    sp.add_argument("--nbest", type=Path, default=Path("data/nbest/nbest_lm.parquet"))
+    sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
+    sp.add_argument("--images", type=Path, default=Path("data/processed/images.parquet"))
+    sp.add_argument("--metrics", type=Path, default=Path("results/metrics/fusion.json"))
+    sp.add_argument("--root", type=Path, default=Path("."), help="the project folder the tables' relative paths start in")
+    sp.add_argument("--out", type=Path, default=Path("results/browser.html"))
 
     sp = stage("encode-audio", cmd_encode_audio,
                "Run the frozen Whisper encoder once per utterance; cache its trimmed outputs (float16 shards).")

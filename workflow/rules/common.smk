@@ -108,9 +108,10 @@ FINAL_OUTPUTS += [config["models"][k] for k in ("lm", "text_encoder") if config[
 
 
 REPORT = "results/report.html"
+BROWSER = "results/browser.html"  # the error browser (rule browser), linked from the report
 
 
 def print_outputs():
     print("\nmmasr: pipeline finished. Outputs:")
-    for path in [REPORT] + FINAL_OUTPUTS + ["data/processed/rejects.parquet", "results/logs/", "results/benchmarks/"]:
+    for path in [REPORT, BROWSER] + FINAL_OUTPUTS + ["data/processed/rejects.parquet", "results/logs/", "results/benchmarks/"]:
         print(f"  {path}")

@@ -49,3 +49,29 @@ rule report:
         runtime=10,
     shell:
         "mmasr report --cfg {params.cfg:q} --root . --out {output} > {log} 2>&1"
+
+
+rule browser:
+    input:
+        nbest="data/nbest/nbest_lm.parquet",
+        manifest="data/processed/manifest.parquet",
+        images="data/processed/images.parquet",
+        audio="data/processed/audio",  # embedded (or linked) in the page
+        metrics="results/metrics/fusion.json",  # after fuse: the dev-chosen weights and the WERs to match
+    output:
+        BROWSER,
+    params:
+        cfg=cfg_json("fusion", "text", "report"),
+    log:
+        "results/logs/browser.log",
+    benchmark:
+        "results/benchmarks/browser.tsv"
+    conda:
+        "../envs/mmasr.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "mmasr browser --cfg {params.cfg:q} --nbest {input.nbest} --manifest {input.manifest} --images {input.images}"
+        " --metrics {input.metrics} --root . --out {output} > {log} 2>&1"

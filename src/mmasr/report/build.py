@@ -242,8 +242,8 @@ def _plt():
     return plt
 
 
-def thumbnail(path: Path, size: int) -> str | None:
-    """A picture as a small embedded PNG, or None when it cannot be read."""
+def thumbnail_png(path: Path, size: int) -> bytes | None:
+    """A picture as small PNG bytes (longest side ``size``), or None when it cannot be read."""
     from PIL import Image
 
     try:
@@ -254,7 +254,13 @@ def thumbnail(path: Path, size: int) -> str | None:
             im.save(buf, format="PNG", optimize=True)
     except (OSError, ValueError):
         return None
-    return img_tag(buf.getvalue(), f"picture {path.stem}", cls="thumb")
+    return buf.getvalue()
+
+
+def thumbnail(path: Path, size: int) -> str | None:
+    """A picture as a small embedded PNG, or None when it cannot be read."""
+    png = thumbnail_png(path, size)
+    return None if png is None else img_tag(png, f"picture {path.stem}", cls="thumb")
 
 
 def word_diff(ref: str, hyp: str) -> str:
@@ -567,7 +573,9 @@ def rescoring_section(d: Mapping[str, Any], root: Path, n_examples: int, thumb_p
     m = d["fusion_metrics"]
     if missing(m):
         return not_run(sid, title, m)
-    parts = []
+    parts = [note('Every test utterance with its audio, picture, n-best scores and a live re-fusion slider: '
+                  '<a href="browser.html" id="browser-link">the error browser</a> (<code>results/browser.html</code>, '
+                  'written by the <code>browser</code> rule beside this page).')]
     form = m.get("fusion_form") or "seed"
     other = next(f for f in FORM_FORMULAS if f != form)
     if m.get("fusion_skipped"):
