@@ -3,7 +3,9 @@
 The ingested table has one row per usable input with paths resolved and checked against the data
 root; everything not usable becomes a rejects row. Paths are data, never executed or globbed.
 
-Columns: row, utt_id, speaker, group, audio_path, text, image_path, image_id, split, source.
+Columns: row, utt_id, speaker, group, audio_path, text, image_path, image_id, split, source, recording_id,
+task, start, end. ``start``/``end`` (seconds, NaN for a whole file) cut an utterance out of a longer
+recording (``recording_id``); preprocess reads each recording once.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import pandas as pd
 from mmasr.io import reject, rejects_frame
 
 REQUIRED_COLUMNS = ("audio_path", "text", "speaker")
-OPTIONAL_COLUMNS = ("utt_id", "image_path", "group", "split")
-INGESTED_COLUMNS = ["row", "utt_id", "speaker", "group", "audio_path", "text", "image_path", "image_id", "split", "source"]
+OPTIONAL_COLUMNS = ("utt_id", "image_path", "group", "split", "start", "end")
+INGESTED_COLUMNS = ["row", "utt_id", "speaker", "group", "audio_path", "text", "image_path", "image_id", "split", "source",
+                    "recording_id", "task", "start", "end"]
+SEGMENT_COLUMNS = ("start", "end")  # seconds from the start of the recording (float; NaN: the whole file)
 SPLITS = ("train", "dev", "test")
 
 TORGO_MICS = {"array": "wav_arrayMic", "head": "wav_headMic"}
@@ -162,7 +166,9 @@ def ingest_manifest(manifest: str | Path, root: str | Path | None = None, source
     for i, rec in enumerate(df.to_dict("records")):
         where = rec["where"]
         audio_given = rec["audio_path"]
-        utt_id = rec["utt_id"] or slug(str(Path(audio_given).with_suffix("")))
+        recording_id = slug(str(Path(audio_given).with_suffix("")))
+        start, end = segment_bounds(rec["start"], rec["end"], f"{manifest}: {where}")
+        utt_id = rec["utt_id"] or (recording_id if start is None else f"{recording_id}_{round(start * 1000)}_{round(end * 1000)}")
         if not rec["speaker"]:
             rejects.append(reject(utt_id, audio_given, "utterance", "ingest", "missing_speaker", f"{where}: empty speaker"))
             continue
@@ -195,7 +201,9 @@ def ingest_manifest(manifest: str | Path, root: str | Path | None = None, source
                 image_path, image_id = display_path(image), image_id_for(image, root_dir)
         rows.append({"row": i, "utt_id": utt_id, "speaker": rec["speaker"], "group": rec["group"] or "unknown",
                      "audio_path": display_path(audio), "text": text, "image_path": image_path,
-                     "image_id": image_id, "split": rec["split"] or None, "source": source})
+                     "image_id": image_id, "split": rec["split"] or None, "source": source,
+                     "recording_id": recording_id if start is not None else utt_id, "task": None,
+                     "start": start, "end": end})
     unique_image_ids(rows, root_dir)
     return _frame(rows), rejects_frame(rejects)
 
@@ -262,15 +270,30 @@ def ingest_torgo(root: str | Path, mic: str = "array"):
                     continue
                 rows.append({"row": len(rows) + len(rejects), "utt_id": utt_id, "speaker": speaker,
                              "group": torgo_group(speaker), "audio_path": display_path(wav), "text": text,
-                             "image_path": None, "image_id": None, "split": None, "source": "torgo"})
+                             "image_path": None, "image_id": None, "split": None, "source": "torgo",
+                             "recording_id": utt_id, "task": None, "start": None, "end": None})
     return _frame(rows), rejects_frame(rejects)
+
+
+def segment_bounds(start: str, end: str, where: str) -> tuple[float | None, float | None]:
+    """A manifest row's optional ``start``/``end`` (seconds, as Kaldi ``segments`` and Lhotse supervisions
+    give them): both empty for a whole file, else two numbers with 0 <= start < end; an error naming the row."""
+    if not start and not end:
+        return None, None
+    try:
+        a, b = float(start), float(end)
+    except ValueError:
+        raise ValueError(f"{where}: start/end must both be numbers of seconds (got {start!r}, {end!r})") from None
+    if not 0 <= a < b:
+        raise ValueError(f"{where}: segment start {a} s must be >= 0 and before its end {b} s")
+    return a, b
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=INGESTED_COLUMNS)
     df["row"] = df["row"].astype("int64")
     for col in INGESTED_COLUMNS[1:]:
-        df[col] = df[col].astype("string")
+        df[col] = df[col].astype("float64" if col in SEGMENT_COLUMNS else "string")
     return df
 
 
@@ -289,4 +312,14 @@ def ingest(data_cfg: dict, demo_dir: str | Path | None = None):
         if not data_cfg.get("torgo_root"):
             raise ValueError("data.source=torgo needs data.torgo_root (folder holding F01, FC01, ...)")
         return ingest_torgo(data_cfg["torgo_root"], data_cfg.get("torgo_mic", "array"))
+    if source == "chat":
+        from mmasr.data.chat import ingest_chat
+
+        if not data_cfg.get("chat_root"):
+            raise ValueError("data.source=chat needs data.chat_root (folder of .cha transcripts)")
+        rows, rejects = ingest_chat(
+            data_cfg["chat_root"], data_cfg.get("chat_media_root"), tuple(data_cfg.get("chat_participants") or ("PAR",)),
+            data_cfg.get("chat_group_field", "group"), data_cfg.get("chat_groups") or {},
+            data_cfg.get("chat_reference", "target"), data_cfg.get("task_pictures"), data_cfg.get("root"))
+        return _frame([{"row": i, **r} for i, r in enumerate(rows)]), rejects_frame(rejects)
     raise ValueError(f"unknown data.source '{source}'")
