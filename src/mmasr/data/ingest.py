@@ -166,7 +166,7 @@ def ingest_manifest(manifest: str | Path, root: str | Path | None = None, source
     for i, rec in enumerate(df.to_dict("records")):
         where = rec["where"]
         audio_given = rec["audio_path"]
-        recording_id = slug(str(Path(audio_given).with_suffix("")))
+        recording_id = slug(str(Path(audio_given).with_suffix(""))) if audio_given else ""
         start, end = segment_bounds(rec["start"], rec["end"], f"{manifest}: {where}")
         utt_id = rec["utt_id"] or (recording_id if start is None else f"{recording_id}_{round(start * 1000)}_{round(end * 1000)}")
         if not rec["speaker"]:
