@@ -77,18 +77,24 @@ def cmd_split(args) -> None:
     p = _params(args)
     norm = normaliser(p["text"])
     manifest, excluded = make_splits(pd.read_parquet(args.utterances), p["split"], norm, p["seed"])
-    summary = {**split_summary(manifest), **exclusion_summary(manifest, excluded, norm, p["split"]["disjoint_text"])}
+    summary = {**split_summary(manifest), **exclusion_summary(manifest, excluded, norm, p["split"]["disjoint_text"],
+                                                              p["split"]["disjoint_picture"])}
     write_parquet(args.excluded, excluded)
     write_parquet(args.out, manifest)
     write_json(args.summary, summary)
     for name in ("train", "dev", "test"):
         log.info("%-5s %3d utterances, speakers: %s", name, summary[f"{name}_n_utts"], " ".join(summary[f"{name}_speakers"]))
-    if p["split"]["disjoint_text"]:
-        log.info("disjoint_text: %d dev/test utterances moved out (%d transcript, %d picture also in train)",
-                 summary["n_excluded"], summary["n_excluded_text_overlap"], summary["n_excluded_image_overlap"])
+    if p["split"]["disjoint_text"] or p["split"]["disjoint_picture"]:
+        log.info("disjoint_text=%s disjoint_picture=%s: %d utterances moved out (%d dev/test transcript, %d dev/test "
+                 "picture also in train, %d train of a held-out prompt)", p["split"]["disjoint_text"],
+                 p["split"]["disjoint_picture"], summary["n_excluded"], summary["n_excluded_text_overlap"],
+                 summary["n_excluded_image_overlap"], summary["n_excluded_text_held_out"])
     else:
         log.info("disjoint_text off: %d dev and %d test utterances share a normalised transcript with train",
                  summary["dev_n_text_in_train"], summary["test_n_text_in_train"])
+    log.info("pictures: %d dev and %d test utterances show a picture train also shows, %d and %d one it does not",
+             summary["dev_n_image_in_train"], summary["test_n_image_in_train"], summary["dev_n_image_not_in_train"],
+             summary["test_n_image_not_in_train"])
 
 
 def _model(kind: str, p: dict, threads: int | None = None):
