@@ -127,7 +127,12 @@ def cmd_build_demo_models(args) -> None:
     from mmasr.demo.models import build_demo_models
 
     p = _params(args)
-    paths = build_demo_models(args.out, p["demo_models"], p["seed"])
+    cfg = p["demo_models"]
+    if args.manifest is not None:  # sized from the corpus: max(configured, needed), logged
+        from mmasr.demo.sizing import size_demo_whisper
+
+        cfg = {**cfg, "whisper": size_demo_whisper(cfg["whisper"], pd.read_parquet(args.manifest))}
+    paths = build_demo_models(args.out, cfg, p["seed"])
     log.info("demo models written: %s", ", ".join(str(v) for v in paths.values()))
 
 
@@ -389,11 +394,14 @@ def cmd_pretrain_text_model(args) -> None:
 
     kind = args.kind
     p = _pretrain_setup(args, kind)
-    cfg = p["pretrain"][kind]
+    from mmasr.demo import sizing
+
+    manifest = pd.read_parquet(args.manifest)
+    cfg = {"lm": sizing.size_demo_lm, "text_encoder": sizing.size_demo_text_encoder}[kind](p["pretrain"][kind], manifest)
     build, train = {"lm": (demo_text.build_demo_lm, demo_text.train_lm),
                     "text_encoder": (demo_text.build_demo_text_encoder, demo_text.train_text_encoder)}[kind]
     init = build(Path(args.checkpoint_dir) / "init", cfg, p["seed"])  # deterministic: same bytes every time
-    summary = train(init, pd.read_parquet(args.manifest), args.out, args.log_csv, args.checkpoint_dir, cfg, p["seed"],
+    summary = train(init, manifest, args.out, args.log_csv, args.checkpoint_dir, cfg, p["seed"],
                     max_steps=args.max_steps, progress=not args.quiet, device=p["models"]["device"])
     summary.update(provenance(p, ("seed", f"pretrain.{kind}", "models.device")))
     write_json(args.metrics, summary)
@@ -669,6 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = stage("build-demo-models", cmd_build_demo_models, "Build the small demo Whisper and CLIP models (HF format).")
     sp.add_argument("--out", type=Path, default=Path("results/checkpoints/demo"))
+    sp.add_argument("--manifest", type=Path, default=None, help="size the demo Whisper's decoder positions and "
+                    "window from this manifest (the longest train transcript, the longest utterance)")
 
     sp = sub.add_parser("convert-whisper", help="Convert a CTranslate2 Whisper (default: the packaged tiny.en) to a "
                         "Hugging Face model folder.", description="Convert a CTranslate2 Whisper folder (model.bin, "

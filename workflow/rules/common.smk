@@ -50,12 +50,15 @@ TEXT_NORM_KEYS = ["text.lowercase", "text.remove_punctuation", "text.collapse_re
 
 
 def corpus_input(wildcards):
-    """What `ingest` reads: the generated demo folder, the user's manifest, or the TORGO root."""
+    """What `ingest` reads: the generated demo folder, the user's manifest, the TORGO root, or the CHAT folder
+    (with its task_pictures CSV)."""
     source = config["data"]["source"]
     if source == "demo":
         return "data/raw/demo"
     if source == "manifest":
         return config["data"]["manifest"]
+    if source == "chat":
+        return [config["data"]["chat_root"]] + [p for p in [config["data"].get("task_pictures")] if p]
     return config["data"]["torgo_root"]
 
 
