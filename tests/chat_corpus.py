@@ -50,8 +50,8 @@ class Speaker:
 
 def speaker_lines(i: int) -> dict[str, list[Utt]]:
     """Per task, the lines of speaker ``i``: markup of every kind, words varied by speaker so transcripts differ."""
-    n = lambda k: NOUNS[(i * 3 + k) % len(NOUNS)]  # noqa: E731
-    v = lambda k: VERBS[(i * 2 + k) % len(VERBS)]  # noqa: E731
+    n = lambda k: NOUNS[(i * 5 + k) % len(NOUNS)]  # noqa: E731  (5 and 12 coprime: 12 speakers differ)
+    v = lambda k: VERBS[(i * 3 + k) % len(VERBS)]  # noqa: E731  (3 and 8 coprime)
     return {
         "Broken Window": [
             Utt("PAR", f"<the {n(0)}> [/] the {n(0)} {v(0)} the {n(1)} .", f"the {n(0)} the {n(0)} {v(0)} the {n(1)}",
