@@ -12,7 +12,8 @@ import soundfile as sf
 
 from mmasr.data import preprocess as pp
 from mmasr.data.chat import audible_words, ingest_chat, leading_gem, read_task_pictures
-from mmasr.data.ingest import ingest, ingest_manifest
+from mmasr.data.ingest import ingest_manifest
+from mmasr.data.sources import ingest
 from tests.chat_corpus import PICTURED, chat_data_cfg, chat_text, write_chat_corpus
 
 pytest.importorskip("espeakng_loader")

@@ -37,7 +37,7 @@ def cmd_make_demo(args) -> None:
 
 
 def cmd_ingest(args) -> None:
-    from mmasr.data.ingest import ingest
+    from mmasr.data.sources import ingest
 
     p = _params(args)
     ingested, rejects = ingest(p["data"], demo_dir=args.demo_dir)

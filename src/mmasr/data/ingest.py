@@ -205,7 +205,7 @@ def ingest_manifest(manifest: str | Path, root: str | Path | None = None, source
                      "recording_id": recording_id if start is not None else utt_id, "task": None,
                      "start": start, "end": end})
     unique_image_ids(rows, root_dir)
-    return _frame(rows), rejects_frame(rejects)
+    return ingested_frame(rows), rejects_frame(rejects)
 
 
 def torgo_group(speaker: str) -> str:
@@ -272,7 +272,7 @@ def ingest_torgo(root: str | Path, mic: str = "array"):
                              "group": torgo_group(speaker), "audio_path": display_path(wav), "text": text,
                              "image_path": None, "image_id": None, "split": None, "source": "torgo",
                              "recording_id": utt_id, "task": None, "start": None, "end": None})
-    return _frame(rows), rejects_frame(rejects)
+    return ingested_frame(rows), rejects_frame(rejects)
 
 
 def segment_bounds(start: str, end: str, where: str) -> tuple[float | None, float | None]:
@@ -289,7 +289,8 @@ def segment_bounds(start: str, end: str, where: str) -> tuple[float | None, floa
     return a, b
 
 
-def _frame(rows: list[dict]) -> pd.DataFrame:
+def ingested_frame(rows: list[dict]) -> pd.DataFrame:
+    """The ingested table of ``rows`` (dicts with :data:`INGESTED_COLUMNS`), with its column types."""
     df = pd.DataFrame(rows, columns=INGESTED_COLUMNS)
     df["row"] = df["row"].astype("int64")
     for col in INGESTED_COLUMNS[1:]:
@@ -298,7 +299,8 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def ingest(data_cfg: dict, demo_dir: str | Path | None = None):
-    """Dispatch on ``data.source``; return (ingested, rejects)."""
+    """Dispatch on ``data.source`` (demo, manifest, torgo; :func:`mmasr.data.sources.ingest` adds chat); return
+    (ingested, rejects)."""
     source = data_cfg["source"]
     if source == "demo":
         if demo_dir is None:
@@ -312,14 +314,4 @@ def ingest(data_cfg: dict, demo_dir: str | Path | None = None):
         if not data_cfg.get("torgo_root"):
             raise ValueError("data.source=torgo needs data.torgo_root (folder holding F01, FC01, ...)")
         return ingest_torgo(data_cfg["torgo_root"], data_cfg.get("torgo_mic", "array"))
-    if source == "chat":
-        from mmasr.data.chat import ingest_chat
-
-        if not data_cfg.get("chat_root"):
-            raise ValueError("data.source=chat needs data.chat_root (folder of .cha transcripts)")
-        rows, rejects = ingest_chat(
-            data_cfg["chat_root"], data_cfg.get("chat_media_root"), tuple(data_cfg.get("chat_participants") or ("PAR",)),
-            data_cfg.get("chat_group_field", "group"), data_cfg.get("chat_groups") or {},
-            data_cfg.get("chat_reference", "target"), data_cfg.get("task_pictures"), data_cfg.get("root"))
-        return _frame([{"row": i, **r} for i, r in enumerate(rows)]), rejects_frame(rejects)
     raise ValueError(f"unknown data.source '{source}'")
