@@ -182,9 +182,9 @@ def test_require_image_rejects_utterances_without_a_usable_picture(tmp_path, mon
 
 
 def test_empty_input_gives_empty_tables(tmp_path, preprocess_cfg):
-    from mmasr.data.ingest import _frame
+    from mmasr.data.ingest import ingested_frame
 
-    utts, images, rejects, metrics = preprocess(_frame([]), rejects_frame([]), tmp_path / "a", tmp_path / "i",
+    utts, images, rejects, metrics = preprocess(ingested_frame([]), rejects_frame([]), tmp_path / "a", tmp_path / "i",
                                                 preprocess_cfg, progress=False)
     assert utts.empty and images.empty and rejects.empty and metrics["n_input"] == 0
 

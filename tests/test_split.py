@@ -127,8 +127,10 @@ from mmasr.data.split import EXCLUDED_COLUMNS, exclusion_summary, make_splits  #
 from mmasr.data.text import normaliser  # noqa: E402
 
 NORM = normaliser(validate({})["text"])
-ON = {**CFG, "disjoint_text": True}
-OFF = {**CFG, "disjoint_text": False}
+ON = {**CFG, "disjoint_text": True, "disjoint_picture": True}
+OFF = {**CFG, "disjoint_text": False, "disjoint_picture": False}
+TEXT_ONLY = {**CFG, "disjoint_text": True, "disjoint_picture": False}
+PARTITION = {**CFG, "disjoint_text": "partition", "disjoint_picture": False}
 
 
 def demo_shaped(n_prompts=400, utts=12, seed=0):
@@ -300,10 +302,78 @@ def test_cli_split_writes_the_split_report(tmp_path, monkeypatch):
     assert len(pd.read_parquet("data/processed/manifest.parquet")) == len(utts)
     summary = json.loads(Path("results/metrics/split.json").read_text())
     assert summary["disjoint_text"] is False and summary["n_excluded_text_overlap"] == 0
-    assert main(["split", "--cfg", json.dumps({"split": {"disjoint_text": True}})]) == 0
+    assert main(["split", "--cfg", json.dumps({"split": {"disjoint_text": True, "disjoint_picture": True}})]) == 0
     excluded = pd.read_parquet("results/split/excluded.parquet")
     manifest = pd.read_parquet("data/processed/manifest.parquet")
     summary = json.loads(Path("results/metrics/split.json").read_text())
     assert len(manifest) + len(excluded) == len(utts) and len(excluded) == 16
     assert summary["n_excluded_text_overlap"] == 4 and summary["n_excluded_image_overlap"] == 12
     assert summary["test_n_utts"] == int((manifest["split"] == "test").sum())
+
+
+# ------------------------------------------------------------------ picture overlap counted, prompt partition
+
+
+def test_default_policy_keeps_shared_pictures_and_counts_them():
+    assert CFG["disjoint_text"] is True and CFG["disjoint_picture"] is False
+    utts = manifest_shaped()
+    manifest, excluded = make_splits(utts, TEXT_ONLY, NORM, 13)
+    assert set(excluded["reason"]) == {"text_in_train"} and len(excluded) == 4  # only the shared prompt "a cat on a mat"
+    held = manifest[manifest["split"] != "train"]
+    train_images = set(manifest.loc[manifest["split"] == "train", "image_id"].dropna())
+    assert held["image_id"].isin(train_images).sum() == 12  # the same scenes stay in dev/test ...
+    s = exclusion_summary(manifest, excluded, NORM, True, False)
+    assert s["disjoint_picture"] is False and s["n_excluded_image_overlap"] == 0
+    assert s["dev_n_image_in_train"] == s["test_n_image_in_train"] == 6  # ... and are counted
+    assert s["dev_n_image_not_in_train"] == s["test_n_image_not_in_train"] == 0
+
+
+def test_picture_only_policy():
+    utts = manifest_shaped()
+    manifest, excluded = make_splits(utts, {**CFG, "disjoint_text": False, "disjoint_picture": True}, NORM, 13)
+    assert set(excluded["reason"]) == {"image_in_train"} and len(excluded) == 12
+    s = exclusion_summary(manifest, excluded, NORM, False, True)
+    assert s["test_n_image_in_train"] == 0 and s["test_n_text_in_train"] == 2  # the shared prompt is kept, counted
+
+
+def test_partition_makes_a_torgo_shaped_corpus_speaker_and_prompt_disjoint():
+    utts = torgo_shaped()
+    with pytest.raises(ValueError, match="leaves the (dev|test) split empty.*split.disjoint_text: partition"):
+        make_splits(utts.assign(text=lambda d: ["yes", "no"] * (len(d) // 2)), TEXT_ONLY, NORM, 13)
+    manifest, excluded = make_splits(utts, PARTITION, NORM, 13)
+    texts = manifest["text"].map(NORM)
+    train_prompts = set(texts[manifest["split"] == "train"])
+    held_prompts = set(texts[manifest["split"] != "train"])
+    assert train_prompts and held_prompts and not train_prompts & held_prompts  # prompt-disjoint
+    full = assign_splits(utts, PARTITION, 13)
+    assert not set(full.loc[full["split"] == "train", "speaker"]) & set(manifest.loc[manifest["split"] != "train", "speaker"])
+    shared = {NORM(t) for t in ("yes", "no", "The quick brown fox jumps.", "Up", "pat", "tap", "Except in the winter")}
+    held_shared = held_prompts & shared
+    assert 1 <= len(held_shared) < len(shared)  # some of the common list is held out of train, not all of it
+    reasons = excluded["reason"].value_counts().to_dict()
+    n_train_spk = full.loc[full["split"] == "train", "speaker"].nunique()
+    n_held_spk = full["speaker"].nunique() - n_train_spk
+    assert reasons["text_held_out"] == len(held_shared) * n_train_spk  # held-out prompts leave the train speakers
+    assert reasons["text_in_train"] == (len(shared) - len(held_shared)) * n_held_spk
+    assert set(excluded.loc[excluded["reason"] == "text_held_out", "split"]) == {"train"}
+    assert len(manifest) + len(excluded) == len(utts)
+    s = exclusion_summary(manifest, excluded, NORM, "partition", False)
+    assert s["disjoint_text"] == "partition" and s["n_excluded_text_held_out"] == reasons["text_held_out"]
+    assert s["train_n_excluded"] == reasons["text_held_out"] and s["dev_n_text_in_train"] == s["test_n_text_in_train"] == 0
+    assert s["n_prompts_train"] == len(train_prompts) and s["n_prompts_held_out"] == len(held_prompts)
+    again, _ = make_splits(utts.sample(frac=1, random_state=1), PARTITION, NORM, 13)  # order does not matter
+    assert set(again["utt_id"]) == set(manifest["utt_id"])
+    other, _ = make_splits(utts, PARTITION, NORM, 14)
+    assert set(other["utt_id"]) != set(manifest["utt_id"])  # the seed drives it
+
+
+def test_partition_with_picture_policy_and_bad_policy():
+    utts = manifest_shaped()
+    manifest, excluded = make_splits(utts, {**PARTITION, "disjoint_picture": True}, NORM, 13)
+    held = manifest[manifest["split"] != "train"]
+    assert not set(held["image_id"].dropna()) & set(manifest.loc[manifest["split"] == "train", "image_id"].dropna())
+    assert "image_in_train" in set(excluded["reason"])
+    with pytest.raises(ValueError, match="must be true, false or partition"):
+        make_splits(utts, {**CFG, "disjoint_text": "yes"}, NORM, 13)
+    with pytest.raises(Exception, match="partition"):
+        validate({"split": {"disjoint_text": "sometimes"}})

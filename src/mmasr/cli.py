@@ -37,15 +37,10 @@ def cmd_make_demo(args) -> None:
 
 
 def cmd_ingest(args) -> None:
-    from mmasr.data.ingest import ingest
+    from mmasr.data.sources import ingest
 
     p = _params(args)
-    if p["data"]["source"] == "lhotse":
-        from mmasr.data.lhotse_ingest import ingest_lhotse
-
-        ingested, rejects = ingest_lhotse(p["data"])
-    else:
-        ingested, rejects = ingest(p["data"], demo_dir=args.demo_dir)
+    ingested, rejects = ingest(p["data"], demo_dir=args.demo_dir)
     write_parquet(args.out, ingested)
     write_parquet(args.rejects, rejects)
     log.info("ingested %d utterances (%d rejected) from source=%s", len(ingested), len(rejects), p["data"]["source"])
@@ -82,18 +77,24 @@ def cmd_split(args) -> None:
     p = _params(args)
     norm = normaliser(p["text"])
     manifest, excluded = make_splits(pd.read_parquet(args.utterances), p["split"], norm, p["seed"])
-    summary = {**split_summary(manifest), **exclusion_summary(manifest, excluded, norm, p["split"]["disjoint_text"])}
+    summary = {**split_summary(manifest), **exclusion_summary(manifest, excluded, norm, p["split"]["disjoint_text"],
+                                                              p["split"]["disjoint_picture"])}
     write_parquet(args.excluded, excluded)
     write_parquet(args.out, manifest)
     write_json(args.summary, summary)
     for name in ("train", "dev", "test"):
         log.info("%-5s %3d utterances, speakers: %s", name, summary[f"{name}_n_utts"], " ".join(summary[f"{name}_speakers"]))
-    if p["split"]["disjoint_text"]:
-        log.info("disjoint_text: %d dev/test utterances moved out (%d transcript, %d picture also in train)",
-                 summary["n_excluded"], summary["n_excluded_text_overlap"], summary["n_excluded_image_overlap"])
+    if p["split"]["disjoint_text"] or p["split"]["disjoint_picture"]:
+        log.info("disjoint_text=%s disjoint_picture=%s: %d utterances moved out (%d dev/test transcript, %d dev/test "
+                 "picture also in train, %d train of a held-out prompt)", p["split"]["disjoint_text"],
+                 p["split"]["disjoint_picture"], summary["n_excluded"], summary["n_excluded_text_overlap"],
+                 summary["n_excluded_image_overlap"], summary["n_excluded_text_held_out"])
     else:
         log.info("disjoint_text off: %d dev and %d test utterances share a normalised transcript with train",
                  summary["dev_n_text_in_train"], summary["test_n_text_in_train"])
+    log.info("pictures: %d dev and %d test utterances show a picture train also shows, %d and %d one it does not",
+             summary["dev_n_image_in_train"], summary["test_n_image_in_train"], summary["dev_n_image_not_in_train"],
+             summary["test_n_image_not_in_train"])
 
 
 def _model(kind: str, p: dict, threads: int | None = None):
@@ -126,7 +127,12 @@ def cmd_build_demo_models(args) -> None:
     from mmasr.demo.models import build_demo_models
 
     p = _params(args)
-    paths = build_demo_models(args.out, p["demo_models"], p["seed"])
+    cfg = p["demo_models"]
+    if args.manifest is not None:  # sized from the corpus: max(configured, needed), logged
+        from mmasr.demo.sizing import size_demo_whisper
+
+        cfg = {**cfg, "whisper": size_demo_whisper(cfg["whisper"], pd.read_parquet(args.manifest))}
+    paths = build_demo_models(args.out, cfg, p["seed"])
     log.info("demo models written: %s", ", ".join(str(v) for v in paths.values()))
 
 
@@ -425,12 +431,15 @@ def cmd_pretrain_text_model(args) -> None:
 
     kind = args.kind
     p = _pretrain_setup(args, kind)
-    cfg = p["pretrain"][kind]
+    from mmasr.demo import sizing
+
+    manifest = pd.read_parquet(args.manifest)
+    cfg = {"lm": sizing.size_demo_lm, "text_encoder": sizing.size_demo_text_encoder}[kind](p["pretrain"][kind], manifest)
     build, train = {"lm": (demo_text.build_demo_lm, demo_text.train_lm),
                     "text_encoder": (demo_text.build_demo_text_encoder, demo_text.train_text_encoder)}[kind]
     init = build(Path(args.checkpoint_dir) / "init", cfg, p["seed"])  # deterministic: same bytes every time
     reads = {"text_cfg": p["text"]} if kind == "text_encoder" else {}  # CLAP reads normalised transcripts
-    summary = train(init, pd.read_parquet(args.manifest), args.out, args.log_csv, args.checkpoint_dir, cfg, p["seed"],
+    summary = train(init, manifest, args.out, args.log_csv, args.checkpoint_dir, cfg, p["seed"],
                     max_steps=args.max_steps, progress=not args.quiet, device=p["models"]["device"], **reads)
     norm_keys = tuple(f"text.{k}" for k in NORMALISER_KEYS) if reads else ()
     summary.update(provenance(p, ("seed", f"pretrain.{kind}", "models.device", *norm_keys)))
@@ -714,6 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = stage("build-demo-models", cmd_build_demo_models, "Build the small demo Whisper and CLIP models (HF format).")
     sp.add_argument("--out", type=Path, default=Path("results/checkpoints/demo"))
+    sp.add_argument("--manifest", type=Path, default=None, help="size the demo Whisper's decoder positions and "
+                    "window from this manifest (the longest train transcript, the longest utterance)")
 
     sp = sub.add_parser("convert-whisper", help="Convert a CTranslate2 Whisper (default: the packaged tiny.en) to a "
                         "Hugging Face model folder.", description="Convert a CTranslate2 Whisper folder (model.bin, "

@@ -3,6 +3,8 @@
 
 
 rule build_demo_models:
+    input:
+        manifest="data/processed/manifest.parquet",  # sizes the decoder positions and window (demo/sizing.py)
     output:
         whisper=directory("results/checkpoints/demo/init/whisper"),
         clip=directory("results/checkpoints/demo/init/clip"),
@@ -19,7 +21,8 @@ rule build_demo_models:
         mem_mb=2000,
         runtime=10,
     shell:
-        "mmasr build-demo-models --cfg {params.cfg:q} --out results/checkpoints/demo/init > {log} 2>&1"
+        "mmasr build-demo-models --cfg {params.cfg:q} --manifest {input.manifest} --out results/checkpoints/demo/init"
+        " > {log} 2>&1"
 
 
 rule cache_image_embeddings:

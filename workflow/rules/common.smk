@@ -50,7 +50,8 @@ TEXT_NORM_KEYS = ["text.normaliser", "text.lowercase", "text.remove_punctuation"
 
 
 def corpus_input(wildcards):
-    """What `ingest` reads: the generated demo folder, the user's manifest, or the TORGO root."""
+    """What `ingest` reads: the generated demo folder, the user's manifest, the TORGO root, or the CHAT folder
+    (with its task_pictures CSV)."""
     source = config["data"]["source"]
     if source == "demo":
         return "data/raw/demo"
@@ -58,6 +59,8 @@ def corpus_input(wildcards):
         return config["data"]["manifest"]
     if source == "lhotse":  # the manifest file(s), so a changed manifest reruns ingest
         return [config["data"][k] for k in ("lhotse_cuts", "lhotse_recordings", "lhotse_supervisions") if config["data"][k]]
+    if source == "chat":
+        return [config["data"]["chat_root"]] + [p for p in [config["data"].get("task_pictures")] if p]
     return config["data"]["torgo_root"]
 
 

@@ -1,7 +1,8 @@
 # Phase 1c: speaker-disjoint train/dev/test splits -> the manifest every later stage reads. With
-# split.disjoint_text, dev/test utterances whose normalised transcript (the normaliser's text keys) or
-# picture occurs in train are moved out of the manifest into the split report, excluded.parquet (which
-# exists, empty, when it is off).
+# split.disjoint_text, dev/test utterances whose normalised transcript (the normaliser's text keys) occurs in
+# train (with partition: also train utterances of held-out prompts), and with split.disjoint_picture those
+# whose picture occurs in train, are moved out of the manifest into the split report, excluded.parquet
+# (which exists, empty, when both are off).
 
 
 rule split:

@@ -3,7 +3,9 @@
 The ingested table has one row per usable input with paths resolved and checked against the data
 root; everything not usable becomes a rejects row. Paths are data, never executed or globbed.
 
-Columns: row, utt_id, speaker, group, audio_path, text, image_path, image_id, split, source.
+Columns: row, utt_id, speaker, group, audio_path, text, image_path, image_id, split, source, recording_id,
+task, start, end. ``start``/``end`` (seconds, NaN for a whole file) cut an utterance out of a longer
+recording (``recording_id``); preprocess reads each recording once.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import pandas as pd
 from mmasr.io import reject, rejects_frame
 
 REQUIRED_COLUMNS = ("audio_path", "text", "speaker")
-OPTIONAL_COLUMNS = ("utt_id", "image_path", "group", "split")
-INGESTED_COLUMNS = ["row", "utt_id", "speaker", "group", "audio_path", "text", "image_path", "image_id", "split", "source"]
+OPTIONAL_COLUMNS = ("utt_id", "image_path", "group", "split", "start", "end")
+INGESTED_COLUMNS = ["row", "utt_id", "speaker", "group", "audio_path", "text", "image_path", "image_id", "split", "source",
+                    "recording_id", "task", "start", "end"]
+SEGMENT_COLUMNS = ("start", "end")  # seconds from the start of the recording (float; NaN: the whole file)
 SPLITS = ("train", "dev", "test")
 
 TORGO_MICS = {"array": "wav_arrayMic", "head": "wav_headMic"}
@@ -162,7 +166,9 @@ def ingest_manifest(manifest: str | Path, root: str | Path | None = None, source
     for i, rec in enumerate(df.to_dict("records")):
         where = rec["where"]
         audio_given = rec["audio_path"]
-        utt_id = rec["utt_id"] or slug(str(Path(audio_given).with_suffix("")))
+        recording_id = slug(str(Path(audio_given).with_suffix(""))) if audio_given else ""
+        start, end = segment_bounds(rec["start"], rec["end"], f"{manifest}: {where}")
+        utt_id = rec["utt_id"] or (recording_id if start is None else f"{recording_id}_{round(start * 1000)}_{round(end * 1000)}")
         if not rec["speaker"]:
             rejects.append(reject(utt_id, audio_given, "utterance", "ingest", "missing_speaker", f"{where}: empty speaker"))
             continue
@@ -195,9 +201,11 @@ def ingest_manifest(manifest: str | Path, root: str | Path | None = None, source
                 image_path, image_id = display_path(image), image_id_for(image, root_dir)
         rows.append({"row": i, "utt_id": utt_id, "speaker": rec["speaker"], "group": rec["group"] or "unknown",
                      "audio_path": display_path(audio), "text": text, "image_path": image_path,
-                     "image_id": image_id, "split": rec["split"] or None, "source": source})
+                     "image_id": image_id, "split": rec["split"] or None, "source": source,
+                     "recording_id": recording_id if start is not None else utt_id, "task": None,
+                     "start": start, "end": end})
     unique_image_ids(rows, root_dir)
-    return _frame(rows), rejects_frame(rejects)
+    return ingested_frame(rows), rejects_frame(rejects)
 
 
 def torgo_group(speaker: str) -> str:
@@ -262,25 +270,37 @@ def ingest_torgo(root: str | Path, mic: str = "array"):
                     continue
                 rows.append({"row": len(rows) + len(rejects), "utt_id": utt_id, "speaker": speaker,
                              "group": torgo_group(speaker), "audio_path": display_path(wav), "text": text,
-                             "image_path": None, "image_id": None, "split": None, "source": "torgo"})
-    return _frame(rows), rejects_frame(rejects)
+                             "image_path": None, "image_id": None, "split": None, "source": "torgo",
+                             "recording_id": utt_id, "task": None, "start": None, "end": None})
+    return ingested_frame(rows), rejects_frame(rejects)
 
 
-def _frame(rows: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=INGESTED_COLUMNS)
-    df["row"] = df["row"].astype("int64")
-    for col in INGESTED_COLUMNS[1:]:
-        df[col] = df[col].astype("string")
-    return df
+def segment_bounds(start: str, end: str, where: str) -> tuple[float | None, float | None]:
+    """A manifest row's optional ``start``/``end`` (seconds, as Kaldi ``segments`` and Lhotse supervisions
+    give them): both empty for a whole file, else two numbers with 0 <= start < end; an error naming the row."""
+    if not start and not end:
+        return None, None
+    try:
+        a, b = float(start), float(end)
+    except ValueError:
+        raise ValueError(f"{where}: start/end must both be numbers of seconds (got {start!r}, {end!r})") from None
+    if not 0 <= a < b:
+        raise ValueError(f"{where}: segment start {a} s must be >= 0 and before its end {b} s")
+    return a, b
 
 
 def ingested_frame(rows: list[dict]) -> pd.DataFrame:
-    """The ingested table from row dicts, typed as every source's (columns a row lacks are empty)."""
-    return _frame(rows)
+    """The ingested table of ``rows`` (dicts with :data:`INGESTED_COLUMNS`), with its column types."""
+    df = pd.DataFrame(rows, columns=INGESTED_COLUMNS)
+    df["row"] = df["row"].astype("int64")
+    for col in INGESTED_COLUMNS[1:]:
+        df[col] = df[col].astype("float64" if col in SEGMENT_COLUMNS else "string")
+    return df
 
 
 def ingest(data_cfg: dict, demo_dir: str | Path | None = None):
-    """Dispatch on ``data.source``; return (ingested, rejects)."""
+    """Dispatch on ``data.source`` (demo, manifest, torgo; :func:`mmasr.data.sources.ingest` adds chat and
+    lhotse, whose modules import this one); return (ingested, rejects)."""
     source = data_cfg["source"]
     if source == "demo":
         if demo_dir is None:
@@ -294,6 +314,6 @@ def ingest(data_cfg: dict, demo_dir: str | Path | None = None):
         if not data_cfg.get("torgo_root"):
             raise ValueError("data.source=torgo needs data.torgo_root (folder holding F01, FC01, ...)")
         return ingest_torgo(data_cfg["torgo_root"], data_cfg.get("torgo_mic", "array"))
-    if source == "lhotse":  # mmasr.data.lhotse_ingest imports this module, so the command dispatches to it
-        raise ValueError("data.source=lhotse is read by mmasr.data.lhotse_ingest.ingest_lhotse")
+    if source in ("chat", "lhotse"):  # their modules import this one: mmasr.data.sources dispatches to them
+        raise ValueError(f"data.source={source} is read through mmasr.data.sources.ingest")
     raise ValueError(f"unknown data.source '{source}'")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmasr.data.ingest import (INGESTED_COLUMNS, SPLITS, clean_text, display_path, has_words, image_id_for,
+from mmasr.data.ingest import (SPLITS, clean_text, display_path, has_words, image_id_for,
                                ingested_frame, resolve_inside, unique_image_ids)
 from mmasr.io import reject, rejects_frame
 
@@ -102,7 +102,6 @@ def ingest_lhotse(data_cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     pairs, manifest = _pairs(data_cfg)
     base = manifest.resolve().parent
     root = Path(data_cfg["root"]).resolve() if data_cfg.get("root") else base
-    segments_supported = "start" in INGESTED_COLUMNS
     rows, rejects, seen = [], [], {}
     for n, (where, sup, recording, offset) in enumerate(pairs):
         if sup is None:
@@ -135,9 +134,6 @@ def ingest_lhotse(data_cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
                                   f"(0-{recording.duration:.3f} s)"))
             continue
         whole = start <= WHOLE_FILE_TOLERANCE_S and end >= recording.duration - WHOLE_FILE_TOLERANCE_S
-        if not whole and not segments_supported:
-            raise ValueError(f"{where}: supervision {sup.id} covers {start:.3f}-{end:.3f} s of a "
-                             f"{recording.duration:.3f} s recording; this version cuts no segments")
         text = clean_text(sup.text or "")
         if not has_words(text):
             rejects.append(reject(sup.id, display_path(audio), "utterance", "ingest", "empty_transcript",

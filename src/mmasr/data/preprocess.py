@@ -28,6 +28,7 @@ from mmasr.memory import peak_rss_bytes
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ["utt_id", "speaker", "group", "audio_path", "duration_s", "text", "image_id", "split", "source"]
+SEGMENT_KEYS = ["recording_id", "task", "start", "end"]
 IMAGE_COLUMNS = ["image_id", "path", "width", "height", "orig_path", "orig_mode"]
 
 
@@ -144,8 +145,9 @@ def _read_mono(snd: sf.SoundFile, path: Path) -> np.ndarray:
     return out[:pos]
 
 
-def load_and_clean(path: str | Path, cfg: dict) -> AudioResult:
-    """Decode one file and apply every step; raise Rejected with the reason when it cannot be used.
+def decode_audio(path: str | Path, cfg: dict) -> tuple[np.ndarray, int, int]:
+    """Decode one file to mono at its own rate: (samples, sample rate, channels); raise Rejected with the
+    reason when it cannot be used.
 
     Everything that can be decided from the header (length, truncation) is decided before any sample
     is decoded, so a multi-hour file costs no memory.
@@ -176,16 +178,33 @@ def load_and_clean(path: str | Path, cfg: dict) -> AudioResult:
         mono = _read_mono(snd, path)
     if mono.size == 0:
         raise Rejected("empty_audio", f"{path}: no audio frames")
-    if float(np.max(np.abs(mono))) < cfg["silence_peak"]:
-        raise Rejected("silent_audio", f"{path}: peak below preprocess.silence_peak={cfg['silence_peak']}")
-    mono = resample(mono, sr, cfg["sample_rate"])
-    mono = trim_silence(mono, cfg["sample_rate"], cfg["trim_db"], cfg["trim_frame_ms"], cfg["trim_pad_ms"])
-    duration = len(mono) / cfg["sample_rate"]
+    return mono, sr, channels
+
+
+def check_not_silent(audio: np.ndarray, cfg: dict, label: str) -> None:
+    if audio.size == 0:
+        raise Rejected("empty_audio", f"{label}: no audio frames")
+    if float(np.max(np.abs(audio))) < cfg["silence_peak"]:
+        raise Rejected("silent_audio", f"{label}: peak below preprocess.silence_peak={cfg['silence_peak']}")
+
+
+def finish_audio(audio: np.ndarray, cfg: dict, label: str) -> np.ndarray:
+    """Resampled audio trimmed, checked against the duration bounds and peak-normalised."""
+    audio = trim_silence(audio, cfg["sample_rate"], cfg["trim_db"], cfg["trim_frame_ms"], cfg["trim_pad_ms"])
+    duration = len(audio) / cfg["sample_rate"]
     if duration < cfg["min_duration_s"]:
-        raise Rejected("too_short", f"{path}: {duration:.3f} s after trimming < preprocess.min_duration_s={cfg['min_duration_s']}")
+        raise Rejected("too_short", f"{label}: {duration:.3f} s after trimming < preprocess.min_duration_s={cfg['min_duration_s']}")
     if duration > cfg["max_duration_s"]:
-        raise Rejected("too_long", f"{path}: {duration:.1f} s after trimming > preprocess.max_duration_s={cfg['max_duration_s']}")
-    return AudioResult(peak_normalise(mono, cfg["peak"]), sr, channels)
+        raise Rejected("too_long", f"{label}: {duration:.1f} s after trimming > preprocess.max_duration_s={cfg['max_duration_s']}")
+    return peak_normalise(audio, cfg["peak"])
+
+
+def load_and_clean(path: str | Path, cfg: dict) -> AudioResult:
+    """Decode one file and apply every step; raise Rejected with the reason when it cannot be used."""
+    mono, sr, channels = decode_audio(path, cfg)
+    check_not_silent(mono, cfg, str(path))
+    mono = resample(mono, sr, cfg["sample_rate"])
+    return AudioResult(finish_audio(mono, cfg, str(path)), sr, channels)
 
 
 def audio_file_name(utt_id: str) -> str:
@@ -206,13 +225,73 @@ def _process_utterance(job: tuple[dict, str, str, dict]) -> dict:
     except Rejected as exc:
         return {"reject": reject(rec["utt_id"], rec["audio_path"], "utterance", "preprocess", exc.reason, exc.detail),
                 **worker}
+    return {"row": _write_result(rec, result.audio, out_dir, final_dir, cfg, result.orig_sr, result.orig_channels),
+            **worker}
+
+
+def _write_result(rec: dict, audio: np.ndarray, out_dir: str, final_dir: str, cfg: dict, orig_sr: int,
+                  channels: int) -> dict:
     name = audio_file_name(rec["utt_id"])
     with atomic_path(Path(out_dir) / name, suffix=".tmp.wav") as tmp:
-        sf.write(str(tmp), result.audio, cfg["sample_rate"], subtype="PCM_16", format="WAV")
-    return {"row": {**rec, "audio_path": str(Path(final_dir) / name),
-                    "duration_s": round(len(result.audio) / cfg["sample_rate"], 4),
-                    "orig_audio_path": rec["audio_path"], "orig_sample_rate": result.orig_sr,
-                    "orig_channels": result.orig_channels}, **worker}
+        sf.write(str(tmp), audio, cfg["sample_rate"], subtype="PCM_16", format="WAV")
+    return {**rec, "audio_path": str(Path(final_dir) / name), "duration_s": round(len(audio) / cfg["sample_rate"], 4),
+            "orig_audio_path": rec["audio_path"], "orig_sample_rate": orig_sr, "orig_channels": channels}
+
+
+def segment_slice(start_s: float, end_s: float, n_samples: int, sr: int) -> tuple[int, int]:
+    """Sample range [a, b) of the segment from ``start_s`` to ``end_s`` seconds in a recording of
+    ``n_samples`` at ``sr``; Rejected (``bullet_outside_media``) when it does not lie inside it (a 50 ms
+    rounding margin at the end is clipped)."""
+    a, b = int(round(start_s * sr)), int(round(end_s * sr))
+    if a < 0 or a >= b or a >= n_samples or b > n_samples + int(0.05 * sr):
+        raise Rejected("bullet_outside_media", f"segment {start_s:.3f}-{end_s:.3f} s is not inside the recording "
+                                               f"(0-{n_samples / sr:.3f} s)")
+    return a, min(b, n_samples)
+
+
+def _process_recording(job: tuple[list[dict], str, str, dict]) -> list[dict]:
+    """Worker: the segments (rows with start/end) of one long recording, decoded and resampled once; one
+    result per segment, as :func:`_process_utterance` gives."""
+    recs, out_dir, final_dir, cfg = job
+    path = recs[0]["audio_path"]
+    out = []
+    try:
+        mono, sr, channels = decode_audio(path, cfg)
+        audio = resample(mono, sr, cfg["sample_rate"])
+        del mono
+    except Rejected as exc:
+        return [{"reject": reject(r["utt_id"], path, "utterance", "preprocess", exc.reason, exc.detail),
+                 "pid": os.getpid(), "peak_rss": peak_rss_bytes()} for r in recs]
+    for rec in recs:
+        label = f"{path} [{rec['start']:.3f}-{rec['end']:.3f} s]"
+        try:
+            a, b = segment_slice(rec["start"], rec["end"], len(audio), cfg["sample_rate"])
+            seg = audio[a:b]
+            check_not_silent(seg, cfg, label)
+            res = {"row": _write_result(rec, finish_audio(seg, cfg, label), out_dir, final_dir, cfg, sr, channels)}
+        except Rejected as exc:
+            detail = exc.detail if exc.detail.startswith(str(path)) else f"{label}: {exc.detail}"
+            res = {"reject": reject(rec["utt_id"], path, "utterance", "preprocess", exc.reason, detail)}
+        out.append({**res, "pid": os.getpid(), "peak_rss": peak_rss_bytes()})
+    return out
+
+
+def _process_job(job: tuple) -> list[dict]:
+    """Worker entry: a whole-file utterance, or all segments of one recording (a list of rows)."""
+    return _process_recording(job) if isinstance(job[0], list) else [_process_utterance(job)]
+
+
+def audio_jobs(todo: list[dict], out_dir: str, final_dir: str, cfg: dict) -> list[tuple]:
+    """One job per whole-file utterance and one per recording holding segments (rows with ``start``), so a
+    long recording is decoded once for all its utterances."""
+    jobs, by_recording = [], {}
+    for rec in todo:
+        if rec.get("start") is None:
+            jobs.append((rec, out_dir, final_dir, cfg))
+        else:
+            by_recording.setdefault(rec["audio_path"], []).append(rec)
+    jobs.extend((recs, out_dir, final_dir, cfg) for _, recs in sorted(by_recording.items()))
+    return jobs
 
 
 def worker_peak_rss(results: list[dict], main_pid: int) -> dict[int, int]:
@@ -337,13 +416,13 @@ def preprocess(ingested: pd.DataFrame, ingest_rejects: pd.DataFrame, audio_dir: 
     final_audio_dir = display_path(audio_dir.resolve())
     kept = []
     with atomic_dir(audio_dir) as tmp_audio:
-        jobs = [(rec, str(tmp_audio), final_audio_dir, cfg) for rec in todo]
-        bar = dict(desc="preprocess audio", total=len(jobs), unit="utt", bar=progress)
+        jobs = audio_jobs(todo, str(tmp_audio), final_audio_dir, cfg)
+        bar = dict(desc="preprocess audio", total=len(jobs), unit="file", bar=progress)
         if workers > 1 and len(jobs) > 1:
             with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
-                results = list(track(pool.map(_process_utterance, jobs, chunksize=8), **bar))
+                results = [r for rs in track(pool.map(_process_job, jobs, chunksize=8), **bar) for r in rs]
         else:
-            results = [_process_utterance(job) for job in track(jobs, **bar)]
+            results = [r for job in track(jobs, **bar) for r in _process_job(job)]
     for res in results:
         (kept.append(res["row"]) if "row" in res else rejects.append(res["reject"]))
     peaks = worker_peak_rss(results, os.getpid())
@@ -353,6 +432,7 @@ def preprocess(ingested: pd.DataFrame, ingest_rejects: pd.DataFrame, audio_dir: 
 
     utterances = pd.DataFrame(kept)
     extra = ["orig_audio_path", "orig_sample_rate", "orig_channels"]
+    extra += [c for c in SEGMENT_KEYS if c in utterances.columns]  # recording_id, task, start, end: pooled later
     if utterances.empty:
         utterances = pd.DataFrame(columns=MANIFEST_COLUMNS + extra)
     utterances = utterances[[c for c in MANIFEST_COLUMNS if c in utterances.columns] + extra].sort_values("utt_id")

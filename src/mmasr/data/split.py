@@ -6,18 +6,28 @@ else splits given in the manifest (every row must have one: a partial ``split`` 
 the rows without one); else a seeded split stratified by group, so each split holds
 impaired and control speakers whenever the data has enough of each.
 
-With ``split.disjoint_text`` the held-out splits are prompt-disjoint from train as well: a dev/test
-utterance whose normalised transcript (params ``text``) is also the transcript of a train utterance,
-or whose picture (``image_id``) is also a train utterance's picture, is moved out of its split
-(:func:`exclude_train_overlap`). Train keeps every utterance of its speakers; an excluded utterance is
-left out of the manifest, which every later stage reads, and kept in the split report
-(``results/split/excluded.parquet``, one row with its reason and the matching text or picture).
+Two overlap policies, applied after the speaker split (:func:`make_splits`):
+
+- ``split.disjoint_text`` (transcripts; on by default). ``true``: a dev/test utterance whose normalised
+  transcript (params ``text``) is also the transcript of a train utterance is moved out of its split
+  (reason ``text_in_train``); train keeps every utterance of its speakers. ``partition``: the prompts
+  themselves are partitioned (:func:`partition_prompts`): held-out prompts leave the train speakers'
+  utterances too (reason ``text_held_out``) and train prompts leave dev/test (``text_in_train``), so a
+  read-speech corpus in which everyone reads the same list (TORGO) is both speaker- and prompt-disjoint.
+- ``split.disjoint_picture`` (off by default): a dev/test utterance whose picture (``image_id``) is also a
+  train utterance's picture is moved out too (``image_in_train``). Picture-description tasks show every
+  speaker the same few pictures by design, so this is off; the picture overlap is always counted in
+  split.json (``*_n_image_in_train``) and fusion reports test WER for seen and unseen pictures apart.
+
+An excluded utterance is left out of the manifest, which every later stage reads, and kept in the split
+report (``results/split/excluded.parquet``, one row with its reason and the matching text or picture).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
@@ -127,8 +137,10 @@ def split_summary(manifest: pd.DataFrame) -> dict:
 
 
 EXCLUDED_COLUMNS = ["utt_id", "speaker", "group", "split", "reason", "match"]
-REASONS = ("text_in_train", "image_in_train")
+REASONS = ("text_in_train", "image_in_train", "text_held_out")
+SHORT = {"text_in_train": "text_overlap", "image_in_train": "image_overlap", "text_held_out": "text_held_out"}
 HELD_OUT = ("dev", "test")
+TEXT_POLICIES = (True, False, "partition")
 
 
 def _texts(manifest: pd.DataFrame, norm: Callable[[str], str]) -> pd.Series:
@@ -158,23 +170,54 @@ def overlap_masks(manifest: pd.DataFrame, norm: Callable[[str], str]
     return texts, images, text_hit, image_hit
 
 
-def train_overlap(manifest: pd.DataFrame, norm: Callable[[str], str]) -> pd.DataFrame:
-    """The dev/test utterances of a split manifest whose normalised transcript or picture also occurs in
-    train, as rows of :data:`EXCLUDED_COLUMNS` (index: the manifest's). The reason is ``text_in_train``
-    when the transcript matches (``match``: the normalised transcript), else ``image_in_train``
-    (``match``: the image_id)."""
-    texts, images, text_hit, image_hit = overlap_masks(manifest, norm)
-    rows = manifest.loc[text_hit | image_hit]
-    by_text = text_hit[rows.index]
-    out = pd.DataFrame({
+def _excluded_rows(manifest: pd.DataFrame, mask: pd.Series, reason: str, match: pd.Series) -> pd.DataFrame:
+    rows = manifest.loc[mask]
+    return pd.DataFrame({
         "utt_id": rows["utt_id"].astype(str) if "utt_id" in rows else rows.index.astype(str),
         "speaker": rows["speaker"].astype(str),
         "group": rows["group"] if "group" in rows else None,
         "split": rows["split"].astype(str),
-        "reason": by_text.map({True: "text_in_train", False: "image_in_train"}),
-        "match": texts[rows.index].where(by_text, images[rows.index]),
-    }, index=rows.index, columns=EXCLUDED_COLUMNS)
-    return out.astype("string")
+        "reason": reason,
+        "match": match[rows.index],
+    }, index=rows.index, columns=EXCLUDED_COLUMNS).astype("string")
+
+
+def train_overlap(manifest: pd.DataFrame, norm: Callable[[str], str], text: bool = True, picture: bool = True
+                  ) -> pd.DataFrame:
+    """The dev/test utterances of a split manifest whose normalised transcript (with ``text``) or picture
+    (with ``picture``) also occurs in train, as rows of :data:`EXCLUDED_COLUMNS` (index: the manifest's).
+    The reason is ``text_in_train`` when the transcript matches (``match``: the normalised transcript),
+    else ``image_in_train`` (``match``: the image_id)."""
+    texts, images, text_hit, image_hit = overlap_masks(manifest, norm)
+    text_hit = text_hit & text
+    image_hit = image_hit & picture & ~text_hit
+    return pd.concat([_excluded_rows(manifest, text_hit, "text_in_train", texts),
+                      _excluded_rows(manifest, image_hit, "image_in_train", images)]).sort_index()
+
+
+def partition_prompts(manifest: pd.DataFrame, texts: pd.Series, held_fraction: float, seed: int) -> set[str]:
+    """The held-out prompts of a prompt partition: every normalised prompt only dev/test speakers read, and a
+    seeded share ``held_fraction`` (at least one) of the prompts both train and dev/test speakers read."""
+    train = set(texts[manifest["split"] == "train"]) - {""}
+    held = set(texts[manifest["split"].isin(HELD_OUT)]) - {""}
+    shared = sorted(train & held)
+    n = min(len(shared), max(1, round(held_fraction * len(shared)))) if shared else 0
+    pick = np.random.default_rng([seed, 2411]).permutation(len(shared))[:n]
+    return (held - train) | {shared[i] for i in pick}
+
+
+def prompt_partition_overlap(manifest: pd.DataFrame, norm: Callable[[str], str], held_fraction: float, seed: int
+                             ) -> tuple[pd.DataFrame, set[str]]:
+    """(excluded rows, held-out prompts) of ``split.disjoint_text: partition``: train utterances of a held-out
+    prompt (``text_held_out``) and dev/test utterances of a train prompt (``text_in_train``)."""
+    texts = _texts(manifest, norm)
+    held_prompts = partition_prompts(manifest, texts, held_fraction, seed)
+    train = manifest["split"] == "train"
+    held = manifest["split"].isin(HELD_OUT)
+    nonempty = texts != ""
+    out = pd.concat([_excluded_rows(manifest, train & nonempty & texts.isin(held_prompts), "text_held_out", texts),
+                     _excluded_rows(manifest, held & nonempty & ~texts.isin(held_prompts), "text_in_train", texts)])
+    return out.sort_index(), held_prompts
 
 
 def empty_excluded() -> pd.DataFrame:
@@ -183,21 +226,23 @@ def empty_excluded() -> pd.DataFrame:
 
 
 def check_held_out(before: pd.DataFrame, after: pd.DataFrame, excluded: pd.DataFrame) -> None:
-    """Raise ValueError when excluding ``excluded`` emptied dev or test, or left a group that had test
+    """Raise ValueError when excluding ``excluded`` emptied train, dev or test, or left a group that had test
     utterances with none (fusion tunes on dev and reports on test; the probe needs both classes in test)."""
     remedy = ("use a corpus whose dev/test prompts (and pictures) are held out of the train speakers' prompts, "
-              "or set split.disjoint_text: false")
+              "set split.disjoint_text: partition (everyone reads the same prompts: hold some out of train), "
+              "or set split.disjoint_text: false (and split.disjoint_picture: false)")
 
     def why(part: pd.DataFrame) -> str:
         counts = part["reason"].value_counts()
         return ", ".join(f"{int(counts[r])} {r}" for r in REASONS if r in counts)
 
-    for name in HELD_OUT:
+    for name in ("train", *HELD_OUT):
         had, has = before[before["split"] == name], after[after["split"] == name]
         if len(had) and not len(has):
             reasons = why(excluded[excluded["split"] == name])
             raise ValueError(f"split.disjoint_text leaves the {name} split empty: all {len(had)} {name} utterances "
-                             f"share a normalised transcript or picture with train ({reasons}); {remedy}")
+                             f"share a normalised transcript or picture with train or a held-out prompt ({reasons}); "
+                             f"{remedy}")
     if "group" in before:
         had = before[before["split"] == "test"]
         has = set(after.loc[after["split"] == "test", "group"].dropna())
@@ -208,37 +253,58 @@ def check_held_out(before: pd.DataFrame, after: pd.DataFrame, excluded: pd.DataF
                              f"with train ({why(lost)}); {remedy}")
 
 
+def text_policy(cfg: dict) -> bool | str:
+    """``split.disjoint_text`` as True, False or "partition"; anything else is an error."""
+    policy = cfg.get("disjoint_text", False)
+    if not (policy is True or policy is False or policy == "partition"):
+        raise ValueError(f"split.disjoint_text must be true, false or partition, not {policy!r}")
+    return policy
+
+
 def make_splits(utts: pd.DataFrame, cfg: dict, norm: Callable[[str], str], seed: int
                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(manifest, excluded): speaker-disjoint splits (:func:`assign_splits`), then, with
-    ``cfg["disjoint_text"]``, the dev/test utterances that overlap train moved out of the manifest into
-    ``excluded``. Without it the manifest is :func:`assign_splits`' and ``excluded`` is empty."""
-    if not cfg.get("disjoint_text", False):
+    """(manifest, excluded): speaker-disjoint splits (:func:`assign_splits`), then the overlap policies
+    ``cfg["disjoint_text"]`` (true | partition | false) and ``cfg["disjoint_picture"]`` move utterances out of
+    the manifest into ``excluded``. With both off the manifest is :func:`assign_splits`' and ``excluded`` is
+    empty."""
+    policy, picture = text_policy(cfg), bool(cfg.get("disjoint_picture", False))
+    if not policy and not picture:
         return assign_splits(utts, cfg, seed), empty_excluded()
     manifest = assign_splits(utts.reset_index(drop=True), cfg, seed)
-    overlap = train_overlap(manifest, norm)
+    if policy == "partition":
+        overlap, _ = prompt_partition_overlap(manifest, norm, cfg["dev_fraction"] + cfg["test_fraction"], seed)
+        if picture:
+            pics = train_overlap(manifest.drop(index=overlap.index), norm, text=False, picture=True)
+            overlap = pd.concat([overlap, pics]).sort_index()
+    else:
+        overlap = train_overlap(manifest, norm, text=bool(policy), picture=picture)
     kept = manifest.drop(index=overlap.index)
     check_held_out(manifest, kept, overlap)
     return kept.reset_index(drop=True), overlap.reset_index(drop=True)
 
 
 def exclusion_summary(manifest: pd.DataFrame, excluded: pd.DataFrame, norm: Callable[[str], str],
-                      disjoint_text: bool) -> dict:
-    """split.json's exclusion keys: what was moved out, per reason and split, and how many dev/test
-    utterances of the manifest share a transcript (``*_n_text_in_train``) or, counted on its own, a
-    picture (``*_n_image_in_train``) with train: 0 with disjoint_text, the overlap to discount without it."""
-    out: dict = {"disjoint_text": bool(disjoint_text), "n_excluded": int(len(excluded))}
-    short = {"text_in_train": "text_overlap", "image_in_train": "image_overlap"}
+                      disjoint_text: bool | str, disjoint_picture: bool = False) -> dict:
+    """split.json's exclusion keys: the policies, what was moved out per reason and split, and how many
+    dev/test utterances of the manifest share a transcript (``*_n_text_in_train``) or, counted on its own
+    whatever the policy, a picture (``*_n_image_in_train``) with train."""
+    out: dict = {"disjoint_text": disjoint_text if disjoint_text == "partition" else bool(disjoint_text),
+                 "disjoint_picture": bool(disjoint_picture), "n_excluded": int(len(excluded))}
     for reason in REASONS:
-        out[f"n_excluded_{short[reason]}"] = int((excluded["reason"] == reason).sum())
-    for name in HELD_OUT:
+        out[f"n_excluded_{SHORT[reason]}"] = int((excluded["reason"] == reason).sum())
+    for name in ("train", *HELD_OUT):
         part = excluded[excluded["split"] == name]
         out[f"{name}_n_excluded"] = int(len(part))
         for reason in REASONS:
-            out[f"{name}_n_excluded_{short[reason]}"] = int((part["reason"] == reason).sum())
-    _, _, text_hit, image_hit = overlap_masks(manifest, norm)
+            out[f"{name}_n_excluded_{SHORT[reason]}"] = int((part["reason"] == reason).sum())
+    _, images, text_hit, image_hit = overlap_masks(manifest, norm)
     for name in HELD_OUT:
         part = manifest["split"] == name
         out[f"{name}_n_text_in_train"] = int((text_hit & part).sum())
         out[f"{name}_n_image_in_train"] = int((image_hit & part).sum())
+        out[f"{name}_n_image_not_in_train"] = int((part & images.notna() & ~image_hit).sum())
+    if disjoint_text == "partition":
+        texts = _texts(manifest, norm)
+        out["n_prompts_train"] = int(texts[(manifest["split"] == "train") & (texts != "")].nunique())
+        out["n_prompts_held_out"] = int(texts[manifest["split"].isin(HELD_OUT) & (texts != "")].nunique())
     return out

@@ -376,7 +376,9 @@ def excluded_part(metrics: Any, excluded: Any) -> str:
         f"{fmt(metrics.get('n_excluded'))} dev/test utterances left out of the manifest: "
         f"{fmt(metrics.get('n_excluded_text_overlap'))} whose normalised transcript and "
         f"{fmt(metrics.get('n_excluded_image_overlap'))} whose picture also occurs in train "
-        f"(dev {fmt(metrics.get('dev_n_excluded'))}, test {fmt(metrics.get('test_n_excluded'))}).")]
+        f"(dev {fmt(metrics.get('dev_n_excluded'))}, test {fmt(metrics.get('test_n_excluded'))})."
+        + (f" split.disjoint_text: partition also moved {fmt(metrics.get('n_excluded_text_held_out'))} train utterances "
+           f"of a held-out prompt out." if metrics["disjoint_text"] == "partition" else ""))]
     if missing(excluded):
         out.append(note(excluded.html(), "missing"))
     elif len(excluded) and {"split", "reason"} <= set(excluded.columns):

@@ -32,6 +32,7 @@ from mmasr.data.text import normalise, normaliser, other_normaliser
 from mmasr.metrics.intervals import n_speakers, wer_diff_interval
 from mmasr.metrics.verdict import picture_verdict
 from mmasr.metrics.wer import count_errors, gap_closed, group_wer_table, pooled_cer, pooled_wer
+from mmasr.rescoring.picture_overlap import picture_overlap_metrics
 
 
 # ---------------------------------------------------------------- pure maths
@@ -658,6 +659,7 @@ def run_fusion(nbest: pd.DataFrame, manifest: pd.DataFrame, cfg: dict, text_cfg:
         metrics[f"test_S_{name}"] = int(take(nb.sub, pick).sum())
         metrics[f"test_D_{name}"] = int(take(nb.dele, pick).sum())
         metrics[f"test_I_{name}"] = int(take(nb.ins, pick).sum())
+    metrics.update(picture_overlap_metrics(meta, nb.utt_ids, {"asr": err_asr, "fused": err_fused}, nb.ref_words))
     metrics.update(other_scorings(nb, [str(meta.at[u, "text"]) for u in nb.utt_ids],
                                   {"asr": asr_pick, "fused": fused_pick}, text_cfg))
     metrics.update(other_normaliser_wers(nb, [str(meta.at[u, "text"]) for u in nb.utt_ids],
