@@ -1,6 +1,6 @@
 # mmasr: multimodal speech recognition pipeline. Thin on purpose: parameters live in params.yaml
 # (validated by workflow/schemas/params.schema.yaml), rules in workflow/rules/ (one file per phase),
-# runtime resources in workflow/profiles/. Each rule calls one `mmasr <stage>` command.
+# runtime resources in profiles/default/ (workstation) and workflow/profiles/slurm/. Each rule calls one `mmasr <stage>` command.
 from snakemake.utils import min_version, validate
 
 from mmasr.config import validate as check_params

@@ -120,7 +120,7 @@ def project_copy(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("Snakefile", "params.yaml", "dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, dest / name)
-    for name in ("workflow", "src", "config"):
+    for name in ("workflow", "profiles", "src", "config"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "tests" / "config", dest / "config", dirs_exist_ok=True)  # the test configs beside them
     return dest

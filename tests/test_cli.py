@@ -45,3 +45,24 @@ def test_provenance_hashes_only_the_keys_a_stage_reads():
     for changed in ({"pretrain": {"whisper": {"steps": 3}}}, {"seed": 1}, {"nbest": {"language": "en"}}):
         assert provenance(validate(changed), keys)["params_hash"] != provenance(from_cfg, keys)["params_hash"], changed
     assert provenance(from_cfg, ("fusion",))["seed"] == from_cfg["seed"]
+
+
+def test_threads_are_capped_at_the_usable_cores(monkeypatch):
+    """`snakemake --cores 8` on a 2-core machine hands a job 8 threads: the command uses at most the cores its
+    affinity mask allows, from --threads and from MMASR_THREADS alike, and refuses a count below 1."""
+    import os
+
+    import pytest
+
+    from mmasr import cli
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert cli.usable_cores() == 2
+    parser = cli.build_parser()
+    assert parser.parse_args(["split", "--threads", "8"]).threads == 2
+    assert parser.parse_args(["split", "--threads", "1"]).threads == 1
+    monkeypatch.setenv("MMASR_THREADS", "8")
+    assert cli.build_parser().parse_args(["split"]).threads == 2
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["split", "--threads", bad])

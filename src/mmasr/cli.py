@@ -679,6 +679,28 @@ def provenance(p: dict, keys: tuple[str, ...]) -> dict:
             **{f"model_{k}": v for k, v in p["models"].items() if k in ("whisper", "clip")}}
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity mask (what taskset, a cgroup cpuset or SLURM allots),
+    not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity mask
+        return os.cpu_count() or 1
+
+
+def thread_count(value: str) -> int:
+    """--threads / MMASR_THREADS, capped at :func:`usable_cores`: Snakemake hands a job up to --cores threads
+    whatever the machine has (`--cores 8` on 2 cores gave preprocess 8 workers, 7.5 GB), and more torch
+    threads or workers than cores only contend for them."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return min(n, usable_cores())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmasr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mmasr {__version__}")
@@ -690,7 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="params.yaml to read (validated, defaults filled in); repeated: each merged over the "
                              "ones before, as `snakemake --configfile` merges config files over params.yaml")
         sp.add_argument("--cfg", default=None, help="JSON object of params sections, merged over --params")
-        sp.add_argument("--threads", type=int, default=int(os.environ.get("MMASR_THREADS", "1")), help="worker processes")
+        sp.add_argument("--threads", type=thread_count, default=os.environ.get("MMASR_THREADS", "1"),
+                        help="torch threads or worker processes (MMASR_THREADS; at most the usable CPU cores)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         sp.set_defaults(func=func)
         return sp

@@ -329,11 +329,16 @@ def beam_candidates(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict, pr
     with autocast(bundle.device), float32_output_layer(model), shared_kv_attention_on(model) as shared:
         states = model.get_encoder()(feats["input_features"]).last_hidden_state
         cache = {"past_key_values": shared_cross_cache(model, states)} if shared else {}
+        # The budget as the total length (prompt + budget), max_new_tokens cleared: the model's generation config
+        # sets max_length, and passing max_new_tokens beside it made transformers warn on every batch. The
+        # attention mask is the encoder's (every frame of the window is real: Whisper masks none): without it
+        # transformers warns that a batch whose pad token is its eos cannot be masked.
         out = GenerationMixin.generate(
             model, encoder_outputs=BaseModelOutput(last_hidden_state=states),
+            attention_mask=torch.ones(states.shape[:2], dtype=torch.long, device=bundle.device),
             decoder_input_ids=torch.tensor([prompt] * len(audios), device=bundle.device),
             num_beams=cfg["num_beams"], num_return_sequences=R, length_penalty=cfg["length_penalty"],
-            max_new_tokens=budget, eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
+            max_length=len(prompt) + budget, max_new_tokens=None, eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
             return_dict_in_generate=True, output_scores=True, do_sample=False, **cache,
             **suppression_kwargs(gen, len(prompt)))
     eos, pad = gen.eos_token_id, gen.pad_token_id
