@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 
 from mmasr.io import read_json
+from mmasr.report.build import form_weights
 from tests.conftest import ReportPage, file_digest, job_counts, project_copy, run, snakemake, tiny_params
 
 pytestmark = pytest.mark.slow
@@ -86,7 +87,9 @@ def test_the_report_is_the_last_job_and_reports_what_ran(tiny_run):
         assert float(report.metrics[name]) == pytest.approx(value, abs=5e-4), name
     assert float(report.cell("rescoring", "ASR only (Whisper 1-best)", "test WER")) == pytest.approx(fusion["test_wer_asr"], abs=5e-4)
     assert float(report.cell("rescoring", "ASR only (Whisper 1-best)", "dev WER")) == pytest.approx(fusion["dev_wer_asr"], abs=5e-4)
-    assert float(report.cell("rescoring", f"fused (α = {fusion['best_alpha']:.2f})", "test WER")) == \
+    form = fusion["fusion_form"]  # the fused row names the headline form and its dev-chosen weights
+    weights = f"α = {fusion['best_alpha']:.2f}" if form == "seed" else form_weights(fusion, form)
+    assert float(report.cell("rescoring", f"fused, {form.replace('_', '-')} ({weights})", "test WER")) == \
         pytest.approx(fusion["test_wer_fused"], abs=5e-4)
     assert float(report.cell("projector", "projector + LM", "test WER")) == pytest.approx(projector["test_wer"], abs=5e-4)
     assert "missing <code>results/metrics/" not in page  # every stage ran (benchmarks.json comes from benchmarks/)
