@@ -318,7 +318,7 @@ def test_the_real_model_config_resolves_without_demo_models(tmp_path):
     want = {"whisper": "openai/whisper-small", "clip": "openai/clip-vit-base-patch32", "lm": "HuggingFaceTB/SmolLM3-3B",
             "audio_encoder": "facebook/hubert-base-ls960", "text_encoder": "bert-base-uncased", "trust_remote_code": False}
     assert {k: p["models"][k] for k in want} == want
-    assert (p["nbest"]["num_beams"], p["nbest"]["keep"], p["nbest"]["language"]) == (5, 5, "en")
+    assert (p["nbest"]["num_beams"], p["nbest"]["keep"], p["nbest"]["language"]) == (10, 5, "en")  # beams >= 2 keep
     assert (p["projector"]["k"], p["projector"]["hidden"]) == (5, 2048)
     assert (p["clap"]["hidden_dim"], p["clap"]["embed_dim"], p["clap"]["layers"]) == (256, 256, "last")
     assert p["clap"]["phase2_epochs"] > 0 and p["clap"]["phase2_encoder_lr"] < p["clap"]["lr"]
@@ -343,7 +343,8 @@ def test_the_adapted_whisper_runs_beside_the_zero_shot_one(tiny_run, tiny_adapt_
     md = (work / "results/tables/systems.md").read_text()
     tex = (work / "results/tables/systems.tex").read_text()
     assert f"params_hash {zero['params_hash']}+{adapted['params_hash']}" in md.splitlines()[0]
-    assert md.count("| zero-shot |") == 4 and md.count("| adapted |") == 4
+    # ASR-only, then ASR+LM, ASR+CLIP, ASR+CLIP+LM in both fusion forms, for each model
+    assert md.count("| zero-shot |") == 7 and md.count("| adapted |") == 7
     assert f"| adapted | ASR-only | {100 * adapted['test_wer_asr']:.1f} [" in md
     assert r"\toprule" in tex and "adapted & ASR-only" in tex
     report = (work / "results/report.html").read_text()
