@@ -401,8 +401,10 @@ def test_dvc_repro_writes_the_same_metrics_as_snakemake(dvc_repro, tiny_run):
         assert not diff, f"results/metrics/{name}: snakemake vs dvc repro differ: {diff}"
     whisper = read_json(tiny_run / "results/metrics/pretrain_whisper.json")
     assert set(whisper) - set(without_timing(whisper)) == {"whisper_train_seconds"}  # only timings are left out
-    for rel in ("data/processed/manifest.parquet", "data/nbest/nbest.parquet", "results/fusion/grid.csv",
-                "results/fusion/per_speaker.csv", "results/projector/train_log.csv"):
+    # the project's same-seed-same-bytes check (tests/test_workflow.py::test_another_seed_makes_another_corpus)
+    for rel in ("data/processed/manifest.parquet", "data/processed/rejects.parquet", "data/nbest/nbest.parquet",
+                "results/fusion/grid.csv", "results/fusion/per_speaker.csv", "results/projector/train_log.csv",
+                "results/metrics/preprocess.json"):
         assert file_digest(tiny_run / rel) == file_digest(dvc_repro.work / rel), rel
 
 

@@ -18,19 +18,24 @@ import pytest
 import torch
 
 from mmasr.io import read_metadata
+from mmasr.report.build import nbest_depth_note
 from mmasr.rescoring.nbest import STATS_PREFIX, distinct_histogram, teacher_forced_logprobs
 from tests.conftest import project_copy, run
 
 pytestmark = [pytest.mark.real_whisper, pytest.mark.slow]
 
 CONFIGS = ["config/tiny.yaml", "config/real_whisper.yaml", "config/real_whisper_ci.yaml"]
+TARGET = "results/metrics/fusion.json"
 
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
     work = project_copy(tmp_path_factory.mktemp("real_whisper"))
-    proc = run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", *CONFIGS], work)
-    assert "pipeline finished" in proc.stdout + proc.stderr
+    # The rescoring route only (what these tests read): the real Whisper's encoder in the projector, CLAP and probe
+    # stages is tested at its published size with random weights (tests/test_real_size.py), and those stages'
+    # plumbing by the tiny run; running them here cost CI about 2.5 minutes.
+    run([sys.executable, "-m", "snakemake", TARGET, "--cores", "2", "--configfile", *CONFIGS], work)
+    assert (work / TARGET).is_file()
     return work
 
 
@@ -97,8 +102,9 @@ def test_fusion_metrics_on_real_whisper(real_run):
     assert m["test_wer_asr_impaired"] - m["test_wer_asr_control"] >= 0.08  # measured 0.617 - 0.436 = 0.18
     assert m["test_wer_diff_ci_low"] <= m["test_wer_diff"] <= m["test_wer_diff_ci_high"]
     assert np.isfinite([m["test_wer_diff_ci_low"], m["test_wer_diff_ci_high"]]).all()
-    report = (real_run / "results/report.html").read_text()
-    assert "n-best depth (beam 8, 8 returned, up to 5 kept)" in report
+    # what the report says of these lists (the same function writes that paragraph)
+    note = nbest_depth_note(read_metadata(real_run / "data/nbest/nbest.parquet"))
+    assert "n-best depth (beam 8, 8 returned, up to 5 kept)" in note
 
 
 # Measured on this configuration (seed 13) at commit 1a90f6d, `nice pytest tests/test_real_whisper_pipeline.py`

@@ -116,19 +116,11 @@ def without_timing(metrics):
     return metrics
 
 
-def test_same_seed_same_bytes_other_seed_other_corpus(tiny_run, tmp_path):
-    again = project_copy(tmp_path / "again")
-    snakemake(again)
-    for rel in ("data/processed/manifest.parquet", "data/processed/rejects.parquet", "results/metrics/preprocess.json"):
-        assert file_digest(tiny_run / rel) == file_digest(again / rel), rel
-    # Every metrics file, whichever stages write one: equal but for timing fields.
-    names = sorted(p.name for p in (tiny_run / "results/metrics").glob("*.json"))
-    assert names == sorted(p.name for p in (again / "results/metrics").glob("*.json"))
-    assert {"preprocess.json", "split.json", "fusion.json", "pretrain_whisper.json"} <= set(names)
-    for name in names:
-        first, second = (without_timing(read_json(d / "results/metrics" / name)) for d in (tiny_run, again))
-        diff = {k: (first.get(k), second.get(k)) for k in sorted(first.keys() | second.keys()) if first.get(k) != second.get(k)}
-        assert not diff, f"results/metrics/{name} differs between two runs with the same seed: {diff}"
+def test_another_seed_makes_another_corpus(tiny_run, tmp_path):
+    """The same seed gives the same bytes: tests/test_dvc.py compares `dvc repro` from scratch (a second,
+    independent run of the same commands and params) with this tiny run, every metrics file and the manifest,
+    rejects, n-best lists and fusion grid byte for byte; tests/test_slurm.py does the same for the SLURM run.
+    A third full run here only repeated that (about 2 minutes of CI); another seed is checked here."""
     other = project_copy(tmp_path / "other")
     snakemake(other, "--config", "seed=14", "--until", "make_demo")
     assert file_digest(tiny_run / "data/raw/demo/manifest.csv") != file_digest(other / "data/raw/demo/manifest.csv")
