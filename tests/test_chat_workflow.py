@@ -1,5 +1,6 @@
 """The issue-28 acceptance: a generated CHAT corpus (tests/chat_corpus.py) runs end to end, from
-`snakemake --cores 2 --configfile config/tiny.yaml config/chat.yaml` to the report, with the default split policy."""
+`snakemake --cores 2 --configfile config/tiny.yaml config/chat.yaml` to the fusion results, with the default split
+policy."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ pytest.importorskip("pylangacq")
 
 
 @pytest.mark.slow
-def test_chat_corpus_runs_end_to_end_with_the_default_split(tmp_path):
+def test_chat_corpus_runs_to_fusion_with_the_default_split(tmp_path):
     work = project_copy(tmp_path / "work")
     corpus = write_chat_corpus(tmp_path / "corpus", n_speakers=8)
     (work / "config" / "chat.yaml").write_text(json.dumps({"data": chat_data_cfg(corpus)}))
-    proc = snakemake(work, "--configfile", "config/tiny.yaml", "config/chat.yaml")
-    assert "pipeline finished" in proc.stdout + proc.stderr
+    # What is CHAT's own runs: ingest, cutting segments from long recordings, the split, fusion over shared
+    # pictures. The stages after the manifest (projector, CLAP, probe, report) read it through the same contract
+    # whatever the source: the tiny and TORGO runs cover them (this run went to the report until issue 26's CI cut).
+    snakemake(work, "--configfile", "config/tiny.yaml", "config/chat.yaml", "--", "results/metrics/fusion.json")
     manifest = pd.read_parquet(work / "data/processed/manifest.parquet")
     assert set(manifest["source"]) == {"chat"} and manifest["recording_id"].nunique() == 8
     assert set(manifest["task"]) == {"Broken Window", "Cat Rescue", "Cinderella"}
@@ -34,4 +37,3 @@ def test_chat_corpus_runs_end_to_end_with_the_default_split(tmp_path):
     assert fusion["test_n_picture_in_train"] > 0 and fusion["n_no_image"] > 0  # Cinderella: ASR-only
     rejects = pd.read_parquet(work / "data/processed/rejects.parquet")
     assert {"unintelligible", "missing_bullet", "bullet_outside_media", "overlapping_bullet"} <= set(rejects["reason"])
-    assert (work / "results/report.html").is_file()

@@ -1,4 +1,4 @@
-"""Cluster execution: the tiny config's rescoring and projector results (TARGETS) through a real one-node SLURM
+"""Cluster execution: the tiny config's rescoring results (TARGETS) through a real one-node SLURM
 cluster (tests/cluster/slurm_up.sh)
 and `snakemake --workflow-profile workflow/profiles/slurm`, compared with a local run of the same
 config; the n-best shards' retries; the SLURM profile's resources.
@@ -37,12 +37,12 @@ SLURM_UP = REPO / "tests" / "cluster" / "slurm_up.sh"
 SHIM = REPO / "tests" / "cluster" / "mmasr_shim.sh"
 PROFILE = "workflow/profiles/slurm"
 CONFIG = ["--configfile", "config/tiny.yaml", "config/shards.yaml"]
-# The runs build the rescoring and projector results (19 jobs: data, the demo models, n-best shards, fusion, the
-# encoder cache, projector training under its torchrun-capable rule and evaluation), not the whole DAG: each SLURM job
-# pays ~10 s of start-up (sbatch, two Snakemake processes, status checks) whatever it does, and the other 12 rules
-# (CLAP, probe, report, browser, scoring, systems table) add only more of the same kinds of job. Every rule's SLURM
-# resources are still checked, in the dry run below (test_slurm_profile_resolves_...).
-TARGETS = ["results/metrics/fusion.json", "results/metrics/projector.json"]
+# The runs build the rescoring results (16 jobs: data, the demo models' builds and pre-training, two n-best shards,
+# their merge, CLIP and LM scores, fusion), not the whole DAG: each SLURM job pays ~10 s of start-up (sbatch, two
+# Snakemake processes, status checks) whatever it does, and the other rules (projector, CLAP, probe, report, ...) add
+# only more of the same kinds of job (GPU and CPU jobs, trainings). Every rule's SLURM resources, torchrun's one-node
+# GPUs included, are still checked, in the dry runs below (test_slurm_profile_resolves_..., test_training_on_...).
+TARGETS = ["results/metrics/fusion.json"]
 SHARDS = 2
 FAULT_SHARD = "1"
 NBEST_RETRIES = 1  # workflow/rules/nbest.smk
