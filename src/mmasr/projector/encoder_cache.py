@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 
 from mmasr.io import atomic_dir, atomic_path, read_metadata, write_parquet
-from mmasr.models.layers import n_encoder_frames
+from mmasr.models.layers import PassCounter, count_passes, n_encoder_frames
 from mmasr.models.loading import ModelBundle, autocast, whisper_features
 
 INDEX_COLUMNS = ["utt_id", "shard", "n_frames", "dim"]
@@ -47,6 +47,12 @@ def write_index(path: str | Path, rows: list[dict], metadata: dict[str, str] | N
                   metadata=metadata)
 
 
+def index_metadata(bundle: ModelBundle) -> dict[str, str]:
+    """The cache's provenance in ``index.parquet``'s metadata: the encoder, its revision, the storage dtype."""
+    return {"mmasr.model": bundle.name, "mmasr.model_revision": bundle.revision, "mmasr.encoder": "whisper",
+            "mmasr.dtype": "float16"}
+
+
 def encode_manifest(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | Path, *, splits: Sequence[str],
                     batch_size: int = 32, shard_size: int = 512, limit: int | None = None,
                     progress: bool = True) -> pd.DataFrame:
@@ -54,7 +60,9 @@ def encode_manifest(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | 
     (``shard-NNNNN.safetensors`` + ``index.parquet``) atomically; returns the index.
 
     Utterances are encoded in batches of similar duration (less padding work is not possible for
-    Whisper, whose window is fixed, but it keeps memory flat) and stored in id order.
+    Whisper, whose window is fixed, but it keeps memory flat) and stored in id order. The index's metadata
+    records the encoder passes made (``mmasr.encoder_passes``, counted on the encoder's first layer) and
+    ``mmasr.encoder_passes_per_utt``.
     """
     from mmasr.data.audio import read_audio
     from mmasr.progress import Progress
@@ -65,7 +73,8 @@ def encode_manifest(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | 
     if rows.empty:
         raise ValueError(f"no utterances in splits {list(splits)} to encode")
     index = []
-    with atomic_dir(out_dir) as tmp:
+    counter = PassCounter()
+    with atomic_dir(out_dir) as tmp, count_passes(bundle.model.get_encoder(), counter):
         bar = Progress(len(rows), "encode audio", unit="utt", bar=progress)
         for shard_no, start in enumerate(range(0, len(rows), shard_size)):
             part = rows.iloc[start:start + shard_size]
@@ -79,8 +88,10 @@ def encode_manifest(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | 
                 bar.update(len(batch))  # utterances
             write_shard(tmp / name, arrays)
         bar.close()
-        write_index(tmp / "index.parquet", index, {"mmasr.model": bundle.name, "mmasr.model_revision": bundle.revision,
-                                                   "mmasr.encoder": "whisper", "mmasr.dtype": "float16"})
+        write_index(tmp / "index.parquet", index,
+                    {**index_metadata(bundle), "mmasr.encoder_passes": str(counter.rows),
+                     "mmasr.encoder_passes_per_utt": str(counter.per_utt(len(rows))),
+                     "mmasr.encoded_utts": str(len(rows)), "mmasr.encoder_pass": "own"})
     return pd.DataFrame(index, columns=INDEX_COLUMNS)
 
 

@@ -71,6 +71,7 @@ from mmasr.data.audio import length_batches, read_audio
 from mmasr.io import read_metadata, write_parquet
 from mmasr.progress import track
 from mmasr.models.ct2 import DEFAULT_CT2_CACHE, load_ct2_whisper
+from mmasr.models.layers import PassCounter, count_passes
 from mmasr.models.loading import ModelBundle, autocast, float32_output_layer, whisper_features, whisper_prompt_ids
 
 log = logging.getLogger(__name__)
@@ -182,15 +183,17 @@ def distinct_hypotheses(candidates: list[dict], normalise: Callable[[str], str],
 @torch.inference_mode()
 def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
                     normalise: Callable[[str], str], stats: list[dict] | None = None,
-                    ct2_cache: str | Path = DEFAULT_CT2_CACHE) -> list[list[dict]]:
+                    ct2_cache: str | Path = DEFAULT_CT2_CACHE, passes: PassCounter | None = None) -> list[list[dict]]:
     """Beam search over a batch of 16 kHz mono arrays; per utterance, up to ``cfg['keep']`` distinct
     hypotheses (:func:`distinct_hypotheses`). ``stats``, when given, receives one count dict per utterance.
     ``cfg['backend']`` (default transformers) picks the engine; ``ct2_cache`` is where the ctranslate2
-    backend keeps its converted model.
+    backend keeps its converted model. ``passes``, when given, counts the utterances the encoder ran over
+    (a hook on the transformers encoder's first layer; CTranslate2's encode calls are counted where they run).
 
     Each utterance's token budget comes from its own length (:func:`max_new_tokens`), and utterances
     with different budgets are decoded in separate calls: a budget shared across a batch would make
     the lists depend on which utterances happen to be batched together."""
+    passes = passes if passes is not None else PassCounter()
     prompt = whisper_prompt_ids(bundle, cfg["language"], cfg["task"])
     budgets = [max_new_tokens(bundle, cfg, len(prompt), len(a) / 16000) for a in audios]
     backend = cfg.get("backend", "transformers")
@@ -201,14 +204,16 @@ def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
         engine = load_ct2_whisper(bundle, cfg.get("compute_type", "float32"), ct2_cache)
 
         def decode(batch, budget):
+            passes.add(len(batch))  # ct2_candidates encodes the batch once (engine.encode), outside torch
             return ct2_candidates(bundle, engine, batch, cfg, prompt, budget)
     else:
         raise ValueError(f"nbest.backend {backend!r} is not one of transformers, ctranslate2")
     candidates: list[list[dict]] = [[] for _ in audios]
-    for budget in sorted(set(budgets)):
-        idx = [i for i, b in enumerate(budgets) if b == budget]
-        for i, cands in zip(idx, decode([audios[i] for i in idx], budget)):
-            candidates[i] = cands
+    with count_passes(bundle.model.get_encoder(), passes):
+        for budget in sorted(set(budgets)):
+            idx = [i for i, b in enumerate(budgets) if b == budget]
+            for i, cands in zip(idx, decode([audios[i] for i in idx], budget)):
+                candidates[i] = cands
     results = []
     for cands in candidates:
         kept, counts = distinct_hypotheses(cands, normalise, cfg["keep"])
@@ -477,7 +482,8 @@ def ct2_candidates(bundle: ModelBundle, engine, audios: list[np.ndarray], cfg: d
     return out
 
 
-STAT_TOTALS = ("utts", "truncated_dropped", "utts_all_truncated")
+# encoder_passes: utterances the encoder ran over (encoder_passes / utts: passes per utterance, 1 today)
+STAT_TOTALS = ("utts", "truncated_dropped", "utts_all_truncated", "encoder_passes")
 
 
 def _stats_metadata(hist: Counter, totals: Counter) -> dict[str, str]:
@@ -485,11 +491,11 @@ def _stats_metadata(hist: Counter, totals: Counter) -> dict[str, str]:
             **{f"{STATS_PREFIX}{k}": str(totals[k]) for k in STAT_TOTALS}}
 
 
-def summarise_stats(stats: Sequence[dict]) -> dict[str, str]:
-    """Per-utterance counts -> file metadata: the histogram of distinct hypotheses per utterance and the
-    truncation counts (strings, as Parquet metadata holds them)."""
+def summarise_stats(stats: Sequence[dict], encoder_passes: int = 0) -> dict[str, str]:
+    """Per-utterance counts -> file metadata: the histogram of distinct hypotheses per utterance, the
+    truncation counts and the encoder passes made (strings, as Parquet metadata holds them)."""
     totals = Counter(utts=len(stats), truncated_dropped=sum(s["truncated_dropped"] for s in stats),
-                     utts_all_truncated=sum(bool(s["all_truncated"]) for s in stats))
+                     utts_all_truncated=sum(bool(s["all_truncated"]) for s in stats), encoder_passes=encoder_passes)
     return _stats_metadata(Counter(s["distinct"] for s in stats), totals)
 
 
@@ -500,6 +506,12 @@ def merge_stats(metadatas: Sequence[dict[str, str]]) -> dict[str, str]:
         hist.update(distinct_histogram(md))
         totals.update({k: int(md.get(f"{STATS_PREFIX}{k}", 0)) for k in STAT_TOTALS})
     return _stats_metadata(hist, totals)
+
+
+def encoder_passes_per_utt(metadata: dict[str, str]) -> float | None:
+    """Encoder passes per utterance an n-best file's stage made (None for files written before it was counted)."""
+    passes, utts = metadata.get(f"{STATS_PREFIX}encoder_passes"), int(metadata.get(f"{STATS_PREFIX}utts", 0))
+    return None if passes is None or not utts else int(passes) / utts
 
 
 def distinct_histogram(metadata: dict[str, str]) -> dict[int, int]:
@@ -522,18 +534,19 @@ def run_nbest(bundle: ModelBundle, manifest: pd.DataFrame, cfg: dict, normalise:
                          f"(e.g. {too_long['utt_id'].iloc[0]}: {too_long['duration_s'].iloc[0]:.1f} s) and would be "
                          f"cut off silently; set preprocess.max_duration_s to at most {window:g} so preprocessing "
                          "rejects them (a row each in data/processed/rejects.parquet)")
-    rows, stats = [], []
+    rows, stats, passes = [], [], PassCounter()
     batches = length_batches(part["duration_s"].to_numpy(), cfg["batch_size"])
     for idx in track(batches, f"n-best shard {shard + 1}/{num_shards}", items=len, item_name="utts", bar=progress):
         recs = part.iloc[idx]
         audios = [read_audio(p) for p in recs["audio_path"]]
-        for utt_id, hyps in zip(recs["utt_id"], nbest_for_batch(bundle, audios, cfg, normalise, stats, ct2_cache)):
+        for utt_id, hyps in zip(recs["utt_id"], nbest_for_batch(bundle, audios, cfg, normalise, stats, ct2_cache,
+                                                                passes)):
             rows.extend({"utt_id": utt_id, "rank": r, **h} for r, h in enumerate(hyps))
     df = pd.DataFrame(rows, columns=NBEST_COLUMNS)
     df = df.sort_values(["utt_id", "rank"]).reset_index(drop=True).astype(
         {"rank": "int64", "n_tokens": "int64", "sum_logprob": "float64", "asr_score": "float64", "beam_score": "float64",
          "complete": "bool"})
-    df.attrs["stats"] = summarise_stats(stats)
+    df.attrs["stats"] = summarise_stats(stats, passes.rows)
     return df
 
 
