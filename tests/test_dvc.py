@@ -241,8 +241,13 @@ def test_the_real_whisper_config_gets_the_convert_whisper_stage(tmp_path):
     assert convert["cmd"] == "mmasr convert-whisper --out results/checkpoints/whisper-tiny.en"
     assert convert["outs"] == ["results/checkpoints/whisper-tiny.en"] and "params" not in convert
     assert "src/mmasr/models/whisper_convert.py" in convert["deps"] and "workflow/rules/convert.smk" in convert["deps"]
-    for name in ("nbest", "encode_audio", "clap_embeddings", "layer_embeddings"):
+    for name in ("nbest", "encode_audio"):
         assert "results/checkpoints/whisper-tiny.en" in stages[name]["deps"], name
+    # one encoder pass (models.whisper is models.audio_encoder): the probe and CLAP read encode_audio's pooled states
+    assert "data/cache/encoder_pooled.safetensors" in stages["encode_audio"]["outs"]
+    for name in ("clap_embeddings", "layer_embeddings"):
+        assert "data/cache/encoder_pooled.safetensors" in stages[name]["deps"], name
+        assert "results/checkpoints/whisper-tiny.en" not in stages[name]["deps"], name
     assert "pretrain_demo_whisper" not in stages
     assert list(stages).index("convert_whisper") < list(stages).index("nbest")
 
