@@ -463,9 +463,9 @@ def cmd_encode_audio(args) -> None:
     kw = dict(splits=("train", "dev", "test"), batch_size=cfg["encode_batch_size"], shard_size=cfg["shard_size"],
               limit=args.limit, progress=not args.quiet)
     if args.pooled is not None:  # one pass for the projector, the probe and CLAP (models.encode_once)
-        from mmasr.models.encode_once import encode_once
+        from mmasr.projector.encoder_cache import encode_shared
 
-        index, pooled = encode_once(bundle, manifest, args.out, args.pooled, models_cfg=p["models"], **kw)
+        index, pooled = encode_shared(bundle, manifest, args.out, args.pooled, models_cfg=p["models"], **kw)
         log.info("pooled hidden states 0..%d of %d utterances (dim %d) from the same pass in %s", pooled.meta["depth"],
                  len(pooled.ids), pooled.meta["dim"], args.pooled)
     else:

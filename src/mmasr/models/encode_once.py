@@ -5,7 +5,7 @@ embeddings (``layer_embeddings``) and the audio half of the CLAP cache (``clap_e
 audio encoder over every utterance: ``models.whisper`` for the first, ``models.audio_encoder`` for the
 other two. When the two name the same encoder (:func:`same_encoder`: the same folder or hub id, revision
 and weight dtype; the demo and ``config/real_whisper.yaml`` do), :func:`encode_once` runs it once per
-utterance and writes both products from the same forward:
+utterance and writes both products from the same forward (:func:`mmasr.projector.encoder_cache.encode_shared`):
 
 * the projector cache, byte for byte the folder :func:`mmasr.projector.encoder_cache.encode_manifest`
   writes (its last layer, trimmed to the frames covering the audio, float16 shards + ``index.parquet``);
@@ -31,16 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
-from mmasr.io import atomic_dir, atomic_path
-from mmasr.models.layers import PassCounter, count_passes, encoder_depth, hidden_size, lengths_mask, mask_mean, \
-    n_encoder_frames
-from mmasr.models.loading import ModelBundle, autocast, whisper_features
+from mmasr.io import atomic_path
+from mmasr.models.layers import PassCounter, mask_mean
 
-__all__ = ["POOLED_FORMAT", "encoder_identity", "same_encoder", "PooledEmbeddings", "encode_once", "load_pooled",
-           "check_pooled", "pass_metadata"]
+__all__ = ["POOLED_FORMAT", "encoder_identity", "same_encoder", "PooledEmbeddings", "write_pooled", "load_pooled",
+           "check_pooled", "pass_metadata", "pooled_means"]
 
 POOLED_FORMAT = "mmasr.encode_once/1"
 
@@ -99,6 +96,22 @@ def check_pooled(pooled: PooledEmbeddings, models_cfg: dict, kind: str = "audio_
                          f"{encoder_identity(models_cfg, kind)}: re-run encode_audio, or let the stage encode itself")
 
 
+def pooled_means(states: Sequence[torch.Tensor], mask: torch.Tensor) -> np.ndarray:
+    """(B, len(states), D) float32: every hidden state averaged over the positions of ``mask`` (B, T), in float32
+    as :func:`mmasr.models.layers.audio_forward` averages them."""
+    return torch.stack([mask_mean(s.float(), mask) for s in states], dim=1).cpu().numpy().astype(np.float32)
+
+
+def write_pooled(path: str | Path, pooled: dict[str, np.ndarray], meta: dict) -> PooledEmbeddings:
+    """One safetensors file of ``utt_id -> (depth + 1, D)`` float32 arrays, ``meta`` in its header, atomically."""
+    from safetensors.numpy import save_file
+
+    with atomic_path(path, suffix=".tmp.safetensors") as tmp:
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(pooled.items())}, str(tmp),
+                  metadata={"mmasr": json.dumps({**meta, "format": POOLED_FORMAT}, sort_keys=True)})
+    return load_pooled(path)
+
+
 def load_pooled(path: str | Path) -> PooledEmbeddings:
     from safetensors import safe_open
 
@@ -114,75 +127,3 @@ def load_pooled(path: str | Path) -> PooledEmbeddings:
     return PooledEmbeddings(ids=ids, pooled=pooled, meta=meta, path=str(path))
 
 
-@torch.inference_mode()
-def encode_once(bundle: ModelBundle, manifest: pd.DataFrame, features_dir: str | Path, pooled_path: str | Path, *,
-                splits: Sequence[str], models_cfg: dict, batch_size: int = 32, shard_size: int = 512,
-                limit: int | None = None, progress: bool = True) -> tuple[pd.DataFrame, PooledEmbeddings]:
-    """One pass of the Whisper encoder of ``bundle`` (``models.whisper``) over every utterance of ``manifest``:
-    the projector cache of the utterances of ``splits`` (``features_dir``, as
-    :func:`mmasr.projector.encoder_cache.encode_manifest` writes it) and every utterance's pooled hidden
-    states (``pooled_path``), both written atomically. Returns (the cache index, the pooled embeddings)."""
-    from safetensors.numpy import save_file
-
-    from mmasr.data.audio import read_audio
-    from mmasr.progress import Progress
-    from mmasr.projector.encoder_cache import INDEX_COLUMNS, index_metadata, write_index, write_shard
-
-    if not same_encoder(models_cfg):
-        raise ValueError(f"models.whisper {models_cfg['whisper']!r} and models.audio_encoder "
-                         f"{models_cfg['audio_encoder']!r} are not the same encoder (or revision, or dtype): "
-                         "one pass cannot serve both; run encode-audio without --pooled")
-    rows = manifest.sort_values("utt_id").reset_index(drop=True)
-    if limit:
-        rows = rows.iloc[:limit]
-    if not rows["split"].isin(list(splits)).any():
-        raise ValueError(f"no utterances in splits {list(splits)} to encode")
-    encoder = bundle.model.get_encoder()
-    hop = bundle.processor.feature_extractor.hop_length
-    index, pooled, pending, shard_no = [], {}, {}, 0
-    counter = PassCounter()
-    with atomic_dir(features_dir) as tmp, count_passes(encoder, counter):
-        def flush():
-            nonlocal pending, shard_no
-            name = f"shard-{shard_no:05d}.safetensors"
-            for utt, feats in pending.items():
-                index.append({"utt_id": utt, "shard": name, "n_frames": feats.shape[0], "dim": feats.shape[1]})
-            write_shard(tmp / name, pending)
-            pending, shard_no = {}, shard_no + 1
-
-        bar = Progress(len(rows), "encode audio (one pass)", unit="utt", bar=progress)
-        for b in range(0, len(rows), batch_size):
-            batch = rows.iloc[b:b + batch_size]
-            audios = [read_audio(p) for p in batch["audio_path"]]
-            feats = whisper_features(bundle, audios)["input_features"]  # refuses audio longer than the window
-            with autocast(bundle.device):
-                out = encoder(feats, output_hidden_states=True)
-            states, last = out.hidden_states, out.last_hidden_state
-            window = last.shape[1]
-            frames = torch.tensor([n_encoder_frames(len(a), hop, window) for a in audios])
-            mask = lengths_mask(frames, window)
-            means = torch.stack([mask_mean(s.float(), mask) for s in states], dim=1).cpu().numpy()  # (B, L+1, D)
-            for i, (utt, split) in enumerate(zip(batch["utt_id"], batch["split"])):
-                pooled[utt] = means[i].astype(np.float32)
-                if split in splits:
-                    pending[utt] = last[i, : int(frames[i])].float().cpu().numpy().astype(np.float16)
-                    if len(pending) == shard_size:
-                        flush()
-            bar.update(len(batch))
-        if pending:
-            flush()
-        bar.close()
-        passes = pass_metadata(counter, len(rows))
-        write_index(tmp / "index.parquet", index,
-                    {**index_metadata(bundle), **{f"mmasr.{k}": str(v) for k, v in passes.items()},
-                     "mmasr.encoded_utts": str(len(rows)), "mmasr.encoder_pass": "shared"})
-    meta = {"format": POOLED_FORMAT, "encoder_name": str(models_cfg["whisper"]), "revision": bundle.revision,
-            "requested_revision": models_cfg.get("whisper_revision"), "requested_dtype": str(models_cfg.get("dtype", "auto")),
-            "model_type": encoder.config.model_type, "depth": encoder_depth(encoder), "dim": hidden_size(encoder),
-            "pooling": "mean", "layers": "all hidden_states, 0 (embeddings) .. depth (last_hidden_state)",
-            "device": str(bundle.device), "dtype": str(encoder.dtype).removeprefix("torch."), "n_utts": len(rows),
-            **passes}
-    with atomic_path(pooled_path, suffix=".tmp.safetensors") as tmp_file:
-        save_file({k: np.ascontiguousarray(v) for k, v in sorted(pooled.items())}, str(tmp_file),
-                  metadata={"mmasr": json.dumps(meta, sort_keys=True)})
-    return pd.DataFrame(index, columns=INDEX_COLUMNS), load_pooled(pooled_path)

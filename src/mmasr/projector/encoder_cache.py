@@ -95,6 +95,77 @@ def encode_manifest(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | 
     return pd.DataFrame(index, columns=INDEX_COLUMNS)
 
 
+@torch.inference_mode()
+def encode_shared(bundle: ModelBundle, manifest: pd.DataFrame, features_dir: str | Path, pooled_path: str | Path, *,
+                splits: Sequence[str], models_cfg: dict, batch_size: int = 32, shard_size: int = 512,
+                limit: int | None = None, progress: bool = True) -> tuple[pd.DataFrame, object]:
+    """One pass of the Whisper encoder of ``bundle`` (``models.whisper``) over every utterance of ``manifest``
+    (:mod:`mmasr.models.encode_once`): the projector cache of the utterances of ``splits`` (``features_dir``, as
+    :func:`encode_manifest` writes it: same shards, same index) and every utterance's pooled hidden states
+    (``pooled_path``), both from the same forward, written atomically. Returns (the cache index, the pooled
+    embeddings, a :class:`mmasr.models.encode_once.PooledEmbeddings`)."""
+    from mmasr.data.audio import read_audio
+    from mmasr.models.encode_once import pass_metadata, pooled_means, same_encoder, write_pooled
+    from mmasr.models.layers import encoder_depth, hidden_size, lengths_mask
+    from mmasr.progress import Progress
+
+    if not same_encoder(models_cfg):
+        raise ValueError(f"models.whisper {models_cfg['whisper']!r} and models.audio_encoder "
+                         f"{models_cfg['audio_encoder']!r} are not the same encoder (or revision, or dtype): "
+                         "one pass cannot serve both; run encode-audio without --pooled")
+    rows = manifest.sort_values("utt_id").reset_index(drop=True)
+    if limit:
+        rows = rows.iloc[:limit]
+    if not rows["split"].isin(list(splits)).any():
+        raise ValueError(f"no utterances in splits {list(splits)} to encode")
+    encoder = bundle.model.get_encoder()
+    hop = bundle.processor.feature_extractor.hop_length
+    index, pooled, pending, shard_no = [], {}, {}, 0
+    counter = PassCounter()
+    with atomic_dir(features_dir) as tmp, count_passes(encoder, counter):
+        def flush():
+            nonlocal pending, shard_no
+            name = f"shard-{shard_no:05d}.safetensors"
+            for utt, feats in pending.items():
+                index.append({"utt_id": utt, "shard": name, "n_frames": feats.shape[0], "dim": feats.shape[1]})
+            write_shard(tmp / name, pending)
+            pending, shard_no = {}, shard_no + 1
+
+        bar = Progress(len(rows), "encode audio (one pass)", unit="utt", bar=progress)
+        for b in range(0, len(rows), batch_size):
+            batch = rows.iloc[b:b + batch_size]
+            audios = [read_audio(p) for p in batch["audio_path"]]
+            feats = whisper_features(bundle, audios)["input_features"]  # refuses audio longer than the window
+            with autocast(bundle.device):
+                out = encoder(feats, output_hidden_states=True)
+            states, last = out.hidden_states, out.last_hidden_state
+            window = last.shape[1]
+            frames = torch.tensor([n_encoder_frames(len(a), hop, window) for a in audios])
+            mask = lengths_mask(frames, window)
+            means = pooled_means(states, mask)  # (B, L + 1, D)
+            for i, (utt, split) in enumerate(zip(batch["utt_id"], batch["split"])):
+                pooled[utt] = means[i].astype(np.float32)
+                if split in splits:
+                    pending[utt] = last[i, : int(frames[i])].float().cpu().numpy().astype(np.float16)
+                    if len(pending) == shard_size:
+                        flush()
+            bar.update(len(batch))
+        if pending:
+            flush()
+        bar.close()
+        passes = pass_metadata(counter, len(rows))
+        write_index(tmp / "index.parquet", index,
+                    {**index_metadata(bundle), **{f"mmasr.{k}": str(v) for k, v in passes.items()},
+                     "mmasr.encoded_utts": str(len(rows)), "mmasr.encoder_pass": "shared"})
+    meta = {"encoder_name": str(models_cfg["whisper"]), "revision": bundle.revision,
+            "requested_revision": models_cfg.get("whisper_revision"), "requested_dtype": str(models_cfg.get("dtype", "auto")),
+            "model_type": encoder.config.model_type, "depth": encoder_depth(encoder), "dim": hidden_size(encoder),
+            "pooling": "mean", "layers": "all hidden_states, 0 (embeddings) .. depth (last_hidden_state)",
+            "device": str(bundle.device), "dtype": str(encoder.dtype).removeprefix("torch."), "n_utts": len(rows),
+            **passes}
+    return pd.DataFrame(index, columns=INDEX_COLUMNS), write_pooled(pooled_path, pooled, meta)
+
+
 class FeatureCache:
     """Read-only access to cached encoder outputs by utterance id."""
 
