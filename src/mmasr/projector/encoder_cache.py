@@ -131,7 +131,7 @@ def encode_shared(bundle: ModelBundle, manifest: pd.DataFrame, features_dir: str
             write_shard(tmp / name, pending)
             pending, shard_no = {}, shard_no + 1
 
-        bar = Progress(len(rows), "encode audio (one pass)", unit="utt", bar=progress)
+        bar = Progress(len(rows), "encode audio", unit="utt", bar=progress)  # one pass for every stage
         for b in range(0, len(rows), batch_size):
             batch = rows.iloc[b:b + batch_size]
             audios = [read_audio(p) for p in batch["audio_path"]]
