@@ -7,13 +7,15 @@ same utterances, two ways in one process:
 
 * before: each stage its own pass (encode-audio, layer-embeddings, clap-embeddings without ``--pooled``: the
   route Snakemake takes when the two are different encoders, and every route before issue 29);
-* after: the route the workflow takes for this config (``same_encoder``): encode-audio ``--pooled`` once,
-  layer-embeddings and clap-embeddings reading its pooled states.
+* after: the route the workflow takes for this config (``same_encoder``, ``nbest.reuse_encoder_states``):
+  encode-audio ``--pooled --states`` once, layer-embeddings and clap-embeddings reading its pooled states, the
+  n-best starting beam search from its stored full-window states.
 
-n-best runs the same way both times (it keeps its own full-window pass, see docs/pipeline.md). Each stage
+Each stage
 counts its own passes where the encoder runs (``mmasr.models.layers.count_passes``) and records them in its
 output; this benchmark only reads them back and sums them:
-``encoder_passes_per_utt = (sum over stages of utterance passes) / distinct utterances``.
+``encoder_passes_per_utt = (sum over stages of utterance passes) / distinct utterances``: 3 + f before and 1
+after, f being the share of utterances in the n-best splits.
 
 The counts do not depend on the weights, so by default the encoder is the project's demo Whisper (a tiny
 random Whisper, seconds); pass the converted tiny.en folder (``--model``) to count on the real one.
@@ -64,10 +66,11 @@ def run_way(way: str, work: Path, manifest: Path, cfg: dict, threads: int) -> di
     out.mkdir(parents=True, exist_ok=True)
     common = ["--cfg", json.dumps(cfg), "--threads", str(threads), "--quiet", "--manifest", str(manifest)]
     pooled = ["--pooled", str(out / "pooled.safetensors")] if way == "shared" else []
-    commands = [["encode-audio", *common, "--out", str(out / "features"), *pooled],
+    states = ["--states", str(out / "states")] if way == "shared" else []
+    commands = [["encode-audio", *common, "--out", str(out / "features"), *pooled, *states],
                 ["layer-embeddings", *common, "--out", str(out / "layers.npz"), *pooled],
                 ["clap-embeddings", *common, "--out", str(out / "clap"), *pooled],
-                ["nbest", *common, "--out", str(out / "nbest.parquet")]]
+                ["nbest", *common, "--out", str(out / "nbest.parquet"), *states]]
     start = time.perf_counter()
     for cmd in commands:
         if mmasr(cmd) != 0:

@@ -79,12 +79,15 @@ def both_ways(tmp_path_factory, demo_model_dirs):
                                  "device": "cpu"},
                       "projector": {"encode_batch_size": 3, "shard_size": 5},
                       "probe": {"layers": "quartiles", "encode_batch_size": 2},
-                      "clap": {"layers": [0, 2], "encode_batch_size": 4}})
+                      "clap": {"layers": [0, 2], "encode_batch_size": 4},
+                      "nbest": {"batch_size": 3, "num_beams": 3, "num_return_sequences": 3, "keep": 3}})
     common = ["--cfg", cfg, "--threads", "1", "--quiet", "--manifest", str(manifest)]
     out = {}
     for way, extra in (("separate", []), ("shared", ["--pooled", str(work / "shared" / "pooled.safetensors")])):
         (work / way).mkdir(exist_ok=True)
-        assert mmasr(["encode-audio", *common, "--out", str(work / way / "features"), *extra]) == 0
+        states = ["--states", str(work / way / "states")] if way == "shared" else []
+        assert mmasr(["encode-audio", *common, "--out", str(work / way / "features"), *extra, *states]) == 0
+        assert mmasr(["nbest", *common, "--out", str(work / way / "nbest.parquet"), *states]) == 0
         assert mmasr(["layer-embeddings", *common, "--out", str(work / way / "layers.npz"), *extra]) == 0
         assert mmasr(["clap-embeddings", *common, "--out", str(work / way / "clap"), *extra]) == 0
         out[way] = work / way
@@ -122,6 +125,33 @@ def test_the_shared_pass_gives_the_separate_passes_arrays(both_ways):
     np.testing.assert_array_equal(ca.text, cb.text)  # the text half is the same code either way
     drop = ("audio_source", "audio_encoder_passes", "audio_encoder_passes_per_utt")
     assert {k: v for k, v in ca.meta.items() if k not in drop} == {k: v for k, v in cb.meta.items() if k not in drop}
+
+
+def test_the_nbest_from_stored_states_is_todays_nbest(both_ways):
+    """encode-audio --states stores the whole window's states of the n-best splits; nbest --states starts beam
+    search from them (encode-audio batched 3 by utt_id, the n-best 3 by length): the same lists, exactly."""
+    sep, shared = both_ways["separate"], both_ways["shared"]
+    pd.testing.assert_frame_equal(pd.read_parquet(sep / "nbest.parquet"), pd.read_parquet(shared / "nbest.parquet"))
+    a, b = read_metadata(sep / "nbest.parquet"), read_metadata(shared / "nbest.parquet")
+    assert a["mmasr.stats.encoder_passes"] == "4" and b["mmasr.stats.encoder_passes"] == "0"  # dev + test: 4 of 8
+    assert {k: v for k, v in a.items() if k != "mmasr.stats.encoder_passes"} == {
+        k: v for k, v in b.items() if k != "mmasr.stats.encoder_passes"}
+    states = FeatureCache(shared / "states")
+    assert sorted(states.index.index) == ["u2", "u3", "u6", "u7"] and (states.index["n_frames"] == 150).all()
+    assert states.metadata["mmasr.window"] == "full" and states.metadata["mmasr.states_dtype"] == "float32"
+
+
+def test_nbest_refuses_states_of_another_model(both_ways, tmp_path, caplog, demo_model_dirs):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(demo_model_dirs["whisper"], other)
+    manifest = tmp_path / "m.parquet"
+    corpus(tmp_path / "audio").to_parquet(manifest)
+    cfg = json.dumps({"models": {"whisper": str(other), "device": "cpu"}})
+    code = mmasr(["nbest", "--cfg", cfg, "--quiet", "--manifest", str(manifest), "--out", str(tmp_path / "n.parquet"),
+                  "--states", str(both_ways["shared"] / "states")])
+    assert code == 2 and "re-run encode_audio" in caplog.text and not (tmp_path / "n.parquet").exists()
 
 
 def test_the_last_pooled_layer_is_the_mean_of_the_cached_last_layer(both_ways):
@@ -174,20 +204,28 @@ def test_one_encoder_pass_in_the_real_whisper_dag_and_separate_passes_for_differ
     work = project_copy(tmp_path / "p")
     real = "results/checkpoints/whisper-tiny.en"
     jobs = dag(work, "config/real_whisper.yaml")
-    assert jobs["encode_audio"].output_list == ["data/cache/encoder_features", "data/cache/encoder_pooled.safetensors"]
+    assert jobs["encode_audio"].output_list == ["data/cache/encoder_features", "data/cache/encoder_pooled.safetensors",
+                                                "data/cache/encoder_states"]
     assert real in jobs["encode_audio"].inputs and "--pooled data/cache/encoder_pooled.safetensors" in jobs["encode_audio"].shell
     for rule in ("layer_embeddings", "clap_embeddings"):  # they read the pass; they neither load the encoder nor audio
         job = jobs[rule]
         assert "data/cache/encoder_pooled.safetensors" in job.inputs, rule
         assert real not in job.inputs and "data/processed/audio" not in job.inputs, rule
         assert "--pooled data/cache/encoder_pooled.safetensors" in job.shell, rule
-    assert real in jobs["nbest"].inputs  # n-best keeps its full-window pass (docs/pipeline.md says why)
+    # the n-best starts from the full-window states the same pass stored (nbest.reuse_encoder_states)
+    assert "data/cache/encoder_states" in jobs["nbest"].inputs and "--states data/cache/encoder_states" in jobs["nbest"].shell
 
     (work / "config" / "hubert.yaml").write_text("models:\n  audio_encoder: facebook/hubert-base-ls960\n")
     jobs = dag(work, "config/real_whisper.yaml", "config/hubert.yaml")
-    assert jobs["encode_audio"].output_list == ["data/cache/encoder_features"]
+    assert jobs["encode_audio"].output_list == ["data/cache/encoder_features", "data/cache/encoder_states"]
     assert "--pooled" not in jobs["encode_audio"].shell
     for rule in ("layer_embeddings", "clap_embeddings"):
         job = jobs[rule]
         assert "data/processed/audio" in job.inputs and "data/cache/encoder_pooled.safetensors" not in job.inputs, rule
         assert "--pooled" not in job.shell and '"audio_encoder":"facebook/hubert-base-ls960"' in job.shell, rule
+    # CTranslate2 encodes with its own copy of the weights, and reuse can be turned off: the n-best encodes itself
+    for extra in ("nbest:\n  backend: ctranslate2\n", "nbest:\n  reuse_encoder_states: false\n"):
+        (work / "config" / "x.yaml").write_text(extra)
+        jobs = dag(work, "config/real_whisper.yaml", "config/x.yaml")
+        assert jobs["encode_audio"].output_list == ["data/cache/encoder_features", "data/cache/encoder_pooled.safetensors"]
+        assert "data/cache/encoder_states" not in jobs["nbest"].inputs and "--states" not in jobs["nbest"].shell

@@ -171,8 +171,14 @@ def cmd_nbest(args) -> None:
     if args.model is not None:  # the adapted Whisper (adapt-whisper's merged folder) in place of models.whisper
         p["models"] = {**p["models"], "whisper": str(args.model), "whisper_revision": None}
     bundle = _model("whisper", p, args.threads)
+    states = None
+    if args.states is not None:  # encode_audio's pass stored the encoder's output: beam search starts from it
+        from mmasr.projector.encoder_cache import FeatureCache
+
+        states = FeatureCache(args.states)
     table = run_nbest(bundle, pd.read_parquet(args.manifest), p["nbest"], normaliser(p["text"]),
-                      shard=args.shard, num_shards=args.num_shards, limit=args.limit, progress=not args.quiet)
+                      shard=args.shard, num_shards=args.num_shards, limit=args.limit, progress=not args.quiet,
+                      states=states)
     write_parquet(args.out, table, metadata={**nbest_metadata(bundle, p["nbest"], shard=f"{args.shard}/{args.num_shards}"),
                                              **table.attrs["stats"]})
     log.info("shard %d/%d: %d hypotheses for %d utterances", args.shard, args.num_shards, len(table),
@@ -462,12 +468,17 @@ def cmd_encode_audio(args) -> None:
     manifest = pd.read_parquet(args.manifest)
     kw = dict(splits=("train", "dev", "test"), batch_size=cfg["encode_batch_size"], shard_size=cfg["shard_size"],
               limit=args.limit, progress=not args.quiet)
-    if args.pooled is not None:  # one pass for the projector, the probe and CLAP (models.encode_once)
-        from mmasr.projector.encoder_cache import encode_shared
+    if args.pooled is not None or args.states is not None:  # one pass for several stages
+        from mmasr.projector.encoder_cache import encode_pass
 
-        index, pooled = encode_shared(bundle, manifest, args.out, args.pooled, models_cfg=p["models"], **kw)
-        log.info("pooled hidden states 0..%d of %d utterances (dim %d) from the same pass in %s", pooled.meta["depth"],
-                 len(pooled.ids), pooled.meta["dim"], args.pooled)
+        index, pooled = encode_pass(bundle, manifest, args.out, models_cfg=p["models"], pooled_path=args.pooled,
+                                    states_dir=args.states, states_splits=p["nbest"]["splits"], **kw)
+        if pooled is not None:
+            log.info("pooled hidden states 0..%d of %d utterances (dim %d) from the same pass in %s",
+                     pooled.meta["depth"], len(pooled.ids), pooled.meta["dim"], args.pooled)
+        if args.states is not None:
+            log.info("full-window encoder states of the n-best splits %s from the same pass in %s",
+                     p["nbest"]["splits"], args.states)
     else:
         index = encode_manifest(bundle, manifest, args.out, **kw)
     log.info("encoder features of %d utterances (%d frames, dim %d, float16) cached in %s", len(index),
@@ -845,6 +856,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", type=Path, default=Path("data/nbest/shards/0-of-1.parquet"))
     sp.add_argument("--model", type=Path, default=None,
                     help="a Whisper folder to use instead of models.whisper (the adapted one)")
+    sp.add_argument("--states", type=Path, default=None,
+                    help="stored full-window encoder states of the same model (encode-audio --states): beam search "
+                         "starts from them instead of running the encoder (transformers backend)")
 
     sp = stage("adapt-whisper", cmd_adapt_whisper,
                "LoRA adapters on models.whisper, trained on the train split (resumable); merged model + peft adapter.")
@@ -919,6 +933,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one pass for every stage: also write every utterance's pooled hidden states (all layers) "
                          "from the same forward, for layer-embeddings and clap-embeddings --pooled (models.whisper "
                          "and models.audio_encoder must be the same encoder)")
+    sp.add_argument("--states", type=Path, default=None,
+                    help="also store the whole window's last-layer states of the n-best splits (nbest.splits) from "
+                         "the same forward, for nbest --states")
     sp.add_argument("--limit", type=int, default=None, help="at most this many utterances (smoke runs)")
 
     sp = stage("train-projector", cmd_train_projector,

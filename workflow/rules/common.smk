@@ -87,6 +87,12 @@ SHARED_ENCODER = same_encoder(config["models"])
 POOLED = "data/cache/encoder_pooled.safetensors"
 
 
+# The n-best's encoder pass (nbest.reuse_encoder_states, transformers backend): encode_audio's pass also stores the
+# whole window's states of the n-best splits, and beam search starts from them.
+NBEST_STATES = (config["nbest"]["reuse_encoder_states"] and config["nbest"]["backend"] == "transformers")
+STATES = "data/cache/encoder_states"
+
+
 def audio_encoder_inputs():
     """The inputs of a stage that embeds audio with models.audio_encoder: the shared pass's pooled states, or the
     audio and the encoder itself."""

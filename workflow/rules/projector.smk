@@ -14,7 +14,8 @@ PROJECTOR_TRAIN_KEYS = [
 
 
 # With one encoder for Whisper and models.audio_encoder (SHARED_ENCODER, common.smk) the same pass also writes the
-# pooled hidden states of every layer that layer_embeddings and clap_embeddings read (POOLED).
+# pooled hidden states of every layer that layer_embeddings and clap_embeddings read (POOLED); with
+# nbest.reuse_encoder_states (NBEST_STATES) the whole window's states of the n-best splits, which nbest reads (STATES).
 rule encode_audio:
     input:
         manifest="data/processed/manifest.parquet",
@@ -23,10 +24,12 @@ rule encode_audio:
     output:
         features=directory("data/cache/encoder_features"),
         **({"pooled": POOLED} if SHARED_ENCODER else {}),
+        **({"states": directory(STATES)} if NBEST_STATES else {}),
     params:
-        cfg=cfg_json("projector.encode_batch_size", "projector.shard_size",
+        cfg=cfg_json("projector.encode_batch_size", "projector.shard_size", *(["nbest.splits"] if NBEST_STATES else []),
                      *model_cfg("whisper", *(["audio_encoder"] if SHARED_ENCODER else []))),
         pooled=lambda wildcards, output: f"--pooled {output.pooled}" if SHARED_ENCODER else "",
+        states=lambda wildcards, output: f"--states {output.states}" if NBEST_STATES else "",
     log:
         "results/logs/encode_audio.log",
     benchmark:
@@ -40,7 +43,7 @@ rule encode_audio:
         gpu=1,
     shell:
         "MMASR_THREADS={threads} mmasr encode-audio --cfg {params.cfg:q} --manifest {input.manifest}"
-        " --out {output.features} {params.pooled} --quiet > {log} 2>&1"
+        " --out {output.features} {params.pooled} {params.states} --quiet > {log} 2>&1"
 
 
 rule train_projector:

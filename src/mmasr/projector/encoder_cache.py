@@ -95,75 +95,116 @@ def encode_manifest(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | 
     return pd.DataFrame(index, columns=INDEX_COLUMNS)
 
 
+class ShardWriter:
+    """Arrays by utterance id into ``shard-NNNNN.safetensors`` files of ``shard_size`` utterances (in the order
+    added) under ``folder``, and their ``index.parquet`` rows."""
+
+    def __init__(self, folder: Path, shard_size: int):
+        self.folder, self.shard_size = folder, shard_size
+        self.index: list[dict] = []
+        self._pending: dict[str, np.ndarray] = {}
+        self._shard_no = 0
+
+    def add(self, utt_id: str, array: np.ndarray) -> None:
+        self._pending[utt_id] = array
+        if len(self._pending) == self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        name = f"shard-{self._shard_no:05d}.safetensors"
+        self.index += [{"utt_id": u, "shard": name, "n_frames": a.shape[0], "dim": a.shape[1]}
+                       for u, a in self._pending.items()]
+        write_shard(self.folder / name, self._pending)
+        self._pending, self._shard_no = {}, self._shard_no + 1
+
+
 @torch.inference_mode()
-def encode_shared(bundle: ModelBundle, manifest: pd.DataFrame, features_dir: str | Path, pooled_path: str | Path, *,
-                splits: Sequence[str], models_cfg: dict, batch_size: int = 32, shard_size: int = 512,
+def encode_pass(bundle: ModelBundle, manifest: pd.DataFrame, features_dir: str | Path, *, splits: Sequence[str],
+                models_cfg: dict, pooled_path: str | Path | None = None, states_dir: str | Path | None = None,
+                states_splits: Sequence[str] = (), batch_size: int = 32, shard_size: int = 512,
                 limit: int | None = None, progress: bool = True) -> tuple[pd.DataFrame, object]:
     """One pass of the Whisper encoder of ``bundle`` (``models.whisper``) over every utterance of ``manifest``
-    (:mod:`mmasr.models.encode_once`): the projector cache of the utterances of ``splits`` (``features_dir``, as
-    :func:`encode_manifest` writes it: same shards, same index) and every utterance's pooled hidden states
-    (``pooled_path``), both from the same forward, written atomically. Returns (the cache index, the pooled
-    embeddings, a :class:`mmasr.models.encode_once.PooledEmbeddings`)."""
+    that some product needs, all products from the same forward, each written atomically:
+
+    * ``features_dir``: the projector cache of the utterances of ``splits``, as :func:`encode_manifest` writes it
+      (same shards, same index);
+    * ``pooled_path`` (when ``models.audio_encoder`` is the same encoder, :mod:`mmasr.models.encode_once`): every
+      utterance's pooled hidden states, for the probe and CLAP;
+    * ``states_dir``: the whole window's last-layer states of the utterances of ``states_splits`` (the n-best's),
+      float32 (lossless for float32, bfloat16 and float16 models; the model's dtype is in the index metadata,
+      ``mmasr.states_dtype``), in the same shard + index layout: what beam search attends to.
+
+    Returns (the projector cache's index, the pooled embeddings or None)."""
+    from contextlib import ExitStack
+
     from mmasr.data.audio import read_audio
     from mmasr.models.encode_once import pass_metadata, pooled_means, same_encoder, write_pooled
     from mmasr.models.layers import encoder_depth, hidden_size, lengths_mask
     from mmasr.progress import Progress
 
-    if not same_encoder(models_cfg):
+    if pooled_path is not None and not same_encoder(models_cfg):
         raise ValueError(f"models.whisper {models_cfg['whisper']!r} and models.audio_encoder "
                          f"{models_cfg['audio_encoder']!r} are not the same encoder (or revision, or dtype): "
                          "one pass cannot serve both; run encode-audio without --pooled")
+    wanted = set(splits) | (set(states_splits) if states_dir is not None else set())
     rows = manifest.sort_values("utt_id").reset_index(drop=True)
+    if pooled_path is None:
+        rows = rows[rows["split"].isin(wanted)].reset_index(drop=True)
     if limit:
         rows = rows.iloc[:limit]
     if not rows["split"].isin(list(splits)).any():
         raise ValueError(f"no utterances in splits {list(splits)} to encode")
     encoder = bundle.model.get_encoder()
     hop = bundle.processor.feature_extractor.hop_length
-    index, pooled, pending, shard_no = [], {}, {}, 0
+    pooled: dict[str, np.ndarray] = {}
     counter = PassCounter()
-    with atomic_dir(features_dir) as tmp, count_passes(encoder, counter):
-        def flush():
-            nonlocal pending, shard_no
-            name = f"shard-{shard_no:05d}.safetensors"
-            for utt, feats in pending.items():
-                index.append({"utt_id": utt, "shard": name, "n_frames": feats.shape[0], "dim": feats.shape[1]})
-            write_shard(tmp / name, pending)
-            pending, shard_no = {}, shard_no + 1
-
+    states_dtype = None
+    with ExitStack() as stack:
+        features = ShardWriter(stack.enter_context(atomic_dir(features_dir)), shard_size)
+        full = ShardWriter(stack.enter_context(atomic_dir(states_dir)), shard_size) if states_dir is not None else None
+        stack.enter_context(count_passes(encoder, counter))
         bar = Progress(len(rows), "encode audio", unit="utt", bar=progress)  # one pass for every stage
         for b in range(0, len(rows), batch_size):
             batch = rows.iloc[b:b + batch_size]
             audios = [read_audio(p) for p in batch["audio_path"]]
             feats = whisper_features(bundle, audios)["input_features"]  # refuses audio longer than the window
             with autocast(bundle.device):
-                out = encoder(feats, output_hidden_states=True)
-            states, last = out.hidden_states, out.last_hidden_state
+                out = encoder(feats, output_hidden_states=pooled_path is not None)
+            last = out.last_hidden_state
+            states_dtype = str(last.dtype).removeprefix("torch.")
             window = last.shape[1]
             frames = torch.tensor([n_encoder_frames(len(a), hop, window) for a in audios])
-            mask = lengths_mask(frames, window)
-            means = pooled_means(states, mask)  # (B, L + 1, D)
+            means = pooled_means(out.hidden_states, lengths_mask(frames, window)) if pooled_path is not None else None
             for i, (utt, split) in enumerate(zip(batch["utt_id"], batch["split"])):
-                pooled[utt] = means[i].astype(np.float32)
+                if means is not None:
+                    pooled[utt] = means[i]
                 if split in splits:
-                    pending[utt] = last[i, : int(frames[i])].float().cpu().numpy().astype(np.float16)
-                    if len(pending) == shard_size:
-                        flush()
+                    features.add(utt, last[i, : int(frames[i])].float().cpu().numpy().astype(np.float16))
+                if full is not None and split in states_splits:
+                    full.add(utt, last[i].float().cpu().numpy())
             bar.update(len(batch))
-        if pending:
-            flush()
         bar.close()
         passes = pass_metadata(counter, len(rows))
-        write_index(tmp / "index.parquet", index,
-                    {**index_metadata(bundle), **{f"mmasr.{k}": str(v) for k, v in passes.items()},
-                     "mmasr.encoded_utts": str(len(rows)), "mmasr.encoder_pass": "shared"})
+        counts = {**{f"mmasr.{k}": str(v) for k, v in passes.items()}, "mmasr.encoded_utts": str(len(rows)),
+                  "mmasr.encoder_pass": "shared" if pooled_path is not None or full is not None else "own"}
+        features.flush()
+        write_index(features.folder / "index.parquet", features.index, {**index_metadata(bundle), **counts})
+        if full is not None:
+            full.flush()
+            write_index(full.folder / "index.parquet", full.index,
+                        {**index_metadata(bundle), **counts, "mmasr.dtype": "float32",
+                         "mmasr.states_dtype": states_dtype or "float32", "mmasr.window": "full"})
+    if pooled_path is None:
+        return pd.DataFrame(features.index, columns=INDEX_COLUMNS), None
     meta = {"encoder_name": str(models_cfg["whisper"]), "revision": bundle.revision,
             "requested_revision": models_cfg.get("whisper_revision"), "requested_dtype": str(models_cfg.get("dtype", "auto")),
             "model_type": encoder.config.model_type, "depth": encoder_depth(encoder), "dim": hidden_size(encoder),
             "pooling": "mean", "layers": "all hidden_states, 0 (embeddings) .. depth (last_hidden_state)",
             "device": str(bundle.device), "dtype": str(encoder.dtype).removeprefix("torch."), "n_utts": len(rows),
             **passes}
-    return pd.DataFrame(index, columns=INDEX_COLUMNS), write_pooled(pooled_path, pooled, meta)
+    return pd.DataFrame(features.index, columns=INDEX_COLUMNS), write_pooled(pooled_path, pooled, meta)
 
 
 class FeatureCache:
