@@ -176,8 +176,8 @@ def test_committed_dvc_yaml_is_what_the_generator_writes(dry_project):
     nbest = stages["nbest"]
     assert "--shard 0 --num-shards 1 --out data/nbest/shards/0-of-1.parquet" in nbest["cmd"]
     assert nbest["cmd"].startswith("mmasr nbest --params params.yaml --threads 2 ")
-    assert nbest["deps"][-3:] == ["data/processed/manifest.parquet", "data/processed/audio",
-                                  "results/checkpoints/demo/whisper"]
+    assert nbest["deps"][-4:] == ["data/processed/manifest.parquet", "data/processed/audio",
+                                  "results/checkpoints/demo/whisper", "data/cache/encoder_states"]  # encode_audio's pass
     assert stages["preprocess"]["cmd"].startswith("mmasr preprocess --params params.yaml --threads 4 ")
     assert stages["report"]["params"] == [{"params.yaml": None}]
     assert stages["split"]["params"][:2] == ["seed", "split"] and "text.lowercase" in stages["split"]["params"]
