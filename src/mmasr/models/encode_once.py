@@ -5,7 +5,7 @@ embeddings (``layer_embeddings``) and the audio half of the CLAP cache (``clap_e
 audio encoder over every utterance: ``models.whisper`` for the first, ``models.audio_encoder`` for the
 other two. When the two name the same encoder (:func:`same_encoder`: the same folder or hub id, revision
 and weight dtype; the demo and ``config/real_whisper.yaml`` do), :func:`encode_once` runs it once per
-utterance and writes both products from the same forward (:func:`mmasr.projector.encoder_cache.encode_shared`):
+utterance and writes both products from the same forward (:func:`mmasr.projector.encoder_cache.encode_pass`, which can also store the n-best's full-window states):
 
 * the projector cache, byte for byte the folder :func:`mmasr.projector.encoder_cache.encode_manifest`
   writes (its last layer, trimmed to the frames covering the audio, float16 shards + ``index.parquet``);
