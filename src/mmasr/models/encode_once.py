@@ -4,11 +4,11 @@ The projector cache (``encode_audio``: the trimmed last-layer Whisper states), t
 embeddings (``layer_embeddings``) and the audio half of the CLAP cache (``clap_embeddings``) all run an
 audio encoder over every utterance: ``models.whisper`` for the first, ``models.audio_encoder`` for the
 other two. When the two name the same encoder (:func:`same_encoder`: the same folder or hub id, revision
-and weight dtype; the demo and ``config/real_whisper.yaml`` do), :func:`encode_once` runs it once per
-utterance and writes both products from the same forward (:func:`mmasr.projector.encoder_cache.encode_pass`, which can also store the n-best's full-window states):
+and weight dtype; the demo and ``config/real_whisper.yaml`` do), ``encode_audio`` runs it once per
+utterance and writes both products from the same forward (:func:`mmasr.projector.encoder_cache.encode_pass`,
+which can also store the n-best's full-window states):
 
-* the projector cache, byte for byte the folder :func:`mmasr.projector.encoder_cache.encode_manifest`
-  writes (its last layer, trimmed to the frames covering the audio, float16 shards + ``index.parquet``);
+* the projector cache, the folder :func:`mmasr.projector.encoder_cache.encode_manifest` writes (its last layer, trimmed to the frames covering the audio, float16 shards + ``index.parquet``);
 * the pooled embeddings of **every** hidden state (0 = the embedding output .. ``L``, the last layer, which
   is ``last_hidden_state``): the mean over the frames covering the audio, float32, one ``(L + 1, D)`` array
   per utterance in one safetensors file (:data:`POOLED_FORMAT`). Every layer is kept, not only the ones
