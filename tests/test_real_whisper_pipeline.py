@@ -52,7 +52,7 @@ def test_the_run_used_the_converted_real_whisper_and_espeak_speech(real_run):
 
 def test_the_encoder_ran_once_per_utterance_outside_the_nbest(real_run):
     """tiny.en is models.whisper and models.audio_encoder: encode_audio's one pass served the projector cache, the
-    probe and CLAP (issue 29), each stage's own count says so; the n-best made its one pass over dev + test."""
+    probe, CLAP and the n-best (issue 29), each stage's own count says so."""
     from mmasr.clap.cache import load_cache
     from mmasr.io import read_json
     from mmasr.models.encode_once import load_pooled
@@ -66,7 +66,10 @@ def test_the_encoder_ran_once_per_utterance_outside_the_nbest(real_run):
     layers = read_json(real_run / "data/cache/layer_embeddings.npz.json")
     assert layers["encoder_passes"] == 0 and layers["audio_encoder"] == "results/checkpoints/whisper-tiny.en"
     assert load_cache(real_run / "data/cache/clap_embeddings").meta["audio_encoder_passes"] == 0
-    assert encoder_passes_per_utt(read_metadata(real_run / "data/nbest/asr_nbest.parquet")) == 1.0
+    # the n-best started beam search from the full-window states that pass stored (nbest.reuse_encoder_states)
+    assert encoder_passes_per_utt(read_metadata(real_run / "data/nbest/asr_nbest.parquet")) == 0.0
+    states = read_metadata(real_run / "data/cache/encoder_states/index.parquet")
+    assert (states["mmasr.window"], states["mmasr.states_dtype"]) == ("full", "float32")
     logs = real_run / "results/logs"
     for rule in ("layer_embeddings", "clap_embeddings"):  # neither loaded the audio encoder (describe_model's line)
         text = (logs / f"{rule}.log").read_text()
