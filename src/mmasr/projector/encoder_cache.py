@@ -21,6 +21,7 @@ from mmasr.models.layers import PassCounter, count_passes, n_encoder_frames
 from mmasr.models.loading import ModelBundle, autocast, whisper_features
 
 INDEX_COLUMNS = ["utt_id", "shard", "n_frames", "dim"]
+STATES_SHARD_UTTS = 64  # full-window states per shard: 150 MB for tiny.en, 490 MB for large-v3 (1500 x 1280 float32)
 
 
 @torch.inference_mode()
@@ -163,7 +164,9 @@ def encode_pass(bundle: ModelBundle, manifest: pd.DataFrame, features_dir: str |
     states_dtype = None
     with ExitStack() as stack:
         features = ShardWriter(stack.enter_context(atomic_dir(features_dir)), shard_size)
-        full = ShardWriter(stack.enter_context(atomic_dir(states_dir)), shard_size) if states_dir is not None else None
+        # full-window states are large (1500 x d_model floats): shards of at most STATES_SHARD_UTTS keep memory flat
+        full = (ShardWriter(stack.enter_context(atomic_dir(states_dir)), min(shard_size, STATES_SHARD_UTTS))
+                if states_dir is not None else None)
         stack.enter_context(count_passes(encoder, counter))
         bar = Progress(len(rows), "encode audio", unit="utt", bar=progress)  # one pass for every stage
         for b in range(0, len(rows), batch_size):
