@@ -16,7 +16,10 @@
    projector_cache_speedup_real_shape (target >= 10x), and benchmarks/scaling.py (synthetic manifests of
    1k/5k/20k utterances through ingest, preprocess, split, fuse, report) -> scaling_per_utt_ratio_20k
    (target <= 1.3), preprocess_peak_rss_per_worker_mb. projector_cache_speedup is the demo config, no target.
-6. n-best on the real Whisper tiny.en (benchmarks/nbest_real.py; needs the real-whisper and speech extras):
+6. Audio-encoder passes per utterance with config/real_whisper.yaml's models (benchmarks/encode_once.py): the four
+   encoder stages on the run's utterances, each its own pass (before) and one shared pass (after), counted by the
+   stages themselves -> encoder_passes_per_utt_real_whisper {before, after}, encoder_passes_ratio_real_whisper.
+6b. n-best on the real Whisper tiny.en (benchmarks/nbest_real.py; needs the real-whisper and speech extras):
    the seed's loop, the transformers backend at batch 1 and batched, ctranslate2 float32 and int8 on the same
    eSpeak NG utterances -> nbest_batching_speedup, nbest_ct2_fp32_speedup, nbest_ct2_int8_speedup (against the
    fastest transformers configuration), nbest_ct2_top1_agreement.
@@ -52,6 +55,7 @@ if (REPO / "src" / "mmasr").is_dir():
 sys.path.insert(0, str(HERE))
 
 import clap_cache  # noqa: E402  (siblings: benchmarks/*.py)
+import encode_once  # noqa: E402
 import nbest_real  # noqa: E402
 import pandas as pd  # noqa: E402
 import projector_cache  # noqa: E402
@@ -320,6 +324,28 @@ def real_nbest(args: argparse.Namespace, work: Path, details: dict, devices: dic
     return {key: real[key] for key in keys}
 
 
+def encoder_passes(args: argparse.Namespace, work: Path, p: dict, details: dict, devices: dict) -> dict:
+    """benchmarks/encode_once.py on the run's utterances: audio-encoder passes per utterance with
+    config/real_whisper.yaml's models (one encoder for models.whisper and models.audio_encoder), each stage its
+    own pass (before) and one shared pass (after), counted by the stages; None when skipped or it fails."""
+    keys = {"encoder_passes_per_utt_real_whisper": None, "encoder_passes_ratio_real_whisper": None}
+    if args.encoder_passes_utts <= 0:
+        return keys
+    model = args.encoder_passes_model or p["models"]["whisper"]
+    print(f"[+] encoder passes per utterance, real_whisper.yaml's layout ({model}) ...", file=sys.stderr)
+    try:
+        with contextlib.chdir(work):
+            r = encode_once.measure(p, pd.read_parquet("data/processed/manifest.parquet"), model,
+                                    work / "data" / "cache" / "bench_encode_once", args.encoder_passes_utts, args.threads)
+    except (ImportError, FileNotFoundError, OSError, RuntimeError, ValueError) as exc:
+        print(f"      not measured: {exc}", file=sys.stderr)
+        return keys
+    print(encode_once.report(r), file=sys.stderr)
+    details["encoder_passes"] = r
+    devices["encoder_passes_ratio_real_whisper"] = f"counted ({r['encoder_passes_utts']} utterances, {model})"
+    return {k: r[k] for k in keys}
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -365,6 +391,9 @@ def summary_rows(r: dict) -> list[list[str]]:
          lambda v: f"{v:.1%} ({r['incremental_tau_wall_s']:.1f} s: {', '.join(jobs or [])})"),
         ("preprocessing (audio s / wall s / core)", "preprocess_audio_s_per_wall_s_per_core", lambda v: f"{v:.1f}"),
         ("peak memory (max RSS)", "peak_rss_mb", lambda v: f"{v:.0f} MB ({r.get('peak_rss_rule')})"),
+        ("audio-encoder passes/utt, real_whisper layout", "encoder_passes_ratio_real_whisper",
+         lambda v: "{before:.2f} before, {after:.2f} after: {v:.2f}x fewer".format(
+             v=v, **r["encoder_passes_per_utt_real_whisper"])),
         *extra_rows(r),
     ]
     return [[label, num(key, text), target(key), r.get("devices", {}).get(key, "")] for label, key, text in rows]
@@ -433,6 +462,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--nbest-real-utts", type=int, default=48,
                     help="eSpeak NG utterances for the real-tiny.en n-best benchmark (0: skip it)")
     ap.add_argument("--nbest-real-rounds", type=int, default=2, help="rounds of the real-tiny.en n-best benchmark")
+    ap.add_argument("--encoder-passes-utts", type=int, default=24,
+                    help="utterances for the encoder-passes count (benchmarks/encode_once.py; 0: skip it)")
+    ap.add_argument("--encoder-passes-model", default=None,
+                    help="the encoder it counts with (default: the run's models.whisper, the demo Whisper unless "
+                         "--configfile names another; e.g. results/checkpoints/whisper-tiny.en)")
     ap.add_argument("--no-report", action="store_true", help="do not re-render results/report.html beside --out")
     ap.add_argument("--skip-real-shape", action="store_true", help="not the real-shape projector benchmark (~5 min)")
     ap.add_argument("--real-shape-batch", type=int, default=4, help="utterances per real-shape projector step")
@@ -493,6 +527,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     if result.get("projector_real_shape_same_loss_curve") is False:
         result["ratio_results_identical"] = False
     result.update(real_nbest(args, work, details, result["devices"]))
+    result.update(encoder_passes(args, work, p, details, result["devices"]))
     m = result["machine"]
     result["device"] = f"{describe(engine, args.threads)}; {m['cpu_count']} cores: {m['cpu']}"
     result["targets"] = {k: TARGETS[k][2] for k in TARGETS}

@@ -319,3 +319,35 @@ def test_summary_rows_show_the_real_shape_and_scaling(bench):
     assert rows["projector: feature cache vs live encoder (demo config)"][2] == ""  # no longer a target
     assert bench.target_met("scaling_per_utt_ratio_20k", 1.3) is True and bench.target_met("scaling_per_utt_ratio_20k", 1.31) is False
     assert {"projector_cache_speedup_real_shape", "scaling_per_utt_ratio_20k"} <= set(bench.CONTRACT_KEYS)
+
+
+def test_encoder_passes_row_prints_before_after_and_the_ratio(bench):
+    r = {**sample_result(bench), "encoder_passes_per_utt_real_whisper": {"before": 3.5, "after": 1.5},
+         "encoder_passes_ratio_real_whisper": 3.5 / 1.5}
+    rows = {row[0]: row for row in bench.summary_rows(r)}
+    assert rows["audio-encoder passes/utt, real_whisper layout"][1] == "3.50 before, 1.50 after: 2.33x fewer"
+    assert rows["audio-encoder passes/utt, real_whisper layout"][2] == ""  # no target: a count
+    assert bench.summary_rows(sample_result(bench))[-4][1] == "not measured"
+
+
+def test_encoder_passes_are_counted_by_the_stages_both_ways(bench, demo_model_dirs, tmp_path):
+    """benchmarks/encode_once.py on 8 utterances (6 taken: 2 per split, 4 in the n-best splits) with the tiny
+    random Whisper: before, three passes of the 6 (projector cache, probe, CLAP) + 4 (n-best); after, the 6 of the
+    shared pass, which the probe, CLAP and the n-best read."""
+    import encode_once
+
+    from tests.test_clap import save_tiny_bert
+    from tests.test_encode_once import corpus
+
+    p = config.validate({"models": {"whisper": str(demo_model_dirs["whisper"]), "device": "cpu",
+                                    "text_encoder": str(save_tiny_bert(tmp_path / "bert"))},
+                         "nbest": {"num_beams": 2, "num_return_sequences": 2, "keep": 2}})
+    r = encode_once.measure(p, corpus(tmp_path / "audio"), str(demo_model_dirs["whisper"]), tmp_path / "work", utts=8,
+                            threads=1)
+    assert r["encoder_passes_utts"] == 6 and r["encoder_passes_nbest_utts"] == 4
+    assert r["encoder_passes_per_stage"] == {
+        "separate": {"encode_audio": 6, "layer_embeddings": 6, "clap_embeddings": 6, "nbest": 4},
+        "shared": {"encode_audio": 6, "layer_embeddings": 0, "clap_embeddings": 0, "nbest": 0}}
+    assert r["encoder_passes_per_utt_real_whisper"] == {"before": 22 / 6, "after": 1.0}
+    assert r["encoder_passes_ratio_real_whisper"] == pytest.approx(22 / 6)
+    assert "before (a pass per stage): 3.67   after (one shared pass): 1.00   ratio 3.67x" in encode_once.report(r)

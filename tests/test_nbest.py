@@ -5,7 +5,7 @@ import torch
 
 from mmasr.config import validate
 from mmasr.data.audio import length_batches, read_audio
-from mmasr.rescoring.nbest import (STATS_PREFIX, distinct_histogram, distinct_hypotheses, max_new_tokens, merge_shards,
+from mmasr.rescoring.nbest import (STATS_PREFIX, distinct_histogram, distinct_hypotheses, encoder_passes_per_utt, max_new_tokens, merge_shards,
                                    merge_stats, nbest_for_batch, nbest_metadata, run_nbest, shard_ids,
                                    strip_prompt_and_padding, summarise_stats, teacher_forced_logprobs)
 from mmasr.io import read_metadata, write_parquet
@@ -95,6 +95,8 @@ def test_sharded_and_unsharded_nbest_are_identical(whisper_bundle, tmp_path):
     merged_meta = read_metadata(tmp_path / "merged.parquet")
     assert {k: v for k, v in merged_meta.items() if k.startswith(STATS_PREFIX)} == whole.attrs["stats"]
     assert sum(distinct_histogram(merged_meta).values()) == len(man)
+    # the encoder ran once per utterance (counted on its first layer), in the shards as in the whole run
+    assert merged_meta[f"{STATS_PREFIX}encoder_passes"] == str(len(man)) and encoder_passes_per_utt(merged_meta) == 1.0
 
 
 def test_merge_refuses_shards_from_different_settings(whisper_bundle, tmp_path):
@@ -174,6 +176,10 @@ def test_stats_metadata_sum_over_shards():
     assert distinct_histogram(merged) == {1: 1, 3: 2}
     assert merged[f"{STATS_PREFIX}truncated_dropped"] == "2" and merged[f"{STATS_PREFIX}utts_all_truncated"] == "1"
     assert merged[f"{STATS_PREFIX}utts"] == "3"
+    assert merged[f"{STATS_PREFIX}encoder_passes"] == "0" and encoder_passes_per_utt(merged) == 0.0  # none counted
+    assert encoder_passes_per_utt(merge_stats([summarise_stats([{"distinct": 1, "truncated_dropped": 0,
+                                                                  "all_truncated": False}], encoder_passes=2)])) == 2.0
+    assert encoder_passes_per_utt({}) is None  # a file from before the count
 
 
 def test_max_new_tokens_defaults_to_the_models_limit(whisper_bundle):

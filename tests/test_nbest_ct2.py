@@ -138,6 +138,9 @@ def test_ct2_table_has_the_transformers_columns_and_types_and_shards_merge(whisp
     assert list(whole.columns) == list(reference.columns)
     assert whole.dtypes.to_dict() == reference.dtypes.to_dict()
     assert set(whole["utt_id"]) == set(man["utt_id"])
+    # one encoder pass an utterance either way: CTranslate2's encode calls, the transformers encoder's first layer
+    assert whole.attrs["stats"]["mmasr.stats.encoder_passes"] == reference.attrs["stats"]["mmasr.stats.encoder_passes"] \
+        == str(len(man))
     # same weights, same float32 maths: the same best hypothesis, scored alike
     best = whole[whole["rank"] == 0].set_index("utt_id")
     ref_best = reference[reference["rank"] == 0].set_index("utt_id")

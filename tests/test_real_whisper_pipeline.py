@@ -55,6 +55,33 @@ def test_the_run_used_the_converted_real_whisper_and_espeak_speech(real_run):
     assert len(raw) - len(defects) == 12 * 6
 
 
+def test_the_encoder_ran_once_per_utterance_outside_the_nbest(real_run):
+    """tiny.en is models.whisper and models.audio_encoder: encode_audio's one pass served the projector cache, the
+    probe, CLAP and the n-best (issue 29), each stage's own count says so."""
+    from mmasr.clap.cache import load_cache
+    from mmasr.io import read_json
+    from mmasr.models.encode_once import load_pooled
+    from mmasr.rescoring.nbest import encoder_passes_per_utt
+
+    manifest = pd.read_parquet(real_run / "data/processed/manifest.parquet")
+    index = read_metadata(real_run / "data/cache/encoder_features/index.parquet")
+    assert (index["mmasr.encoder_pass"], index["mmasr.encoder_passes"]) == ("shared", str(len(manifest)))
+    pooled = load_pooled(real_run / "data/cache/encoder_pooled.safetensors")
+    assert pooled.pooled.shape == (len(manifest), 5, 384) and pooled.meta["encoder_passes_per_utt"] == 1.0
+    layers = read_json(real_run / "data/cache/layer_embeddings.npz.json")
+    assert layers["encoder_passes"] == 0 and layers["audio_encoder"] == "results/checkpoints/whisper-tiny.en"
+    assert load_cache(real_run / "data/cache/clap_embeddings").meta["audio_encoder_passes"] == 0
+    # the n-best started beam search from the full-window states that pass stored (nbest.reuse_encoder_states)
+    assert encoder_passes_per_utt(read_metadata(real_run / "data/nbest/asr_nbest.parquet")) == 0.0
+    states = read_metadata(real_run / "data/cache/encoder_states/index.parquet")
+    assert (states["mmasr.window"], states["mmasr.states_dtype"]) == ("full", "float32")
+    logs = real_run / "results/logs"
+    for rule in ("layer_embeddings", "clap_embeddings"):  # neither loaded the audio encoder (describe_model's line)
+        text = (logs / f"{rule}.log").read_text()
+        assert "loaded audio encoder" not in text and "shared encoder pass" in text, text[-2000:]
+    assert "loaded text encoder" in (logs / "clap_embeddings.log").read_text()
+
+
 def test_stored_scores_agree_with_a_teacher_forced_pass(real_run):
     from mmasr.models.loading import load_whisper, whisper_features, whisper_prompt_ids
     from mmasr.data.audio import read_audio

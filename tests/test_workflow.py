@@ -209,6 +209,21 @@ def test_projector_outputs_follow_the_contracts(tiny_run):
     assert sorted(index["utt_id"]) == sorted(manifest["utt_id"]) and (index["dim"] == 128).all()
 
 
+def test_the_demo_whisper_runs_once_per_utterance_for_the_projector_probe_and_clap(tiny_run):
+    """The demo names one Whisper as models.whisper and models.audio_encoder: encode_audio's pass serves all three
+    (issue 29), by the stages' own counts."""
+    from mmasr.clap.cache import load_cache
+    from mmasr.io import read_metadata
+
+    n = len(pd.read_parquet(tiny_run / "data/processed/manifest.parquet"))
+    index = read_metadata(tiny_run / "data/cache/encoder_features/index.parquet")
+    assert (index["mmasr.encoder_pass"], index["mmasr.encoder_passes"], index["mmasr.encoder_passes_per_utt"]) == (
+        "shared", str(n), "1.0")
+    assert (tiny_run / "data/cache/encoder_pooled.safetensors").is_file()
+    assert read_json(tiny_run / "data/cache/layer_embeddings.npz.json")["encoder_passes"] == 0
+    assert load_cache(tiny_run / "data/cache/clap_embeddings").meta["audio_encoder_passes"] == 0
+
+
 def test_changing_tau_or_the_alpha_grid_reruns_only_fusion(tiny_run):
     (tiny_run / "config" / "tau.yaml").write_text("fusion:\n  tau: 50.0\n  alpha_step: 0.1\n")
     proc = run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--configfile", "config/tiny.yaml",

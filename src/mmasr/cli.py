@@ -171,8 +171,14 @@ def cmd_nbest(args) -> None:
     if args.model is not None:  # the adapted Whisper (adapt-whisper's merged folder) in place of models.whisper
         p["models"] = {**p["models"], "whisper": str(args.model), "whisper_revision": None}
     bundle = _model("whisper", p, args.threads)
+    states = None
+    if args.states is not None:  # encode_audio's pass stored the encoder's output: beam search starts from it
+        from mmasr.projector.encoder_cache import FeatureCache
+
+        states = FeatureCache(args.states)
     table = run_nbest(bundle, pd.read_parquet(args.manifest), p["nbest"], normaliser(p["text"]),
-                      shard=args.shard, num_shards=args.num_shards, limit=args.limit, progress=not args.quiet)
+                      shard=args.shard, num_shards=args.num_shards, limit=args.limit, progress=not args.quiet,
+                      states=states)
     write_parquet(args.out, table, metadata={**nbest_metadata(bundle, p["nbest"], shard=f"{args.shard}/{args.num_shards}"),
                                              **table.attrs["stats"]})
     log.info("shard %d/%d: %d hypotheses for %d utterances", args.shard, args.num_shards, len(table),
@@ -450,12 +456,31 @@ def cmd_pretrain_text_model(args) -> None:
 def cmd_encode_audio(args) -> None:
     from mmasr.projector.encoder_cache import encode_manifest
 
+    from mmasr.models.encode_once import same_encoder
+
     p = _params(args)
     cfg = p["projector"]
+    if args.pooled is not None and not same_encoder(p["models"]):  # before minutes of loading
+        raise ValueError(f"--pooled: models.whisper {p['models']['whisper']!r} and models.audio_encoder "
+                         f"{p['models']['audio_encoder']!r} are not the same encoder (or revision, or dtype): one pass "
+                         "cannot serve both; run encode-audio without --pooled")
     bundle = _model("whisper", p, args.threads)
-    index = encode_manifest(bundle, pd.read_parquet(args.manifest), args.out, splits=("train", "dev", "test"),
-                            batch_size=cfg["encode_batch_size"], shard_size=cfg["shard_size"], limit=args.limit,
-                            progress=not args.quiet)
+    manifest = pd.read_parquet(args.manifest)
+    kw = dict(splits=("train", "dev", "test"), batch_size=cfg["encode_batch_size"], shard_size=cfg["shard_size"],
+              limit=args.limit, progress=not args.quiet)
+    if args.pooled is not None or args.states is not None:  # one pass for several stages
+        from mmasr.projector.encoder_cache import encode_pass
+
+        index, pooled = encode_pass(bundle, manifest, args.out, models_cfg=p["models"], pooled_path=args.pooled,
+                                    states_dir=args.states, states_splits=p["nbest"]["splits"], **kw)
+        if pooled is not None:
+            log.info("pooled hidden states 0..%d of %d utterances (dim %d) from the same pass in %s",
+                     pooled.meta["depth"], len(pooled.ids), pooled.meta["dim"], args.pooled)
+        if args.states is not None:
+            log.info("full-window encoder states of the n-best splits %s from the same pass in %s",
+                     p["nbest"]["splits"], args.states)
+    else:
+        index = encode_manifest(bundle, manifest, args.out, **kw)
     log.info("encoder features of %d utterances (%d frames, dim %d, float16) cached in %s", len(index),
              int(index["n_frames"].sum()), int(index["dim"].iloc[0]), args.out)
 
@@ -550,8 +575,10 @@ def cmd_clap_embeddings(args) -> None:
 
     p = _params(args)
     _torch_threads(args)
-    cache = build_cache(pd.read_parquet(args.manifest), _model("audio_encoder", p), _model("text_encoder", p),
-                        p["clap"], p["text"], args.out, progress=not args.quiet)
+    pooled = _pooled(args)
+    audio = None if pooled is not None else _model("audio_encoder", p)  # a shared pass: the encoder is not loaded
+    cache = build_cache(pd.read_parquet(args.manifest), audio, _model("text_encoder", p), p["clap"], p["text"],
+                        args.out, progress=not args.quiet, pooled=pooled, models_cfg=p["models"])
     log.info("CLAP cache %s: %d utterances (dim %d), %d distinct texts (dim %d)", args.out, len(cache.utts),
              cache.audio.shape[1], len(cache.texts), cache.text.shape[1])
 
@@ -592,22 +619,38 @@ def cmd_eval_retrieval(args) -> None:
              metrics["n_candidate_texts"], metrics["n_candidate_audios"])
 
 
+def _pooled(args):
+    """The shared encoder pass a stage reads (--pooled), or None: the stage runs its encoder itself."""
+    from mmasr.models.encode_once import load_pooled
+
+    return None if args.pooled is None else load_pooled(args.pooled)
+
+
 def cmd_layer_embeddings(args) -> None:
-    from mmasr.clap.cache import encoder_meta
+    from mmasr.clap.cache import encoder_meta, pooled_audio
+    from mmasr.models.encode_once import pass_metadata
     from mmasr.rescoring.clip import save_embeddings
-    from mmasr.models.layers import embed_audio, encoder_depth, select_layers
+    from mmasr.models.layers import PassCounter, count_passes, embed_audio, encoder_depth, select_layers
     from mmasr.data.audio import read_audio
 
     p = _params(args)
     _torch_threads(args)
     manifest = pd.read_parquet(args.manifest).sort_values("utt_id")
-    bundle = _model("audio_encoder", p)
-    layers = select_layers(p["probe"]["layers"], encoder_depth(bundle.model))
-    vectors = embed_audio(bundle, [read_audio(a) for a in manifest["audio_path"]], layers,
-                          p["probe"]["encode_batch_size"], progress=not args.quiet, desc="layer embeddings")
-    save_embeddings(args.out, manifest["utt_id"].tolist(), vectors, encoder_meta(bundle, layers, "audio", "mean"))
-    log.info("layer embeddings of %d utterances (layers %s, dim %d) with %s", len(manifest), layers, vectors.shape[1],
-             bundle.name)
+    ids = manifest["utt_id"].tolist()
+    pooled, counter = _pooled(args), PassCounter()
+    if pooled is not None:  # the encoder ran once for every stage (encode-audio --pooled): select the layers
+        vectors, meta = pooled_audio(pooled, p["models"], ids, p["probe"]["layers"])
+        meta["encoder_source"] = f"shared encoder pass ({pooled.path})"
+    else:
+        bundle = _model("audio_encoder", p)
+        layers = select_layers(p["probe"]["layers"], encoder_depth(bundle.model))
+        with count_passes(bundle.model, counter):
+            vectors = embed_audio(bundle, [read_audio(a) for a in manifest["audio_path"]], layers,
+                                  p["probe"]["encode_batch_size"], progress=not args.quiet, desc="layer embeddings")
+        meta = {**encoder_meta(bundle, layers, "audio", "mean"), "encoder_source": "own encoder pass"}
+    save_embeddings(args.out, ids, vectors, {**meta, **pass_metadata(counter, len(ids))})
+    log.info("layer embeddings of %d utterances (layers %s, dim %d) with %s (%s)", len(manifest), meta["audio_layers"],
+             vectors.shape[1], meta["audio_encoder"], meta["encoder_source"])
 
 
 def cmd_train_probe(args) -> None:
@@ -813,6 +856,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", type=Path, default=Path("data/nbest/shards/0-of-1.parquet"))
     sp.add_argument("--model", type=Path, default=None,
                     help="a Whisper folder to use instead of models.whisper (the adapted one)")
+    sp.add_argument("--states", type=Path, default=None,
+                    help="stored full-window encoder states of the same model (encode-audio --states): beam search "
+                         "starts from them instead of running the encoder (transformers backend)")
 
     sp = stage("adapt-whisper", cmd_adapt_whisper,
                "LoRA adapters on models.whisper, trained on the train split (resumable); merged model + peft adapter.")
@@ -883,6 +929,13 @@ def build_parser() -> argparse.ArgumentParser:
                "Run the frozen Whisper encoder once per utterance; cache its trimmed outputs (float16 shards).")
     sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
     sp.add_argument("--out", type=Path, default=Path("data/cache/encoder_features"))
+    sp.add_argument("--pooled", type=Path, default=None,
+                    help="one pass for every stage: also write every utterance's pooled hidden states (all layers) "
+                         "from the same forward, for layer-embeddings and clap-embeddings --pooled (models.whisper "
+                         "and models.audio_encoder must be the same encoder)")
+    sp.add_argument("--states", type=Path, default=None,
+                    help="also store the whole window's last-layer states of the n-best splits (nbest.splits) from "
+                         "the same forward, for nbest --states")
     sp.add_argument("--limit", type=int, default=None, help="at most this many utterances (smoke runs)")
 
     sp = stage("train-projector", cmd_train_projector,
@@ -931,6 +984,9 @@ def build_parser() -> argparse.ArgumentParser:
                "Cache pooled frozen audio- and text-encoder embeddings of every utterance and distinct transcript.")
     sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
     sp.add_argument("--out", type=Path, default=Path("data/cache/clap_embeddings"))
+    sp.add_argument("--pooled", type=Path, default=None,
+                    help="read the audio embeddings from this shared encoder pass (encode-audio --pooled) instead of "
+                         "running models.audio_encoder (it must be the encoder that made them)")
 
     sp = stage("train-clap", cmd_train_clap,
                "Train the CLAP projection heads on the cache (phase 1) and optionally the last encoder layers (phase 2).")
@@ -953,6 +1009,9 @@ def build_parser() -> argparse.ArgumentParser:
                "Cache multi-layer pooled audio-encoder embeddings of every utterance (the probe's features).")
     sp.add_argument("--manifest", type=Path, default=Path("data/processed/manifest.parquet"))
     sp.add_argument("--out", type=Path, default=Path("data/cache/layer_embeddings.npz"))
+    sp.add_argument("--pooled", type=Path, default=None,
+                    help="read the audio embeddings from this shared encoder pass (encode-audio --pooled) instead of "
+                         "running models.audio_encoder (it must be the encoder that made them)")
 
     sp = stage("train-probe", cmd_train_probe,
                "Fit a calibrated probe of a manifest label on layer embeddings; evaluate on held-out speakers.")

@@ -1,5 +1,6 @@
 # Phase 5b: CLAP-style audio-text model. Frozen audio and text encoders (models.audio_encoder,
-# models.text_encoder) run once per utterance / distinct transcript (clap_embeddings); the projection
+# models.text_encoder) run once per utterance / distinct transcript (clap_embeddings; the audio half is read from
+# encode_audio's pass when models.whisper is the same encoder); the projection
 # heads train on that cache (train_clap; phase 2, optional, also fine-tunes the last encoder layers);
 # retrieval is evaluated over the whole test split against the untrained heads and chance
 # (eval_retrieval). The resumable state (results/checkpoints/clap/state/) is not an output: Snakemake
@@ -20,13 +21,13 @@ CLAP_PHASE2_INPUTS = (["data/processed/audio"] + model_input("audio_encoder") + 
 rule clap_embeddings:
     input:
         manifest="data/processed/manifest.parquet",
-        audio="data/processed/audio",
-        audio_encoder=model_input("audio_encoder"),
+        **audio_encoder_inputs(),  # the shared encoder pass, or the audio and the encoder (common.smk)
         text_encoder=model_input("text_encoder"),
     output:
         directory("data/cache/clap_embeddings"),
     params:
         cfg=cfg_json(*CLAP_EMBED_KEYS, *TEXT_NORM_KEYS, *CLAP_MODELS),
+        pooled=pooled_option,
     log:
         "results/logs/clap_embeddings.log",
     benchmark:
@@ -40,7 +41,7 @@ rule clap_embeddings:
         gpu=1,
     shell:
         "MMASR_THREADS={threads} mmasr clap-embeddings --cfg {params.cfg:q} --manifest {input.manifest}"
-        " --out {output} --quiet > {log} 2>&1"
+        " --out {output} {params.pooled} --quiet > {log} 2>&1"
 
 
 rule train_clap:

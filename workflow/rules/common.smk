@@ -2,6 +2,8 @@
 import json
 import os
 
+from mmasr.models.encode_once import same_encoder
+
 
 def cfg_json(*keys):
     """The params a job reads, as compact JSON for `mmasr --cfg` - whole sections ("fusion") or single
@@ -75,6 +77,33 @@ def model_input(kind):
     if os.path.normpath(name) == REAL_WHISPER:
         return [REAL_WHISPER]  # spelled as the output of convert_whisper, so Snakemake builds it first
     return [name] if name.startswith(DEMO_CHECKPOINTS) or os.path.isdir(name) else []
+
+
+# One encoder pass per utterance (mmasr.models.encode_once): when models.whisper and models.audio_encoder are the
+# same encoder (folder or id, revision, dtype; the demo and config/real_whisper.yaml), encode_audio also writes every
+# utterance's pooled hidden states from the same forward, and layer_embeddings and clap_embeddings read them instead
+# of loading the encoder. Otherwise each of them runs its own encoder, as the inputs below say.
+SHARED_ENCODER = same_encoder(config["models"])
+POOLED = "data/cache/encoder_pooled.safetensors"
+
+
+# The n-best's encoder pass (nbest.reuse_encoder_states, transformers backend): encode_audio's pass also stores the
+# whole window's states of the n-best splits, and beam search starts from them.
+NBEST_STATES = (config["nbest"]["reuse_encoder_states"] and config["nbest"]["backend"] == "transformers")
+STATES = "data/cache/encoder_states"
+
+
+def audio_encoder_inputs():
+    """The inputs of a stage that embeds audio with models.audio_encoder: the shared pass's pooled states, or the
+    audio and the encoder itself."""
+    if SHARED_ENCODER:
+        return {"pooled": POOLED}
+    return {"audio": "data/processed/audio", "audio_encoder": model_input("audio_encoder")}
+
+
+def pooled_option(wildcards, input):
+    """`--pooled FILE` where the stage reads the shared pass (an input), else nothing."""
+    return f"--pooled {input.pooled}" if SHARED_ENCODER else ""
 
 
 NBEST_SHARDS = expand(

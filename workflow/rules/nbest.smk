@@ -6,6 +6,7 @@ rule nbest:
         manifest="data/processed/manifest.parquet",
         audio="data/processed/audio",
         model=model_input("whisper"),
+        **({"states": STATES} if NBEST_STATES else {}),  # encode_audio's pass: no second encoder pass
     output:
         "data/nbest/shards/{shard}-of-{n}.parquet",
     wildcard_constraints:
@@ -13,6 +14,7 @@ rule nbest:
         n=r"\d+",
     params:
         cfg=cfg_json("nbest", "text", *model_cfg("whisper")),
+        states=lambda wildcards, input: f"--states {input.states}" if NBEST_STATES else "",
     log:
         "results/logs/nbest/{shard}-of-{n}.log",
     benchmark:
@@ -27,7 +29,7 @@ rule nbest:
     retries: 1
     shell:
         "MMASR_THREADS={threads} mmasr nbest --cfg {params.cfg:q} --manifest {input.manifest}"
-        " --shard {wildcards.shard} --num-shards {wildcards.n} --out {output} --quiet > {log} 2>&1"
+        " --shard {wildcards.shard} --num-shards {wildcards.n} --out {output} {params.states} --quiet > {log} 2>&1"
 
 
 rule nbest_merge:

@@ -1,5 +1,5 @@
 # Phase 5c: a calibrated probe. Pooled multi-layer embeddings of every utterance from the frozen audio
-# encoder (layer_embeddings), then a classifier of a manifest label (probe.label, default group) with
+# encoder (layer_embeddings; read from encode_audio's pass when it is the same encoder), then a classifier of a manifest label (probe.label, default group) with
 # probabilities calibrated in speaker-grouped folds, evaluated on held-out speakers (train_probe); beside it the
 # same probe on five plain signal features of the processed audio (duration, speech rate, RMS, SNR, centroid).
 
@@ -7,13 +7,13 @@
 rule layer_embeddings:
     input:
         manifest="data/processed/manifest.parquet",
-        audio="data/processed/audio",
-        audio_encoder=model_input("audio_encoder"),
+        **audio_encoder_inputs(),  # the shared encoder pass, or the audio and the encoder (common.smk)
     output:
         embeddings="data/cache/layer_embeddings.npz",
         meta="data/cache/layer_embeddings.npz.json",
     params:
         cfg=cfg_json("probe.layers", "probe.encode_batch_size", *model_cfg("audio_encoder")),
+        pooled=pooled_option,
     log:
         "results/logs/layer_embeddings.log",
     benchmark:
@@ -27,7 +27,7 @@ rule layer_embeddings:
         gpu=1,
     shell:
         "MMASR_THREADS={threads} mmasr layer-embeddings --cfg {params.cfg:q} --manifest {input.manifest}"
-        " --out {output.embeddings} --quiet > {log} 2>&1"
+        " --out {output.embeddings} {params.pooled} --quiet > {log} 2>&1"
 
 
 rule train_probe:

@@ -1,5 +1,6 @@
 # Phase 5: SLAM-ASR style projector between the frozen Whisper encoder and the frozen decoder-only LM.
-# The encoder runs once per utterance (encode_audio); training reads its cached outputs; evaluation
+# The encoder runs once per utterance (encode_audio, which also serves the probe and CLAP when they use the same
+# encoder); training reads its cached outputs; evaluation
 # decodes the test split and reports WER beside Whisper's ASR-only and n-best oracle WERs on the same
 # utterances (from the n-best lists, so fusion settings such as tau never re-run it).
 
@@ -12,15 +13,23 @@ PROJECTOR_TRAIN_KEYS = [
 ]
 
 
+# With one encoder for Whisper and models.audio_encoder (SHARED_ENCODER, common.smk) the same pass also writes the
+# pooled hidden states of every layer that layer_embeddings and clap_embeddings read (POOLED); with
+# nbest.reuse_encoder_states (NBEST_STATES) the whole window's states of the n-best splits, which nbest reads (STATES).
 rule encode_audio:
     input:
         manifest="data/processed/manifest.parquet",
         audio="data/processed/audio",
         model=model_input("whisper"),
     output:
-        directory("data/cache/encoder_features"),
+        features=directory("data/cache/encoder_features"),
+        **({"pooled": POOLED} if SHARED_ENCODER else {}),
+        **({"states": directory(STATES)} if NBEST_STATES else {}),
     params:
-        cfg=cfg_json("projector.encode_batch_size", "projector.shard_size", *model_cfg("whisper")),
+        cfg=cfg_json("projector.encode_batch_size", "projector.shard_size", *(["nbest.splits"] if NBEST_STATES else []),
+                     *model_cfg("whisper", *(["audio_encoder"] if SHARED_ENCODER else []))),
+        pooled=lambda wildcards, output: f"--pooled {output.pooled}" if SHARED_ENCODER else "",
+        states=lambda wildcards, output: f"--states {output.states}" if NBEST_STATES else "",
     log:
         "results/logs/encode_audio.log",
     benchmark:
@@ -34,7 +43,7 @@ rule encode_audio:
         gpu=1,
     shell:
         "MMASR_THREADS={threads} mmasr encode-audio --cfg {params.cfg:q} --manifest {input.manifest}"
-        " --out {output} --quiet > {log} 2>&1"
+        " --out {output.features} {params.pooled} {params.states} --quiet > {log} 2>&1"
 
 
 rule train_projector:

@@ -17,7 +17,8 @@ from mmasr.io import atomic_dir, reject, rejects_frame, write_json, write_parque
 
 log = logging.getLogger(__name__)
 
-__all__ = ["UTT_COLUMNS", "ClapCache", "cache_items", "empty_transcript_rejects", "encoder_meta", "build_cache",
+__all__ = ["UTT_COLUMNS", "ClapCache", "cache_items", "empty_transcript_rejects", "encoder_meta", "encoder_fields",
+           "pooled_audio", "build_cache",
            "write_cache", "load_cache"]
 
 # --------------------------------------------------------------------------------------------
@@ -71,17 +72,43 @@ def empty_transcript_rejects(manifest: pd.DataFrame, utts: pd.DataFrame) -> pd.D
 def encoder_meta(bundle, layers: list[int], kind: str, pooling: str) -> dict:
     from mmasr.models.layers import encoder_depth
 
-    return {f"{kind}_encoder": bundle.name, f"{kind}_revision": bundle.revision,
-            f"{kind}_model_type": bundle.model.config.model_type, f"{kind}_depth": encoder_depth(bundle.model),
-            f"{kind}_layers": layers, f"{kind}_pooling": pooling}
+    return encoder_fields(bundle.name, bundle.revision, bundle.model.config.model_type, encoder_depth(bundle.model),
+                          layers, kind, pooling)
+
+
+def encoder_fields(name: str, revision: str, model_type: str, depth: int, layers: list[int], kind: str,
+                   pooling: str) -> dict:
+    """The encoder a cache's embeddings come from (:func:`encoder_meta` of a loaded one, or of a shared pass)."""
+    return {f"{kind}_encoder": name, f"{kind}_revision": revision, f"{kind}_model_type": model_type,
+            f"{kind}_depth": int(depth), f"{kind}_layers": list(layers), f"{kind}_pooling": pooling}
+
+
+def pooled_audio(pooled, models_cfg: dict, utt_ids: list[str], spec) -> tuple[np.ndarray, dict]:
+    """Audio embeddings of ``utt_ids`` at the layers ``spec`` selects, read from a shared encoder pass
+    (:class:`mmasr.models.encode_once.PooledEmbeddings`) instead of running ``models.audio_encoder``: the
+    embeddings and the :func:`encoder_fields` of that encoder (with no pass made here)."""
+    from mmasr.models.encode_once import check_pooled
+    from mmasr.models.layers import select_layers
+
+    check_pooled(pooled, models_cfg)
+    layers = select_layers(spec, int(pooled.meta["depth"]))
+    fields = encoder_fields(str(models_cfg["audio_encoder"]), pooled.meta["revision"], pooled.meta["model_type"],
+                            pooled.meta["depth"], layers, "audio", "mean")
+    return pooled.select(utt_ids, layers), fields
 
 
 def build_cache(manifest: pd.DataFrame, audio_bundle, text_bundle, cfg: dict, text_cfg: dict, out_dir: str | Path,
-                progress: bool = True) -> ClapCache:
+                progress: bool = True, pooled=None, models_cfg: dict | None = None) -> ClapCache:
     """Encode every utterance and distinct transcript once and write the cache folder atomically:
     ``embeddings.safetensors`` (``audio``, ``text``), ``utterances.parquet``, ``texts.parquet``,
-    ``meta.json``. ``cfg`` is the ``clap`` section."""
-    from mmasr.models.layers import embed_audio, embed_text, encoder_depth, select_layers
+    ``meta.json``. ``cfg`` is the ``clap`` section.
+
+    With ``pooled`` (a shared encoder pass, :mod:`mmasr.models.encode_once`, checked against ``models_cfg``),
+    the audio embeddings are read from it and ``audio_bundle`` is not used (None). ``meta.json`` records the
+    audio-encoder passes this stage made (``audio_encoder_passes``, ``audio_encoder_passes_per_utt``: 0 when
+    it read a shared pass) and where the audio embeddings come from (``audio_source``)."""
+    from mmasr.models.encode_once import pass_metadata
+    from mmasr.models.layers import PassCounter, count_passes, embed_audio, embed_text, encoder_depth, select_layers
     from mmasr.data.audio import read_audio
 
     utts, texts = cache_items(manifest, text_cfg)
@@ -89,18 +116,25 @@ def build_cache(manifest: pd.DataFrame, audio_bundle, text_bundle, cfg: dict, te
     if len(rejects):
         log.warning("CLAP cache: %d utterance(s) with an empty normalised transcript left out (rejects.parquet)",
                     len(rejects))
-    a_layers = select_layers(cfg["layers"], encoder_depth(audio_bundle.model))
     t_layers = select_layers(cfg["layers"], encoder_depth(text_bundle.model))
-    log.info("CLAP cache: %d utterances (audio layers %s), %d distinct texts (text layers %s, %s pooling)",
-             len(utts), a_layers, len(texts), t_layers, cfg["text_pooling"])
-    audio = embed_audio(audio_bundle, [read_audio(p) for p in utts["audio_path"]], a_layers,
-                        cfg["encode_batch_size"], progress=progress, desc="CLAP audio embeddings")
+    counter = PassCounter()
+    if pooled is not None:
+        audio, audio_fields = pooled_audio(pooled, models_cfg, utts["utt_id"].tolist(), cfg["layers"])
+        source, device = f"shared encoder pass ({pooled.path})", pooled.meta["device"]
+    else:
+        a_layers = select_layers(cfg["layers"], encoder_depth(audio_bundle.model))
+        with count_passes(audio_bundle.model, counter):
+            audio = embed_audio(audio_bundle, [read_audio(p) for p in utts["audio_path"]], a_layers,
+                                cfg["encode_batch_size"], progress=progress, desc="CLAP audio embeddings")
+        audio_fields = encoder_meta(audio_bundle, a_layers, "audio", "mean")
+        source, device = "own encoder pass", str(audio_bundle.device)
+    log.info("CLAP cache: %d utterances (audio layers %s, %s), %d distinct texts (text layers %s, %s pooling)",
+             len(utts), audio_fields["audio_layers"], source, len(texts), t_layers, cfg["text_pooling"])
     text = embed_text(text_bundle, texts, t_layers, cfg["text_pooling"], cfg["encode_batch_size"])
-    meta = {**encoder_meta(audio_bundle, a_layers, "audio", "mean"),
-            **encoder_meta(text_bundle, t_layers, "text", cfg["text_pooling"]),
+    meta = {**audio_fields, **encoder_meta(text_bundle, t_layers, "text", cfg["text_pooling"]),
             "layers": cfg["layers"], "audio_dim": int(audio.shape[1]), "text_dim": int(text.shape[1]),
             "n_utts": len(utts), "n_texts": len(texts), "n_rejected_empty_transcript": len(rejects),
-            "device": str(audio_bundle.device)}
+            "device": device, "audio_source": source, **pass_metadata(counter, len(utts), "audio_")}
     return write_cache(out_dir, audio, text, utts, texts, meta, rejects)
 
 

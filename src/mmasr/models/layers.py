@@ -36,9 +36,10 @@ layers are trained) and a cached numpy form.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,8 @@ __all__ = [
     "hidden_size",
     "transformer_layers",
     "layer_outputs",
+    "PassCounter",
+    "count_passes",
     "masked_mean",
     "mask_mean",
     "lengths_mask",
@@ -161,6 +164,42 @@ def layer_outputs(model, run: Callable[[], object]) -> tuple[torch.Tensor, ...]:
         raise RuntimeError(f"{type(model).__name__}: expected {len(layers) + 1} hidden states from its {len(layers)} "
                            f"layers, captured {len(states)} (a layer ran more than once, or not at all)")
     return tuple(states)
+
+
+@dataclass
+class PassCounter:
+    """Utterances that went through an encoder: one per row of every batch its first transformer layer saw
+    (:func:`count_passes`), or added by hand where the encoder is not a torch module (CTranslate2)."""
+
+    rows: int = 0
+
+    def add(self, n: int) -> None:
+        self.rows += int(n)
+
+    def per_utt(self, n_utts: int) -> float:
+        """Encoder passes per utterance of a stage that covered ``n_utts`` utterances."""
+        return self.rows / n_utts if n_utts else 0.0
+
+
+def _batch_rows(args: tuple, kwargs: dict) -> int:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0])
+    raise RuntimeError("count_passes: the first transformer layer was called without a tensor")
+
+
+@contextlib.contextmanager
+def count_passes(model, counter: PassCounter | None = None) -> Iterator[PassCounter]:
+    """Count the utterances ``model`` (an encoder, or anything :func:`transformer_layers` finds a stack in)
+    encodes while the block runs: a forward pre-hook on its first transformer layer adds each call's batch
+    size, so every forward is counted where it runs, whoever calls it."""
+    counter = counter if counter is not None else PassCounter()
+    handle = transformer_layers(model)[0].register_forward_pre_hook(
+        lambda _module, args, kwargs: counter.add(_batch_rows(args, kwargs)), with_kwargs=True)
+    try:
+        yield counter
+    finally:
+        handle.remove()
 
 
 def mask_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,11 @@ import soundfile as sf
 import torch
 
 from mmasr.io import atomic_dir, atomic_path, read_metadata, write_parquet
-from mmasr.models.layers import n_encoder_frames
+from mmasr.models.layers import PassCounter, count_passes, n_encoder_frames
 from mmasr.models.loading import ModelBundle, autocast, whisper_features
 
 INDEX_COLUMNS = ["utt_id", "shard", "n_frames", "dim"]
+STATES_SHARD_UTTS = 64  # full-window states per shard: 150 MB for tiny.en, 490 MB for large-v3 (1500 x 1280 float32)
 
 
 @torch.inference_mode()
@@ -47,6 +48,12 @@ def write_index(path: str | Path, rows: list[dict], metadata: dict[str, str] | N
                   metadata=metadata)
 
 
+def index_metadata(bundle: ModelBundle) -> dict[str, str]:
+    """The cache's provenance in ``index.parquet``'s metadata: the encoder, its revision, the storage dtype."""
+    return {"mmasr.model": bundle.name, "mmasr.model_revision": bundle.revision, "mmasr.encoder": "whisper",
+            "mmasr.dtype": "float16"}
+
+
 def encode_manifest(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | Path, *, splits: Sequence[str],
                     batch_size: int = 32, shard_size: int = 512, limit: int | None = None,
                     progress: bool = True) -> pd.DataFrame:
@@ -54,7 +61,9 @@ def encode_manifest(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | 
     (``shard-NNNNN.safetensors`` + ``index.parquet``) atomically; returns the index.
 
     Utterances are encoded in batches of similar duration (less padding work is not possible for
-    Whisper, whose window is fixed, but it keeps memory flat) and stored in id order.
+    Whisper, whose window is fixed, but it keeps memory flat) and stored in id order. The index's metadata
+    records the encoder passes made (``mmasr.encoder_passes``, counted on the encoder's first layer) and
+    ``mmasr.encoder_passes_per_utt``.
     """
     from mmasr.data.audio import read_audio
     from mmasr.progress import Progress
@@ -65,7 +74,8 @@ def encode_manifest(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | 
     if rows.empty:
         raise ValueError(f"no utterances in splits {list(splits)} to encode")
     index = []
-    with atomic_dir(out_dir) as tmp:
+    counter = PassCounter()
+    with atomic_dir(out_dir) as tmp, count_passes(bundle.model.get_encoder(), counter):
         bar = Progress(len(rows), "encode audio", unit="utt", bar=progress)
         for shard_no, start in enumerate(range(0, len(rows), shard_size)):
             part = rows.iloc[start:start + shard_size]
@@ -79,9 +89,125 @@ def encode_manifest(bundle: ModelBundle, manifest: pd.DataFrame, out_dir: str | 
                 bar.update(len(batch))  # utterances
             write_shard(tmp / name, arrays)
         bar.close()
-        write_index(tmp / "index.parquet", index, {"mmasr.model": bundle.name, "mmasr.model_revision": bundle.revision,
-                                                   "mmasr.encoder": "whisper", "mmasr.dtype": "float16"})
+        write_index(tmp / "index.parquet", index,
+                    {**index_metadata(bundle), "mmasr.encoder_passes": str(counter.rows),
+                     "mmasr.encoder_passes_per_utt": str(counter.per_utt(len(rows))),
+                     "mmasr.encoded_utts": str(len(rows)), "mmasr.encoder_pass": "own"})
     return pd.DataFrame(index, columns=INDEX_COLUMNS)
+
+
+class ShardWriter:
+    """Arrays by utterance id into ``shard-NNNNN.safetensors`` files of ``shard_size`` utterances (in the order
+    added) under ``folder``, and their ``index.parquet`` rows."""
+
+    def __init__(self, folder: Path, shard_size: int):
+        self.folder, self.shard_size = folder, shard_size
+        self.index: list[dict] = []
+        self._pending: dict[str, np.ndarray] = {}
+        self._shard_no = 0
+
+    def add(self, utt_id: str, array: np.ndarray) -> None:
+        self._pending[utt_id] = array
+        if len(self._pending) == self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        name = f"shard-{self._shard_no:05d}.safetensors"
+        self.index += [{"utt_id": u, "shard": name, "n_frames": a.shape[0], "dim": a.shape[1]}
+                       for u, a in self._pending.items()]
+        write_shard(self.folder / name, self._pending)
+        self._pending, self._shard_no = {}, self._shard_no + 1
+
+
+@torch.inference_mode()
+def encode_pass(bundle: ModelBundle, manifest: pd.DataFrame, features_dir: str | Path, *, splits: Sequence[str],
+                models_cfg: dict, pooled_path: str | Path | None = None, states_dir: str | Path | None = None,
+                states_splits: Sequence[str] = (), batch_size: int = 32, shard_size: int = 512,
+                limit: int | None = None, progress: bool = True) -> tuple[pd.DataFrame, object]:
+    """One pass of the Whisper encoder of ``bundle`` (``models.whisper``) over every utterance of ``manifest``
+    that some product needs, all products from the same forward, each written atomically:
+
+    * ``features_dir``: the projector cache of the utterances of ``splits``, as :func:`encode_manifest` writes it
+      (same shards, same index);
+    * ``pooled_path`` (when ``models.audio_encoder`` is the same encoder, :mod:`mmasr.models.encode_once`): every
+      utterance's pooled hidden states, for the probe and CLAP;
+    * ``states_dir``: the whole window's last-layer states of the utterances of ``states_splits`` (the n-best's),
+      float32 (lossless for float32, bfloat16 and float16 models; the model's dtype is in the index metadata,
+      ``mmasr.states_dtype``), in the same shard + index layout: what beam search attends to.
+
+    Returns (the projector cache's index, the pooled embeddings or None)."""
+    from contextlib import ExitStack
+
+    from mmasr.data.audio import read_audio
+    from mmasr.models.encode_once import pass_metadata, pooled_means, same_encoder, write_pooled
+    from mmasr.models.layers import encoder_depth, hidden_size, lengths_mask
+    from mmasr.progress import Progress
+
+    if pooled_path is not None and not same_encoder(models_cfg):
+        raise ValueError(f"models.whisper {models_cfg['whisper']!r} and models.audio_encoder "
+                         f"{models_cfg['audio_encoder']!r} are not the same encoder (or revision, or dtype): "
+                         "one pass cannot serve both; run encode-audio without --pooled")
+    wanted = set(splits) | (set(states_splits) if states_dir is not None else set())
+    rows = manifest.sort_values("utt_id").reset_index(drop=True)
+    if pooled_path is None:
+        rows = rows[rows["split"].isin(wanted)].reset_index(drop=True)
+    if limit:
+        rows = rows.iloc[:limit]
+    if not rows["split"].isin(list(splits)).any():
+        raise ValueError(f"no utterances in splits {list(splits)} to encode")
+    encoder = bundle.model.get_encoder()
+    hop = bundle.processor.feature_extractor.hop_length
+    pooled: dict[str, np.ndarray] = {}
+    counter = PassCounter()
+    states_dtype = None
+    with ExitStack() as stack:
+        features = ShardWriter(stack.enter_context(atomic_dir(features_dir)), shard_size)
+        # full-window states are large (1500 x d_model floats): shards of at most STATES_SHARD_UTTS keep memory flat
+        full = (ShardWriter(stack.enter_context(atomic_dir(states_dir)), min(shard_size, STATES_SHARD_UTTS))
+                if states_dir is not None else None)
+        stack.enter_context(count_passes(encoder, counter))
+        bar = Progress(len(rows), "encode audio", unit="utt", bar=progress)  # one pass for every stage
+        for b in range(0, len(rows), batch_size):
+            batch = rows.iloc[b:b + batch_size]
+            audios = [read_audio(p) for p in batch["audio_path"]]
+            feats = whisper_features(bundle, audios)["input_features"]  # refuses audio longer than the window
+            with autocast(bundle.device):
+                out = encoder(feats, output_hidden_states=pooled_path is not None)
+            last = out.last_hidden_state
+            states_dtype = str(last.dtype).removeprefix("torch.")
+            window = last.shape[1]
+            frames = torch.tensor([n_encoder_frames(len(a), hop, window) for a in audios])
+            means = pooled_means(out.hidden_states, lengths_mask(frames, window)) if pooled_path is not None else None
+            for i, (utt, split) in enumerate(zip(batch["utt_id"], batch["split"])):
+                if means is not None:
+                    pooled[utt] = means[i]
+                if split in splits:
+                    features.add(utt, last[i, : int(frames[i])].float().cpu().numpy().astype(np.float16))
+                if full is not None and split in states_splits:
+                    full.add(utt, last[i].float().cpu().numpy())
+            bar.update(len(batch))
+        bar.close()
+        passes = pass_metadata(counter, len(rows))
+        counts = {**{f"mmasr.{k}": str(v) for k, v in passes.items()}, "mmasr.encoded_utts": str(len(rows)),
+                  "mmasr.encoder_pass": "shared" if pooled_path is not None or full is not None else "own"}
+        features.flush()
+        write_index(features.folder / "index.parquet", features.index, {**index_metadata(bundle), **counts})
+        if full is not None:
+            full.flush()
+            write_index(full.folder / "index.parquet", full.index,
+                        {**index_metadata(bundle), **counts, "mmasr.dtype": "float32",
+                         "mmasr.states_dtype": states_dtype or "float32", "mmasr.window": "full"})
+    if pooled_path is None:
+        return pd.DataFrame(features.index, columns=INDEX_COLUMNS), None
+    meta = {"encoder_name": str(models_cfg["whisper"]), "revision": bundle.revision,
+            "requested_revision": models_cfg.get("whisper_revision"), "requested_dtype": str(models_cfg.get("dtype", "auto")),
+            "model_type": encoder.config.model_type, "depth": encoder_depth(encoder), "dim": hidden_size(encoder),
+            "pooling": "mean", "layers": "all hidden_states, 0 (embeddings) .. depth (last_hidden_state)",
+            "device": str(bundle.device), "dtype": str(encoder.dtype).removeprefix("torch."), "n_utts": len(rows),
+            **passes}
+    return pd.DataFrame(features.index, columns=INDEX_COLUMNS), write_pooled(pooled_path, pooled, meta)
 
 
 class FeatureCache:

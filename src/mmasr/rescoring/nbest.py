@@ -71,6 +71,7 @@ from mmasr.data.audio import length_batches, read_audio
 from mmasr.io import read_metadata, write_parquet
 from mmasr.progress import track
 from mmasr.models.ct2 import DEFAULT_CT2_CACHE, load_ct2_whisper
+from mmasr.models.layers import PassCounter, count_passes
 from mmasr.models.loading import ModelBundle, autocast, float32_output_layer, whisper_features, whisper_prompt_ids
 
 log = logging.getLogger(__name__)
@@ -182,33 +183,44 @@ def distinct_hypotheses(candidates: list[dict], normalise: Callable[[str], str],
 @torch.inference_mode()
 def nbest_for_batch(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict,
                     normalise: Callable[[str], str], stats: list[dict] | None = None,
-                    ct2_cache: str | Path = DEFAULT_CT2_CACHE) -> list[list[dict]]:
+                    ct2_cache: str | Path = DEFAULT_CT2_CACHE, passes: PassCounter | None = None,
+                    states: Sequence[torch.Tensor] | None = None) -> list[list[dict]]:
     """Beam search over a batch of 16 kHz mono arrays; per utterance, up to ``cfg['keep']`` distinct
     hypotheses (:func:`distinct_hypotheses`). ``stats``, when given, receives one count dict per utterance.
     ``cfg['backend']`` (default transformers) picks the engine; ``ct2_cache`` is where the ctranslate2
-    backend keeps its converted model.
+    backend keeps its converted model. ``passes``, when given, counts the utterances the encoder ran over
+    (a hook on the transformers encoder's first layer; CTranslate2's encode calls are counted where they run).
+    ``states``, when given (transformers backend only), are the utterances' stored full-window encoder states
+    (:func:`mmasr.projector.encoder_cache.encode_pass`): beam search starts from them and the encoder does not run.
 
     Each utterance's token budget comes from its own length (:func:`max_new_tokens`), and utterances
     with different budgets are decoded in separate calls: a budget shared across a batch would make
     the lists depend on which utterances happen to be batched together."""
+    passes = passes if passes is not None else PassCounter()
     prompt = whisper_prompt_ids(bundle, cfg["language"], cfg["task"])
     budgets = [max_new_tokens(bundle, cfg, len(prompt), len(a) / 16000) for a in audios]
     backend = cfg.get("backend", "transformers")
+    if states is not None and backend != "transformers":
+        raise ValueError(f"stored encoder states need nbest.backend transformers, not {backend!r} (CTranslate2 "
+                         "encodes with its own copy of the weights)")
     if backend == "transformers":
-        def decode(batch, budget):
-            return beam_candidates(bundle, batch, cfg, prompt, budget)
+        def decode(idx, budget):
+            given = None if states is None else torch.stack([states[i] for i in idx])
+            return beam_candidates(bundle, [audios[i] for i in idx], cfg, prompt, budget, given)
     elif backend == "ctranslate2":
         engine = load_ct2_whisper(bundle, cfg.get("compute_type", "float32"), ct2_cache)
 
-        def decode(batch, budget):
-            return ct2_candidates(bundle, engine, batch, cfg, prompt, budget)
+        def decode(idx, budget):
+            passes.add(len(idx))  # ct2_candidates encodes the batch once (engine.encode), outside torch
+            return ct2_candidates(bundle, engine, [audios[i] for i in idx], cfg, prompt, budget)
     else:
         raise ValueError(f"nbest.backend {backend!r} is not one of transformers, ctranslate2")
     candidates: list[list[dict]] = [[] for _ in audios]
-    for budget in sorted(set(budgets)):
-        idx = [i for i, b in enumerate(budgets) if b == budget]
-        for i, cands in zip(idx, decode([audios[i] for i in idx], budget)):
-            candidates[i] = cands
+    with count_passes(bundle.model.get_encoder(), passes):
+        for budget in sorted(set(budgets)):
+            idx = [i for i, b in enumerate(budgets) if b == budget]
+            for i, cands in zip(idx, decode(idx, budget)):
+                candidates[i] = cands
     results = []
     for cands in candidates:
         kept, counts = distinct_hypotheses(cands, normalise, cfg["keep"])
@@ -314,20 +326,24 @@ def suppression_kwargs(gen, prompt_len: int) -> dict:
 
 
 def beam_candidates(bundle: ModelBundle, audios: list[np.ndarray], cfg: dict, prompt: list[int],
-                    budget: int) -> list[list[dict]]:
+                    budget: int, states: torch.Tensor | None = None) -> list[list[dict]]:
     """One batched beam search: every returned beam of every utterance, scored, with ``complete``.
+    ``states``: the batch's stored full-window encoder states (B, window, D), in place of running the encoder.
 
     The scores are float32 whatever the model's dtype: logits from :func:`float32_output_layer`,
     generate()'s float32 log-softmax, sums in float64."""
     model, tok = bundle.model, bundle.processor.tokenizer
-    feats = whisper_features(bundle, audios)  # refuses audio longer than the window
     gen = model.generation_config
     R = cfg["num_return_sequences"]
     # Whisper's own generate() repeats each input num_return_sequences times and keeps the best beam
     # of every copy (transformers issue 33445): R copies of one hypothesis. The generic beam search,
     # started from the forced prompt, returns the R best distinct beams.
     with autocast(bundle.device), float32_output_layer(model), shared_kv_attention_on(model) as shared:
-        states = model.get_encoder()(feats["input_features"]).last_hidden_state
+        if states is None:
+            feats = whisper_features(bundle, audios)  # refuses audio longer than the window
+            states = model.get_encoder()(feats["input_features"]).last_hidden_state
+        else:
+            states = states.to(bundle.device)
         cache = {"past_key_values": shared_cross_cache(model, states)} if shared else {}
         # The budget as the total length (prompt + budget), max_new_tokens cleared: the model's generation config
         # sets max_length, and passing max_new_tokens beside it made transformers warn on every batch. The
@@ -477,7 +493,8 @@ def ct2_candidates(bundle: ModelBundle, engine, audios: list[np.ndarray], cfg: d
     return out
 
 
-STAT_TOTALS = ("utts", "truncated_dropped", "utts_all_truncated")
+# encoder_passes: utterances the encoder ran over (encoder_passes / utts: passes per utterance, 1 today)
+STAT_TOTALS = ("utts", "truncated_dropped", "utts_all_truncated", "encoder_passes")
 
 
 def _stats_metadata(hist: Counter, totals: Counter) -> dict[str, str]:
@@ -485,11 +502,11 @@ def _stats_metadata(hist: Counter, totals: Counter) -> dict[str, str]:
             **{f"{STATS_PREFIX}{k}": str(totals[k]) for k in STAT_TOTALS}}
 
 
-def summarise_stats(stats: Sequence[dict]) -> dict[str, str]:
-    """Per-utterance counts -> file metadata: the histogram of distinct hypotheses per utterance and the
-    truncation counts (strings, as Parquet metadata holds them)."""
+def summarise_stats(stats: Sequence[dict], encoder_passes: int = 0) -> dict[str, str]:
+    """Per-utterance counts -> file metadata: the histogram of distinct hypotheses per utterance, the
+    truncation counts and the encoder passes made (strings, as Parquet metadata holds them)."""
     totals = Counter(utts=len(stats), truncated_dropped=sum(s["truncated_dropped"] for s in stats),
-                     utts_all_truncated=sum(bool(s["all_truncated"]) for s in stats))
+                     utts_all_truncated=sum(bool(s["all_truncated"]) for s in stats), encoder_passes=encoder_passes)
     return _stats_metadata(Counter(s["distinct"] for s in stats), totals)
 
 
@@ -502,6 +519,12 @@ def merge_stats(metadatas: Sequence[dict[str, str]]) -> dict[str, str]:
     return _stats_metadata(hist, totals)
 
 
+def encoder_passes_per_utt(metadata: dict[str, str]) -> float | None:
+    """Encoder passes per utterance an n-best file's stage made (None for files written before it was counted)."""
+    passes, utts = metadata.get(f"{STATS_PREFIX}encoder_passes"), int(metadata.get(f"{STATS_PREFIX}utts", 0))
+    return None if passes is None or not utts else int(passes) / utts
+
+
 def distinct_histogram(metadata: dict[str, str]) -> dict[int, int]:
     """Utterances by number of distinct hypotheses, from an n-best file's metadata ({} when absent)."""
     return {int(k): int(v) for k, v in json.loads(metadata.get(f"{STATS_PREFIX}distinct", "{}")).items()}
@@ -509,9 +532,11 @@ def distinct_histogram(metadata: dict[str, str]) -> dict[int, int]:
 
 def run_nbest(bundle: ModelBundle, manifest: pd.DataFrame, cfg: dict, normalise: Callable[[str], str],
               shard: int = 0, num_shards: int = 1, limit: int | None = None, progress: bool = True,
-              ct2_cache: str | Path = DEFAULT_CT2_CACHE) -> pd.DataFrame:
+              ct2_cache: str | Path = DEFAULT_CT2_CACHE, states=None) -> pd.DataFrame:
     """n-best table for one shard of the manifest's utterances in ``cfg['splits']`` (``ct2_cache``: where
-    the ctranslate2 backend keeps its converted model)."""
+    the ctranslate2 backend keeps its converted model). ``states``: stored full-window encoder states of the
+    same model (a :class:`mmasr.projector.encoder_cache.FeatureCache` of ``encode-audio --states``), read
+    instead of running the encoder (:func:`stored_states`)."""
     pool = manifest[manifest["split"].isin(cfg["splits"])]
     ids = shard_ids(pool["utt_id"].tolist(), shard, num_shards)[:limit]
     part = pool.set_index("utt_id").loc[ids].reset_index()
@@ -522,19 +547,37 @@ def run_nbest(bundle: ModelBundle, manifest: pd.DataFrame, cfg: dict, normalise:
                          f"(e.g. {too_long['utt_id'].iloc[0]}: {too_long['duration_s'].iloc[0]:.1f} s) and would be "
                          f"cut off silently; set preprocess.max_duration_s to at most {window:g} so preprocessing "
                          "rejects them (a row each in data/processed/rejects.parquet)")
-    rows, stats = [], []
+    rows, stats, passes = [], [], PassCounter()
     batches = length_batches(part["duration_s"].to_numpy(), cfg["batch_size"])
     for idx in track(batches, f"n-best shard {shard + 1}/{num_shards}", items=len, item_name="utts", bar=progress):
         recs = part.iloc[idx]
-        audios = [read_audio(p) for p in recs["audio_path"]]
-        for utt_id, hyps in zip(recs["utt_id"], nbest_for_batch(bundle, audios, cfg, normalise, stats, ct2_cache)):
+        audios = [read_audio(p) for p in recs["audio_path"]]  # the token budgets follow the audio's length
+        given = None if states is None else stored_states(states, bundle, recs["utt_id"].tolist())
+        for utt_id, hyps in zip(recs["utt_id"], nbest_for_batch(bundle, audios, cfg, normalise, stats, ct2_cache,
+                                                                passes, given)):
             rows.extend({"utt_id": utt_id, "rank": r, **h} for r, h in enumerate(hyps))
     df = pd.DataFrame(rows, columns=NBEST_COLUMNS)
     df = df.sort_values(["utt_id", "rank"]).reset_index(drop=True).astype(
         {"rank": "int64", "n_tokens": "int64", "sum_logprob": "float64", "asr_score": "float64", "beam_score": "float64",
          "complete": "bool"})
-    df.attrs["stats"] = summarise_stats(stats)
+    df.attrs["stats"] = summarise_stats(stats, passes.rows)
     return df
+
+
+def stored_states(cache, bundle: ModelBundle, utt_ids: Sequence[str]) -> list[torch.Tensor]:
+    """The stored full-window encoder states of ``utt_ids``, in the dtype the encoder produced them in; refuses a
+    store made by another model, revision, or window."""
+    meta = cache.metadata
+    if (meta.get("mmasr.model"), meta.get("mmasr.model_revision")) != (bundle.name, bundle.revision) \
+            or meta.get("mmasr.window") != "full":
+        raise ValueError(f"{cache.folder}: full-window encoder states of {meta.get('mmasr.model')} (revision "
+                         f"{meta.get('mmasr.model_revision')}, window {meta.get('mmasr.window')}), not of {bundle.name} "
+                         f"(revision {bundle.revision}): re-run encode_audio, or run the n-best without --states")
+    dtype = getattr(torch, meta.get("mmasr.states_dtype", "float32"))
+    missing = [u for u in utt_ids if u not in cache.index.index]
+    if missing:
+        raise ValueError(f"{cache.folder}: no stored encoder states of {len(missing)} utterance(s) (e.g. {missing[0]})")
+    return [torch.from_numpy(cache[u]).to(dtype) for u in utt_ids]
 
 
 def nbest_metadata(bundle: ModelBundle, cfg: dict, **extra) -> dict[str, str]:
