@@ -26,15 +26,17 @@ pytestmark = [pytest.mark.real_whisper, pytest.mark.slow]
 
 CONFIGS = ["config/tiny.yaml", "config/real_whisper.yaml", "config/real_whisper_ci.yaml"]
 TARGET = "results/metrics/fusion.json"
+# and the encoder stages' products (one shared pass: the n-best and these read it, issue 29)
+ENCODER_PRODUCTS = ["data/cache/layer_embeddings.npz", "data/cache/clap_embeddings"]
 
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
     work = project_copy(tmp_path_factory.mktemp("real_whisper"))
-    # The rescoring route only (what these tests read): the real Whisper's encoder in the projector, CLAP and probe
-    # stages is tested at its published size with random weights (tests/test_real_size.py), and those stages'
-    # plumbing by the tiny run; running them here cost CI about 2.5 minutes.
-    run([sys.executable, "-m", "snakemake", TARGET, "--cores", "2", "--configfile", *CONFIGS], work)
+    # The rescoring route and the encoder stages (what these tests read); the projector, CLAP and probe trainings on
+    # the real encoder are tested at its published size with random weights (tests/test_real_size.py), and their
+    # plumbing by the tiny run.
+    run([sys.executable, "-m", "snakemake", TARGET, *ENCODER_PRODUCTS, "--cores", "2", "--configfile", *CONFIGS], work)
     assert (work / TARGET).is_file()
     return work
 
