@@ -207,7 +207,7 @@ def test_skip_pipeline_on_the_tiny_run(bench, tiny_run, tmp_path):
     assert b["ratio_results_identical"] is True and b["preprocess_threads"] == 2
     assert {"preprocess", "nbest", "fuse", "train_projector", "report"} <= set(b["stages"])
     assert b["peak_rss_mb"] == max(s["max_rss_mb"] for s in b["stages"].values())
-    assert set(b["details"]) == {"rescoring", "projector_cache", "clap_cache"} and b["details"]["rescoring"]["nbest_utts"] == 4
+    assert set(b["details"]) == {"rescoring", "projector_cache", "clap_cache", "encoder_passes"} and b["details"]["rescoring"]["nbest_utts"] == 4
     assert b["nbest_batching_speedup"] is None and re.search(r"n-best, real tiny.en: batched vs batch 1 +not measured", proc.stdout)
     assert "n-best: batched vs seed loop" in proc.stdout and "stage (rule)" in proc.stdout
     assert not (tiny_run / "results" / "benchmarks.json").exists()  # the run read is left as it was
