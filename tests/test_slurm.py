@@ -37,7 +37,7 @@ SLURM_UP = REPO / "tests" / "cluster" / "slurm_up.sh"
 SHIM = REPO / "tests" / "cluster" / "mmasr_shim.sh"
 PROFILE = "workflow/profiles/slurm"
 CONFIG = ["--configfile", "config/tiny.yaml", "config/shards.yaml"]
-# The runs build the rescoring results (16 jobs: data, the demo models' builds and pre-training, two n-best shards,
+# The runs build the rescoring results (15 Snakemake jobs, 16 SLURM jobs with the resubmitted shard: data, the demo models' builds and pre-training, two n-best shards,
 # their merge, CLIP and LM scores, fusion), not the whole DAG: each SLURM job pays ~10 s of start-up (sbatch, two
 # Snakemake processes, status checks) whatever it does, and the other rules (projector, CLAP, probe, report, ...) add
 # only more of the same kinds of job (GPU and CPU jobs, trainings). Every rule's SLURM resources, torchrun's one-node
