@@ -37,8 +37,9 @@ SLURM_UP = REPO / "tests" / "cluster" / "slurm_up.sh"
 SHIM = REPO / "tests" / "cluster" / "mmasr_shim.sh"
 PROFILE = "workflow/profiles/slurm"
 CONFIG = ["--configfile", "config/tiny.yaml", "config/shards.yaml"]
-# The runs build the rescoring results (17 jobs: data, the demo models' builds and pre-training, the encoder pass,
-# two n-best shards reading its states, their merge, CLIP and LM scores, fusion), not the whole DAG: each SLURM job pays ~10 s of start-up (sbatch, two
+# The runs build the rescoring results (16 Snakemake jobs, 17 SLURM jobs with the resubmitted shard: data, the demo
+# models' builds and pre-training, the encoder pass, two n-best shards reading its states, their merge, CLIP and LM
+# scores, fusion), not the whole DAG: each SLURM job pays ~10 s of start-up (sbatch, two
 # Snakemake processes, status checks) whatever it does, and the other rules (projector, CLAP, probe, report, ...) add
 # only more of the same kinds of job (GPU and CPU jobs, trainings). Every rule's SLURM resources, torchrun's one-node
 # GPUs included, are still checked, in the dry runs below (test_slurm_profile_resolves_..., test_training_on_...).
