@@ -19,6 +19,11 @@
 6. Audio-encoder passes per utterance with config/real_whisper.yaml's models (benchmarks/encode_once.py): the four
    encoder stages on the run's utterances, each its own pass (before) and one shared pass (after), counted by the
    stages themselves -> encoder_passes_per_utt_real_whisper {before, after}, encoder_passes_ratio_real_whisper.
+6a. The full config/real_whisper.yaml pipeline (--real-whisper-run DIR, --real-whisper-baseline DIR): two finished
+   runs of ``snakemake --cores 2 --configfile config/real_whisper.yaml`` from clean checkouts, this code (after) and
+   an earlier commit (before), read, not run (each takes most of an hour on 2 cores) -> real_whisper_pipeline_seconds
+   {before, after} (first job start to last job end; target: after < 45 min), real_whisper_pipeline_speedup, and
+   every rule's wall seconds both ways (details.real_whisper_pipeline), printed as a before/after table.
 6b. n-best on the real Whisper tiny.en (benchmarks/nbest_real.py; needs the real-whisper and speech extras):
    the seed's loop, the transformers backend at batch 1 and batched, ctranslate2 float32 and int8 on the same
    eSpeak NG utterances -> nbest_batching_speedup, nbest_ct2_fp32_speedup, nbest_ct2_int8_speedup (against the
@@ -92,6 +97,8 @@ TARGETS.pop("projector_cache_speedup")
 TARGETS.update({"projector_cache_speedup_real_shape": (">=", 10.0, ">= 10x"),
                 "scaling_per_utt_ratio_20k": ("<=", 1.3, "<= 1.3")})
 CONTRACT_KEYS += ("projector_cache_speedup_real_shape", "scaling_per_utt_ratio_20k")
+# Issue 29: the whole config/real_whisper.yaml run on a 2-core CPU (its ``after`` value).
+TARGETS["real_whisper_pipeline_seconds"] = ("<", 45 * 60.0, "< 45 min (after)")
 
 # Each headline ratio and the benchmark (benchmarks/<name>.py) that measures it.
 RATIOS = {"nbest_batched_speedup": "rescoring", "grid_vectorised_speedup": "rescoring",
@@ -346,6 +353,55 @@ def encoder_passes(args: argparse.Namespace, work: Path, p: dict, details: dict,
     return {k: r[k] for k in keys}
 
 
+def pipeline_run(project: Path) -> dict:
+    """A finished (or stopped) Snakemake run in ``project``: its commit, wall seconds (first job start to last
+    job end), whether it got to the report, and every rule's stage-table row."""
+    commit = subprocess.run(["git", "-C", str(project), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or None
+    return {"project": str(project), "commit": commit, "seconds": metadata_span_s(snakemake_records(project)),
+            "finished": (project / "results" / "report.html").is_file(),
+            "stages": stage_table(project / "results" / "benchmarks")}
+
+
+def real_whisper_pipeline(args: argparse.Namespace, details: dict, devices: dict) -> dict:
+    """Issue 29 item 3: the runs named by --real-whisper-run (after) and --real-whisper-baseline (before),
+    read from their Snakemake metadata and benchmark files. None where a run is not named."""
+    runs = {"before": args.real_whisper_baseline, "after": args.real_whisper_run}
+    if not any(runs.values()):
+        return {"real_whisper_pipeline_seconds": None, "real_whisper_pipeline_speedup": None}
+    read = {}
+    for when, project in runs.items():
+        if project is not None:
+            if not (project / ".snakemake" / "metadata").is_dir():
+                raise FileNotFoundError(f"{project}: no Snakemake run there (.snakemake/metadata is missing)")
+            read[when] = pipeline_run(project.resolve())
+    details["real_whisper_pipeline"] = read
+    seconds = {when: read[when]["seconds"] if when in read else None for when in runs}
+    finished = all(r["finished"] for r in read.values())
+    speedup = seconds["before"] / seconds["after"] if finished and seconds["before"] and seconds["after"] else None
+    devices["real_whisper_pipeline_seconds"] = "; ".join(
+        f"{when}: {r['commit']}{'' if r['finished'] else ' (did not finish)'}" for when, r in read.items())
+    return {"real_whisper_pipeline_seconds": seconds, "real_whisper_pipeline_speedup": speedup}
+
+
+def pipeline_comparison_rows(runs: dict[str, dict]) -> list[list[str]]:
+    """rule | before s | after s, the slowest (before, else after) first, then the whole run's wall seconds."""
+    before, after = (runs.get(w, {}).get("stages") or {} for w in ("before", "after"))
+
+    def cell(stages: dict, rule: str) -> str:
+        return f"{stages[rule]['wall_s']:.0f}" if rule in stages else ""
+
+    rules = sorted(set(before) | set(after), key=lambda r: (-(before.get(r) or after[r])["wall_s"], r))
+    rows = [[rule, cell(before, rule), cell(after, rule)] for rule in rules]
+
+    def total(when: str) -> str:
+        r = runs.get(when)
+        if not r or r["seconds"] is None:
+            return ""
+        return f"{r['seconds']:.0f} ({hms(r['seconds'])})" + ("" if r["finished"] else ", did not finish")
+    return rows + [["whole run (first job start to last job end)", total("before"), total("after")]]
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -360,6 +416,8 @@ def machine() -> dict:
 
 
 def target_met(key: str, value) -> bool | None:
+    if isinstance(value, dict):  # {before, after}: the target is for after
+        value = value.get("after")
     if key not in TARGETS or not isinstance(value, (int, float)):
         return None
     op, threshold, _ = TARGETS[key]
@@ -394,9 +452,15 @@ def summary_rows(r: dict) -> list[list[str]]:
         ("audio-encoder passes/utt, real_whisper layout", "encoder_passes_ratio_real_whisper",
          lambda v: "{before:.2f} before, {after:.2f} after: {v:.2f}x fewer".format(
              v=v, **r["encoder_passes_per_utt_real_whisper"])),
+        ("full real_whisper.yaml pipeline, 2-core runs", "real_whisper_pipeline_seconds", pipeline_seconds_text),
         *extra_rows(r),
     ]
     return [[label, num(key, text), target(key), r.get("devices", {}).get(key, "")] for label, key, text in rows]
+
+
+def pipeline_seconds_text(v: dict) -> str:
+    """``{before, after}`` seconds as the summary table shows them."""
+    return ", ".join(f"{v[w]:.0f} s {w}" for w in ("before", "after") if v.get(w) is not None) or "not measured"
 
 
 def extra_rows(r: dict) -> list[tuple]:
@@ -467,6 +531,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--encoder-passes-model", default=None,
                     help="the encoder it counts with (default: the run's models.whisper, the demo Whisper unless "
                          "--configfile names another; e.g. results/checkpoints/whisper-tiny.en)")
+    ap.add_argument("--real-whisper-run", type=Path, default=None,
+                    help="a finished `snakemake --cores 2 --configfile config/real_whisper.yaml` run of this code, "
+                         "from a clean checkout: its wall and per-rule times are read (nothing is run)")
+    ap.add_argument("--real-whisper-baseline", type=Path, default=None,
+                    help="the same run of an earlier commit (the before column), read the same way")
     ap.add_argument("--no-report", action="store_true", help="do not re-render results/report.html beside --out")
     ap.add_argument("--skip-real-shape", action="store_true", help="not the real-shape projector benchmark (~5 min)")
     ap.add_argument("--real-shape-batch", type=int, default=4, help="utterances per real-shape projector step")
@@ -528,6 +597,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         result["ratio_results_identical"] = False
     result.update(real_nbest(args, work, details, result["devices"]))
     result.update(encoder_passes(args, work, p, details, result["devices"]))
+    result.update(real_whisper_pipeline(args, details, result["devices"]))
     m = result["machine"]
     result["device"] = f"{describe(engine, args.threads)}; {m['cpu_count']} cores: {m['cpu']}"
     result["targets"] = {k: TARGETS[k][2] for k in TARGETS}
@@ -564,6 +634,9 @@ def main(argv: list[str] | None = None) -> int:
     if result["stages"]:
         print()
         print(format_table(["stage (rule)", "jobs", "wall s", "CPU s", "max RSS MB"], stage_rows(result["stages"])))
+    if result["details"].get("real_whisper_pipeline"):
+        print("\nconfig/real_whisper.yaml, snakemake --cores 2, wall seconds per rule:")
+        print(format_table(["rule", "before", "after"], pipeline_comparison_rows(result["details"]["real_whisper_pipeline"])))
     print(f"\nratio benchmarks give the same results both ways: {'yes' if result['ratio_results_identical'] else 'NO'}")
     print(f"written to {args.out}")
     report = None if args.no_report else rerender_report(args.out)

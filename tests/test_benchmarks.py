@@ -327,7 +327,47 @@ def test_encoder_passes_row_prints_before_after_and_the_ratio(bench):
     rows = {row[0]: row for row in bench.summary_rows(r)}
     assert rows["audio-encoder passes/utt, real_whisper layout"][1] == "3.50 before, 1.50 after: 2.33x fewer"
     assert rows["audio-encoder passes/utt, real_whisper layout"][2] == ""  # no target: a count
-    assert bench.summary_rows(sample_result(bench))[-4][1] == "not measured"
+    rows = {row[0]: row for row in bench.summary_rows(sample_result(bench))}
+    assert rows["audio-encoder passes/utt, real_whisper layout"][1] == "not measured"
+
+
+def fake_run(root, starts_ends, tsvs, finished=True):
+    """A Snakemake run's traces: metadata records (start, end) and benchmark files (rule, seconds)."""
+    (root / ".snakemake/metadata").mkdir(parents=True)
+    for i, (start, end) in enumerate(starts_ends):
+        (root / ".snakemake/metadata" / f"r{i}").write_text(json.dumps({"rule": "x", "starttime": start, "endtime": end}))
+    write_tsvs(root / "results" / "benchmarks", [(f"{rule}.tsv", s, 100.0) for rule, s in tsvs])
+    if finished:
+        (root / "results" / "report.html").write_text("<html></html>")
+    return root
+
+
+def test_real_whisper_pipeline_runs_are_read_and_compared_per_rule(bench, tmp_path):
+    before = fake_run(tmp_path / "before", [(0.0, 1000.0), (1000.0, 3600.0)], [("nbest", 1500.0), ("fuse", 2.0),
+                                                                                ("layer_embeddings", 600.0)])
+    after = fake_run(tmp_path / "after", [(50.0, 1850.0)], [("encode_audio", 700.0), ("nbest", 900.0), ("fuse", 2.0)])
+    args = bench.parse_args(["--real-whisper-run", str(after), "--real-whisper-baseline", str(before)])
+    details, devices = {}, {}
+    r = bench.real_whisper_pipeline(args, details, devices)
+    assert r == {"real_whisper_pipeline_seconds": {"before": 3600.0, "after": 1800.0}, "real_whisper_pipeline_speedup": 2.0}
+    assert details["real_whisper_pipeline"]["after"]["stages"]["encode_audio"]["wall_s"] == 700.0
+    assert details["real_whisper_pipeline"]["before"]["finished"] and "did not finish" not in devices["real_whisper_pipeline_seconds"]
+    assert bench.pipeline_comparison_rows(details["real_whisper_pipeline"]) == [
+        ["nbest", "1500", "900"], ["encode_audio", "", "700"], ["layer_embeddings", "600", ""], ["fuse", "2", "2"],
+        ["whole run (first job start to last job end)", "3600 (1:00:00)", "1800 (0:30:00)"]]
+    rows = {row[0]: row for row in bench.summary_rows({**sample_result(bench), **r})}
+    assert rows["full real_whisper.yaml pipeline, 2-core runs"][1:3] == ["3600 s before, 1800 s after", "< 45 min (after) (met)"]
+    assert bench.target_met("real_whisper_pipeline_seconds", {"before": None, "after": 2800.0}) is False
+
+    stopped = fake_run(tmp_path / "stopped", [(0.0, 4000.0)], [("nbest", 1500.0)], finished=False)
+    args = bench.parse_args(["--real-whisper-run", str(after), "--real-whisper-baseline", str(stopped)])
+    details = {}
+    r = bench.real_whisper_pipeline(args, details, devices)
+    assert r["real_whisper_pipeline_speedup"] is None and "did not finish" in devices["real_whisper_pipeline_seconds"]
+    assert bench.pipeline_comparison_rows(details["real_whisper_pipeline"])[-1][1] == "4000 (1:06:40), did not finish"
+    assert bench.real_whisper_pipeline(bench.parse_args([]), {}, {})["real_whisper_pipeline_seconds"] is None
+    with pytest.raises(FileNotFoundError, match="no Snakemake run there"):
+        bench.real_whisper_pipeline(bench.parse_args(["--real-whisper-run", str(tmp_path)]), {}, {})
 
 
 def test_encoder_passes_are_counted_by_the_stages_both_ways(bench, demo_model_dirs, tmp_path):
