@@ -456,14 +456,12 @@ def cmd_pretrain_text_model(args) -> None:
 def cmd_encode_audio(args) -> None:
     from mmasr.projector.encoder_cache import encode_manifest
 
-    from mmasr.models.encode_once import same_encoder
+    from mmasr.models.encode_once import require_same_encoder
 
     p = _params(args)
     cfg = p["projector"]
-    if args.pooled is not None and not same_encoder(p["models"]):  # before minutes of loading
-        raise ValueError(f"--pooled: models.whisper {p['models']['whisper']!r} and models.audio_encoder "
-                         f"{p['models']['audio_encoder']!r} are not the same encoder (or revision, or dtype): one pass "
-                         "cannot serve both; run encode-audio without --pooled")
+    if args.pooled is not None:
+        require_same_encoder(p["models"])  # before minutes of loading
     bundle = _model("whisper", p, args.threads)
     manifest = pd.read_parquet(args.manifest)
     kw = dict(splits=("train", "dev", "test"), batch_size=cfg["encode_batch_size"], shard_size=cfg["shard_size"],

@@ -36,7 +36,7 @@ import torch
 from mmasr.io import atomic_path
 from mmasr.models.layers import PassCounter, mask_mean
 
-__all__ = ["POOLED_FORMAT", "encoder_identity", "same_encoder", "PooledEmbeddings", "write_pooled", "load_pooled",
+__all__ = ["POOLED_FORMAT", "encoder_identity", "same_encoder", "require_same_encoder", "PooledEmbeddings", "write_pooled", "load_pooled",
            "check_pooled", "pass_metadata", "pooled_means"]
 
 POOLED_FORMAT = "mmasr.encode_once/1"
@@ -55,6 +55,14 @@ def same_encoder(models_cfg: dict, a: str = "whisper", b: str = "audio_encoder")
     can serve both. A pure function of the params: one folder spelled once relative and once absolute
     counts as two encoders (each then keeps its own pass, which is slower but still right)."""
     return encoder_identity(models_cfg, a) == encoder_identity(models_cfg, b)
+
+
+def require_same_encoder(models_cfg: dict) -> None:
+    """Refuse a shared pass (``encode-audio --pooled``) when ``models.whisper`` and ``models.audio_encoder`` differ."""
+    if not same_encoder(models_cfg):
+        raise ValueError(f"models.whisper {models_cfg['whisper']!r} and models.audio_encoder "
+                         f"{models_cfg['audio_encoder']!r} are not the same encoder (or revision, or dtype): "
+                         "one pass cannot serve both; run encode-audio without --pooled")
 
 
 def pass_metadata(counter: PassCounter, n_utts: int, prefix: str = "") -> dict:

@@ -141,14 +141,12 @@ def encode_pass(bundle: ModelBundle, manifest: pd.DataFrame, features_dir: str |
     from contextlib import ExitStack
 
     from mmasr.data.audio import read_audio
-    from mmasr.models.encode_once import pass_metadata, pooled_means, same_encoder, write_pooled
+    from mmasr.models.encode_once import pass_metadata, pooled_means, require_same_encoder, write_pooled
     from mmasr.models.layers import encoder_depth, hidden_size, lengths_mask
     from mmasr.progress import Progress
 
-    if pooled_path is not None and not same_encoder(models_cfg):
-        raise ValueError(f"models.whisper {models_cfg['whisper']!r} and models.audio_encoder "
-                         f"{models_cfg['audio_encoder']!r} are not the same encoder (or revision, or dtype): "
-                         "one pass cannot serve both; run encode-audio without --pooled")
+    if pooled_path is not None:
+        require_same_encoder(models_cfg)
     wanted = set(splits) | (set(states_splits) if states_dir is not None else set())
     rows = manifest.sort_values("utt_id").reset_index(drop=True)
     if pooled_path is None:
